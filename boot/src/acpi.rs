@@ -1,0 +1,278 @@
+//! ACPI tables (ACPI 6.5): RSDP -> XSDT -> {FADT -> DSDT, MADT}.
+//!
+//! The platform is "hardware-reduced" (FADT flag HW_REDUCED_ACPI): no PM1 blocks, no SCI,
+//! no legacy PIC or PIT set-up; sleep (poweroff) goes through the FADT sleep control
+//! register and reboot through the reset register, both plain I/O ports that crib traps.
+//! The boot flags say there is no 8042 and no CMOS RTC, so the guest does not probe them:
+//! every such probe is a VM exit during boot. The MADT lists one LAPIC per vCPU and KVM's
+//! IO-APIC, which Debian's kernel needs (it has no MP-table support).
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
+
+const OEM_ID: [u8; 6] = *b"CRIB  ";
+const OEM_TABLE_ID: [u8; 8] = *b"CRIBVMM ";
+const OEM_REVISION: u32 = 1;
+/// IA-PC boot architecture flags: VGA not present (bit 2), CMOS RTC not present (bit 5).
+/// Bit 1 (8042 present) is clear on purpose.
+const IAPC_BOOT_ARCH_NO_VGA_NO_CMOS: u16 = (1 << 2) | (1 << 5);
+/// SLP_TYP value of S5 (soft off) in `\_S5_`.
+pub const SLEEP_TYPE_S5: u8 = 5;
+
+/// What the tables describe.
+#[derive(Clone, Copy, Debug)]
+pub struct AcpiConfig {
+    /// Number of vCPUs (LAPIC IDs 0..cpus).
+    pub cpus: u8,
+    /// I/O port of the FADT sleep control register.
+    pub sleep_control_port: u16,
+    /// I/O port of the FADT sleep status register.
+    pub sleep_status_port: u16,
+    /// I/O port of the FADT reset register, and the value that resets.
+    pub reset_port: u16,
+    pub reset_value: u8,
+    /// I/O port of a pvpanic device (ACPI id QEMU0001), if there is one.
+    pub pvpanic_port: Option<u16>,
+}
+
+/// Errors while writing the tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("ACPI tables need {needed} bytes but the area at 0xe0000 holds {available}")]
+    TooLarge { needed: u64, available: u64 },
+    #[error("cannot write the ACPI tables into guest memory")]
+    Write(#[source] vm_memory::GuestMemoryError),
+}
+
+fn bytes_of(table: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    table.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+fn io_register(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+/// The DSDT: `\_S5_` for poweroff and the pvpanic device.
+fn dsdt(config: &AcpiConfig) -> Sdt {
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&SLEEP_TYPE_S5]));
+    s5.to_aml_bytes(&mut dsdt);
+    if let Some(port) = config.pvpanic_port {
+        let io = aml::IO::new(port, port, 1, 1);
+        let crs = aml::ResourceTemplate::new(vec![&io]);
+        let hid = aml::Name::new("_HID".into(), &"QEMU0001");
+        let resources = aml::Name::new("_CRS".into(), &crs);
+        aml::Device::new("_SB_.PVPN".into(), vec![&hid, &resources]).to_aml_bytes(&mut dsdt);
+    }
+    dsdt.update_checksum();
+    dsdt
+}
+
+fn fadt(config: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH_NO_VGA_NO_CMOS.into();
+    fadt.sleep_control_reg = io_register(config.sleep_control_port);
+    fadt.sleep_status_reg = io_register(config.sleep_status_port);
+    fadt.reset_reg = io_register(config.reset_port);
+    fadt.reset_value = config.reset_value;
+    bytes_of(&fadt.finalize())
+}
+
+fn madt(config: &AcpiConfig) -> Vec<u8> {
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(APIC_START as u32),
+    );
+    for id in 0..config.cpus {
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(0, IOAPIC_START as u32, 0));
+    bytes_of(&madt)
+}
+
+/// Lays the tables out from [`ACPI_START`] and writes them; returns the RSDP address.
+pub fn write_tables<M: GuestMemoryBackend>(
+    mem: &M,
+    config: &AcpiConfig,
+) -> Result<GuestAddress, AcpiError> {
+    // Place tables one after the other, 8-byte aligned, after the RSDP.
+    let align = |addr: u64| (addr + 7) & !7;
+    let rsdp_addr = ACPI_START.0;
+    let dsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
+    let dsdt = dsdt(config);
+    let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
+    let fadt = fadt(config, dsdt_addr);
+    let madt_addr = align(fadt_addr + fadt.len() as u64);
+    let madt = madt(config);
+    let xsdt_addr = align(madt_addr + madt.len() as u64);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = bytes_of(&xsdt);
+    let end = xsdt_addr + xsdt.len() as u64;
+    if end > ACPI_END {
+        return Err(AcpiError::TooLarge {
+            needed: end - ACPI_START.0,
+            available: ACPI_END - ACPI_START.0,
+        });
+    }
+    let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
+    for (addr, bytes) in [
+        (rsdp_addr, rsdp.as_slice()),
+        (dsdt_addr, dsdt.as_slice()),
+        (fadt_addr, fadt.as_slice()),
+        (madt_addr, madt.as_slice()),
+        (xsdt_addr, xsdt.as_slice()),
+    ] {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(AcpiError::Write)?;
+    }
+    Ok(GuestAddress(rsdp_addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+
+    fn config(cpus: u8) -> AcpiConfig {
+        AcpiConfig {
+            cpus,
+            sleep_control_port: 0x600,
+            sleep_status_port: 0x601,
+            reset_port: 0x602,
+            reset_value: 1,
+            pvpanic_port: Some(0x505),
+        }
+    }
+
+    fn written(cpus: u8) -> (GuestMemoryMmap, u64) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let rsdp = write_tables(&mem, &config(cpus)).unwrap();
+        (mem, rsdp.0)
+    }
+
+    fn read_table(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+        let len: u32 = mem.read_obj(GuestAddress(addr + 4)).unwrap();
+        let mut bytes = vec![0u8; len as usize];
+        mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
+        bytes
+    }
+
+    fn checksum_ok(bytes: &[u8]) -> bool {
+        bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)) == 0
+    }
+
+    /// Follows RSDP -> XSDT and returns each table by signature.
+    fn tables(mem: &GuestMemoryMmap, rsdp: u64) -> Vec<Vec<u8>> {
+        let xsdt_addr: u64 = mem.read_obj(GuestAddress(rsdp + 24)).unwrap();
+        let xsdt = read_table(mem, xsdt_addr);
+        assert_eq!(&xsdt[..4], b"XSDT");
+        xsdt[36..]
+            .chunks(8)
+            .map(|c| read_table(mem, u64::from_le_bytes(c.try_into().unwrap())))
+            .collect()
+    }
+
+    #[test]
+    fn rsdp_is_at_0xe0000_with_valid_checksums() {
+        let (mem, rsdp) = written(1);
+        assert_eq!(rsdp, 0xe0000);
+        let mut bytes = [0u8; 36];
+        mem.read_slice(&mut bytes, GuestAddress(rsdp)).unwrap();
+        assert_eq!(&bytes[..8], b"RSD PTR ");
+        assert!(checksum_ok(&bytes[..20]) && checksum_ok(&bytes));
+    }
+
+    #[test]
+    fn every_table_checksums_to_zero() {
+        let (mem, rsdp) = written(2);
+        for table in tables(&mem, rsdp) {
+            assert!(checksum_ok(&table), "{:?}", &table[..4]);
+        }
+    }
+
+    #[test]
+    fn madt_lists_one_lapic_per_cpu_and_the_ioapic() {
+        let (mem, rsdp) = written(3);
+        let madt = tables(&mem, rsdp)
+            .into_iter()
+            .find(|t| &t[..4] == b"APIC")
+            .unwrap();
+        let mut types = Vec::new();
+        let mut off = 44;
+        while off < madt.len() {
+            types.push(madt[off]);
+            off += madt[off + 1] as usize;
+        }
+        assert_eq!(types, vec![0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn fadt_is_hw_reduced_with_sleep_and_reset_ports() {
+        let (mem, rsdp) = written(1);
+        let fadt = tables(&mem, rsdp)
+            .into_iter()
+            .find(|t| &t[..4] == b"FACP")
+            .unwrap();
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        // Reset register GAS at 116: I/O space, address 0x602; value at 128.
+        assert_eq!((fadt[116], fadt[120], fadt[128]), (1, 0x02, 1));
+        // Sleep control register GAS at 244.
+        assert_eq!(
+            (fadt[244], u16::from_le_bytes([fadt[248], fadt[249]])),
+            (1, 0x600)
+        );
+        // IAPC boot flags at 109: no 8042 (bit 1), no VGA, no CMOS.
+        assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), 0x24);
+    }
+
+    #[test]
+    fn dsdt_has_s5_and_pvpanic() {
+        let (mem, rsdp) = written(1);
+        let fadt = tables(&mem, rsdp)
+            .into_iter()
+            .find(|t| &t[..4] == b"FACP")
+            .unwrap();
+        let dsdt_addr = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        let dsdt = read_table(&mem, dsdt_addr);
+        assert!(checksum_ok(&dsdt));
+        let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"_S5_") && find(b"QEMU0001"));
+    }
+
+    #[test]
+    fn too_many_cpus_do_not_overflow_the_area() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        assert!(write_tables(&mem, &config(255)).is_ok());
+    }
+}

@@ -1,0 +1,110 @@
+//! The kernel command line: validation against the kernel's limit and placement.
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::setup_header;
+use vm_memory::GuestMemoryBackend;
+
+use crate::layout::{CMDLINE_MAX_BYTES, CMDLINE_START};
+
+/// Errors of the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdlineError {
+    #[error(
+        "kernel command line is {len} bytes; this kernel accepts at most {max}: shorten --cmdline"
+    )]
+    TooLong { len: usize, max: usize },
+    #[error("kernel command line has a non-printable or non-ASCII byte at offset {offset}: fix --cmdline")]
+    InvalidByte { offset: usize },
+    #[error("kernel command line rejected")]
+    Invalid(#[source] linux_loader::cmdline::Error),
+    #[error("cannot write the kernel command line into guest memory")]
+    Write(#[source] linux_loader::loader::Error),
+}
+
+/// The most bytes (without the NUL) the kernel reads: its setup header says, else Linux's
+/// x86 default.
+pub fn max_len(header: Option<&setup_header>) -> usize {
+    header
+        .map(|h| h.cmdline_size as usize)
+        .filter(|&size| size > 0)
+        .unwrap_or(CMDLINE_MAX_BYTES - 1)
+}
+
+/// Validates `raw` for a kernel that accepts `max` bytes.
+pub fn build(raw: &str, max: usize) -> Result<Cmdline, CmdlineError> {
+    if let Some(offset) = raw
+        .bytes()
+        .position(|b| !(b == b' ' || b.is_ascii_graphic()))
+    {
+        return Err(CmdlineError::InvalidByte { offset });
+    }
+    if raw.len() > max {
+        return Err(CmdlineError::TooLong {
+            len: raw.len(),
+            max,
+        });
+    }
+    // Capacity counts the NUL terminator.
+    Cmdline::try_from(raw, max + 1).map_err(CmdlineError::Invalid)
+}
+
+/// Writes the command line at [`CMDLINE_START`]; returns its length without the NUL.
+pub fn write<M: GuestMemoryBackend>(mem: &M, cmdline: &Cmdline) -> Result<usize, CmdlineError> {
+    linux_loader::loader::load_cmdline(mem, CMDLINE_START, cmdline).map_err(CmdlineError::Write)?;
+    let bytes = cmdline.as_cstring().map_err(CmdlineError::Invalid)?;
+    Ok(bytes.as_bytes().len())
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+
+    #[test]
+    fn command_line_is_written_nul_terminated() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
+        let cmdline = build("console=ttyS0 -- /bin/sh -c \"echo hi\"", 2047).unwrap();
+        let len = write(&mem, &cmdline).unwrap();
+        let mut buf = vec![0u8; len + 1];
+        mem.read_slice(&mut buf, CMDLINE_START).unwrap();
+        assert_eq!(&buf, b"console=ttyS0 -- /bin/sh -c \"echo hi\"\0");
+    }
+
+    #[test]
+    fn command_line_over_limit_is_too_long() {
+        let err = build(&"a".repeat(2048), 2047).unwrap_err();
+        assert!(matches!(
+            err,
+            CmdlineError::TooLong {
+                len: 2048,
+                max: 2047
+            }
+        ));
+    }
+
+    #[test]
+    fn command_line_at_limit_is_accepted() {
+        assert!(build(&"a".repeat(2047), 2047).is_ok());
+    }
+
+    #[test]
+    fn command_line_with_newline_is_invalid() {
+        let err = build("console=ttyS0\nquiet", 2047).unwrap_err();
+        assert!(matches!(err, CmdlineError::InvalidByte { offset: 13 }));
+    }
+
+    #[test]
+    fn max_len_defaults_without_header() {
+        assert_eq!(max_len(None), 2047);
+    }
+
+    #[test]
+    fn max_len_follows_setup_header() {
+        let header = setup_header {
+            cmdline_size: 4095,
+            ..Default::default()
+        };
+        assert_eq!(max_len(Some(&header)), 4095);
+    }
+}

@@ -1,0 +1,144 @@
+//! Guest RAM ranges and the e820 map the kernel reads from the zero page.
+
+use vm_memory::GuestAddress;
+
+use crate::layout::{
+    ACPI_END, EBDA_START, HIGH_RAM_START, MMIO_HOLE_START, PAGE_SIZE, RAM_ABOVE_4G_START,
+};
+
+/// e820 type of usable RAM.
+pub const E820_RAM: u32 = 1;
+/// e820 type of reserved memory.
+pub const E820_RESERVED: u32 = 2;
+
+/// One e820 entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+
+/// The guest-physical RAM ranges for `mem_bytes` of RAM: everything below the 32-bit
+/// MMIO hole first, the rest above 4 GiB.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
+    let low = mem_bytes.min(MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if mem_bytes > MMIO_HOLE_START {
+        ranges.push((
+            GuestAddress(RAM_ABOVE_4G_START),
+            mem_bytes - MMIO_HOLE_START,
+        ));
+    }
+    ranges
+}
+
+/// The end (exclusive) of RAM below the MMIO hole.
+pub fn low_ram_end(mem_bytes: u64) -> u64 {
+    mem_bytes.min(MMIO_HOLE_START)
+}
+
+/// The e820 map: low RAM up to the EBDA, the reserved BIOS area (ACPI tables live there),
+/// RAM from 1 MiB to the MMIO hole, and RAM above 4 GiB.
+pub fn e820_entries(mem_bytes: u64) -> Vec<E820Entry> {
+    let low_end = low_ram_end(mem_bytes);
+    let mut entries = vec![
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820_RAM,
+        },
+        E820Entry {
+            addr: EBDA_START,
+            size: ACPI_END - EBDA_START,
+            kind: E820_RESERVED,
+        },
+    ];
+    if low_end > HIGH_RAM_START.0 {
+        entries.push(E820Entry {
+            addr: HIGH_RAM_START.0,
+            size: low_end - HIGH_RAM_START.0,
+            kind: E820_RAM,
+        });
+    }
+    if mem_bytes > MMIO_HOLE_START {
+        entries.push(E820Entry {
+            addr: RAM_ABOVE_4G_START,
+            size: mem_bytes - MMIO_HOLE_START,
+            kind: E820_RAM,
+        });
+    }
+    entries
+}
+
+/// Round `value` down to a page boundary.
+pub fn page_align_down(value: u64) -> u64 {
+    value & !(PAGE_SIZE - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn ram_ranges_small_vm_is_one_range() {
+        assert_eq!(ram_ranges(512 * MIB), vec![(GuestAddress(0), 512 * MIB)]);
+    }
+
+    #[test]
+    fn ram_ranges_above_hole_continue_at_4g() {
+        assert_eq!(
+            ram_ranges(4 * GIB),
+            vec![(GuestAddress(0), 3 * GIB), (GuestAddress(4 * GIB), GIB)]
+        );
+    }
+
+    #[test]
+    fn e820_small_vm_has_low_reserved_and_high_ram() {
+        let map = e820_entries(512 * MIB);
+        assert_eq!(
+            map,
+            vec![
+                E820Entry {
+                    addr: 0,
+                    size: 0x9fc00,
+                    kind: E820_RAM
+                },
+                E820Entry {
+                    addr: 0x9fc00,
+                    size: 0x100000 - 0x9fc00,
+                    kind: E820_RESERVED
+                },
+                E820Entry {
+                    addr: MIB,
+                    size: 511 * MIB,
+                    kind: E820_RAM
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn e820_large_vm_skips_mmio_hole() {
+        let map = e820_entries(6 * GIB);
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: MIB,
+                size: 3 * GIB - MIB,
+                kind: E820_RAM
+            }
+        );
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: 4 * GIB,
+                size: 3 * GIB,
+                kind: E820_RAM
+            }
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! The Linux zero page (`struct boot_params`, Documentation/arch/x86/boot.rst): setup
+//! header, command line and initrd pointers, the e820 map and the RSDP address.
+
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{
+    boot_e820_entry, boot_params, setup_header, E820_MAX_ENTRIES_ZEROPAGE,
+};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::layout::{CMDLINE_START, ZERO_PAGE_START};
+use crate::memory_map::e820_entries;
+
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+/// "Undefined" boot loader id: we are not one of the registered loaders.
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+/// Alignment the kernel asks for when it does not say (2 MiB multiple Linux accepts).
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
+
+/// What goes into the zero page.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ZeroPage {
+    /// The bzImage's own setup header, if any.
+    pub setup_header: Option<setup_header>,
+    /// Length of the command line without its NUL.
+    pub cmdline_len: usize,
+    /// Initrd address and size.
+    pub initrd: Option<(GuestAddress, u64)>,
+    /// Guest RAM size in bytes.
+    pub mem_bytes: u64,
+    /// Where the ACPI RSDP is, so the kernel need not scan for it.
+    pub rsdp: Option<GuestAddress>,
+}
+
+/// Errors of the zero page.
+#[derive(Debug, thiserror::Error)]
+pub enum ZeroPageError {
+    #[error("a zero-page field does not fit: {field}")]
+    FieldOverflow { field: &'static str },
+    #[error("cannot write the zero page into guest memory")]
+    Write(#[source] linux_loader::configurator::Error),
+}
+
+/// Builds the `boot_params` structure.
+pub fn build(config: &ZeroPage) -> Result<boot_params, ZeroPageError> {
+    let overflow = |field| ZeroPageError::FieldOverflow { field };
+    let mut params = boot_params::default();
+    if let Some(header) = config.setup_header {
+        params.hdr = header;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    if params.hdr.kernel_alignment == 0 {
+        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    }
+    params.hdr.cmd_line_ptr =
+        u32::try_from(CMDLINE_START.0).map_err(|_| overflow("cmd_line_ptr"))?;
+    params.hdr.cmdline_size =
+        u32::try_from(config.cmdline_len).map_err(|_| overflow("cmdline_size"))?;
+    if let Some((addr, size)) = config.initrd {
+        params.hdr.ramdisk_image = u32::try_from(addr.0).map_err(|_| overflow("ramdisk_image"))?;
+        params.hdr.ramdisk_size = u32::try_from(size).map_err(|_| overflow("ramdisk_size"))?;
+    }
+    if let Some(rsdp) = config.rsdp {
+        params.acpi_rsdp_addr = rsdp.0;
+    }
+    let entries = e820_entries(config.mem_bytes);
+    if entries.len() > E820_MAX_ENTRIES_ZEROPAGE {
+        return Err(overflow("e820_table"));
+    }
+    for (slot, entry) in params.e820_table.iter_mut().zip(&entries) {
+        *slot = boot_e820_entry {
+            addr: entry.addr,
+            size: entry.size,
+            r#type: entry.kind,
+        };
+    }
+    params.e820_entries = u8::try_from(entries.len()).map_err(|_| overflow("e820_entries"))?;
+    Ok(params)
+}
+
+/// Writes `params` at [`ZERO_PAGE_START`].
+pub fn write<M: GuestMemoryBackend>(mem: &M, params: &boot_params) -> Result<(), ZeroPageError> {
+    LinuxBootConfigurator::write_bootparams::<M>(&BootParams::new(params, ZERO_PAGE_START), mem)
+        .map_err(ZeroPageError::Write)
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestMemoryMmap};
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn zero_page_has_magic_and_pointers() {
+        let params = build(&ZeroPage {
+            cmdline_len: 42,
+            initrd: Some((GuestAddress(0x1f00_0000), 0x1234)),
+            mem_bytes: 512 * MIB,
+            rsdp: Some(GuestAddress(0xe0000)),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (params.hdr.boot_flag, params.hdr.header),
+            (0xaa55, 0x5372_6448)
+        );
+        assert_eq!(
+            (params.hdr.cmd_line_ptr, params.hdr.cmdline_size),
+            (0x20000, 42)
+        );
+        assert_eq!(
+            (params.hdr.ramdisk_image, params.hdr.ramdisk_size),
+            (0x1f00_0000, 0x1234)
+        );
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe0000);
+        assert_eq!(params.hdr.type_of_loader, 0xff);
+    }
+
+    #[test]
+    fn zero_page_e820_lists_ram() {
+        let params = build(&ZeroPage {
+            mem_bytes: 512 * MIB,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(params.e820_entries, 3);
+        let high = params.e820_table[2];
+        assert_eq!(
+            ({ high.addr }, { high.size }, { high.r#type }),
+            (MIB, 511 * MIB, 1)
+        );
+    }
+
+    #[test]
+    fn zero_page_keeps_bzimage_header_fields() {
+        let header = setup_header {
+            version: 0x020f,
+            kernel_alignment: 0x20_0000,
+            ..Default::default()
+        };
+        let params = build(&ZeroPage {
+            setup_header: Some(header),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (params.hdr.version, params.hdr.kernel_alignment),
+            (0x020f, 0x20_0000)
+        );
+    }
+
+    #[test]
+    fn initrd_above_4g_does_not_fit_the_header() {
+        let err = build(&ZeroPage {
+            initrd: Some((GuestAddress(1 << 32), 1)),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            ZeroPageError::FieldOverflow {
+                field: "ramdisk_image"
+            }
+        ));
+    }
+
+    #[test]
+    fn zero_page_is_written_at_0x7000() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let params = build(&ZeroPage {
+            cmdline_len: 7,
+            ..Default::default()
+        })
+        .unwrap();
+        write(&mem, &params).unwrap();
+        // boot_flag lives at offset 0x1fe of the zero page.
+        let flag: u16 = mem.read_obj(GuestAddress(0x7000 + 0x1fe)).unwrap();
+        assert_eq!(flag, 0xaa55);
+    }
+}

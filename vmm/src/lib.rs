@@ -1,0 +1,329 @@
+//! The running VM: configuration, KVM VM and vCPUs, guest memory, devices and the VMM
+//! thread's event loop. The binary `crib` is a thin CLI over [`run`].
+
+pub mod config;
+pub mod console;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use devices::legacy::acpi_power::{
+    ACPI_POWER_PORT_BASE, ACPI_POWER_PORT_LEN, RESET_OFFSET, RESET_VALUE, SLEEP_CONTROL_OFFSET,
+    SLEEP_STATUS_OFFSET,
+};
+use devices::legacy::boot_marker::{BootTimes, BOOT_MARKER_PORT};
+use devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
+use devices::legacy::pvpanic::PVPANIC_PORT;
+use devices::legacy::serial::{COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
+use devices::legacy::{AcpiPower, BootMarker, ConsoleOutput, ConsoleSink, PvPanic, Serial, I8042};
+use devices::{Bus, BusDevice, BusError, ExitReason, VmExit};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{ConsoleConfig, VmConfig};
+use crate::vcpu::{Vcpu, VcpuBuses};
+use crate::vm::Vm;
+
+/// Everything that can stop a VM from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot open {what} {path}")]
+    Open {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load kernel {path}")]
+    Kernel {
+        path: PathBuf,
+        #[source]
+        source: boot::kernel::KernelError,
+    },
+    #[error("cannot load initrd {path}")]
+    Initrd {
+        path: PathBuf,
+        #[source]
+        source: boot::kernel::KernelError,
+    },
+    #[error("initrd {path} is larger than 4 GiB")]
+    InitrdTooLarge { path: PathBuf },
+    #[error("invalid kernel command line")]
+    Cmdline(#[source] boot::cmdline::CmdlineError),
+    #[error("cannot create guest memory")]
+    Memory(#[source] memory::MemoryError),
+    #[error("cannot write the boot page tables")]
+    Paging(#[source] boot::paging::PagingError),
+    #[error("cannot write the boot GDT")]
+    Gdt(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot write the ACPI tables")]
+    Acpi(#[source] boot::acpi::AcpiError),
+    #[error("cannot write the zero page")]
+    ZeroPage(#[source] boot::zero_page::ZeroPageError),
+    #[error("cannot create the VM")]
+    Vm(#[source] vm::VmError),
+    #[error("cannot create a vCPU")]
+    Vcpu(#[source] vcpu::VcpuError),
+    #[error("cannot place a device on the bus")]
+    Bus(#[source] BusError),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("the VMM event loop failed")]
+    EventLoop(#[source] event_manager::Error),
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, VmmError> {
+    File::open(path).map_err(|source| VmmError::Open {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn console_sink(config: &ConsoleConfig) -> Result<ConsoleSink, VmmError> {
+    Ok(match config {
+        ConsoleConfig::Stdout => ConsoleSink::Stdout,
+        ConsoleConfig::Off => ConsoleSink::Off,
+        ConsoleConfig::File(path) => ConsoleSink::File(
+            File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::Open {
+                    what: "console file",
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+/// Where the kernel is entered.
+struct BootEntry {
+    entry: u64,
+    pml4: u64,
+}
+
+/// Loads kernel, initrd, command line and the boot tables into `mem`.
+fn load_guest(config: &VmConfig, mem: &memory::GuestMemory) -> Result<BootEntry, VmmError> {
+    let mut kernel_file = open("kernel", &config.kernel)?;
+    let kernel =
+        boot::kernel::load_kernel(mem, &mut kernel_file).map_err(|source| VmmError::Kernel {
+            path: config.kernel.clone(),
+            source,
+        })?;
+    tracing::debug!(
+        "kernel {:?} loaded, entry {:#x}",
+        kernel.format,
+        kernel.entry.0
+    );
+
+    let cmdline = boot::cmdline::build(
+        &config.cmdline,
+        boot::cmdline::max_len(kernel.setup_header.as_ref()),
+    )
+    .map_err(VmmError::Cmdline)?;
+    let cmdline_len = boot::cmdline::write(mem, &cmdline).map_err(VmmError::Cmdline)?;
+
+    let initrd = match &config.initrd {
+        Some(path) => {
+            let mut file = open("initrd", path)?;
+            let size = file
+                .metadata()
+                .map_err(|source| VmmError::Open {
+                    what: "initrd",
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            let len = usize::try_from(size)
+                .map_err(|_| VmmError::InitrdTooLarge { path: path.clone() })?;
+            let initrd_err = |source| VmmError::Initrd {
+                path: path.clone(),
+                source,
+            };
+            let addr = boot::kernel::place_initrd(&kernel, config.memory_bytes, size)
+                .map_err(initrd_err)?;
+            boot::kernel::load_initrd(mem, addr, &mut file, len).map_err(initrd_err)?;
+            Some((addr, size))
+        }
+        None => None,
+    };
+
+    let rsdp = boot::acpi::write_tables(
+        mem,
+        &boot::acpi::AcpiConfig {
+            cpus: config.cpus,
+            sleep_control_port: ACPI_POWER_PORT_BASE + SLEEP_CONTROL_OFFSET as u16,
+            sleep_status_port: ACPI_POWER_PORT_BASE + SLEEP_STATUS_OFFSET as u16,
+            reset_port: ACPI_POWER_PORT_BASE + RESET_OFFSET as u16,
+            reset_value: RESET_VALUE,
+            pvpanic_port: Some(PVPANIC_PORT),
+        },
+    )
+    .map_err(VmmError::Acpi)?;
+
+    let params = boot::zero_page::build(&boot::zero_page::ZeroPage {
+        setup_header: kernel.setup_header,
+        cmdline_len,
+        initrd,
+        mem_bytes: config.memory_bytes,
+        rsdp: Some(rsdp),
+    })
+    .map_err(VmmError::ZeroPage)?;
+    boot::zero_page::write(mem, &params).map_err(VmmError::ZeroPage)?;
+    boot::gdt::write_gdt_and_idt(mem).map_err(VmmError::Gdt)?;
+    let pml4 = boot::paging::write_identity_page_tables(mem).map_err(VmmError::Paging)?;
+    Ok(BootEntry {
+        entry: kernel.entry.0,
+        pml4,
+    })
+}
+
+/// The legacy devices every VM has, on the port-I/O bus.
+struct LegacyDevices {
+    serial: Arc<Mutex<Serial>>,
+    serial_irq: EventFd,
+}
+
+fn add_legacy_devices(
+    pio: &mut Bus,
+    config: &VmConfig,
+    exit: &Arc<VmExit>,
+    start: Instant,
+    boot_times: &Arc<BootTimes>,
+) -> Result<LegacyDevices, VmmError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    let out = ConsoleOutput::new(console_sink(&config.console)?, exit.clone());
+    let serial = Arc::new(Mutex::new(Serial::new(
+        serial_irq.try_clone().map_err(VmmError::EventFd)?,
+        out,
+    )));
+    let devices: [(Arc<Mutex<dyn BusDevice>>, u16, u16); 5] = [
+        (serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN),
+        (
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            I8042_PORT_BASE,
+            I8042_PORT_LEN,
+        ),
+        (
+            Arc::new(Mutex::new(AcpiPower::new(exit.clone()))),
+            ACPI_POWER_PORT_BASE,
+            ACPI_POWER_PORT_LEN,
+        ),
+        (
+            Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
+            PVPANIC_PORT,
+            1,
+        ),
+        (
+            Arc::new(Mutex::new(BootMarker::new(start, boot_times.clone()))),
+            BOOT_MARKER_PORT,
+            1,
+        ),
+    ];
+    for (device, base, len) in devices {
+        pio.insert(device, u64::from(base), u64::from(len))
+            .map_err(VmmError::Bus)?;
+    }
+    Ok(LegacyDevices { serial, serial_irq })
+}
+
+/// Wakes the VMM loop when the VM must end.
+struct ExitWatcher {
+    exit: Arc<VmExit>,
+    done: bool,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.exit.event(), EventSet::IN)) {
+            tracing::error!("cannot watch the VM exit event: {e:?}");
+            self.done = true;
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.exit.event().read();
+        self.done = true;
+    }
+}
+
+/// CPU time this process has used so far.
+pub fn process_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// Boots `config` and serves it until the guest ends; returns why it ended.
+/// `start` is the process start, against which boot times are measured.
+pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmmError> {
+    let ranges: Vec<_> = boot::memory_map::ram_ranges(config.memory_bytes);
+    let mem = memory::create_guest_memory(&ranges).map_err(VmmError::Memory)?;
+    let entry = load_guest(config, &mem)?;
+
+    let vm = Vm::new(mem).map_err(VmmError::Vm)?;
+    let exit = Arc::new(VmExit::new().map_err(VmmError::EventFd)?);
+    let boot_times = Arc::new(BootTimes::default());
+    let mut pio = Bus::new();
+    let legacy = add_legacy_devices(&mut pio, config, &exit, start, &boot_times)?;
+    vm.register_irqfd(&legacy.serial_irq, COM1_IRQ)
+        .map_err(VmmError::Vm)?;
+    let buses = VcpuBuses {
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::new()),
+    };
+
+    let cpuid = vcpu::supported_cpuid(&vm).map_err(VmmError::Vcpu)?;
+    let vcpus = (0..config.cpus)
+        .map(|i| Vcpu::new(&vm, &cpuid, i, config.cpus, entry.entry, entry.pml4))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(VmmError::Vcpu)?;
+
+    let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+        .map_err(VmmError::EventLoop)?;
+    let watcher = Arc::new(Mutex::new(ExitWatcher {
+        exit: exit.clone(),
+        done: false,
+    }));
+    manager.add_subscriber(watcher.clone());
+    let _raw_terminal = if config.console == ConsoleConfig::Stdout {
+        manager.add_subscriber(Arc::new(Mutex::new(console::ConsoleInput::new(
+            legacy.serial.clone(),
+        ))));
+        Some(console::RawTerminal::enable())
+    } else {
+        None
+    };
+
+    tracing::info!(
+        "vmm ready to run: {} ms wall, {} us CPU since start",
+        start.elapsed().as_millis(),
+        process_cpu_time().as_micros()
+    );
+    for vcpu in vcpus {
+        vcpu.spawn(buses.clone(), exit.clone())
+            .map_err(VmmError::Vcpu)?;
+    }
+    loop {
+        manager.run().map_err(VmmError::EventLoop)?;
+        if watcher.lock().unwrap_or_else(|e| e.into_inner()).done {
+            break;
+        }
+    }
+    // The vCPU threads are left in KVM_RUN: the caller ends the process.
+    Ok(exit.reason().unwrap_or(ExitReason::VcpuError))
+}

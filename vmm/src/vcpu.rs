@@ -1,0 +1,207 @@
+//! vCPUs: architectural set-up from `boot`, then one thread each running `KVM_RUN` and
+//! serving the port-I/O and MMIO exits that no ioeventfd or in-kernel device took.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use devices::{Bus, ExitReason, VmExit};
+use kvm_bindings::{
+    CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::vm::Vm;
+
+/// Errors while setting up a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot {what} of vCPU {index}")]
+    Setup {
+        index: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM accepted {set} of {wanted} boot MSRs of vCPU {index}")]
+    Msrs {
+        index: u8,
+        set: usize,
+        wanted: usize,
+    },
+    #[error("cannot build the MSR list")]
+    MsrList,
+    #[error("cannot start the thread of vCPU {index}")]
+    Spawn {
+        index: u8,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The buses a vCPU thread dispatches exits to.
+#[derive(Clone)]
+pub struct VcpuBuses {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+}
+
+/// A configured vCPU, not yet running.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+/// KVM's supported CPUID, read once and patched per vCPU.
+pub fn supported_cpuid(vm: &Vm) -> Result<CpuId, VcpuError> {
+    vm.kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VcpuError::Setup {
+            index: 0,
+            what: "read KVM's supported CPUID",
+            source,
+        })
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `count`; the boot vCPU (0) starts at `entry` in long mode
+    /// with CR3 `pml4`, the others wait for INIT/SIPI from the guest.
+    pub fn new(
+        vm: &Vm,
+        cpuid: &CpuId,
+        index: u8,
+        count: u8,
+        entry: u64,
+        pml4: u64,
+    ) -> Result<Self, VcpuError> {
+        let err = |what| {
+            move |source| VcpuError::Setup {
+                index,
+                what,
+                source,
+            }
+        };
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(err("create"))?;
+        let mut cpuid = cpuid.clone();
+        boot::cpu::patch_cpuid(&mut cpuid, index, count);
+        fd.set_cpuid2(&cpuid).map_err(err("set the CPUID"))?;
+        let entries = boot::cpu::boot_msrs();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::MsrList)?;
+        let set = fd.set_msrs(&msrs).map_err(err("set the MSRs"))?;
+        if set != entries.len() {
+            return Err(VcpuError::Msrs {
+                index,
+                set,
+                wanted: entries.len(),
+            });
+        }
+        let mut lapic = fd.get_lapic().map_err(err("read the LAPIC"))?;
+        boot::cpu::set_lapic_lints(&mut lapic);
+        fd.set_lapic(&lapic).map_err(err("set the LAPIC"))?;
+        if index == 0 {
+            fd.set_regs(&boot::cpu::boot_regs(entry))
+                .map_err(err("set the registers"))?;
+            let sregs = fd.get_sregs().map_err(err("read the special registers"))?;
+            fd.set_sregs(&boot::cpu::boot_sregs(sregs, pml4))
+                .map_err(err("set the special registers"))?;
+            fd.set_fpu(&boot::cpu::boot_fpu())
+                .map_err(err("set the FPU"))?;
+        }
+        Ok(Self { index, fd })
+    }
+
+    /// Runs the vCPU on its own thread until the VM ends.
+    pub fn spawn(self, buses: VcpuBuses, exit: Arc<VmExit>) -> Result<JoinHandle<()>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run(&buses, &exit))
+            .map_err(|source| VcpuError::Spawn { index, source })
+    }
+
+    fn run(mut self, buses: &VcpuBuses, exit: &VmExit) {
+        loop {
+            if let Some(reason) = self.run_once(buses) {
+                exit.request(reason);
+            }
+            if exit.reason().is_some() {
+                return;
+            }
+        }
+    }
+
+    /// One `KVM_RUN`; returns why the VM must end, if it must.
+    fn run_once(&mut self, buses: &VcpuBuses) -> Option<ExitReason> {
+        let index = self.index;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !buses.pio.read(u64::from(port), data) {
+                    // Nothing there: an ISA bus reads all ones.
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                buses.pio.write(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !buses.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                buses.mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Shutdown) => {
+                tracing::error!("vCPU {index}: guest triple fault (KVM shutdown exit)");
+                Some(ExitReason::TripleFault)
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::Poweroff),
+                KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
+                KVM_SYSTEM_EVENT_CRASH => Some(ExitReason::Panic),
+                other => {
+                    tracing::warn!("vCPU {index}: ignoring KVM system event {other}");
+                    None
+                }
+            },
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: on KVM_EXIT_INTERNAL_ERROR, `internal` is the union member KVM filled.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                tracing::error!(
+                    "vCPU {index}: KVM internal error (suberror {suberror}{})",
+                    if suberror == 1 {
+                        ": instruction emulation failed"
+                    } else {
+                        ""
+                    }
+                );
+                Some(ExitReason::VcpuError)
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                tracing::error!("vCPU {index}: KVM failed to enter the guest (reason {reason:#x}, host CPU {cpu})");
+                Some(ExitReason::VcpuError)
+            }
+            Ok(VcpuExit::Hlt) => {
+                // The in-kernel LAPIC handles HLT; seeing it means no interrupt can wake us.
+                tracing::error!("vCPU {index}: halted with interrupts off");
+                Some(ExitReason::VcpuError)
+            }
+            Ok(other) => {
+                tracing::error!("vCPU {index}: unexpected KVM exit {other:?}");
+                Some(ExitReason::VcpuError)
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => {
+                tracing::error!("vCPU {index}: KVM_RUN failed: {e}");
+                Some(ExitReason::VcpuError)
+            }
+        }
+    }
+}
