@@ -1,0 +1,170 @@
+//! crib's benchmark harness. Measures, never asserts:
+//!
+//! - `crib-bench host`: on the host's /dev/kvm, crib's process start to the first
+//!   `KVM_RUN` (wall and CPU time, as crib logs them) and its RSS outside guest memory,
+//!   with a micro guest that halts so nothing but crib itself is measured.
+//! - `crib-bench boot [--runs N]`: boot to cradle's ready line, crib against
+//!   `qemu-system-x86_64 -M microvm,rtc=on` on the same ELF kernel and initramfs, N runs
+//!   each, interleaved, median and ratio. Runs inside the lab when the host has no
+//!   VT-x/AMD-V, so both VMMs are measured in the same L1 boot.
+//!
+//! Build crib with `cargo build --release -p vmm` first; results are Markdown on stdout.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use crib_tests::{can_boot_linux, micro, repo_root, target_dir, GuestArtifacts};
+
+const READY_LINE: &str = "cradle: ready";
+const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+
+fn crib_release() -> PathBuf {
+    std::env::var_os("CRIB_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("release/crib"))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Reads a `Key:   N kB` line of /proc/PID/status.
+fn status_kib(pid: u32, key: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with(key)).with_context(|| format!("no {key}"))?;
+    Ok(line.split_whitespace().nth(1).context("no value")?.parse()?)
+}
+
+fn host() -> Result<()> {
+    let crib = crib_release();
+    let kernel = std::env::temp_dir().join(format!("crib-bench-{}.elf", std::process::id()));
+    let mut code = micro::out(0x440, 1);
+    code.extend(micro::halt_forever());
+    std::fs::write(&kernel, micro::elf(&code))?;
+    let (mut wall, mut cpu, mut anon, mut file) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..10 {
+        let mut child = Command::new(&crib)
+            .args(["run", "--console", "off", "--memory", "512M", "--kernel"])
+            .arg(&kernel)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {}", crib.display()))?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        // "vmm ready to run: 3 ms wall, 2841 us CPU since start"
+        let ready = lines.find_map(|l| l.ok().filter(|l| l.contains("vmm ready to run")));
+        // The guest's marker write arrives after the first KVM_RUN: RSS is then settled.
+        let _ = lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("guest boot to init")));
+        anon.push(status_kib(child.id(), "RssAnon:")? as f64);
+        file.push(status_kib(child.id(), "RssFile:")? as f64);
+        child.kill()?;
+        child.wait()?;
+        let ready = ready.context("crib did not log 'vmm ready to run'")?;
+        let number = |after: &str, unit: &str| -> Result<f64> {
+            let rest = ready.split(after).nth(1).context("format")?;
+            Ok(rest.split(unit).next().context("format")?.trim().parse()?)
+        };
+        wall.push(number("run: ", " ms wall")?);
+        cpu.push(number("wall, ", " us CPU")? / 1000.0);
+    }
+    std::fs::remove_file(&kernel)?;
+    println!("| crib start-up on the host (10 runs, 512 MiB guest, release build) | median |");
+    println!("| --- | --- |");
+    println!("| process start to first KVM_RUN, wall | {:.1} ms |", median(&mut wall));
+    println!("| process start to first KVM_RUN, CPU | {:.2} ms |", median(&mut cpu));
+    println!("| RSS outside guest memory (RssAnon + RssFile) | {:.0} KiB |", median(&mut anon) + median(&mut file));
+    println!("| of which anonymous (heap, stacks) | {:.0} KiB |", median(&mut anon));
+    Ok(())
+}
+
+/// Spawns `cmd` and returns the seconds until its stdout shows cradle's ready line; the
+/// VM then powers off on its own (cradle has no command).
+fn time_to_ready(cmd: &mut Command) -> Result<f64> {
+    let start = Instant::now();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains(READY_LINE) {
+                let _ = tx.send(start.elapsed());
+            }
+        }
+    });
+    let result = rx.recv_timeout(BOOT_DEADLINE);
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(result.context("no ready line before the deadline")?.as_secs_f64())
+}
+
+fn boot(runs: usize) -> Result<()> {
+    if !can_boot_linux() {
+        let lab = repo_root().join("tests/lab/lab.sh");
+        let exe = std::env::current_exe()?;
+        let status = Command::new("bash")
+            .arg(lab)
+            .arg("--")
+            .arg(exe)
+            .args(["boot", "--runs", &runs.to_string()])
+            .env("CRIB_IN_LAB", "1")
+            .status()?;
+        if !status.success() {
+            bail!("the lab run failed: {status}");
+        }
+        return Ok(());
+    }
+    let guest = GuestArtifacts::find()?;
+    let cmdline = "console=ttyS0 panic=-1 quiet";
+    let (mut crib, mut qemu) = (vec![], vec![]);
+    for _ in 0..runs {
+        crib.push(time_to_ready(
+            Command::new(crib_release())
+                .args(["run", "--memory", "512M", "--cmdline", cmdline, "--kernel"])
+                .arg(&guest.vmlinux)
+                .arg("--initrd")
+                .arg(&guest.initramfs),
+        )?);
+        qemu.push(time_to_ready(
+            Command::new("qemu-system-x86_64")
+                .args(["-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host", "-m", "512M", "-smp", "1"])
+                .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot"])
+                .args(["-append", cmdline, "-kernel"])
+                .arg(&guest.vmlinux)
+                .arg("-initrd")
+                .arg(&guest.initramfs),
+        )?);
+    }
+    let (c, q) = (median(&mut crib), median(&mut qemu));
+    println!("| boot to cradle ready (lab, 1 vCPU, 512 MiB, ELF vmlinux, {runs} runs) | median |");
+    println!("| --- | --- |");
+    println!("| crib | {:.0} ms |", c * 1000.0);
+    println!("| QEMU `-M microvm,rtc=on` | {:.0} ms |", q * 1000.0);
+    println!("| crib / QEMU | {:.2} |", c / q);
+    println!("\nall runs, s: crib {crib:.3?}; qemu {qemu:.3?}");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse())
+        .transpose()
+        .context("--runs takes a number")?
+        .unwrap_or(5);
+    match args.first().map(String::as_str) {
+        Some("host") => host(),
+        Some("boot") => boot(runs),
+        _ => bail!("usage: crib-bench host | boot [--runs N]"),
+    }
+}

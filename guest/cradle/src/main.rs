@@ -1,0 +1,177 @@
+//! cradle: crib's guest init, PID 1 inside a pod's microVM.
+//!
+//! At boot, in order: write the "init started" boot marker; mount /dev,
+//! /proc, /sys, /run, /tmp, /dev/pts (repairing stdio on the way); load the
+//! initramfs's kernel modules in dependency order; print the ready line and
+//! write the "ready" marker; run the command passed after `--` on the
+//! kernel command line, if any; then sync and power off.
+//!
+//! PID 1 must never exit (the kernel panics when init dies): every error is
+//! printed as `cradle: error: ...` and the VM is powered off. No code path
+//! here is meant to panic; a panic anyway is caught and powers off too.
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
+
+mod boot_marker;
+mod cmdline;
+mod command;
+mod console;
+mod module_dep;
+mod module_load;
+mod mounts;
+mod power;
+
+use std::ffi::OsString;
+use std::panic::{self, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::boot_marker::{BootMarker, MARKER_INIT_STARTED, MARKER_READY};
+use crate::command::CommandError;
+use crate::console::say;
+use crate::module_load::millis;
+use crate::mounts::MountError;
+
+/// Errors that end the boot (each powers the VM off).
+#[derive(Debug, Error)]
+pub enum CradleError {
+    #[error("mounting the base filesystems failed")]
+    Mount(#[from] MountError),
+    #[error("the test hook failed")]
+    Command(#[from] CommandError),
+}
+
+fn main() {
+    // First thing: tell the VMM that init is running.
+    let marker = match BootMarker::open() {
+        Ok(marker) => {
+            marker.write(MARKER_INIT_STARTED);
+            Some(marker)
+        }
+        Err(error) => {
+            // The console may not be open yet; the line is lost then.
+            console::log_warning(&error);
+            None
+        }
+    };
+    let start = Instant::now();
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+
+    match panic::catch_unwind(AssertUnwindSafe(|| boot(marker.as_ref(), start, &args))) {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => console::log_error(&error),
+        Err(_) => say!("error: cradle panicked"),
+    }
+    power::power_off()
+}
+
+/// Everything between the first marker and power-off.
+fn boot(marker: Option<&BootMarker>, start: Instant, args: &[OsString]) -> Result<(), CradleError> {
+    let mut steps = Steps::new(start);
+
+    mounts::mount(&mounts::DEV)?;
+    if let Err(error) = console::ensure_stdio() {
+        // Not fatal: a pod without a console can still be driven over vsock.
+        console::log_warning(&error);
+    }
+    for mount in &mounts::MOUNTS {
+        mounts::mount(mount)?;
+    }
+    steps.mark("mounts");
+
+    let flags = cmdline::read_flags();
+    steps.mark("cmdline");
+
+    let modules = module_load::load_all(flags.debug);
+    steps.mark("modules");
+
+    if let Some(marker) = marker {
+        marker.write(MARKER_READY);
+    }
+    say!(
+        "ready ({} modules in {:.1} ms)",
+        modules.loaded,
+        millis(modules.elapsed)
+    );
+    if flags.debug {
+        steps.print();
+    }
+
+    match args.split_first() {
+        Some((program, rest)) => {
+            let outcome = command::run(program, rest)?;
+            say!("{outcome}");
+        }
+        None => say!("no command; powering off"),
+    }
+    Ok(())
+}
+
+/// Per-step timings for `cradle.debug`.
+struct Steps {
+    start: Instant,
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Steps {
+    fn new(start: Instant) -> Self {
+        Self {
+            start,
+            last: start,
+            done: Vec::new(),
+        }
+    }
+
+    /// Records that `name` finished now.
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.done.push((name, now.duration_since(self.last)));
+        self.last = now;
+    }
+
+    fn print(&self) {
+        // CLOCK_MONOTONIC starts near zero at boot: this is how long the
+        // kernel took to reach init.
+        say!(
+            "debug: init started {:.1} ms after boot",
+            millis(uptime(self.start))
+        );
+        for (name, took) in &self.done {
+            say!("debug: {name} {:.2} ms", millis(*took));
+        }
+        say!(
+            "debug: total {:.2} ms",
+            millis(self.last.duration_since(self.start))
+        );
+    }
+}
+
+/// Time since boot (CLOCK_MONOTONIC) at `instant`.
+fn uptime(instant: Instant) -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the pointer, which
+    // refers to a live local.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u32::try_from(now.tv_nsec).unwrap_or(0);
+    Duration::new(secs, nanos).saturating_sub(instant.elapsed())
+}

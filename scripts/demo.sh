@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The main job: boot a demo pod VM (Debian's cloud kernel + cradle) and show its output.
+# On a host without VT-x/AMD-V the VM runs inside the lab (tests/lab/lab.sh) automatically.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+scripts/prepare.sh
+
+command='echo; echo "hello from a crib pod: $(uname -sr), $(grep -c ^processor /proc/cpuinfo) CPUs, $(grep MemTotal /proc/meminfo)"; echo; ls /lib/modules/*/kernel/*/* -d | head -3'
+run=(target/debug/crib run
+  --kernel target/guest/debian-cloud/vmlinux
+  --initrd target/guest/initramfs-cloud.cpio
+  --cpus 2 --memory 512M
+  --cmdline "console=ttyS0 panic=-1 quiet -- /bin/sh -c \"$command\"")
+
+if grep -qwE 'vmx|svm' /proc/cpuinfo; then
+  exec "${run[@]}"
+fi
+echo "demo: this CPU has no VT-x/AMD-V; booting inside the lab (an L1 VM with nested KVM)" >&2
+exec tests/lab/lab.sh -- "${run[@]}"

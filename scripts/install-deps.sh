@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages crib's scripts, tests and lab need; does nothing when they
+# are all present. Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+packages=(
+  qemu-system-x86   # the lab's L1 VM (TCG) and the QEMU baseline in benchmarks
+  busybox-static    # the lab's L1 userland and the test initramfs' shell
+  cpio kmod lz4     # initramfs packing, module dependencies, vmlinux extraction
+  ca-certificates
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "install-deps: installing ${missing[*]}" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,187 @@
+//! Shared helpers of crib's end-to-end tests: where the binaries and guest artifacts are,
+//! how to run crib with a deadline, whether this host can run KVM guests at full speed, and
+//! tiny hand-assembled "micro guests" that exercise crib's exit paths in microseconds.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Cargo's target directory (honours CARGO_TARGET_DIR).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// The `crib` binary under test: `$CRIB_BIN`, else the debug build.
+pub fn crib_bin() -> PathBuf {
+    std::env::var_os("CRIB_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("debug/crib"))
+}
+
+/// Guest artifacts made by `scripts/prepare.sh`.
+pub struct GuestArtifacts {
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+impl GuestArtifacts {
+    /// Finds them, or says how to make them.
+    pub fn find() -> Result<Self> {
+        let guest = target_dir().join("guest");
+        let artifacts = Self {
+            vmlinux: guest.join("debian-cloud/vmlinux"),
+            bzimage: guest.join("debian-cloud/vmlinuz"),
+            initramfs: guest.join("initramfs-cloud.cpio"),
+        };
+        for path in [&artifacts.vmlinux, &artifacts.bzimage, &artifacts.initramfs] {
+            if !path.exists() {
+                bail!("{} is missing: run scripts/prepare.sh first", path.display());
+            }
+        }
+        Ok(artifacts)
+    }
+}
+
+/// True inside the lab's L1 VM (the lab runner sets CRIB_IN_LAB).
+pub fn in_lab() -> bool {
+    std::env::var_os("CRIB_IN_LAB").is_some()
+}
+
+/// True when the host CPU has VT-x or AMD-V, so /dev/kvm runs guests at native speed.
+pub fn host_has_hw_virt() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|info| {
+            info.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+/// Linux guests boot here directly (real KVM or inside the lab).
+pub fn can_boot_linux() -> bool {
+    in_lab() || host_has_hw_virt()
+}
+
+/// The outcome of one crib run.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl RunOutput {
+    /// Fails with both streams when `cond` does not hold.
+    pub fn check(&self, cond: bool, what: &str) -> Result<()> {
+        if !cond {
+            bail!("{what}\n--- exit code: {:?}\n--- stdout:\n{}\n--- stderr:\n{}", self.code, self.stdout, self.stderr);
+        }
+        Ok(())
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).replace('\r', "")
+    })
+}
+
+/// Runs `crib` with `args`, no stdin, killing it after `deadline`.
+pub fn run_crib<S: AsRef<std::ffi::OsStr>>(args: &[S], deadline: Duration) -> Result<RunOutput> {
+    let bin = crib_bin();
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {} (build it with `cargo build -p vmm`)", bin.display()))?;
+    let stdout = drain(child.stdout.take().context("no stdout pipe")?);
+    let stderr = drain(child.stderr.take().context("no stderr pipe")?);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = RunOutput {
+        code: status.and_then(|s| s.code()),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    if status.is_none() {
+        output.check(false, &format!("crib did not finish within {deadline:?}"))?;
+    }
+    Ok(output)
+}
+
+/// Micro guests: a few bytes of 64-bit code that crib enters directly, each ending in one
+/// of crib's exit paths. They boot in microseconds even on an emulating /dev/kvm.
+pub mod micro {
+    /// Assembles `out dx, al` with `dx = port`, `al = value`.
+    pub fn out(port: u16, value: u8) -> Vec<u8> {
+        let [lo, hi] = port.to_le_bytes();
+        vec![0x66, 0xba, lo, hi, 0xb0, value, 0xee]
+    }
+
+    /// `hlt` in a loop: the guest waits to be stopped.
+    pub fn halt_forever() -> Vec<u8> {
+        vec![0xf4, 0xeb, 0xfd]
+    }
+
+    /// ACPI S5 through crib's sleep control register.
+    pub fn poweroff() -> Vec<u8> {
+        out(0x600, (5 << 2) | (1 << 5))
+    }
+
+    /// Writes `text` to COM1, byte by byte.
+    pub fn print(text: &str) -> Vec<u8> {
+        text.bytes().flat_map(|b| out(0x3f8, b)).collect()
+    }
+
+    /// Wraps `code` in an ELF64 executable loaded and entered at 1 MiB + 2 MiB.
+    pub fn elf(code: &[u8]) -> Vec<u8> {
+        const LOAD_ADDR: u64 = 0x30_0000;
+        const HEADERS: u64 = 0x78;
+        let mut img = vec![0u8; HEADERS as usize];
+        img[0..4].copy_from_slice(b"\x7fELF");
+        img[4] = 2; // ELFCLASS64
+        img[5] = 1; // little endian
+        img[6] = 1; // EV_CURRENT
+        img[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        img[0x12..0x14].copy_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+        img[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+        img[0x18..0x20].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+        img[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes()); // e_phoff
+        img[0x34..0x36].copy_from_slice(&0x40u16.to_le_bytes()); // e_ehsize
+        img[0x36..0x38].copy_from_slice(&0x38u16.to_le_bytes()); // e_phentsize
+        img[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = 0x40;
+        img[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        img[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+        img[ph + 8..ph + 16].copy_from_slice(&HEADERS.to_le_bytes()); // p_offset
+        img[ph + 16..ph + 24].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // p_vaddr
+        img[ph + 24..ph + 32].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // p_paddr
+        let len = code.len() as u64;
+        img[ph + 32..ph + 40].copy_from_slice(&len.to_le_bytes()); // p_filesz
+        img[ph + 40..ph + 48].copy_from_slice(&len.to_le_bytes()); // p_memsz
+        img.extend_from_slice(code);
+        img
+    }
+}
