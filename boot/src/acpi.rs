@@ -44,6 +44,8 @@ pub struct AcpiConfig {
     pub reset_value: u8,
     /// I/O port of a pvpanic device (ACPI id QEMU0001), if there is one.
     pub pvpanic_port: Option<u16>,
+    /// A 16550 UART (PNP0501): base port and IO-APIC pin, if there is one.
+    pub serial: Option<(u16, u32)>,
 }
 
 /// Errors while writing the tables.
@@ -71,11 +73,25 @@ fn io_register(port: u16) -> GAS {
     )
 }
 
-/// The DSDT: `\_S5_` for poweroff and the pvpanic device.
+/// The DSDT: `\_S5_` for poweroff, the serial port and the pvpanic device.
+///
+/// The UART must be described: on a hardware-reduced platform Linux has no legacy PIC and
+/// maps no ISA IRQ by default, so without the `_CRS` interrupt the 8250 driver cannot
+/// request IRQ 4 and the console's tty never transmits (printk, which polls, still works).
 fn dsdt(config: &AcpiConfig) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&SLEEP_TYPE_S5]));
     s5.to_aml_bytes(&mut dsdt);
+    if let Some((port, irq)) = config.serial {
+        let io = aml::IO::new(port, port, 1, 8);
+        // Edge-triggered, active high, exclusive: an ISA interrupt.
+        let interrupt = aml::Interrupt::new(true, true, false, false, irq);
+        let crs = aml::ResourceTemplate::new(vec![&io, &interrupt]);
+        let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+        let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+        let resources = aml::Name::new("_CRS".into(), &crs);
+        aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &resources]).to_aml_bytes(&mut dsdt);
+    }
     if let Some(port) = config.pvpanic_port {
         let io = aml::IO::new(port, port, 1, 1);
         let crs = aml::ResourceTemplate::new(vec![&io]);
@@ -170,6 +186,7 @@ mod tests {
             reset_port: 0x602,
             reset_value: 1,
             pvpanic_port: Some(0x505),
+            serial: Some((0x3f8, 4)),
         }
     }
 
@@ -267,7 +284,9 @@ mod tests {
         let dsdt = read_table(&mem, dsdt_addr);
         assert!(checksum_ok(&dsdt));
         let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
-        assert!(find(b"_S5_") && find(b"QEMU0001"));
+        assert!(find(b"_S5_") && find(b"QEMU0001") && find(b"COM1"));
+        // The COM1 _CRS carries an extended IRQ descriptor for pin 4.
+        assert!(find(&[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
     }
 
     #[test]

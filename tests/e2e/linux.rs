@@ -14,13 +14,25 @@ const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
-        ("linux_elf_boots_to_cradle_and_runs_command", elf_boots_to_cradle_and_runs_command),
+        (
+            "linux_elf_boots_to_cradle_and_runs_command",
+            elf_boots_to_cradle_and_runs_command,
+        ),
         ("linux_bzimage_boots_to_cradle", bzimage_boots_to_cradle),
         ("linux_two_cpus_are_online", two_cpus_are_online),
-        ("linux_command_exit_status_is_reported", command_exit_status_is_reported),
+        (
+            "linux_command_exit_status_is_reported",
+            command_exit_status_is_reported,
+        ),
         ("linux_guest_reboot_exits_zero", guest_reboot_exits_zero),
-        ("linux_kernel_panic_exits_with_panic_code", kernel_panic_exits_with_panic_code),
-        ("linux_panic_before_init_is_reported", panic_before_init_is_reported),
+        (
+            "linux_kernel_panic_exits_with_panic_code",
+            kernel_panic_exits_with_panic_code,
+        ),
+        (
+            "linux_panic_before_init_is_reported",
+            panic_before_init_is_reported,
+        ),
     ]
 }
 
@@ -51,31 +63,61 @@ fn vmlinux() -> Result<std::path::PathBuf> {
 
 /// The guest reached cradle, ran the command, reported its status and powered off.
 fn expect_clean_run(out: &RunOutput, status: i32) -> Result<()> {
-    out.check(out.stdout.contains("cradle: ready"), "cradle printed its ready line")?;
     out.check(
-        out.stdout.contains(&format!("cradle: command exited with status {status}")),
+        out.stdout.contains("cradle: ready"),
+        "cradle printed its ready line",
+    )?;
+    out.check(
+        out.stdout
+            .contains(&format!("cradle: command exited with status {status}")),
         &format!("cradle reported status {status}"),
     )?;
-    out.check(out.code == Some(0), "crib exit code 0 after the guest powered off")?;
-    out.check(out.stderr.contains("guest powered off"), "crib logged the poweroff")?;
-    out.check(out.stderr.contains("guest boot to init: "), "crib timed the boot to init")
+    out.check(
+        out.code == Some(0),
+        "crib exit code 0 after the guest powered off",
+    )?;
+    out.check(
+        out.stderr.contains("guest powered off"),
+        "crib logged the poweroff",
+    )?;
+    out.check(
+        out.stderr.contains("guest boot to init: "),
+        "crib timed the boot to init",
+    )
 }
 
 fn elf_boots_to_cradle_and_runs_command() -> Result<()> {
     let out = boot(&vmlinux()?, 1, "echo hello-from-the-guest; uname -r")?;
-    out.check(out.stdout.contains("hello-from-the-guest"), "the command's output")?;
-    out.check(out.stdout.contains("cloud-amd64"), "uname -r names the Debian cloud kernel")?;
+    out.check(
+        out.stdout.contains("hello-from-the-guest"),
+        "the command's output",
+    )?;
+    out.check(
+        out.stdout.contains("cloud-amd64"),
+        "uname -r names the Debian cloud kernel",
+    )?;
     expect_clean_run(&out, 0)
 }
 
 fn bzimage_boots_to_cradle() -> Result<()> {
-    let out = boot(&GuestArtifacts::find()?.bzimage, 1, "echo booted-from-bzimage")?;
-    out.check(out.stdout.contains("booted-from-bzimage"), "the command's output")?;
+    let out = boot(
+        &GuestArtifacts::find()?.bzimage,
+        1,
+        "echo booted-from-bzimage",
+    )?;
+    out.check(
+        out.stdout.contains("booted-from-bzimage"),
+        "the command's output",
+    )?;
     expect_clean_run(&out, 0)
 }
 
 fn two_cpus_are_online() -> Result<()> {
-    let out = boot(&vmlinux()?, 2, "echo cpus=$(grep -c ^processor /proc/cpuinfo)")?;
+    let out = boot(
+        &vmlinux()?,
+        2,
+        "echo cpus=$(grep -c ^processor /proc/cpuinfo)",
+    )?;
     out.check(out.stdout.contains("cpus=2"), "/proc/cpuinfo lists 2 CPUs")?;
     expect_clean_run(&out, 0)
 }
@@ -88,20 +130,35 @@ fn command_exit_status_is_reported() -> Result<()> {
 fn guest_reboot_exits_zero() -> Result<()> {
     let out = boot(&vmlinux()?, 1, "reboot -f")?;
     out.check(out.code == Some(0), "crib exit code 0")?;
-    out.check(out.stderr.contains("guest rebooted"), "crib logged the reboot")
+    out.check(
+        out.stderr.contains("guest rebooted"),
+        "crib logged the reboot",
+    )
 }
 
 fn kernel_panic_exits_with_panic_code() -> Result<()> {
     let out = boot(&vmlinux()?, 1, "echo c > /proc/sysrq-trigger")?;
     out.check(out.code == Some(3), "crib exit code 3 (guest panic)")?;
-    out.check(out.stderr.contains("guest kernel panicked"), "crib says the kernel panicked")
+    out.check(
+        out.stderr.contains("guest kernel panicked"),
+        "crib says the kernel panicked",
+    )
 }
 
 fn panic_before_init_is_reported() -> Result<()> {
     // No initramfs and no root device: the kernel panics before any init runs.
     let kernel = vmlinux()?;
-    let args = ["run".as_ref(), "--kernel".as_ref(), kernel.as_os_str(), "--cmdline".as_ref(), BASE_CMDLINE.as_ref()];
+    let args = [
+        "run".as_ref(),
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--cmdline".as_ref(),
+        BASE_CMDLINE.as_ref(),
+    ];
     let out = run_crib(&args, DEADLINE)?;
     out.check(out.code == Some(3), "crib exit code 3 (guest panic)")?;
-    out.check(out.stdout.contains("Kernel panic"), "the panic is on the console")
+    out.check(
+        out.stdout.contains("Kernel panic"),
+        "the panic is on the console",
+    )
 }

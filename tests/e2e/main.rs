@@ -49,7 +49,13 @@ fn run_in_lab(args: &Arguments) -> i32 {
         inner.push("--nocapture".into());
     }
     println!("\nrunning the linux_* tests inside the lab (no VT-x/AMD-V on this host)");
-    let status = Command::new("bash").arg(lab).arg("--").arg(exe).args(inner).env("CRIB_IN_LAB", "1").status();
+    let status = Command::new("bash")
+        .arg(lab)
+        .arg("--")
+        .arg(exe)
+        .args(inner)
+        .env("CRIB_IN_LAB", "1")
+        .status();
     match status {
         Ok(status) => status.code().unwrap_or(1),
         Err(e) => {
@@ -59,15 +65,46 @@ fn run_in_lab(args: &Arguments) -> i32 {
     }
 }
 
+/// Builds the crib binary under test, as `cargo test` does not build other packages'
+/// binaries. Inside the lab the caller has built it already (and cargo may be absent).
+fn build_crib() -> Result<(), String> {
+    if in_lab() || std::env::var_os("CRIB_BIN").is_some() {
+        return Ok(());
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", "vmm", "--bin", "crib"])
+        .current_dir(repo_root())
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    status
+        .success()
+        .then_some(())
+        .ok_or_else(|| format!("cargo build -p vmm failed: {status}"))
+}
+
 fn main() {
     let mut args = Arguments::from_args();
+    if !args.list {
+        if let Err(e) = build_crib() {
+            eprintln!("e2e: {e}");
+            std::process::exit(1);
+        }
+    }
     let direct = can_boot_linux();
     let mut trials: Vec<Trial> = cli::tests().into_iter().map(|(n, f)| trial(n, f)).collect();
     trials.extend(
-        micro::tests().into_iter().map(|(n, f)| trial(n, f).with_ignored_flag(!kvm_available())),
+        micro::tests()
+            .into_iter()
+            .map(|(n, f)| trial(n, f).with_ignored_flag(!kvm_available())),
     );
-    let linux: Vec<Trial> = linux::tests().into_iter().map(|(n, f)| trial(n, f)).collect();
-    let linux_selected = linux.iter().any(|t| args.filter.as_deref().is_none_or(|f| t.name().contains(f)));
+    let linux: Vec<Trial> = linux::tests()
+        .into_iter()
+        .map(|(n, f)| trial(n, f))
+        .collect();
+    let linux_selected = linux
+        .iter()
+        .any(|t| args.filter.as_deref().is_none_or(|f| t.name().contains(f)));
     if direct {
         trials.extend(linux);
     } else if args.list {

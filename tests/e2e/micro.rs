@@ -15,15 +15,27 @@ const DEADLINE: Duration = Duration::from_secs(60);
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
         ("micro_acpi_poweroff_exits_zero", acpi_poweroff_exits_zero),
-        ("micro_serial_output_reaches_stdout", serial_output_reaches_stdout),
+        (
+            "micro_serial_output_reaches_stdout",
+            serial_output_reaches_stdout,
+        ),
         ("micro_console_off_hides_output", console_off_hides_output),
         ("micro_console_file_gets_output", console_file_gets_output),
         ("micro_boot_marker_is_timed", boot_marker_is_timed),
         ("micro_i8042_reset_exits_zero", i8042_reset_exits_zero),
         ("micro_acpi_reset_exits_zero", acpi_reset_exits_zero),
-        ("micro_pvpanic_exits_with_panic_code", pvpanic_exits_with_panic_code),
-        ("micro_panic_banner_exits_with_panic_code", panic_banner_exits_with_panic_code),
-        ("micro_triple_fault_exits_with_its_code", triple_fault_exits_with_its_code),
+        (
+            "micro_pvpanic_exits_with_panic_code",
+            pvpanic_exits_with_panic_code,
+        ),
+        (
+            "micro_panic_banner_exits_with_panic_code",
+            panic_banner_exits_with_panic_code,
+        ),
+        (
+            "micro_triple_fault_exits_with_its_code",
+            triple_fault_exits_with_its_code,
+        ),
         ("micro_four_cpus_start", four_cpus_start),
     ]
 }
@@ -31,7 +43,11 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
 fn run_code(name: &str, code: &[u8], extra: &[&str]) -> Result<RunOutput> {
     let path = std::env::temp_dir().join(format!("crib-e2e-{}-{name}.elf", std::process::id()));
     std::fs::write(&path, elf(code))?;
-    let mut args = vec!["run".to_string(), "--kernel".into(), path.display().to_string()];
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        path.display().to_string(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let result = run_crib(&args, DEADLINE);
     std::fs::remove_file(&path)?;
@@ -47,17 +63,31 @@ fn program(parts: &[Vec<u8>]) -> Vec<u8> {
 fn acpi_poweroff_exits_zero() -> Result<()> {
     let out = run_code("poweroff", &program(&[poweroff()]), &[])?;
     out.check(out.code == Some(0), "exit code 0")?;
-    out.check(out.stderr.contains("guest powered off"), "logs the poweroff")
+    out.check(
+        out.stderr.contains("guest powered off"),
+        "logs the poweroff",
+    )
 }
 
 fn serial_output_reaches_stdout() -> Result<()> {
-    let out = run_code("serial", &program(&[print("hello from a micro guest\n"), poweroff()]), &[])?;
+    let out = run_code(
+        "serial",
+        &program(&[print("hello from a micro guest\n"), poweroff()]),
+        &[],
+    )?;
     out.check(out.code == Some(0), "exit code 0")?;
-    out.check(out.stdout.contains("hello from a micro guest"), "guest output on stdout")
+    out.check(
+        out.stdout.contains("hello from a micro guest"),
+        "guest output on stdout",
+    )
 }
 
 fn console_off_hides_output() -> Result<()> {
-    let out = run_code("serial-off", &program(&[print("hidden\n"), poweroff()]), &["--console", "off"])?;
+    let out = run_code(
+        "serial-off",
+        &program(&[print("hidden\n"), poweroff()]),
+        &["--console", "off"],
+    )?;
     out.check(out.code == Some(0), "exit code 0")?;
     out.check(!out.stdout.contains("hidden"), "no guest output")
 }
@@ -65,18 +95,35 @@ fn console_off_hides_output() -> Result<()> {
 fn console_file_gets_output() -> Result<()> {
     let file = std::env::temp_dir().join(format!("crib-e2e-{}-console.log", std::process::id()));
     let arg = format!("file={}", file.display());
-    let out = run_code("serial-file", &program(&[print("to the file\n"), poweroff()]), &["--console", &arg])?;
+    let out = run_code(
+        "serial-file",
+        &program(&[print("to the file\n"), poweroff()]),
+        &["--console", &arg],
+    )?;
     let logged = std::fs::read_to_string(&file).unwrap_or_default();
     let _ = std::fs::remove_file(&file);
     out.check(out.code == Some(0), "exit code 0")?;
-    out.check(logged.contains("to the file"), "guest output in the console file")
+    out.check(
+        logged.contains("to the file"),
+        "guest output in the console file",
+    )
 }
 
 fn boot_marker_is_timed() -> Result<()> {
-    let out = run_code("marker", &program(&[out(0x440, 1), out(0x440, 2), poweroff()]), &[])?;
+    let out = run_code(
+        "marker",
+        &program(&[out(0x440, 1), out(0x440, 2), poweroff()]),
+        &[],
+    )?;
     out.check(out.code == Some(0), "exit code 0")?;
-    out.check(out.stderr.contains("guest boot to init: "), "init marker logged")?;
-    out.check(out.stderr.contains("guest boot to ready: "), "ready marker logged")
+    out.check(
+        out.stderr.contains("guest boot to init: "),
+        "init marker logged",
+    )?;
+    out.check(
+        out.stderr.contains("guest boot to ready: "),
+        "ready marker logged",
+    )
 }
 
 fn i8042_reset_exits_zero() -> Result<()> {
@@ -94,14 +141,20 @@ fn acpi_reset_exits_zero() -> Result<()> {
 fn pvpanic_exits_with_panic_code() -> Result<()> {
     let out = run_code("pvpanic", &program(&[out(0x505, 1), out(0x64, 0xfe)]), &[])?;
     out.check(out.code == Some(3), "exit code 3")?;
-    out.check(out.stderr.contains("guest kernel panicked"), "says the kernel panicked")
+    out.check(
+        out.stderr.contains("guest kernel panicked"),
+        "says the kernel panicked",
+    )
 }
 
 fn panic_banner_exits_with_panic_code() -> Result<()> {
     let code = program(&[print("Kernel panic - not syncing: test\n"), out(0x64, 0xfe)]);
     let out = run_code("banner", &code, &[])?;
     out.check(out.code == Some(3), "exit code 3")?;
-    out.check(out.stderr.contains("guest kernel panicked"), "says the kernel panicked")
+    out.check(
+        out.stderr.contains("guest kernel panicked"),
+        "says the kernel panicked",
+    )
 }
 
 fn triple_fault_exits_with_its_code() -> Result<()> {

@@ -11,17 +11,24 @@ use anyhow::{bail, Context, Result};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Cargo's target directory (honours CARGO_TARGET_DIR).
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
 }
 
 /// The `crib` binary under test: `$CRIB_BIN`, else the debug build.
 pub fn crib_bin() -> PathBuf {
-    std::env::var_os("CRIB_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("debug/crib"))
+    std::env::var_os("CRIB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("debug/crib"))
 }
 
 /// Guest artifacts made by `scripts/prepare.sh`.
@@ -42,7 +49,10 @@ impl GuestArtifacts {
         };
         for path in [&artifacts.vmlinux, &artifacts.bzimage, &artifacts.initramfs] {
             if !path.exists() {
-                bail!("{} is missing: run scripts/prepare.sh first", path.display());
+                bail!(
+                    "{} is missing: run scripts/prepare.sh first",
+                    path.display()
+                );
             }
         }
         Ok(artifacts)
@@ -82,7 +92,12 @@ impl RunOutput {
     /// Fails with both streams when `cond` does not hold.
     pub fn check(&self, cond: bool, what: &str) -> Result<()> {
         if !cond {
-            bail!("{what}\n--- exit code: {:?}\n--- stdout:\n{}\n--- stderr:\n{}", self.code, self.stdout, self.stderr);
+            bail!(
+                "{what}\n--- exit code: {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+                self.code,
+                self.stdout,
+                self.stderr
+            );
         }
         Ok(())
     }
@@ -105,7 +120,12 @@ pub fn run_crib<S: AsRef<std::ffi::OsStr>>(args: &[S], deadline: Duration) -> Re
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot start {} (build it with `cargo build -p vmm`)", bin.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot start {} (build it with `cargo build -p vmm`)",
+                bin.display()
+            )
+        })?;
     let stdout = drain(child.stdout.take().context("no stdout pipe")?);
     let stderr = drain(child.stderr.take().context("no stderr pipe")?);
     let started = Instant::now();

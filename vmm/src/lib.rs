@@ -164,6 +164,7 @@ fn load_guest(config: &VmConfig, mem: &memory::GuestMemory) -> Result<BootEntry,
             reset_port: ACPI_POWER_PORT_BASE + RESET_OFFSET as u16,
             reset_value: RESET_VALUE,
             pvpanic_port: Some(PVPANIC_PORT),
+            serial: Some((COM1_PORT_BASE, COM1_IRQ)),
         },
     )
     .map_err(VmmError::Acpi)?;

@@ -141,11 +141,14 @@ impl Vcpu {
                 if !buses.pio.read(u64::from(port), data) {
                     // Nothing there: an ISA bus reads all ones.
                     data.fill(0xff);
+                    tracing::trace!("vCPU {index}: unclaimed port read {port:#x}");
                 }
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                buses.pio.write(u64::from(port), data);
+                if !buses.pio.write(u64::from(port), data) {
+                    tracing::trace!("vCPU {index}: unclaimed port write {port:#x} {data:x?}");
+                }
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {

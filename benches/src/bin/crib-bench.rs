@@ -22,7 +22,9 @@ const READY_LINE: &str = "cradle: ready";
 const BOOT_DEADLINE: Duration = Duration::from_secs(120);
 
 fn crib_release() -> PathBuf {
-    std::env::var_os("CRIB_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("release/crib"))
+    std::env::var_os("CRIB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("release/crib"))
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -37,8 +39,15 @@ fn median(values: &mut [f64]) -> f64 {
 /// Reads a `Key:   N kB` line of /proc/PID/status.
 fn status_kib(pid: u32, key: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with(key)).with_context(|| format!("no {key}"))?;
-    Ok(line.split_whitespace().nth(1).context("no value")?.parse()?)
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .with_context(|| format!("no {key}"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("no value")?
+        .parse()?)
 }
 
 fn host() -> Result<()> {
@@ -78,10 +87,22 @@ fn host() -> Result<()> {
     std::fs::remove_file(&kernel)?;
     println!("| crib start-up on the host (10 runs, 512 MiB guest, release build) | median |");
     println!("| --- | --- |");
-    println!("| process start to first KVM_RUN, wall | {:.1} ms |", median(&mut wall));
-    println!("| process start to first KVM_RUN, CPU | {:.2} ms |", median(&mut cpu));
-    println!("| RSS outside guest memory (RssAnon + RssFile) | {:.0} KiB |", median(&mut anon) + median(&mut file));
-    println!("| of which anonymous (heap, stacks) | {:.0} KiB |", median(&mut anon));
+    println!(
+        "| process start to first KVM_RUN, wall | {:.1} ms |",
+        median(&mut wall)
+    );
+    println!(
+        "| process start to first KVM_RUN, CPU | {:.2} ms |",
+        median(&mut cpu)
+    );
+    println!(
+        "| RSS outside guest memory (RssAnon + RssFile) | {:.0} KiB |",
+        median(&mut anon) + median(&mut file)
+    );
+    println!(
+        "| of which anonymous (heap, stacks) | {:.0} KiB |",
+        median(&mut anon)
+    );
     Ok(())
 }
 
@@ -89,7 +110,11 @@ fn host() -> Result<()> {
 /// VM then powers off on its own (cradle has no command).
 fn time_to_ready(cmd: &mut Command) -> Result<f64> {
     let start = Instant::now();
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
     let stdout = child.stdout.take().context("no stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -102,7 +127,9 @@ fn time_to_ready(cmd: &mut Command) -> Result<f64> {
     let result = rx.recv_timeout(BOOT_DEADLINE);
     let _ = child.kill();
     let _ = child.wait();
-    Ok(result.context("no ready line before the deadline")?.as_secs_f64())
+    Ok(result
+        .context("no ready line before the deadline")?
+        .as_secs_f64())
 }
 
 fn boot(runs: usize) -> Result<()> {
@@ -134,8 +161,25 @@ fn boot(runs: usize) -> Result<()> {
         )?);
         qemu.push(time_to_ready(
             Command::new("qemu-system-x86_64")
-                .args(["-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host", "-m", "512M", "-smp", "1"])
-                .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot"])
+                .args([
+                    "-M",
+                    "microvm,rtc=on",
+                    "-enable-kvm",
+                    "-cpu",
+                    "host",
+                    "-m",
+                    "512M",
+                    "-smp",
+                    "1",
+                ])
+                .args([
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-nographic",
+                    "-serial",
+                    "stdio",
+                    "-no-reboot",
+                ])
                 .args(["-append", cmdline, "-kernel"])
                 .arg(&guest.vmlinux)
                 .arg("-initrd")
