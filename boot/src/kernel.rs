@@ -286,8 +286,10 @@ mod tests {
 
     #[test]
     fn initrd_respects_initrd_addr_max() {
-        let mut header = setup_header::default();
-        header.initrd_addr_max = 0x0fff_ffff;
+        let header = setup_header {
+            initrd_addr_max: 0x0fff_ffff,
+            ..Default::default()
+        };
         let kernel = LoadedKernel {
             format: KernelFormat::BzImage,
             entry: GuestAddress(0x10_0200),

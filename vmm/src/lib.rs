@@ -186,6 +186,9 @@ fn load_guest(config: &VmConfig, mem: &memory::GuestMemory) -> Result<BootEntry,
     })
 }
 
+/// A device and the port range it serves.
+type PortDevice = (Arc<Mutex<dyn BusDevice>>, u16, u16);
+
 /// The legacy devices every VM has, on the port-I/O bus.
 struct LegacyDevices {
     serial: Arc<Mutex<Serial>>,
@@ -205,7 +208,7 @@ fn add_legacy_devices(
         serial_irq.try_clone().map_err(VmmError::EventFd)?,
         out,
     )));
-    let devices: [(Arc<Mutex<dyn BusDevice>>, u16, u16); 5] = [
+    let devices: [PortDevice; 5] = [
         (serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN),
         (
             Arc::new(Mutex::new(I8042::new(exit.clone()))),

@@ -200,7 +200,7 @@ mod tests {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut serial = Serial::new(irq.try_clone().unwrap(), output(&exit));
         serial.write(1, &[0x02]); // IER: THR empty interrupt
-        serial.write(0, &[b'x']);
+        serial.write(0, b"x");
         assert!(irq.read().unwrap() >= 1);
     }
 
