@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 pub mod vm_exit;
 
 pub use bus::{Bus, BusDevice, BusError};
