@@ -10,6 +10,7 @@
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
@@ -46,6 +47,18 @@ pub struct AcpiConfig {
     pub pvpanic_port: Option<u16>,
     /// A 16550 UART (PNP0501): base port and IO-APIC pin, if there is one.
     pub serial: Option<(u16, u32)>,
+    /// The PCI host bridge, if the VM has PCI.
+    pub pci: Option<PciHostBridge>,
+}
+
+/// What the guest needs to find PCI bus 0.
+#[derive(Clone, Copy, Debug)]
+pub struct PciHostBridge {
+    /// ECAM base of bus 0 (MCFG).
+    pub ecam_start: u64,
+    /// The memory window BARs live in: `[start, start + size)`.
+    pub mmio_start: u64,
+    pub mmio_size: u64,
 }
 
 /// Errors while writing the tables.
@@ -92,6 +105,9 @@ fn dsdt(config: &AcpiConfig) -> Sdt {
         let resources = aml::Name::new("_CRS".into(), &crs);
         aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &resources]).to_aml_bytes(&mut dsdt);
     }
+    if let Some(pci) = config.pci {
+        dsdt.append_slice(&pci_host_bridge(&pci));
+    }
     if let Some(port) = config.pvpanic_port {
         let io = aml::IO::new(port, port, 1, 1);
         let crs = aml::ResourceTemplate::new(vec![&io]);
@@ -101,6 +117,34 @@ fn dsdt(config: &AcpiConfig) -> Sdt {
     }
     dsdt.update_checksum();
     dsdt
+}
+
+/// `\_SB_.PCI0`: a PCI Express root bridge (PNP0A08) for bus 0 with the config ports
+/// and the BAR window as resources. Interrupts are MSI-X only: no `_PRT`.
+fn pci_host_bridge(pci: &PciHostBridge) -> Vec<u8> {
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let window_end = pci.mmio_start + pci.mmio_size - 1;
+    let (start, end) = (u32::try_from(pci.mmio_start).unwrap_or(0), u32::try_from(window_end).unwrap_or(0));
+    let memory = aml::AddressSpace::new_memory(aml::AddressSpaceCacheable::NotCacheable, true, start, end, None);
+    let crs = aml::ResourceTemplate::new(vec![&bus, &config_ports, &memory]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let resources = aml::Name::new("_CRS".into(), &crs);
+    bytes_of(&aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &resources],
+    ))
+}
+
+fn mcfg(pci: &PciHostBridge) -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(pci.ecam_start, 0, 0, 0);
+    bytes_of(&mcfg)
 }
 
 fn fadt(config: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
@@ -146,10 +190,15 @@ pub fn write_tables<M: GuestMemoryBackend>(
     let fadt = fadt(config, dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
     let madt = madt(config);
-    let xsdt_addr = align(madt_addr + madt.len() as u64);
+    let mcfg_addr = align(madt_addr + madt.len() as u64);
+    let mcfg = config.pci.map(|pci| mcfg(&pci)).unwrap_or_default();
+    let xsdt_addr = align(mcfg_addr + mcfg.len() as u64);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if !mcfg.is_empty() {
+        xsdt.add_entry(mcfg_addr);
+    }
     let xsdt = bytes_of(&xsdt);
     let end = xsdt_addr + xsdt.len() as u64;
     if end > ACPI_END {
@@ -164,6 +213,7 @@ pub fn write_tables<M: GuestMemoryBackend>(
         (dsdt_addr, dsdt.as_slice()),
         (fadt_addr, fadt.as_slice()),
         (madt_addr, madt.as_slice()),
+        (mcfg_addr, mcfg.as_slice()),
         (xsdt_addr, xsdt.as_slice()),
     ] {
         mem.write_slice(bytes, GuestAddress(addr))
@@ -187,6 +237,11 @@ mod tests {
             reset_value: 1,
             pvpanic_port: Some(0x505),
             serial: Some((0x3f8, 4)),
+            pci: Some(PciHostBridge {
+                ecam_start: 0xe000_0000,
+                mmio_start: 0xc000_0000,
+                mmio_size: 0x2000_0000,
+            }),
         }
     }
 
@@ -284,9 +339,19 @@ mod tests {
         let dsdt = read_table(&mem, dsdt_addr);
         assert!(checksum_ok(&dsdt));
         let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
-        assert!(find(b"_S5_") && find(b"QEMU0001") && find(b"COM1"));
+        assert!(find(b"_S5_") && find(b"QEMU0001") && find(b"COM1") && find(b"PCI0"));
         // The COM1 _CRS carries an extended IRQ descriptor for pin 4.
         assert!(find(&[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
+    }
+
+    #[test]
+    fn mcfg_points_at_ecam_for_bus_zero() {
+        let (mem, rsdp) = written(1);
+        let mcfg = tables(&mem, rsdp).into_iter().find(|t| &t[..4] == b"MCFG").unwrap();
+        assert!(checksum_ok(&mcfg));
+        // Allocation entry after the 44-byte header: base, segment, start bus, end bus.
+        assert_eq!(u64::from_le_bytes(mcfg[44..52].try_into().unwrap()), 0xe000_0000);
+        assert_eq!((mcfg[54], mcfg[55]), (0, 0));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! 0x0000_8ff0  boot stack top        0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA .. 1 MiB: reserved; ACPI tables live at 0x000e_0000
 //! 0x0010_0000  high RAM: the kernel, then the initrd at the top of low RAM
-//! 0xc000_0000  32-bit MMIO hole (PCI, IO-APIC at 0xfec0_0000, LAPIC at 0xfee0_0000)
+//! 0xc000_0000  32-bit MMIO hole: PCI BARs (512 MiB), ECAM at 0xe000_0000 (1 MiB),
+//!              IO-APIC at 0xfec0_0000, LAPIC at 0xfee0_0000
 //! 0x1_0000_0000  RAM beyond 3 GiB continues here
 //! ```
 
@@ -37,6 +38,12 @@ pub const ACPI_END: u64 = 0x10_0000;
 pub const HIGH_RAM_START: GuestAddress = GuestAddress(0x10_0000);
 /// Start of the 32-bit MMIO hole below 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// The PCI MMIO window for BARs: the first half of the MMIO hole.
+pub const PCI_MMIO_START: u64 = 0xc000_0000;
+pub const PCI_MMIO_SIZE: u64 = 0x2000_0000;
+/// ECAM (PCI Express memory-mapped configuration) of bus 0: 1 MiB.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
 /// First byte above 4 GiB, where RAM resumes.
 pub const RAM_ABOVE_4G_START: u64 = 0x1_0000_0000;
 /// The IO-APIC's MMIO base (KVM's in-kernel IO-APIC answers here).

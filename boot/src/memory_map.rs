@@ -3,7 +3,8 @@
 use vm_memory::GuestAddress;
 
 use crate::layout::{
-    ACPI_END, EBDA_START, HIGH_RAM_START, MMIO_HOLE_START, PAGE_SIZE, RAM_ABOVE_4G_START,
+    ACPI_END, EBDA_START, HIGH_RAM_START, MMIO_HOLE_START, PAGE_SIZE, PCI_ECAM_SIZE,
+    PCI_ECAM_START, RAM_ABOVE_4G_START,
 };
 
 /// e820 type of usable RAM.
@@ -39,7 +40,8 @@ pub fn low_ram_end(mem_bytes: u64) -> u64 {
 }
 
 /// The e820 map: low RAM up to the EBDA, the reserved BIOS area (ACPI tables live there),
-/// RAM from 1 MiB to the MMIO hole, and RAM above 4 GiB.
+/// RAM from 1 MiB to the MMIO hole, the PCI ECAM area as reserved (Linux uses ECAM only if
+/// firmware reserved it), and RAM above 4 GiB.
 pub fn e820_entries(mem_bytes: u64) -> Vec<E820Entry> {
     let low_end = low_ram_end(mem_bytes);
     let mut entries = vec![
@@ -61,6 +63,11 @@ pub fn e820_entries(mem_bytes: u64) -> Vec<E820Entry> {
             kind: E820_RAM,
         });
     }
+    entries.push(E820Entry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: E820_RESERVED,
+    });
     if mem_bytes > MMIO_HOLE_START {
         entries.push(E820Entry {
             addr: RAM_ABOVE_4G_START,
@@ -117,6 +124,11 @@ mod tests {
                     size: 511 * MIB,
                     kind: E820_RAM
                 },
+                E820Entry {
+                    addr: 0xe000_0000,
+                    size: MIB,
+                    kind: E820_RESERVED
+                },
             ]
         );
     }
@@ -133,7 +145,7 @@ mod tests {
             }
         );
         assert_eq!(
-            map[3],
+            map[4],
             E820Entry {
                 addr: 4 * GIB,
                 size: 3 * GIB,

@@ -128,7 +128,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(params.e820_entries, 3);
+        assert_eq!(params.e820_entries, 4);
         let high = params.e820_table[2];
         assert_eq!(
             ({ high.addr }, { high.size }, { high.r#type }),

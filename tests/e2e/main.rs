@@ -7,6 +7,7 @@
 //!   (tests/lab/lab.sh), one L1 boot for all of them.
 
 mod cli;
+mod disk;
 mod linux;
 mod micro;
 

@@ -21,6 +21,33 @@ pub enum ConsoleConfig {
     File(PathBuf),
 }
 
+/// A virtio-blk volume (`--disk`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Backing file or block device.
+    pub path: PathBuf,
+    /// The disk's serial (GET_ID); cradle finds volumes by it.
+    pub id: String,
+    pub readonly: bool,
+    /// O_DIRECT: bypass the host page cache.
+    pub direct: bool,
+    pub queues: u16,
+    pub queue_size: u16,
+    /// Operations per second, if limited.
+    pub iops: Option<u64>,
+    /// Bytes per second, if limited.
+    pub bandwidth: Option<u64>,
+    /// One-time burst above `bandwidth`, in bytes.
+    pub burst: Option<u64>,
+    /// One-time burst above `iops`, in operations.
+    pub iops_burst: Option<u64>,
+}
+
+/// Default queues per disk.
+pub const DEFAULT_DISK_QUEUES: u16 = 1;
+/// Default descriptors per queue.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
 /// A whole VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -30,6 +57,7 @@ pub struct VmConfig {
     pub cpus: u8,
     pub memory_bytes: u64,
     pub console: ConsoleConfig,
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Errors in the configuration, each naming the option.
@@ -47,6 +75,10 @@ pub enum ConfigError {
     MemoryTooLarge(u64),
     #[error("--console '{0}' is not valid: use stdout, off or file=PATH")]
     Console(String),
+    #[error("--disk '{disk}': {problem}")]
+    Disk { disk: String, problem: String },
+    #[error("--disk id={0} is used by two disks: give each disk its own id")]
+    DuplicateDiskId(String),
 }
 
 /// Parses a size such as `512M`, `1G`, `65536`, `4096K` (binary units).
@@ -98,6 +130,81 @@ pub fn parse_console(text: &str) -> Result<ConsoleConfig, ConfigError> {
     }
 }
 
+/// Parses `path=FILE,id=NAME[,readonly=on][,direct=on][,queues=N][,queue_size=N]
+/// [,iops=N][,bandwidth=BYTES_PER_S][,burst=BYTES][,iops_burst=N]`.
+pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
+    let err = |problem: String| ConfigError::Disk { disk: text.to_string(), problem };
+    let mut disk = DiskConfig {
+        path: PathBuf::new(),
+        id: String::new(),
+        readonly: false,
+        direct: false,
+        queues: DEFAULT_DISK_QUEUES,
+        queue_size: DEFAULT_QUEUE_SIZE,
+        iops: None,
+        bandwidth: None,
+        burst: None,
+        iops_burst: None,
+    };
+    let on_off = |key: &str, value: &str| match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(err(format!("{key}={value}: use on or off"))),
+    };
+    let number = |key: &str, value: &str| {
+        parse_size(value).map_err(|_| err(format!("{key}={value} is not a number (K/M/G suffixes allowed)")))
+    };
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| err(format!("'{part}' is not key=value")))?;
+        match key {
+            "path" => disk.path = PathBuf::from(value),
+            "id" => disk.id = value.to_string(),
+            "readonly" => disk.readonly = on_off(key, value)?,
+            "direct" => disk.direct = on_off(key, value)?,
+            "queues" => {
+                disk.queues = u16::try_from(number(key, value)?)
+                    .ok()
+                    .filter(|q| (1..=64).contains(q))
+                    .ok_or_else(|| err(format!("queues={value}: use 1 to 64")))?
+            }
+            "queue_size" => {
+                disk.queue_size = u16::try_from(number(key, value)?)
+                    .ok()
+                    .filter(|q| q.is_power_of_two() && (2..=32768).contains(q))
+                    .ok_or_else(|| err(format!("queue_size={value}: use a power of two from 2 to 32768")))?
+            }
+            "iops" => disk.iops = Some(number(key, value)?).filter(|v| *v > 0),
+            "bandwidth" => disk.bandwidth = Some(number(key, value)?).filter(|v| *v > 0),
+            "burst" => disk.burst = Some(number(key, value)?),
+            "iops_burst" => disk.iops_burst = Some(number(key, value)?),
+            other => {
+                return Err(err(format!(
+                    "unknown key '{other}': use path, id, readonly, direct, queues, queue_size, iops, bandwidth, burst, iops_burst"
+                )))
+            }
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err(err("path= is required".into()));
+    }
+    if disk.id.is_empty() {
+        return Err(err("id= is required: the guest finds the volume by it".into()));
+    }
+    Ok(disk)
+}
+
+/// Checks what only a set of disks can get wrong.
+pub fn check_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
+    for (i, disk) in disks.iter().enumerate() {
+        if disks[..i].iter().any(|d| d.id == disk.id) {
+            return Err(ConfigError::DuplicateDiskId(disk.id.clone()));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +253,54 @@ mod tests {
         assert_eq!(parse_cpus(0), Err(ConfigError::Cpus(0)));
         assert_eq!(parse_cpus(300), Err(ConfigError::Cpus(300)));
         assert_eq!(parse_cpus(2), Ok(2));
+    }
+
+    #[test]
+    fn disk_with_every_option_parses() {
+        let disk = parse_disk(
+            "path=/v/a.img,id=data,readonly=on,direct=on,queues=4,queue_size=128,iops=1000,bandwidth=100M,burst=1G,iops_burst=500",
+        )
+        .unwrap();
+        assert_eq!(disk.path, PathBuf::from("/v/a.img"));
+        assert_eq!((disk.id.as_str(), disk.readonly, disk.direct), ("data", true, true));
+        assert_eq!((disk.queues, disk.queue_size), (4, 128));
+        assert_eq!((disk.iops, disk.bandwidth), (Some(1000), Some(100 << 20)));
+        assert_eq!((disk.burst, disk.iops_burst), (Some(1 << 30), Some(500)));
+    }
+
+    #[test]
+    fn disk_defaults_are_one_queue_of_256() {
+        let disk = parse_disk("path=a,id=b").unwrap();
+        assert_eq!((disk.queues, disk.queue_size, disk.readonly, disk.iops), (1, 256, false, None));
+    }
+
+    #[test]
+    fn disk_without_id_is_refused() {
+        let err = parse_disk("path=a").unwrap_err();
+        assert!(err.to_string().contains("id= is required"), "{err}");
+    }
+
+    #[test]
+    fn disk_with_unknown_key_names_it() {
+        let err = parse_disk("path=a,id=b,speed=fast").unwrap_err();
+        assert!(err.to_string().contains("unknown key 'speed'"), "{err}");
+    }
+
+    #[test]
+    fn disk_queue_size_must_be_power_of_two() {
+        let err = parse_disk("path=a,id=b,queue_size=100").unwrap_err();
+        assert!(err.to_string().contains("queue_size=100"), "{err}");
+    }
+
+    #[test]
+    fn disk_bad_flag_value_is_refused() {
+        assert!(parse_disk("path=a,id=b,readonly=maybe").is_err());
+    }
+
+    #[test]
+    fn duplicate_disk_ids_are_refused() {
+        let disks = [parse_disk("path=a,id=x").unwrap(), parse_disk("path=b,id=x").unwrap()];
+        assert_eq!(check_disks(&disks), Err(ConfigError::DuplicateDiskId("x".into())));
     }
 
     #[test]

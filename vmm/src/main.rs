@@ -59,11 +59,23 @@ struct RunArgs {
     /// Where the serial console goes: stdout, off or file=PATH.
     #[arg(long, value_name = "WHERE", default_value = "stdout")]
     console: String,
+    /// A virtio-blk volume (repeatable): path=FILE_OR_BLOCKDEV,id=NAME[,readonly=on]
+    /// [,direct=on][,queues=N][,queue_size=N][,iops=N][,bandwidth=BYTES_PER_S][,burst=BYTES]
+    /// [,iops_burst=N]
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
 }
 
 impl RunArgs {
     fn into_config(self) -> Result<VmConfig, config::ConfigError> {
+        let disks = self
+            .disk
+            .iter()
+            .map(|d| config::parse_disk(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        config::check_disks(&disks)?;
         Ok(VmConfig {
+            disks,
             kernel: self.kernel,
             initrd: self.initrd,
             cmdline: self.cmdline,

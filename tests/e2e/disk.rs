@@ -1,0 +1,182 @@
+//! virtio-blk volumes seen from a real guest: data reaches the host, read-only holds,
+//! serials name the disks, discard frees host blocks, host errors reach the guest.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use crib_tests::{run_crib, GuestArtifacts, RunOutput};
+
+use crate::TestFn;
+
+const DEADLINE: Duration = Duration::from_secs(240);
+const MIB: u64 = 1 << 20;
+
+pub fn tests() -> Vec<(&'static str, TestFn)> {
+    vec![
+        ("linux_disk_write_reaches_host", disk_write_reaches_host),
+        ("linux_disk_readonly_refuses_writes", disk_readonly_refuses_writes),
+        ("linux_disk_eight_disks_found_by_serial", eight_disks_found_by_serial),
+        ("linux_disk_discard_frees_host_blocks", discard_frees_host_blocks),
+        ("linux_disk_host_error_reaches_guest", host_error_reaches_guest),
+        ("linux_disk_multiqueue_block_device_backing", multiqueue_block_device_backing),
+    ]
+}
+
+/// A scratch directory for this test's backing files.
+fn scratch(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("crib-disk-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn backing_file(dir: &Path, name: &str, bytes: u64) -> Result<PathBuf> {
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path)?;
+    file.set_len(bytes)?;
+    Ok(path)
+}
+
+/// Boots the test initramfs with `disks` (each a `--disk` value), running `command`.
+fn boot_with_disks(disks: &[String], command: &str) -> Result<RunOutput> {
+    let artifacts = GuestArtifacts::find()?;
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--kernel".into(),
+        artifacts.vmlinux.display().to_string(),
+        "--initrd".into(),
+        artifacts.initramfs.display().to_string(),
+        "--memory".into(),
+        "512M".into(),
+        "--cmdline".into(),
+        format!("console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{command}\""),
+    ];
+    for disk in disks {
+        args.push("--disk".into());
+        args.push(disk.clone());
+    }
+    run_crib(&args, DEADLINE)
+}
+
+fn expect_status(out: &RunOutput, status: i32) -> Result<()> {
+    out.check(
+        out.stdout.contains(&format!("cradle: command exited with status {status}")),
+        &format!("guest command exits with {status}"),
+    )?;
+    out.check(out.code == Some(0), "crib exits 0")
+}
+
+fn disk_write_reaches_host() -> Result<()> {
+    let dir = scratch("write")?;
+    let file = backing_file(&dir, "data.img", 64 * MIB)?;
+    let disk = format!("path={},id=data", file.display());
+    let out = boot_with_disks(
+        &[disk],
+        "cat /sys/block/vda/serial; echo; echo crib-wrote-this | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null && sync",
+    )?;
+    expect_status(&out, 0)?;
+    out.check(out.stdout.contains("data"), "the guest sees serial 'data'")?;
+    let bytes = std::fs::read(&file)?;
+    out.check(bytes.starts_with(b"crib-wrote-this\n"), "the host file holds what the guest wrote")?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn disk_readonly_refuses_writes() -> Result<()> {
+    let dir = scratch("ro")?;
+    let file = backing_file(&dir, "ro.img", 16 * MIB)?;
+    std::fs::write(&file, b"original")?;
+    std::fs::File::options().write(true).open(&file)?.set_len(16 * MIB)?;
+    let disk = format!("path={},id=ro,readonly=on", file.display());
+    let out = boot_with_disks(
+        &[disk],
+        "cat /sys/block/vda/ro; echo x | dd of=/dev/vda bs=512 conv=sync,fsync oflag=direct 2>/dev/null && echo write-succeeded || echo write-failed; head -c 8 /dev/vda; echo",
+    )?;
+    expect_status(&out, 0)?;
+    out.check(out.stdout.contains("write-failed"), "the write fails in the guest")?;
+    out.check(out.stdout.contains("original"), "the guest reads the original data")?;
+    out.check(std::fs::read(&file)?.starts_with(b"original"), "the host file is unchanged")?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn eight_disks_found_by_serial() -> Result<()> {
+    let dir = scratch("eight")?;
+    let mut disks = Vec::new();
+    for i in 0..8 {
+        let file = backing_file(&dir, &format!("d{i}.img"), 4 * MIB)?;
+        disks.push(format!("path={},id=vol{i}", file.display()));
+    }
+    let out = boot_with_disks(&disks, "for d in /sys/block/vd*; do echo serial=$(cat $d/serial); done")?;
+    expect_status(&out, 0)?;
+    for i in 0..8 {
+        out.check(out.stdout.contains(&format!("serial=vol{i}")), &format!("disk vol{i} is visible"))?;
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn discard_frees_host_blocks() -> Result<()> {
+    let dir = scratch("discard")?;
+    let file = backing_file(&dir, "thin.img", 64 * MIB)?;
+    let disk = format!("path={},id=thin", file.display());
+    let out = boot_with_disks(
+        &[disk],
+        "dd if=/dev/urandom of=/dev/vda bs=1M count=16 conv=fsync 2>/dev/null; sync; blkdiscard /dev/vda && echo discarded; sync",
+    )?;
+    expect_status(&out, 0)?;
+    out.check(out.stdout.contains("discarded"), "blkdiscard succeeds in the guest")?;
+    let allocated = std::fs::metadata(&file)?.blocks() * 512;
+    out.check(allocated < 4 * MIB, &format!("the host file's allocation shrank (now {allocated} bytes)"))?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn host_error_reaches_guest() -> Result<()> {
+    // A sparse 64 MiB disk on a 4 MiB tmpfs: writing fills the host filesystem.
+    let dir = scratch("enospc")?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4M", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .context("mount needs root (the lab runs tests as root)")?;
+    anyhow::ensure!(status.success(), "cannot mount a small tmpfs: {status}");
+    let file = backing_file(&dir, "full.img", 64 * MIB)?;
+    let disk = format!("path={},id=full", file.display());
+    let out = boot_with_disks(
+        &[disk],
+        "dd if=/dev/zero of=/dev/vda bs=1M count=16 oflag=direct 2>&1 | tail -1; echo dd-done",
+    );
+    let _ = std::process::Command::new("umount").arg(&dir).status();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    expect_status(&out, 0)?;
+    out.check(out.stdout.contains("dd-done"), "the guest carries on after the error")?;
+    out.check(
+        out.stdout.contains("I/O error") || out.stdout.contains("No space"),
+        "the guest sees an I/O error",
+    )
+}
+
+fn multiqueue_block_device_backing() -> Result<()> {
+    // LV-style backing: a block device (a loop device over a file), 4 queues.
+    let dir = scratch("loop")?;
+    let file = backing_file(&dir, "lv.img", 32 * MIB)?;
+    let losetup = std::process::Command::new("losetup").args(["--find", "--show"]).arg(&file).output()?;
+    anyhow::ensure!(losetup.status.success(), "losetup failed: {}", String::from_utf8_lossy(&losetup.stderr));
+    let device = String::from_utf8_lossy(&losetup.stdout).trim().to_string();
+    let disk = format!("path={device},id=lv,queues=4");
+    let out = boot_with_disks(
+        &[disk],
+        "ls /sys/block/vda/mq | wc -l; cat /sys/block/vda/size; echo lv-data | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null",
+    );
+    let _ = std::process::Command::new("losetup").args(["-d", &device]).status();
+    let out = out?;
+    expect_status(&out, 0)?;
+    out.check(out.stdout.lines().any(|l| l.trim() == "4"), "the guest sees 4 queues")?;
+    out.check(out.stdout.lines().any(|l| l.trim() == "65536"), "the guest sees 32 MiB (65536 sectors)")?;
+    out.check(std::fs::read(&file)?.starts_with(b"lv-data\n"), "the data reached the file behind the loop device")?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
