@@ -16,11 +16,26 @@ const MIB: u64 = 1 << 20;
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
         ("linux_disk_write_reaches_host", disk_write_reaches_host),
-        ("linux_disk_readonly_refuses_writes", disk_readonly_refuses_writes),
-        ("linux_disk_eight_disks_found_by_serial", eight_disks_found_by_serial),
-        ("linux_disk_discard_frees_host_blocks", discard_frees_host_blocks),
-        ("linux_disk_host_error_reaches_guest", host_error_reaches_guest),
-        ("linux_disk_multiqueue_block_device_backing", multiqueue_block_device_backing),
+        (
+            "linux_disk_readonly_refuses_writes",
+            disk_readonly_refuses_writes,
+        ),
+        (
+            "linux_disk_eight_disks_found_by_serial",
+            eight_disks_found_by_serial,
+        ),
+        (
+            "linux_disk_discard_frees_host_blocks",
+            discard_frees_host_blocks,
+        ),
+        (
+            "linux_disk_host_error_reaches_guest",
+            host_error_reaches_guest,
+        ),
+        (
+            "linux_disk_multiqueue_block_device_backing",
+            multiqueue_block_device_backing,
+        ),
     ]
 }
 
@@ -40,9 +55,16 @@ fn backing_file(dir: &Path, name: &str, bytes: u64) -> Result<PathBuf> {
 
 /// Boots the test initramfs with `disks` (each a `--disk` value), running `command`.
 fn boot_with_disks(disks: &[String], command: &str) -> Result<RunOutput> {
+    boot_with_disks_on(1, disks, command)
+}
+
+/// Same, with `cpus` vCPUs (Linux uses at most one virtio-blk queue per CPU).
+fn boot_with_disks_on(cpus: u8, disks: &[String], command: &str) -> Result<RunOutput> {
     let artifacts = GuestArtifacts::find()?;
     let mut args: Vec<String> = vec![
         "run".into(),
+        "--cpus".into(),
+        cpus.to_string(),
         "--kernel".into(),
         artifacts.vmlinux.display().to_string(),
         "--initrd".into(),
@@ -61,7 +83,8 @@ fn boot_with_disks(disks: &[String], command: &str) -> Result<RunOutput> {
 
 fn expect_status(out: &RunOutput, status: i32) -> Result<()> {
     out.check(
-        out.stdout.contains(&format!("cradle: command exited with status {status}")),
+        out.stdout
+            .contains(&format!("cradle: command exited with status {status}")),
         &format!("guest command exits with {status}"),
     )?;
     out.check(out.code == Some(0), "crib exits 0")
@@ -78,7 +101,10 @@ fn disk_write_reaches_host() -> Result<()> {
     expect_status(&out, 0)?;
     out.check(out.stdout.contains("data"), "the guest sees serial 'data'")?;
     let bytes = std::fs::read(&file)?;
-    out.check(bytes.starts_with(b"crib-wrote-this\n"), "the host file holds what the guest wrote")?;
+    out.check(
+        bytes.starts_with(b"crib-wrote-this\n"),
+        "the host file holds what the guest wrote",
+    )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
@@ -87,16 +113,28 @@ fn disk_readonly_refuses_writes() -> Result<()> {
     let dir = scratch("ro")?;
     let file = backing_file(&dir, "ro.img", 16 * MIB)?;
     std::fs::write(&file, b"original")?;
-    std::fs::File::options().write(true).open(&file)?.set_len(16 * MIB)?;
+    std::fs::File::options()
+        .write(true)
+        .open(&file)?
+        .set_len(16 * MIB)?;
     let disk = format!("path={},id=ro,readonly=on", file.display());
     let out = boot_with_disks(
         &[disk],
         "cat /sys/block/vda/ro; echo x | dd of=/dev/vda bs=512 conv=sync,fsync oflag=direct 2>/dev/null && echo write-succeeded || echo write-failed; head -c 8 /dev/vda; echo",
     )?;
     expect_status(&out, 0)?;
-    out.check(out.stdout.contains("write-failed"), "the write fails in the guest")?;
-    out.check(out.stdout.contains("original"), "the guest reads the original data")?;
-    out.check(std::fs::read(&file)?.starts_with(b"original"), "the host file is unchanged")?;
+    out.check(
+        out.stdout.contains("write-failed"),
+        "the write fails in the guest",
+    )?;
+    out.check(
+        out.stdout.contains("original"),
+        "the guest reads the original data",
+    )?;
+    out.check(
+        std::fs::read(&file)?.starts_with(b"original"),
+        "the host file is unchanged",
+    )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
@@ -108,10 +146,16 @@ fn eight_disks_found_by_serial() -> Result<()> {
         let file = backing_file(&dir, &format!("d{i}.img"), 4 * MIB)?;
         disks.push(format!("path={},id=vol{i}", file.display()));
     }
-    let out = boot_with_disks(&disks, "for d in /sys/block/vd*; do echo serial=$(cat $d/serial); done")?;
+    let out = boot_with_disks(
+        &disks,
+        "for d in /sys/block/vd*; do echo serial=$(cat $d/serial); done",
+    )?;
     expect_status(&out, 0)?;
     for i in 0..8 {
-        out.check(out.stdout.contains(&format!("serial=vol{i}")), &format!("disk vol{i} is visible"))?;
+        out.check(
+            out.stdout.contains(&format!("serial=vol{i}")),
+            &format!("disk vol{i} is visible"),
+        )?;
     }
     std::fs::remove_dir_all(&dir)?;
     Ok(())
@@ -126,9 +170,15 @@ fn discard_frees_host_blocks() -> Result<()> {
         "dd if=/dev/urandom of=/dev/vda bs=1M count=16 conv=fsync 2>/dev/null; sync; blkdiscard /dev/vda && echo discarded; sync",
     )?;
     expect_status(&out, 0)?;
-    out.check(out.stdout.contains("discarded"), "blkdiscard succeeds in the guest")?;
+    out.check(
+        out.stdout.contains("discarded"),
+        "blkdiscard succeeds in the guest",
+    )?;
     let allocated = std::fs::metadata(&file)?.blocks() * 512;
-    out.check(allocated < 4 * MIB, &format!("the host file's allocation shrank (now {allocated} bytes)"))?;
+    out.check(
+        allocated < 4 * MIB,
+        &format!("the host file's allocation shrank (now {allocated} bytes)"),
+    )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
@@ -152,7 +202,10 @@ fn host_error_reaches_guest() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let out = out?;
     expect_status(&out, 0)?;
-    out.check(out.stdout.contains("dd-done"), "the guest carries on after the error")?;
+    out.check(
+        out.stdout.contains("dd-done"),
+        "the guest carries on after the error",
+    )?;
     out.check(
         out.stdout.contains("I/O error") || out.stdout.contains("No space"),
         "the guest sees an I/O error",
@@ -160,23 +213,42 @@ fn host_error_reaches_guest() -> Result<()> {
 }
 
 fn multiqueue_block_device_backing() -> Result<()> {
-    // LV-style backing: a block device (a loop device over a file), 4 queues.
+    // LV-style backing: a block device (a loop device over a file), 2 queues on 2 vCPUs.
     let dir = scratch("loop")?;
     let file = backing_file(&dir, "lv.img", 32 * MIB)?;
-    let losetup = std::process::Command::new("losetup").args(["--find", "--show"]).arg(&file).output()?;
-    anyhow::ensure!(losetup.status.success(), "losetup failed: {}", String::from_utf8_lossy(&losetup.stderr));
+    let losetup = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&file)
+        .output()?;
+    anyhow::ensure!(
+        losetup.status.success(),
+        "losetup failed: {}",
+        String::from_utf8_lossy(&losetup.stderr)
+    );
     let device = String::from_utf8_lossy(&losetup.stdout).trim().to_string();
-    let disk = format!("path={device},id=lv,queues=4");
-    let out = boot_with_disks(
+    let disk = format!("path={device},id=lv,queues=2");
+    let out = boot_with_disks_on(
+        2,
         &[disk],
         "ls /sys/block/vda/mq | wc -l; cat /sys/block/vda/size; echo lv-data | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null",
     );
-    let _ = std::process::Command::new("losetup").args(["-d", &device]).status();
+    let _ = std::process::Command::new("losetup")
+        .args(["-d", &device])
+        .status();
     let out = out?;
     expect_status(&out, 0)?;
-    out.check(out.stdout.lines().any(|l| l.trim() == "4"), "the guest sees 4 queues")?;
-    out.check(out.stdout.lines().any(|l| l.trim() == "65536"), "the guest sees 32 MiB (65536 sectors)")?;
-    out.check(std::fs::read(&file)?.starts_with(b"lv-data\n"), "the data reached the file behind the loop device")?;
+    out.check(
+        out.stdout.lines().any(|l| l.trim() == "4"),
+        "the guest sees 4 queues",
+    )?;
+    out.check(
+        out.stdout.lines().any(|l| l.trim() == "65536"),
+        "the guest sees 32 MiB (65536 sectors)",
+    )?;
+    out.check(
+        std::fs::read(&file)?.starts_with(b"lv-data\n"),
+        "the data reached the file behind the loop device",
+    )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -101,6 +101,7 @@ fn main() {
     );
     let linux: Vec<Trial> = linux::tests()
         .into_iter()
+        .chain(disk::tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux

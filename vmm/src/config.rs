@@ -58,6 +58,8 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     pub console: ConsoleConfig,
     pub disks: Vec<DiskConfig>,
+    /// A pod spec (JSON) handed to cradle as `/etc/cradle/pod.json`.
+    pub pod: Option<PathBuf>,
 }
 
 /// Errors in the configuration, each naming the option.
@@ -133,7 +135,10 @@ pub fn parse_console(text: &str) -> Result<ConsoleConfig, ConfigError> {
 /// Parses `path=FILE,id=NAME[,readonly=on][,direct=on][,queues=N][,queue_size=N]
 /// [,iops=N][,bandwidth=BYTES_PER_S][,burst=BYTES][,iops_burst=N]`.
 pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
-    let err = |problem: String| ConfigError::Disk { disk: text.to_string(), problem };
+    let err = |problem: String| ConfigError::Disk {
+        disk: text.to_string(),
+        problem,
+    };
     let mut disk = DiskConfig {
         path: PathBuf::new(),
         id: String::new(),
@@ -152,7 +157,11 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
         _ => Err(err(format!("{key}={value}: use on or off"))),
     };
     let number = |key: &str, value: &str| {
-        parse_size(value).map_err(|_| err(format!("{key}={value} is not a number (K/M/G suffixes allowed)")))
+        parse_size(value).map_err(|_| {
+            err(format!(
+                "{key}={value} is not a number (K/M/G suffixes allowed)"
+            ))
+        })
     };
     for part in text.split(',').filter(|p| !p.is_empty()) {
         let (key, value) = part
@@ -190,7 +199,9 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
         return Err(err("path= is required".into()));
     }
     if disk.id.is_empty() {
-        return Err(err("id= is required: the guest finds the volume by it".into()));
+        return Err(err(
+            "id= is required: the guest finds the volume by it".into()
+        ));
     }
     Ok(disk)
 }
@@ -262,7 +273,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(disk.path, PathBuf::from("/v/a.img"));
-        assert_eq!((disk.id.as_str(), disk.readonly, disk.direct), ("data", true, true));
+        assert_eq!(
+            (disk.id.as_str(), disk.readonly, disk.direct),
+            ("data", true, true)
+        );
         assert_eq!((disk.queues, disk.queue_size), (4, 128));
         assert_eq!((disk.iops, disk.bandwidth), (Some(1000), Some(100 << 20)));
         assert_eq!((disk.burst, disk.iops_burst), (Some(1 << 30), Some(500)));
@@ -271,7 +285,10 @@ mod tests {
     #[test]
     fn disk_defaults_are_one_queue_of_256() {
         let disk = parse_disk("path=a,id=b").unwrap();
-        assert_eq!((disk.queues, disk.queue_size, disk.readonly, disk.iops), (1, 256, false, None));
+        assert_eq!(
+            (disk.queues, disk.queue_size, disk.readonly, disk.iops),
+            (1, 256, false, None)
+        );
     }
 
     #[test]
@@ -299,8 +316,14 @@ mod tests {
 
     #[test]
     fn duplicate_disk_ids_are_refused() {
-        let disks = [parse_disk("path=a,id=x").unwrap(), parse_disk("path=b,id=x").unwrap()];
-        assert_eq!(check_disks(&disks), Err(ConfigError::DuplicateDiskId("x".into())));
+        let disks = [
+            parse_disk("path=a,id=x").unwrap(),
+            parse_disk("path=b,id=x").unwrap(),
+        ];
+        assert_eq!(
+            check_disks(&disks),
+            Err(ConfigError::DuplicateDiskId("x".into()))
+        );
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The running VM: configuration, KVM VM and vCPUs, guest memory, devices and the VMM
 //! thread's event loop. The binary `crib` is a thin CLI over [`run`].
 
+pub mod block;
 pub mod config;
 pub mod console;
+pub mod device_manager;
+pub mod interrupts;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
@@ -23,6 +26,7 @@ use devices::legacy::serial::{COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
 use devices::legacy::{AcpiPower, BootMarker, ConsoleOutput, ConsoleSink, PvPanic, Serial, I8042};
 use devices::{Bus, BusDevice, BusError, ExitReason, VmExit};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ConsoleConfig, VmConfig};
@@ -75,6 +79,22 @@ pub enum VmmError {
     EventFd(#[source] std::io::Error),
     #[error("the VMM event loop failed")]
     EventLoop(#[source] event_manager::Error),
+    #[error("cannot set up a device")]
+    Device(#[source] device_manager::DeviceError),
+    #[error("invalid pod spec {path}")]
+    Pod {
+        path: PathBuf,
+        #[source]
+        source: initramfs::PodArchiveError,
+    },
+    #[error("--pod needs --initrd: the pod spec is appended to the initramfs")]
+    PodWithoutInitrd,
+    #[error("cannot open disk {id}")]
+    Disk {
+        id: String,
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, VmmError> {
@@ -141,6 +161,21 @@ fn load_guest(config: &VmConfig, mem: &memory::GuestMemory) -> Result<BootEntry,
     .map_err(VmmError::Cmdline)?;
     let cmdline_len = boot::cmdline::write(mem, &cmdline).map_err(VmmError::Cmdline)?;
 
+    let pod_archive = match &config.pod {
+        Some(path) => {
+            let spec = std::fs::read(path).map_err(|source| VmmError::Open {
+                what: "pod spec",
+                path: path.clone(),
+                source,
+            })?;
+            let archive = initramfs::pod_archive(&spec).map_err(|source| VmmError::Pod {
+                path: path.clone(),
+                source,
+            })?;
+            Some(archive)
+        }
+        None => None,
+    };
     let initrd = match &config.initrd {
         Some(path) => {
             let mut file = open("initrd", path)?;
@@ -158,12 +193,23 @@ fn load_guest(config: &VmConfig, mem: &memory::GuestMemory) -> Result<BootEntry,
                 path: path.clone(),
                 source,
             };
-            let addr = boot::kernel::place_initrd(&kernel, config.memory_bytes, size)
+            // The pod spec is a second cpio archive right after the initramfs (4-byte
+            // aligned): the kernel unpacks concatenated archives in order.
+            let pod_offset = (size + 3) & !3;
+            let total = pod_archive
+                .as_ref()
+                .map_or(size, |pod| pod_offset + pod.len() as u64);
+            let addr = boot::kernel::place_initrd(&kernel, config.memory_bytes, total)
                 .map_err(initrd_err)?;
-            memory::prefault(mem, addr, size);
+            memory::prefault(mem, addr, total);
             boot::kernel::load_initrd(mem, addr, &mut file, len).map_err(initrd_err)?;
-            Some((addr, size))
+            if let Some(pod) = &pod_archive {
+                mem.write_slice(pod, GuestAddress(addr.0 + pod_offset))
+                    .map_err(|e| initrd_err(boot::kernel::KernelError::InitrdCopy(e)))?;
+            }
+            Some((addr, total))
         }
+        None if pod_archive.is_some() => return Err(VmmError::PodWithoutInitrd),
         None => None,
     };
 
@@ -177,6 +223,11 @@ fn load_guest(config: &VmConfig, mem: &memory::GuestMemory) -> Result<BootEntry,
             reset_value: RESET_VALUE,
             pvpanic_port: Some(PVPANIC_PORT),
             serial: Some((COM1_PORT_BASE, COM1_IRQ)),
+            pci: Some(boot::acpi::PciHostBridge {
+                ecam_start: boot::layout::PCI_ECAM_START,
+                mmio_start: boot::layout::PCI_MMIO_START,
+                mmio_size: boot::layout::PCI_MMIO_SIZE,
+            }),
         },
     )
     .map_err(VmmError::Acpi)?;
@@ -298,9 +349,20 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmmError> {
     let legacy = add_legacy_devices(&mut pio, config, &exit, start, &boot_times)?;
     vm.register_irqfd(&legacy.serial_irq, COM1_IRQ)
         .map_err(VmmError::Vm)?;
+    let mut device_manager = device_manager::DeviceManager::new(&vm).map_err(VmmError::Device)?;
+    for (index, disk) in config.disks.iter().enumerate() {
+        let device = block::create(index, disk).map_err(|source| VmmError::Disk {
+            id: disk.id.clone(),
+            source,
+        })?;
+        device_manager
+            .add_virtio_pci(&vm, &format!("disk {}", disk.id), Box::new(device))
+            .map_err(VmmError::Device)?;
+    }
+    let mmio = device_manager.finish(&mut pio).map_err(VmmError::Device)?;
     let buses = VcpuBuses {
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(mmio),
     };
 
     let cpuid = vcpu::supported_cpuid(&vm).map_err(VmmError::Vcpu)?;

@@ -64,6 +64,9 @@ struct RunArgs {
     /// [,iops_burst=N]
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+    /// A pod spec (JSON, docs/POD_SPEC.md) for cradle; needs --initrd.
+    #[arg(long, value_name = "FILE")]
+    pod: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -76,6 +79,7 @@ impl RunArgs {
         config::check_disks(&disks)?;
         Ok(VmConfig {
             disks,
+            pod: self.pod,
             kernel: self.kernel,
             initrd: self.initrd,
             cmdline: self.cmdline,

@@ -2,6 +2,8 @@
 //! memory slots, irqfds for legacy interrupts.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use std::sync::Arc;
+
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -38,8 +40,10 @@ pub enum VmError {
 
 /// The VM and what it needs to keep alive.
 pub struct Vm {
-    // Field order matters: the VM fd must close before the RAM it maps is unmapped.
-    fd: VmFd,
+    // Field order matters: the VM fd must close before the RAM it maps is unmapped. Other
+    // holders of the fd (interrupt routing) live no longer than the VM's threads, which
+    // the process ends together with this.
+    fd: Arc<VmFd>,
     kvm: Kvm,
     memory: GuestMemory,
 }
@@ -70,7 +74,11 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(setup("PIT"))?;
-        let vm = Self { fd, kvm, memory };
+        let vm = Self {
+            fd: Arc::new(fd),
+            kvm,
+            memory,
+        };
         vm.register_memory()?;
         Ok(vm)
     }
@@ -110,7 +118,7 @@ impl Vm {
             })
     }
 
-    pub fn fd(&self) -> &VmFd {
+    pub fn fd(&self) -> &Arc<VmFd> {
         &self.fd
     }
 

@@ -79,7 +79,11 @@ impl PciBus {
 
     /// Puts `device` in the first free slot; returns the slot.
     pub fn add_device(&mut self, device: Arc<Mutex<dyn PciDevice>>) -> Result<u8, PciError> {
-        let slot = self.slots.iter().position(Option::is_none).ok_or(PciError::BusFull)?;
+        let slot = self
+            .slots
+            .iter()
+            .position(Option::is_none)
+            .ok_or(PciError::BusFull)?;
         self.slots[slot] = Some(device);
         u8::try_from(slot).map_err(|_| PciError::BusFull)
     }
@@ -95,15 +99,31 @@ impl PciBus {
     /// all ones, which is how the guest learns a slot is empty.
     pub fn read_config(&self, bus: u8, slot: u8, function: u8, reg: usize) -> u32 {
         match self.device(bus, slot, function) {
-            Some(device) => device.lock().unwrap_or_else(|e| e.into_inner()).read_config_register(reg),
+            Some(device) => device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_config_register(reg),
             None => 0xffff_ffff,
         }
     }
 
     /// Writes configuration space.
-    pub fn write_config(&self, bus: u8, slot: u8, function: u8, reg: usize, offset: u64, data: &[u8]) {
-        let Some(device) = self.device(bus, slot, function) else { return };
-        let moved = device.lock().unwrap_or_else(|e| e.into_inner()).write_config_register(reg, offset, data);
+    pub fn write_config(
+        &self,
+        bus: u8,
+        slot: u8,
+        function: u8,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) {
+        let Some(device) = self.device(bus, slot, function) else {
+            return;
+        };
+        let moved = device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_config_register(reg, offset, data);
         if let Some(moved) = moved {
             // crib places BARs inside the host bridge window, where Linux keeps them;
             // following a move (re-registering MMIO and ioeventfds) is not implemented.
@@ -154,7 +174,9 @@ impl BusDevice for PciConfigIo {
             4..=7 => {
                 let value = self
                     .target()
-                    .map_or(0xffff_ffff, |(bus, slot, function, reg)| self.bus.read_config(bus, slot, function, reg));
+                    .map_or(0xffff_ffff, |(bus, slot, function, reg)| {
+                        self.bus.read_config(bus, slot, function, reg)
+                    });
                 read_dword_part(value, offset - 4, data);
             }
             _ => data.fill(0xff),
@@ -170,7 +192,8 @@ impl BusDevice for PciConfigIo {
             }
             4..=7 => {
                 if let Some((bus, slot, function, reg)) = self.target() {
-                    self.bus.write_config(bus, slot, function, reg, offset - 4, data);
+                    self.bus
+                        .write_config(bus, slot, function, reg, offset - 4, data);
                 }
             }
             _ => {}
@@ -193,7 +216,13 @@ impl PciConfigMmio {
         let slot = ((offset >> 15) & 0x1f) as u8;
         let function = ((offset >> 12) & 0x7) as u8;
         let register_offset = offset & 0xfff;
-        (bus, slot, function, (register_offset / 4) as usize, register_offset % 4)
+        (
+            bus,
+            slot,
+            function,
+            (register_offset / 4) as usize,
+            register_offset % 4,
+        )
     }
 }
 
@@ -201,14 +230,19 @@ impl BusDevice for PciConfigMmio {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let (bus, slot, function, reg, within) = Self::decode(offset);
         // Extended configuration space (beyond 256 bytes) reads as zero: no extended caps.
-        let value = if reg >= 64 { 0 } else { self.bus.read_config(bus, slot, function, reg) };
+        let value = if reg >= 64 {
+            0
+        } else {
+            self.bus.read_config(bus, slot, function, reg)
+        };
         read_dword_part(value, within, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let (bus, slot, function, reg, within) = Self::decode(offset);
         if reg < 64 && within as usize + data.len() <= 4 {
-            self.bus.write_config(bus, slot, function, reg, within, data);
+            self.bus
+                .write_config(bus, slot, function, reg, within, data);
         }
     }
 }
@@ -275,10 +309,35 @@ mod tests {
     fn bus_fills_up() {
         let mut bus = PciBus::new();
         for _ in 1..PCI_SLOTS {
-            let bridge = HostBridge { config: PciConfiguration::new(PciIdentity { vendor_id: 1, device_id: 1, class_code: 0, subclass: 0, prog_if: 0, revision: 0, subsystem_vendor_id: 0, subsystem_id: 0 }) };
+            let bridge = HostBridge {
+                config: PciConfiguration::new(PciIdentity {
+                    vendor_id: 1,
+                    device_id: 1,
+                    class_code: 0,
+                    subclass: 0,
+                    prog_if: 0,
+                    revision: 0,
+                    subsystem_vendor_id: 0,
+                    subsystem_id: 0,
+                }),
+            };
             bus.add_device(Arc::new(Mutex::new(bridge))).unwrap();
         }
-        let bridge = HostBridge { config: PciConfiguration::new(PciIdentity { vendor_id: 1, device_id: 1, class_code: 0, subclass: 0, prog_if: 0, revision: 0, subsystem_vendor_id: 0, subsystem_id: 0 }) };
-        assert_eq!(bus.add_device(Arc::new(Mutex::new(bridge))), Err(PciError::BusFull));
+        let bridge = HostBridge {
+            config: PciConfiguration::new(PciIdentity {
+                vendor_id: 1,
+                device_id: 1,
+                class_code: 0,
+                subclass: 0,
+                prog_if: 0,
+                revision: 0,
+                subsystem_vendor_id: 0,
+                subsystem_id: 0,
+            }),
+        };
+        assert_eq!(
+            bus.add_device(Arc::new(Mutex::new(bridge))),
+            Err(PciError::BusFull)
+        );
     }
 }

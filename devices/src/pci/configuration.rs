@@ -105,7 +105,9 @@ impl PciConfiguration {
 
     /// Adds a memory BAR at its VMM-chosen address.
     pub fn add_bar(&mut self, bar: BarRegion) -> Result<(), ConfigurationError> {
-        let BarRegion { index, addr, size, .. } = bar;
+        let BarRegion {
+            index, addr, size, ..
+        } = bar;
         if size < 0x1000 || !size.is_power_of_two() {
             return Err(ConfigurationError::BarSize { index, size });
         }
@@ -113,7 +115,10 @@ impl PciConfiguration {
             return Err(ConfigurationError::BarAlignment { index, addr });
         }
         let last = if bar.is_64bit { index + 1 } else { index };
-        if last >= NUM_BARS || self.bars[index].is_some() || (bar.is_64bit && self.bars[last].is_some()) {
+        if last >= NUM_BARS
+            || self.bars[index].is_some()
+            || (bar.is_64bit && self.bars[last].is_some())
+        {
             return Err(ConfigurationError::BarInUse { index });
         }
         let mut low_flags = 0;
@@ -149,7 +154,11 @@ impl PciConfiguration {
     /// Appends a capability: `body` starts with the capability id; its next pointer (byte
     /// 1) is filled here. Returns the capability's offset in configuration space.
     /// `writable` gives per-byte write masks for the body (same length), or none.
-    pub fn add_capability(&mut self, body: &[u8], writable: Option<&[u8]>) -> Result<usize, ConfigurationError> {
+    pub fn add_capability(
+        &mut self,
+        body: &[u8],
+        writable: Option<&[u8]>,
+    ) -> Result<usize, ConfigurationError> {
         let len = body.len();
         let offset = self.next_capability;
         let end = offset + len;
@@ -225,22 +234,34 @@ impl PciConfiguration {
         // The write may be to the high half of a 64-bit BAR.
         let index = match self.bars[reg_index] {
             Some(_) => reg_index,
-            None => reg_index.checked_sub(1).filter(|i| self.bars[*i].is_some_and(|b| b.is_64bit))?,
+            None => reg_index
+                .checked_sub(1)
+                .filter(|i| self.bars[*i].is_some_and(|b| b.is_64bit))?,
         };
         let mut bar = self.bars[index]?;
         let low = u64::from(self.registers[BAR0_REG + index] & !0xf);
-        let high = if bar.is_64bit { u64::from(self.registers[BAR0_REG + index + 1]) } else { 0 };
+        let high = if bar.is_64bit {
+            u64::from(self.registers[BAR0_REG + index + 1])
+        } else {
+            0
+        };
         let new = high << 32 | low;
         // Mid-sizing (the other half still holds its size mask): not an address yet.
         let mask = !(bar.size - 1);
-        let sizing = low == mask & 0xffff_fff0 || (bar.is_64bit && high == mask >> 32 && high != bar.addr >> 32);
+        let sizing = low == mask & 0xffff_fff0
+            || (bar.is_64bit && high == mask >> 32 && high != bar.addr >> 32);
         if sizing || new == bar.addr || new == 0 {
             return None;
         }
         let old = bar.addr;
         bar.addr = new;
         self.bars[index] = Some(bar);
-        Some(BarMove { bar: index, old, new, size: bar.size })
+        Some(BarMove {
+            bar: index,
+            old,
+            new,
+            size: bar.size,
+        })
     }
 }
 
@@ -264,7 +285,13 @@ mod tests {
     fn config_with_bar() -> PciConfiguration {
         let mut config = PciConfiguration::new(identity());
         config
-            .add_bar(BarRegion { index: 0, addr: 0xc000_0000, size: 0x1_0000, is_64bit: true, prefetchable: false })
+            .add_bar(BarRegion {
+                index: 0,
+                addr: 0xc000_0000,
+                size: 0x1_0000,
+                is_64bit: true,
+                prefetchable: false,
+            })
             .unwrap();
         config
     }
@@ -306,29 +333,60 @@ mod tests {
     fn bar_relocation_is_reported() {
         let mut config = config_with_bar();
         let moved = config.write_reg(4, 0, &0xd000_0000u32.to_le_bytes());
-        assert_eq!(moved, Some(BarMove { bar: 0, old: 0xc000_0000, new: 0xd000_0000, size: 0x1_0000 }));
+        assert_eq!(
+            moved,
+            Some(BarMove {
+                bar: 0,
+                old: 0xc000_0000,
+                new: 0xd000_0000,
+                size: 0x1_0000
+            })
+        );
         assert_eq!(config.bar_at(0xd000_0010), Some((0, 0x10)));
     }
 
     #[test]
     fn misaligned_bar_is_refused() {
         let mut config = PciConfiguration::new(identity());
-        let bar = BarRegion { index: 0, addr: 0xc000_1000, size: 0x1_0000, is_64bit: false, prefetchable: false };
-        assert_eq!(config.add_bar(bar), Err(ConfigurationError::BarAlignment { index: 0, addr: 0xc000_1000 }));
+        let bar = BarRegion {
+            index: 0,
+            addr: 0xc000_1000,
+            size: 0x1_0000,
+            is_64bit: false,
+            prefetchable: false,
+        };
+        assert_eq!(
+            config.add_bar(bar),
+            Err(ConfigurationError::BarAlignment {
+                index: 0,
+                addr: 0xc000_1000
+            })
+        );
     }
 
     #[test]
     fn sixty_four_bit_bar_in_last_slot_is_refused() {
         let mut config = PciConfiguration::new(identity());
-        let bar = BarRegion { index: 5, addr: 0xc000_0000, size: 0x1000, is_64bit: true, prefetchable: false };
-        assert_eq!(config.add_bar(bar), Err(ConfigurationError::BarInUse { index: 5 }));
+        let bar = BarRegion {
+            index: 5,
+            addr: 0xc000_0000,
+            size: 0x1000,
+            is_64bit: true,
+            prefetchable: false,
+        };
+        assert_eq!(
+            config.add_bar(bar),
+            Err(ConfigurationError::BarInUse { index: 5 })
+        );
     }
 
     #[test]
     fn capabilities_are_chained() {
         let mut config = PciConfiguration::new(identity());
         let first = config.add_capability(&[0x09, 0, 4, 0], None).unwrap();
-        let second = config.add_capability(&[0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], None).unwrap();
+        let second = config
+            .add_capability(&[0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], None)
+            .unwrap();
         assert_eq!((first, second), (0x40, 0x44));
         assert_eq!(config.read_reg(13), 0x40);
         assert_eq!(config.read_reg(0x40 / 4) >> 8 & 0xff, 0x44);

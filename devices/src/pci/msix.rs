@@ -45,9 +45,17 @@ impl MsixVectors {
     pub fn new(irqfds: Vec<EventFd>) -> Self {
         let vectors = irqfds
             .into_iter()
-            .map(|irqfd| Vector { irqfd, masked: AtomicBool::new(true), pending: AtomicBool::new(false) })
+            .map(|irqfd| Vector {
+                irqfd,
+                masked: AtomicBool::new(true),
+                pending: AtomicBool::new(false),
+            })
             .collect();
-        Self { vectors, enabled: AtomicBool::new(false), function_masked: AtomicBool::new(false) }
+        Self {
+            vectors,
+            enabled: AtomicBool::new(false),
+            function_masked: AtomicBool::new(false),
+        }
     }
 
     /// Number of vectors.
@@ -62,7 +70,9 @@ impl MsixVectors {
     /// Raises `vector`: fires its irqfd, or latches it pending while masked. A vector
     /// number the device does not have is ignored (the guest chose it).
     pub fn trigger(&self, vector: u16) -> std::io::Result<()> {
-        let Some(v) = self.vectors.get(usize::from(vector)) else { return Ok(()) };
+        let Some(v) = self.vectors.get(usize::from(vector)) else {
+            return Ok(());
+        };
         if !self.enabled.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -78,7 +88,9 @@ impl MsixVectors {
     }
 
     fn deliver_pending(&self, index: usize) {
-        let Some(v) = self.vectors.get(index) else { return };
+        let Some(v) = self.vectors.get(index) else {
+            return;
+        };
         let deliverable = self.enabled.load(Ordering::Acquire)
             && !self.function_masked.load(Ordering::Acquire)
             && !v.masked.load(Ordering::Acquire);
@@ -112,8 +124,20 @@ impl MsixConfig {
     /// `gsis[i]` is the GSI whose irqfd backs vector i in `vectors`.
     pub fn new(vectors: Arc<MsixVectors>, gsis: Vec<u32>, router: Arc<dyn MsiRouting>) -> Self {
         let count = vectors.len();
-        let table = vec![TableEntry { control: VECTOR_CONTROL_MASK, ..Default::default() }; count];
-        Self { table, routed: vec![None; count], gsis, vectors, router }
+        let table = vec![
+            TableEntry {
+                control: VECTOR_CONTROL_MASK,
+                ..Default::default()
+            };
+            count
+        ];
+        Self {
+            table,
+            routed: vec![None; count],
+            gsis,
+            vectors,
+            router,
+        }
     }
 
     /// The shared delivery state, for device threads.
@@ -141,7 +165,9 @@ impl MsixConfig {
         let enabled = control & MSG_CTL_ENABLE != 0;
         let masked = control & MSG_CTL_FUNCTION_MASK != 0;
         self.vectors.enabled.store(enabled, Ordering::Release);
-        self.vectors.function_masked.store(masked, Ordering::Release);
+        self.vectors
+            .function_masked
+            .store(masked, Ordering::Release);
         if enabled && !masked {
             for index in 0..self.table.len() {
                 self.vectors.deliver_pending(index);
@@ -152,7 +178,9 @@ impl MsixConfig {
     /// Reads the table at `offset` (1 to 8 bytes within one entry).
     pub fn read_table(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let Some((index, field)) = self.locate(offset, data.len()) else { return };
+        let Some((index, field)) = self.locate(offset, data.len()) else {
+            return;
+        };
         let entry = self.table[index];
         let words = [entry.addr_lo, entry.addr_hi, entry.data, entry.control];
         let mut bytes = [0u8; 16];
@@ -165,15 +193,26 @@ impl MsixConfig {
     /// Writes the table at `offset`; pushes the route and delivers pending interrupts as
     /// the entry becomes usable.
     pub fn write_table(&mut self, offset: u64, data: &[u8]) {
-        let Some((index, field)) = self.locate(offset, data.len()) else { return };
+        let Some((index, field)) = self.locate(offset, data.len()) else {
+            return;
+        };
         let entry = &mut self.table[index];
         let mut bytes = [0u8; 16];
-        for (i, w) in [entry.addr_lo, entry.addr_hi, entry.data, entry.control].iter().enumerate() {
+        for (i, w) in [entry.addr_lo, entry.addr_hi, entry.data, entry.control]
+            .iter()
+            .enumerate()
+        {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
         }
         bytes[field..field + data.len()].copy_from_slice(data);
-        let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-        *entry = TableEntry { addr_lo: word(0), addr_hi: word(4), data: word(8), control: word(12) };
+        let word =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        *entry = TableEntry {
+            addr_lo: word(0),
+            addr_hi: word(4),
+            data: word(8),
+            control: word(12),
+        };
         let entry = *entry;
         let masked = entry.control & VECTOR_CONTROL_MASK != 0;
         if !masked {
@@ -188,11 +227,16 @@ impl MsixConfig {
     }
 
     fn update_route(&mut self, index: usize, entry: TableEntry) {
-        let route = (u64::from(entry.addr_hi) << 32 | u64::from(entry.addr_lo), entry.data);
+        let route = (
+            u64::from(entry.addr_hi) << 32 | u64::from(entry.addr_lo),
+            entry.data,
+        );
         if self.routed[index] == Some(route) {
             return;
         }
-        let Some(&gsi) = self.gsis.get(index) else { return };
+        let Some(&gsi) = self.gsis.get(index) else {
+            return;
+        };
         match self.router.set_msi_route(gsi, route.0, route.1) {
             Ok(()) => self.routed[index] = Some(route),
             Err(e) => tracing::error!("cannot route MSI-X vector {index} (GSI {gsi}): {e}"),
@@ -205,7 +249,12 @@ impl MsixConfig {
             let mut value = 0u8;
             for bit in 0..8 {
                 let vector = (offset as usize + i) * 8 + bit;
-                if self.vectors.vectors.get(vector).is_some_and(|v| v.pending.load(Ordering::Acquire)) {
+                if self
+                    .vectors
+                    .vectors
+                    .get(vector)
+                    .is_some_and(|v| v.pending.load(Ordering::Acquire))
+                {
                     value |= 1 << bit;
                 }
             }
@@ -243,7 +292,9 @@ mod tests {
     }
 
     fn setup(count: usize) -> (MsixConfig, Arc<RecordingRouter>, Vec<EventFd>) {
-        let fds: Vec<EventFd> = (0..count).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
+        let fds: Vec<EventFd> = (0..count)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
         let clones = fds.iter().map(|f| f.try_clone().unwrap()).collect();
         let router = Arc::new(RecordingRouter::default());
         let gsis = (0..count as u32).map(|i| 24 + i).collect();
@@ -264,7 +315,10 @@ mod tests {
         let (mut msix, router, _) = setup(2);
         program(&mut msix, 1, false);
         program(&mut msix, 1, false);
-        assert_eq!(*router.routes.lock().unwrap(), vec![(25, 0xfee0_0000, 0x41)]);
+        assert_eq!(
+            *router.routes.lock().unwrap(),
+            vec![(25, 0xfee0_0000, 0x41)]
+        );
     }
 
     #[test]

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
@@ -18,7 +19,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::pci::configuration::PciIdentity;
 use crate::pci::msix::MSIX_TABLE_ENTRY_BYTES;
 use crate::pci::{BarMove, BarRegion, MsixConfig, MsixVectors, PciConfiguration, PciDevice};
-use crate::virtio::{ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use crate::virtio::{
+    ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+};
 
 /// Size of BAR 0, which holds every structure below.
 pub const VIRTIO_PCI_BAR_SIZE: u64 = 0x1_0000;
@@ -149,13 +152,22 @@ impl VirtioPciDevice {
         let queue_count = max_sizes.len();
         let vectors = Self::vectors_for(queue_count);
         if vectors > MAX_VECTORS {
-            return Err(VirtioPciError::TooManyQueues { queues: queue_count, max: MAX_VECTORS - 1 });
+            return Err(VirtioPciError::TooManyQueues {
+                queues: queue_count,
+                max: MAX_VECTORS - 1,
+            });
         }
         if msix.vectors().len() != vectors {
-            return Err(VirtioPciError::VectorCount { expected: vectors, got: msix.vectors().len() });
+            return Err(VirtioPciError::VectorCount {
+                expected: vectors,
+                got: msix.vectors().len(),
+            });
         }
         if kicks.len() != queue_count {
-            return Err(VirtioPciError::KickCount { expected: queue_count, got: kicks.len() });
+            return Err(VirtioPciError::KickCount {
+                expected: queue_count,
+                got: kicks.len(),
+            });
         }
         let device_type = device.device_type();
         let (class_code, subclass) = match device_type {
@@ -173,7 +185,13 @@ impl VirtioPciDevice {
             subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
             subsystem_id: 0x40,
         });
-        config.add_bar(BarRegion { index: 0, addr: bar_addr, size: VIRTIO_PCI_BAR_SIZE, is_64bit: true, prefetchable: false })?;
+        config.add_bar(BarRegion {
+            index: 0,
+            addr: bar_addr,
+            size: VIRTIO_PCI_BAR_SIZE,
+            is_64bit: true,
+            prefetchable: false,
+        })?;
         for (kind, offset, len) in [
             (CAP_COMMON, COMMON_OFFSET, COMMON_SIZE),
             (CAP_ISR, ISR_OFFSET, ISR_SIZE),
@@ -182,15 +200,23 @@ impl VirtioPciDevice {
             config.add_capability(&virtio_cap(kind, offset, len, None), None)?;
         }
         config.add_capability(
-            &virtio_cap(CAP_NOTIFY, VIRTIO_PCI_NOTIFY_OFFSET, NOTIFY_SIZE, Some(VIRTIO_PCI_NOTIFY_MULTIPLIER)),
+            &virtio_cap(
+                CAP_NOTIFY,
+                VIRTIO_PCI_NOTIFY_OFFSET,
+                NOTIFY_SIZE,
+                Some(VIRTIO_PCI_NOTIFY_MULTIPLIER),
+            ),
             None,
         )?;
-        let (msix_body, msix_writable) = msix.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
+        let (msix_body, msix_writable) =
+            msix.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
         let msix_cap = config.add_capability(&msix_body, Some(&msix_writable))?;
         let interrupt = Arc::new(PciInterrupt {
             msix: msix.vectors(),
             config_vector: AtomicU16::new(NO_VECTOR),
-            queue_vectors: (0..queue_count).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            queue_vectors: (0..queue_count)
+                .map(|_| AtomicU16::new(NO_VECTOR))
+                .collect(),
             isr: AtomicU8::new(0),
             needs_reset: AtomicBool::new(false),
         });
@@ -200,7 +226,7 @@ impl VirtioPciDevice {
             msix,
             msix_cap_reg: msix_cap / 4,
             interrupt,
-            queues: vec![QueueRegs::default(); queue_count],
+            queues: initial_queue_regs(&max_sizes),
             max_sizes,
             kicks,
             mem,
@@ -247,12 +273,24 @@ impl VirtioPciDevice {
             (0x12, 2) => self.queues.len() as u64,
             (0x14, 1) => {
                 let needs_reset = self.interrupt.needs_reset.load(Ordering::Acquire);
-                u64::from(self.status | if needs_reset { VIRTIO_CONFIG_S_NEEDS_RESET as u8 } else { 0 })
+                u64::from(
+                    self.status
+                        | if needs_reset {
+                            VIRTIO_CONFIG_S_NEEDS_RESET as u8
+                        } else {
+                            0
+                        },
+                )
             }
             (0x15, 1) => u64::from(self.config_generation),
             (0x16, 2) => u64::from(self.queue_select),
             (0x18, 2) => u64::from(queue.map_or(0, |q| q.size)),
-            (0x1a, 2) => u64::from(self.interrupt.queue_vectors.get(q).map_or(NO_VECTOR, |v| v.load(Ordering::Acquire))),
+            (0x1a, 2) => u64::from(
+                self.interrupt
+                    .queue_vectors
+                    .get(q)
+                    .map_or(NO_VECTOR, |v| v.load(Ordering::Acquire)),
+            ),
             (0x1c, 2) => u64::from(queue.is_some_and(|q| q.enabled)),
             (0x1e, 2) => u64::from(self.queue_select),
             (0x20, 4) | (0x20, 8) => queue.map_or(0, |q| q.desc),
@@ -289,11 +327,18 @@ impl VirtioPciDevice {
                     }
                 }
             }
-            (0x10, 2) => self.interrupt.config_vector.store(self.checked_vector(value as u16), Ordering::Release),
+            (0x10, 2) => self
+                .interrupt
+                .config_vector
+                .store(self.checked_vector(value as u16), Ordering::Release),
             (0x14, 1) => self.write_status(value as u8),
             (0x16, 2) => self.queue_select = value as u16,
             (0x18, 2) => {
-                let max = self.max_sizes.get(usize::from(self.queue_select)).copied().unwrap_or(0);
+                let max = self
+                    .max_sizes
+                    .get(usize::from(self.queue_select))
+                    .copied()
+                    .unwrap_or(0);
                 if let Some(q) = self.selected_queue().filter(|q| writable_queue(q)) {
                     // Keep the driver's value; validity (power of two, <= max) is checked
                     // when the device starts, so a bad size fails that queue, not the VMM.
@@ -302,7 +347,11 @@ impl VirtioPciDevice {
             }
             (0x1a, 2) => {
                 let vector = self.checked_vector(value as u16);
-                if let Some(v) = self.interrupt.queue_vectors.get(usize::from(self.queue_select)) {
+                if let Some(v) = self
+                    .interrupt
+                    .queue_vectors
+                    .get(usize::from(self.queue_select))
+                {
                     v.store(vector, Ordering::Release);
                 }
             }
@@ -314,13 +363,21 @@ impl VirtioPciDevice {
                     }
                 }
             }
-            (0x20, 4) | (0x20, 8) => self.update_queue(|q| q.desc = if len == 8 { value } else { set_low(q.desc) }),
+            (0x20, 4) | (0x20, 8) => {
+                self.update_queue(|q| q.desc = if len == 8 { value } else { set_low(q.desc) })
+            }
             (0x24, 4) => self.update_queue(|q| q.desc = set_high(q.desc)),
-            (0x28, 4) | (0x28, 8) => self.update_queue(|q| q.driver = if len == 8 { value } else { set_low(q.driver) }),
+            (0x28, 4) | (0x28, 8) => {
+                self.update_queue(|q| q.driver = if len == 8 { value } else { set_low(q.driver) })
+            }
             (0x2c, 4) => self.update_queue(|q| q.driver = set_high(q.driver)),
-            (0x30, 4) | (0x30, 8) => self.update_queue(|q| q.device = if len == 8 { value } else { set_low(q.device) }),
+            (0x30, 4) | (0x30, 8) => {
+                self.update_queue(|q| q.device = if len == 8 { value } else { set_low(q.device) })
+            }
             (0x34, 4) => self.update_queue(|q| q.device = set_high(q.device)),
-            _ => tracing::debug!("virtio-pci: ignoring common config write at {offset:#x} ({len} bytes)"),
+            _ => tracing::debug!(
+                "virtio-pci: ignoring common config write at {offset:#x} ({len} bytes)"
+            ),
         }
     }
 
@@ -348,17 +405,28 @@ impl VirtioPciDevice {
         let newly = status & !self.status;
         if newly & VIRTIO_CONFIG_S_FEATURES_OK as u8 != 0 {
             let offered = self.device_features();
-            if self.driver_features & !offered != 0 || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            if self.driver_features & !offered != 0
+                || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0
+            {
                 // virtio 1.2 §3.1.1: the device refuses by leaving FEATURES_OK clear.
-                tracing::warn!("virtio-pci: driver accepted features {:#x} not offered or without VERSION_1", self.driver_features);
+                tracing::warn!(
+                    "virtio-pci: driver accepted features {:#x} not offered or without VERSION_1",
+                    self.driver_features
+                );
                 status &= !(VIRTIO_CONFIG_S_FEATURES_OK as u8);
             } else {
                 self.device.set_acked_features(self.driver_features);
             }
         }
         self.status = status;
-        let ready = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
-        if !self.activated && u32::from(status) & ready == ready && status & VIRTIO_CONFIG_S_FAILED as u8 == 0 {
+        let ready = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK;
+        if !self.activated
+            && u32::from(status) & ready == ready
+            && status & VIRTIO_CONFIG_S_FAILED as u8 == 0
+        {
             self.activate();
         }
     }
@@ -378,12 +446,18 @@ impl VirtioPciDevice {
             let kick = match self.kicks[index].try_clone() {
                 Ok(kick) => kick,
                 Err(e) => {
-                    tracing::error!("virtio-pci: cannot clone the kick eventfd of queue {index}: {e}");
+                    tracing::error!(
+                        "virtio-pci: cannot clone the kick eventfd of queue {index}: {e}"
+                    );
                     self.interrupt.set_needs_reset();
                     return;
                 }
             };
-            queues.push(ActivatedQueue { index: index as u16, queue, kick });
+            queues.push(ActivatedQueue {
+                index: index as u16,
+                queue,
+                kick,
+            });
         }
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
         match self.device.activate(self.mem.clone(), interrupt, queues) {
@@ -417,9 +491,14 @@ impl VirtioPciDevice {
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
         self.queue_select = 0;
-        self.queues.iter_mut().for_each(|q| *q = QueueRegs::default());
-        self.interrupt.config_vector.store(NO_VECTOR, Ordering::Release);
-        self.interrupt.queue_vectors.iter().for_each(|v| v.store(NO_VECTOR, Ordering::Release));
+        self.queues = initial_queue_regs(&self.max_sizes);
+        self.interrupt
+            .config_vector
+            .store(NO_VECTOR, Ordering::Release);
+        self.interrupt
+            .queue_vectors
+            .iter()
+            .for_each(|v| v.store(NO_VECTOR, Ordering::Release));
         self.interrupt.isr.store(0, Ordering::Release);
         self.interrupt.needs_reset.store(false, Ordering::Release);
         self.config_generation = self.config_generation.wrapping_add(1);
@@ -428,8 +507,18 @@ impl VirtioPciDevice {
     /// Guest-physical address of queue `queue`'s notification register, given BAR 0 at
     /// `bar_addr`.
     pub fn notify_address(bar_addr: u64, queue: u16) -> GuestAddress {
-        GuestAddress(bar_addr + VIRTIO_PCI_NOTIFY_OFFSET + u64::from(queue) * u64::from(VIRTIO_PCI_NOTIFY_MULTIPLIER))
+        GuestAddress(
+            bar_addr
+                + VIRTIO_PCI_NOTIFY_OFFSET
+                + u64::from(queue) * u64::from(VIRTIO_PCI_NOTIFY_MULTIPLIER),
+        )
     }
+}
+
+/// Queue registers after reset: `queue_size` reads as the maximum (virtio 1.2 §4.1.4.3.2:
+/// the device presents its maximum, the driver may lower it).
+fn initial_queue_regs(max_sizes: &[u16]) -> Vec<QueueRegs> {
+    max_sizes.iter().map(|&size| QueueRegs { size, ..Default::default() }).collect()
 }
 
 /// A `virtio_pci_cap` (virtio 1.2 §4.1.4), with `notify_off_multiplier` for the notify cap.
@@ -474,8 +563,12 @@ impl PciDevice for VirtioPciDevice {
             o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
                 self.device.read_config(o - DEVICE_OFFSET, data)
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self.msix.read_table(o - MSIX_TABLE_OFFSET, data),
-            o if (MSIX_PBA_OFFSET..VIRTIO_PCI_BAR_SIZE).contains(&o) => self.msix.read_pba(o - MSIX_PBA_OFFSET, data),
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                self.msix.read_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            o if (MSIX_PBA_OFFSET..VIRTIO_PCI_BAR_SIZE).contains(&o) => {
+                self.msix.read_pba(o - MSIX_PBA_OFFSET, data)
+            }
             _ => {}
         }
     }
@@ -489,16 +582,32 @@ impl PciDevice for VirtioPciDevice {
             o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
                 self.device.write_config(o - DEVICE_OFFSET, data)
             }
-            o if (VIRTIO_PCI_NOTIFY_OFFSET..VIRTIO_PCI_NOTIFY_OFFSET + NOTIFY_SIZE).contains(&o) => {
+            o if (VIRTIO_PCI_NOTIFY_OFFSET..VIRTIO_PCI_NOTIFY_OFFSET + NOTIFY_SIZE)
+                .contains(&o) =>
+            {
                 // Normally caught by the ioeventfd; a write that reaches here (no ioeventfd
                 // support, or an odd width) is forwarded to the queue's eventfd.
-                let queue = (o - VIRTIO_PCI_NOTIFY_OFFSET) / u64::from(VIRTIO_PCI_NOTIFY_MULTIPLIER);
+                let queue =
+                    (o - VIRTIO_PCI_NOTIFY_OFFSET) / u64::from(VIRTIO_PCI_NOTIFY_MULTIPLIER);
                 if let Some(kick) = usize::try_from(queue).ok().and_then(|q| self.kicks.get(q)) {
                     let _ = kick.write(1);
                 }
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self.msix.write_table(o - MSIX_TABLE_OFFSET, data),
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                self.msix.write_table(o - MSIX_TABLE_OFFSET, data)
+            }
             _ => {}
         }
+    }
+}
+
+/// BAR 0 on the MMIO bus: the VMM inserts the same device there and on the PCI bus.
+impl crate::bus::BusDevice for VirtioPciDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.read_bar(0, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.write_bar(0, offset, data);
     }
 }

@@ -1,0 +1,203 @@
+//! Builds the VM's devices: the legacy port devices, the PCI bus and its config access
+//! (0xCF8 ports and ECAM), and virtio-pci devices with their BAR (vm-allocator), queue
+//! ioeventfds, MSI-X irqfds and routes.
+
+use std::sync::{Arc, Mutex};
+
+use boot::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START};
+use devices::pci::bus::{PCI_CONFIG_IO_LEN, PCI_CONFIG_IO_PORT};
+use devices::pci::{MsixConfig, MsixVectors, PciBus, PciConfigIo, PciConfigMmio};
+use devices::virtio::transport::{VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
+use devices::virtio::VirtioDevice;
+use devices::{Bus, BusError};
+use kvm_ioctls::{IoEventAddress, NoDatamatch};
+use vm_allocator::{AddressAllocator, AllocPolicy};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::interrupts::{GsiRouter, InterruptError};
+use crate::vm::Vm;
+
+/// Errors while adding devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("no room left in the PCI MMIO window for device {name}")]
+    BarSpace {
+        name: String,
+        #[source]
+        source: vm_allocator::Error,
+    },
+    #[error("cannot create an eventfd for device {name}")]
+    EventFd {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot register a KVM {what} for device {name}")]
+    Kvm {
+        name: String,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("no interrupt vectors left for device {name}")]
+    Interrupts {
+        name: String,
+        #[source]
+        source: InterruptError,
+    },
+    #[error("cannot build the virtio-pci transport of device {name}")]
+    Transport {
+        name: String,
+        #[source]
+        source: devices::virtio::transport::pci::VirtioPciError,
+    },
+    #[error("cannot add device {name} to the PCI bus")]
+    PciBus {
+        name: String,
+        #[source]
+        source: devices::pci::PciError,
+    },
+    #[error("cannot place device {name} on the bus")]
+    Bus {
+        name: String,
+        #[source]
+        source: BusError,
+    },
+}
+
+/// Devices being assembled; [`DeviceManager::finish`] returns the buses.
+pub struct DeviceManager {
+    pci: PciBus,
+    mmio: Bus,
+    bar_space: AddressAllocator,
+    router: Arc<GsiRouter>,
+}
+
+impl DeviceManager {
+    pub fn new(vm: &Vm) -> Result<Self, DeviceError> {
+        let bar_space = AddressAllocator::new(PCI_MMIO_START, PCI_MMIO_SIZE).map_err(|source| {
+            DeviceError::BarSpace {
+                name: "pci".into(),
+                source,
+            }
+        })?;
+        Ok(Self {
+            pci: PciBus::new(),
+            mmio: Bus::new(),
+            bar_space,
+            router: Arc::new(GsiRouter::new(vm.fd().clone())),
+        })
+    }
+
+    /// Adds `device` as a virtio-pci function named `name` (for messages).
+    pub fn add_virtio_pci(
+        &mut self,
+        vm: &Vm,
+        name: &str,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), DeviceError> {
+        let queues = device.queue_max_sizes().len();
+        let bar = self
+            .bar_space
+            .allocate(
+                VIRTIO_PCI_BAR_SIZE,
+                VIRTIO_PCI_BAR_SIZE,
+                AllocPolicy::FirstMatch,
+            )
+            .map_err(|source| DeviceError::BarSpace {
+                name: name.into(),
+                source,
+            })?
+            .start();
+        let eventfd = || {
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
+                name: name.into(),
+                source,
+            })
+        };
+        let kvm_err = |what| {
+            move |source| DeviceError::Kvm {
+                name: name.into(),
+                what,
+                source,
+            }
+        };
+
+        let mut kicks = Vec::with_capacity(queues);
+        for queue in 0..queues {
+            let kick = eventfd()?;
+            let addr = VirtioPciDevice::notify_address(bar, queue as u16);
+            vm.fd()
+                .register_ioevent(&kick, &IoEventAddress::Mmio(addr.0), NoDatamatch)
+                .map_err(kvm_err("ioeventfd"))?;
+            kicks.push(kick);
+        }
+
+        let vectors = VirtioPciDevice::vectors_for(queues);
+        let gsis =
+            self.router
+                .allocate(vectors as u32)
+                .map_err(|source| DeviceError::Interrupts {
+                    name: name.into(),
+                    source,
+                })?;
+        let mut irqfds = Vec::with_capacity(vectors);
+        for gsi in &gsis {
+            let irqfd = eventfd()?;
+            vm.fd()
+                .register_irqfd(&irqfd, *gsi)
+                .map_err(kvm_err("irqfd"))?;
+            irqfds.push(irqfd);
+        }
+        let msix = MsixConfig::new(
+            Arc::new(MsixVectors::new(irqfds)),
+            gsis,
+            self.router.clone(),
+        );
+
+        let pci_device = VirtioPciDevice::new(device, vm.memory().clone(), bar, msix, kicks)
+            .map_err(|source| DeviceError::Transport {
+                name: name.into(),
+                source,
+            })?;
+        let pci_device = Arc::new(Mutex::new(pci_device));
+        let slot =
+            self.pci
+                .add_device(pci_device.clone())
+                .map_err(|source| DeviceError::PciBus {
+                    name: name.into(),
+                    source,
+                })?;
+        self.mmio
+            .insert(pci_device, bar, VIRTIO_PCI_BAR_SIZE)
+            .map_err(|source| DeviceError::Bus {
+                name: name.into(),
+                source,
+            })?;
+        tracing::debug!("{name}: PCI 00:{slot:02x}.0, BAR0 {bar:#x}, {queues} queues");
+        Ok(())
+    }
+
+    /// Puts PCI configuration access on the buses and returns the MMIO bus.
+    pub fn finish(self, pio: &mut Bus) -> Result<Bus, DeviceError> {
+        let DeviceManager { pci, mut mmio, .. } = self;
+        let pci = Arc::new(pci);
+        let bus_err = |source| DeviceError::Bus {
+            name: "pci".into(),
+            source,
+        };
+        pio.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+            u64::from(PCI_CONFIG_IO_PORT),
+            u64::from(PCI_CONFIG_IO_LEN),
+        )
+        .map_err(bus_err)?;
+        mmio.insert(
+            Arc::new(Mutex::new(PciConfigMmio::new(pci))),
+            PCI_ECAM_START,
+            PCI_ECAM_SIZE,
+        )
+        .map_err(bus_err)?;
+        Ok(mmio)
+    }
+}
