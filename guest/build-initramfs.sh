@@ -6,8 +6,10 @@
 # Builds cradle (static glibc, stripped) and crib-initramfs, fetches the
 # kernel (guest/kernel/fetch-debian-kernel.sh cloud, cached), and writes
 #   target/guest/initramfs-cloud.cpio   (uncompressed newc)
-# with /init, /dev/console, the default module closure and busybox from
-# Debian's busybox-static. Prints the output path on stdout.
+# with /init, /dev/console, the default module closure, busybox from
+# Debian's busybox-static, and mkfs.ext4 from Debian's e2fsprogs (with its
+# shared libraries and ELF interpreter, found with ldd) so cradle can format
+# blank volumes. Prints the output path on stdout.
 # Idempotent: with nothing changed it only runs cargo's up-to-date checks,
 # and the archive is rewritten only if its bytes differ.
 set -euo pipefail
@@ -18,9 +20,18 @@ target_dir=${CARGO_TARGET_DIR:-$root/target}
 cache=${CRIB_CACHE:-$target_dir/guest}
 triple=x86_64-unknown-linux-gnu
 busybox=/bin/busybox
+mkfs_ext4=/usr/sbin/mkfs.ext4
 
 if [ ! -x "$busybox" ]; then
   echo "build-initramfs: $busybox is missing (apt-get install busybox-static)" >&2
+  exit 1
+fi
+if [ ! -x "$mkfs_ext4" ]; then
+  echo "build-initramfs: $mkfs_ext4 is missing (apt-get install e2fsprogs)" >&2
+  exit 1
+fi
+if ! command -v ldd >/dev/null; then
+  echo "build-initramfs: ldd is missing (apt-get install libc-bin)" >&2
   exit 1
 fi
 
@@ -41,5 +52,6 @@ mkdir -p "$cache"
   --cradle "$target_dir/$triple/release/cradle" \
   --kernel "$kernel_dir" \
   --busybox "$busybox" \
+  --mkfs "$mkfs_ext4" \
   --output "$out" >&2
 echo "$out"

@@ -15,7 +15,7 @@ use std::process::{Command, ExitStatus};
 use thiserror::Error;
 
 /// PATH for the command: the kernel gives init only HOME and TERM.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Errors of the command module.
 #[derive(Debug, Error)]
@@ -54,12 +54,19 @@ impl Outcome {
     }
 }
 
+impl Outcome {
+    /// `exited with status N` or `killed by signal S`, for log lines.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Exited(code) => format!("exited with status {code}"),
+            Self::Killed(signal) => format!("killed by signal {signal}"),
+        }
+    }
+}
+
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Exited(code) => write!(f, "command exited with status {code}"),
-            Self::Killed(signal) => write!(f, "command killed by signal {signal}"),
-        }
+        write!(f, "command {}", self.describe())
     }
 }
 
@@ -128,6 +135,7 @@ mod tests {
 
     #[test]
     fn run_true_exits_zero() {
+        let _children = crate::testing::children_lock();
         let outcome = run(&OsString::from("true"), &[]).unwrap();
 
         assert_eq!(outcome, Outcome::Exited(0));
@@ -135,6 +143,7 @@ mod tests {
 
     #[test]
     fn run_missing_program_is_a_spawn_error() {
+        let _children = crate::testing::children_lock();
         let error = run(&OsString::from("/nonexistent/cradle-test"), &[]).unwrap_err();
 
         assert!(matches!(error, CommandError::Spawn { .. }));

@@ -60,13 +60,18 @@ pub fn log_warning(error: &dyn std::error::Error) {
 }
 
 fn log_chain(level: &str, error: &dyn std::error::Error) {
-    let mut line = format!("{level}: {error}");
+    log(&format!("{level}: {}", error_chain(error)));
+}
+
+/// `<error>: <cause>: <cause>` on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
         line.push_str(&format!(": {cause}"));
         source = cause.source();
     }
-    log(&line);
+    line
 }
 
 /// Opens `/dev/console` onto whichever of fds 0, 1 and 2 are closed.

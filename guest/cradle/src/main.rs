@@ -3,8 +3,11 @@
 //! At boot, in order: write the "init started" boot marker; mount /dev,
 //! /proc, /sys, /run, /tmp, /dev/pts (repairing stdio on the way); load the
 //! initramfs's kernel modules in dependency order; print the ready line and
-//! write the "ready" marker; run the command passed after `--` on the
-//! kernel command line, if any; then sync and power off.
+//! write the "ready" marker; if the VMM shipped a pod spec
+//! (`/etc/cradle/pod.json`), set up its volumes (link, format if blank,
+//! mount) and run its processes; run the command passed after `--` on the
+//! kernel command line, if any; then stop leftover processes, unmount the
+//! volumes, sync and power off.
 //!
 //! PID 1 must never exit (the kernel panics when init dies): every error is
 //! printed as `cradle: error: ...` and the VM is powered off. No code path
@@ -27,15 +30,24 @@ mod boot_marker;
 mod cmdline;
 mod command;
 mod console;
+mod disks;
 mod module_dep;
 mod module_load;
 mod mounts;
+mod pod;
 mod power;
+mod probe;
+mod processes;
+#[cfg(test)]
+mod testing;
+mod volumes;
 
 use std::ffi::OsString;
 use std::panic::{self, AssertUnwindSafe};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use initramfs::podspec::POD_SPEC_GUEST_PATH;
 use thiserror::Error;
 
 use crate::boot_marker::{BootMarker, MARKER_INIT_STARTED, MARKER_READY};
@@ -43,6 +55,8 @@ use crate::command::CommandError;
 use crate::console::say;
 use crate::module_load::millis;
 use crate::mounts::MountError;
+use crate::pod::PodError;
+use crate::volumes::{Layout, VolumeError, Volumes};
 
 /// Errors that end the boot (each powers the VM off).
 #[derive(Debug, Error)]
@@ -51,6 +65,10 @@ pub enum CradleError {
     Mount(#[from] MountError),
     #[error("the test hook failed")]
     Command(#[from] CommandError),
+    #[error("cannot set up the pod")]
+    Pod(#[from] PodError),
+    #[error("cannot set up the pod's volumes")]
+    Volume(#[from] VolumeError),
 }
 
 fn main() {
@@ -69,16 +87,30 @@ fn main() {
     let start = Instant::now();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
 
-    match panic::catch_unwind(AssertUnwindSafe(|| boot(marker.as_ref(), start, &args))) {
+    // Outside the closure so the volumes are unmounted whatever happened.
+    let mut volumes = Volumes::default();
+    match panic::catch_unwind(AssertUnwindSafe(|| {
+        boot(marker.as_ref(), start, &args, &mut volumes)
+    })) {
         Ok(Ok(())) => {}
         Ok(Err(error)) => console::log_error(&error),
         Err(_) => say!("error: cradle panicked"),
     }
+    if !volumes.is_empty() {
+        // Nothing may keep a volume busy while it is unmounted.
+        processes::stop_leftovers();
+    }
+    volumes.tear_down();
     power::power_off()
 }
 
 /// Everything between the first marker and power-off.
-fn boot(marker: Option<&BootMarker>, start: Instant, args: &[OsString]) -> Result<(), CradleError> {
+fn boot(
+    marker: Option<&BootMarker>,
+    start: Instant,
+    args: &[OsString],
+    volumes: &mut Volumes,
+) -> Result<(), CradleError> {
     let mut steps = Steps::new(start);
 
     mounts::mount(&mounts::DEV)?;
@@ -105,8 +137,24 @@ fn boot(marker: Option<&BootMarker>, start: Instant, args: &[OsString]) -> Resul
         modules.loaded,
         millis(modules.elapsed)
     );
+
+    let spec = pod::read_spec(Path::new(POD_SPEC_GUEST_PATH))?;
+    steps.mark("pod spec");
+    if let Some(spec) = &spec {
+        say!(
+            "pod {}: volumes {}, processes {}",
+            spec.name,
+            spec.volumes.len(),
+            spec.processes.len()
+        );
+        volumes.set_up(&spec.volumes, &Layout::guest())?;
+        steps.mark("volumes");
+    }
     if flags.debug {
         steps.print();
+    }
+    if let Some(spec) = &spec {
+        processes::run_all(&spec.processes);
     }
 
     match args.split_first() {

@@ -5,6 +5,9 @@
 //! /dev/console                   c 5 1, so the kernel can open init's stdio
 //! /proc /sys /dev /run /tmp /root  empty mount points
 //! /bin/busybox, /bin/<applet>    optional, applets are symlinks to busybox
+//! /sbin/mkfs.<fs>                optional (--mkfs), for cradle to format volumes
+//! /lib*/..., /usr/lib*/...       the mkfs tools' shared libraries and ELF
+//!                                interpreter, at their host paths
 //! /lib/modules/<ver>/...         the module closure
 //! /lib/modules/<ver>/modules.dep exactly the shipped modules, load order
 //! <--add files>
@@ -23,6 +26,7 @@ use crate::cpio::{Archive, CpioError, TRAILER_BYTES};
 use crate::elf::{self, ElfError, Linkage};
 use crate::kernel::KernelDir;
 use crate::modules::{ModuleClosure, ModulesDep, ModulesError, MODULES_DEP};
+use crate::shared_libs::{self, SharedLibsError};
 
 /// Modules shipped when none are named: the virtio-pci transport and the
 /// drivers crib's devices need, overlayfs for image layers, and pvpanic-mmio
@@ -60,6 +64,10 @@ const CRADLE_HINT: &str = "build it with guest/build-initramfs.sh \
      --target x86_64-unknown-linux-gnu)";
 /// How to get a static busybox.
 const BUSYBOX_HINT: &str = "apt-get install busybox-static and pass /bin/busybox";
+/// How to get mkfs.ext4.
+const MKFS_HINT: &str = "apt-get install e2fsprogs and pass /usr/sbin/mkfs.ext4";
+/// cradle runs `/sbin/mkfs.<fs>` to format a blank volume.
+const MKFS_PREFIX: &str = "mkfs.";
 
 /// Errors of building the image.
 #[derive(Debug, Error)]
@@ -91,6 +99,14 @@ pub enum ImageError {
     },
     #[error("--add {}: only regular files can be added", path.display())]
     NotAFile { path: PathBuf },
+    #[error("--mkfs {}: the file must be named mkfs.<fs> (like /usr/sbin/mkfs.ext4): cradle runs /sbin/mkfs.<fs>", path.display())]
+    MkfsName { path: PathBuf },
+    #[error("--mkfs {}: cannot find its shared libraries", path.display())]
+    SharedLibs {
+        path: PathBuf,
+        #[source]
+        source: SharedLibsError,
+    },
     #[error("cannot resolve kernel modules")]
     Modules(#[from] ModulesError),
     #[error("cannot use busybox")]
@@ -146,6 +162,9 @@ pub struct ImageSpec {
     pub modules: Vec<String>,
     /// A static busybox for /bin, if wanted.
     pub busybox: Option<PathBuf>,
+    /// `mkfs.<fs>` tools, installed as `/sbin/mkfs.<fs>`; dynamically
+    /// linked ones bring their libraries and interpreter.
+    pub mkfs: Vec<PathBuf>,
     pub extra: Vec<ExtraFile>,
 }
 
@@ -155,16 +174,22 @@ pub struct ImageSummary {
     pub bytes: u64,
     pub modules: ModuleClosure,
     pub applets: usize,
+    /// `/sbin/mkfs.<fs>` tools written.
+    pub mkfs: usize,
+    /// Shared libraries and interpreters written for them.
+    pub libraries: usize,
 }
 
 impl fmt::Display for ImageSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} bytes, {} modules, {} busybox applets",
+            "{} bytes, {} modules, {} busybox applets, {} mkfs tools with {} shared libraries",
             self.bytes,
             self.modules.entries.len(),
-            self.applets
+            self.applets,
+            self.mkfs,
+            self.libraries
         )
     }
 }
@@ -181,6 +206,21 @@ pub fn write_image<W: Write>(spec: &ImageSpec, out: W) -> Result<(W, ImageSummar
         )),
         None => None,
     };
+    let mkfs = spec
+        .mkfs
+        .iter()
+        .map(|path| read_mkfs(path))
+        .collect::<Result<Vec<(String, Vec<u8>, Vec<PathBuf>)>, ImageError>>()?;
+    let mut libraries: Vec<&Path> = mkfs
+        .iter()
+        .flat_map(|(_, _, libs)| libs.iter().map(PathBuf::as_path))
+        .collect();
+    libraries.sort();
+    libraries.dedup();
+    let library_modes = libraries
+        .iter()
+        .map(|path| regular_file_mode(path))
+        .collect::<Result<Vec<u32>, ImageError>>()?;
     let extra_modes = spec
         .extra
         .iter()
@@ -208,6 +248,14 @@ pub fn write_image<W: Write>(spec: &ImageSpec, out: W) -> Result<(W, ImageSummar
         }
     }
 
+    for (name, binary, _) in &mkfs {
+        archive.add_file(&format!("sbin/{name}"), EXECUTABLE_MODE, binary)?;
+    }
+    for (path, mode) in libraries.iter().zip(library_modes) {
+        let guest = path.to_string_lossy();
+        archive.add_file_from(&guest, mode, path)?;
+    }
+
     let guest_dir = spec.kernel.guest_modules_dir();
     for path in closure.paths() {
         archive.add_file_from(
@@ -232,25 +280,39 @@ pub fn write_image<W: Write>(spec: &ImageSpec, out: W) -> Result<(W, ImageSummar
         bytes,
         modules: closure,
         applets,
+        mkfs: mkfs.len(),
+        libraries: libraries.len(),
     };
     Ok((out, summary))
 }
 
 /// Reads an executable and checks it is static ELF-64.
 fn read_static(what: &'static str, path: &Path, hint: &'static str) -> Result<Vec<u8>, ImageError> {
+    let (bytes, linkage) = read_executable(what, path, hint)?;
+    match linkage {
+        Linkage::Static => Ok(bytes),
+        Linkage::Dynamic { interpreter } => Err(ImageError::NotStatic {
+            what,
+            path: path.to_path_buf(),
+            interpreter,
+            hint,
+        }),
+    }
+}
+
+/// Reads an ELF-64 executable and tells how it is linked.
+fn read_executable(
+    what: &'static str,
+    path: &Path,
+    hint: &'static str,
+) -> Result<(Vec<u8>, Linkage), ImageError> {
     let bytes = std::fs::read(path).map_err(|source| ImageError::Read {
         what,
         path: path.to_path_buf(),
         source,
     })?;
     match elf::linkage(&bytes) {
-        Ok(Linkage::Static) => Ok(bytes),
-        Ok(Linkage::Dynamic { interpreter }) => Err(ImageError::NotStatic {
-            what,
-            path: path.to_path_buf(),
-            interpreter,
-            hint,
-        }),
+        Ok(linkage) => Ok((bytes, linkage)),
         Err(source) => Err(ImageError::NotElf {
             what,
             path: path.to_path_buf(),
@@ -258,6 +320,31 @@ fn read_static(what: &'static str, path: &Path, hint: &'static str) -> Result<Ve
             source,
         }),
     }
+}
+
+/// Reads a `mkfs.<fs>` tool: its name in /sbin, its bytes and the shared
+/// libraries (interpreter included) it needs.
+fn read_mkfs(path: &Path) -> Result<(String, Vec<u8>, Vec<PathBuf>), ImageError> {
+    let name = mkfs_name(path)?;
+    let (bytes, linkage) = read_executable("mkfs tool", path, MKFS_HINT)?;
+    let libraries =
+        shared_libs::dependencies(path, &linkage).map_err(|source| ImageError::SharedLibs {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok((name, bytes, libraries))
+}
+
+/// The file name of a `--mkfs` path, which must be `mkfs.<fs>` (the name
+/// given, not a symlink's target: mke2fs picks the type from argv[0]).
+fn mkfs_name(path: &Path) -> Result<String, ImageError> {
+    path.file_name()
+        .and_then(|name| name.to_str())
+        .filter(|name| name.len() > MKFS_PREFIX.len() && name.starts_with(MKFS_PREFIX))
+        .map(str::to_owned)
+        .ok_or_else(|| ImageError::MkfsName {
+            path: path.to_path_buf(),
+        })
 }
 
 /// The permission bits of a host file that must be regular.
@@ -334,6 +421,56 @@ mod tests {
         assert!(!same_path("/bin/sh", "bin/ash"));
     }
 
+    #[test]
+    fn mkfs_name_is_the_given_file_name() {
+        assert_eq!(
+            mkfs_name(Path::new("/usr/sbin/mkfs.ext4")).unwrap(),
+            "mkfs.ext4"
+        );
+    }
+
+    #[test]
+    fn mkfs_name_other_than_mkfs_dot_fs_is_refused() {
+        let error = mkfs_name(Path::new("/usr/sbin/mke2fs")).unwrap_err();
+
+        assert!(matches!(error, ImageError::MkfsName { .. }));
+        assert!(mkfs_name(Path::new("/usr/sbin/mkfs.")).is_err());
+    }
+
+    #[test]
+    fn write_image_installs_host_mkfs_ext4_with_its_libraries() {
+        // Needs e2fsprogs on the host, as guest/build-initramfs.sh does.
+        let mkfs = PathBuf::from("/usr/sbin/mkfs.ext4");
+        if !mkfs.exists() {
+            eprintln!("skipped: no {} (apt-get install e2fsprogs)", mkfs.display());
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("crib-image-mkfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = fake_kernel(&dir);
+        std::fs::write(dir.join("cradle"), fake_static_init()).unwrap();
+        let spec = ImageSpec {
+            init: dir.join("cradle"),
+            kernel,
+            modules: Vec::new(),
+            busybox: None,
+            mkfs: vec![mkfs],
+            extra: Vec::new(),
+        };
+
+        let (bytes, summary) = write_image(&spec, Vec::new()).unwrap();
+
+        std::fs::remove_dir_all(&dir).unwrap();
+        let entries = crate::cpio::parse_entries(&bytes);
+        let mode_of = |name: &str| entries.iter().find(|e| e.0 == name).map(|e| e.1);
+        assert_eq!(mode_of("sbin/mkfs.ext4"), Some(0o100_755));
+        assert!(mode_of("lib64/ld-linux-x86-64.so.2").is_some());
+        assert!(mode_of("lib/x86_64-linux-gnu/libext2fs.so.2").is_some());
+        assert_eq!(summary.mkfs, 1);
+        assert!(summary.libraries >= 3);
+    }
+
     /// A fake fetched kernel with two modules (b needs a) and an unrelated one.
     fn fake_kernel(dir: &Path) -> KernelDir {
         let modules = dir.join("root/lib/modules/6.1.0-test");
@@ -372,6 +509,7 @@ mod tests {
             kernel,
             modules: vec!["b_mod".to_owned()],
             busybox: None,
+            mkfs: Vec::new(),
             extra: vec![
                 format!("{}:/etc/pod/spec.json", dir.join("spec.json").display())
                     .parse()

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! crib-initramfs --cradle PATH --kernel DIR [--modules a,b,c] [--busybox PATH]
-//!                [--add SRC:DST]... --output FILE
+//!                [--mkfs PATH]... [--add SRC:DST]... --output FILE
 //! ```
 //! The file is replaced atomically, and left untouched (mtime included) when
 //! the new image is byte-identical, so a rerun with nothing changed is cheap
@@ -36,6 +36,11 @@ struct Args {
     /// A static busybox, installed as /bin/busybox with a symlink per applet.
     #[arg(long, value_name = "PATH")]
     busybox: Option<PathBuf>,
+    /// A mkfs.<fs> tool (like /usr/sbin/mkfs.ext4) for cradle to format
+    /// blank volumes, installed as /sbin/mkfs.<fs> with the shared libraries
+    /// and ELF interpreter ldd finds for it (repeatable).
+    #[arg(long, value_name = "PATH")]
+    mkfs: Vec<PathBuf>,
     /// Copy a host file into the image (repeatable).
     #[arg(long = "add", value_name = "SRC:DST")]
     add: Vec<ExtraFile>,
@@ -67,6 +72,7 @@ fn run(args: Args) -> Result<()> {
         kernel,
         modules,
         busybox: args.busybox,
+        mkfs: args.mkfs,
         extra: args.add,
     };
 

@@ -1,0 +1,831 @@
+//! The pod spec: what a pod's microVM runs, the wire type shared by the
+//! host (which validates it and ships it in the initramfs, see
+//! [`crate::pod_archive`]) and cradle (which reads it from
+//! [`POD_SPEC_GUEST_PATH`] at boot). The format is documented with examples
+//! in `docs/POD_SPEC.md`.
+//!
+//! The spec is untrusted input on both sides: parsing never panics, unknown
+//! fields are rejected by name, and [`PodSpec::validate`] checks what serde
+//! cannot (names, paths, duplicates), naming the field and the fix.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Where the spec is in the guest; the pod archive puts it there.
+pub const POD_SPEC_GUEST_PATH: &str = "/etc/cradle/pod.json";
+/// Largest spec accepted: it is copied into guest memory and read at boot.
+pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
+/// Longest volume name: the volume is found by its virtio-blk serial,
+/// which holds at most `VIRTIO_BLK_ID_BYTES` (20) bytes (virtio 1.2, 5.2.6).
+pub const MAX_VOLUME_NAME_BYTES: usize = 20;
+/// Longest pod or process name (a DNS label, so it can be a hostname).
+pub const MAX_NAME_BYTES: usize = 63;
+/// Directories cradle mounts itself: no volume may be mounted on or under them.
+const RESERVED_DIRS: &[&str] = &["/dev", "/proc", "/sys"];
+
+/// Errors of parsing and validating a pod spec. Each names the field
+/// (`volumes[1].path`) and says how to fix it.
+#[derive(Debug, Error)]
+pub enum PodSpecError {
+    #[error("the pod spec is {bytes} bytes; the limit is {MAX_SPEC_BYTES}")]
+    TooLarge { bytes: usize },
+    /// Not JSON, a missing or unknown field, or a value of the wrong type.
+    /// `field` is where (`processes[0].argv`, empty at the top level); the
+    /// cause says what and at which line.
+    #[error(
+        "{}the pod spec does not match the format of docs/POD_SPEC.md",
+        field_prefix(field)
+    )]
+    Json {
+        field: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "{field}: {value:?} is not a valid name; use 1 to {max} characters from a-z, 0-9 and '-'"
+    )]
+    InvalidName {
+        field: String,
+        value: String,
+        max: usize,
+    },
+    #[error("{field}: {value:?} is already the name of {first}; give each one its own name")]
+    DuplicateName {
+        field: String,
+        value: String,
+        first: String,
+    },
+    #[error("{field}: {value:?} is not an absolute path; start it with '/'")]
+    RelativePath { field: String, value: String },
+    #[error(
+        "{field}: {value:?} has an empty, '.' or '..' component; write it plainly, like /data/db"
+    )]
+    UncleanPath { field: String, value: String },
+    #[error("{field}: {value:?} is / or inside /dev, /proc or /sys, which cradle mounts itself; mount the volume elsewhere, like /data")]
+    ReservedPath { field: String, value: String },
+    #[error("{field}: {value:?} is also the path of {first}; mount each volume at its own path")]
+    DuplicatePath {
+        field: String,
+        value: String,
+        first: String,
+    },
+    #[error("{field}: {value:?} is inside {outer:?} ({outer_field}), which is mounted later and would hide it; list {outer_field} first")]
+    HiddenPath {
+        field: String,
+        value: String,
+        outer: String,
+        outer_field: String,
+    },
+    #[error(
+        "{field} applies only to a mounted volume; add a path to the volume or remove {field}"
+    )]
+    NeedsPath { field: String },
+    #[error(
+        "{field} is empty; give at least the program to run, like [\"/bin/sh\", \"-c\", \"...\"]"
+    )]
+    EmptyArgv { field: String },
+    #[error("{field} is empty; name the program to run")]
+    EmptyProgram { field: String },
+    #[error("{field} contains a NUL character, which cannot be passed to a process; remove it")]
+    NulCharacter { field: String },
+    #[error(
+        "{field}: {value:?} is not NAME=VALUE with a non-empty NAME; write it like \"HOME=/root\""
+    )]
+    InvalidEnv { field: String, value: String },
+}
+
+/// A pod: its volumes and its processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    /// The pod's name: 1 to 63 characters from `a-z`, `0-9` and `-`.
+    pub name: String,
+    /// Block volumes, set up in this order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
+    /// Processes cradle starts once the volumes are ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessSpec>,
+}
+
+/// A block volume: a virtio-blk disk whose serial is the volume's name.
+/// Always reachable as `/dev/volumes/<name>`; with a `path`, formatted on
+/// first use and mounted there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// 1 to 20 characters from `a-z`, `0-9` and `-`; the host gives the disk
+    /// this serial.
+    pub name: String,
+    /// Absolute mount point in the guest; none: only the device link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Filesystem to format a blank disk with (default ext4) and to expect
+    /// on it. Absent: whichever of ext4 and xfs the disk has is mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<Filesystem>,
+    /// Mount read-only (`MS_RDONLY`); a blank disk is then an error.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub readonly: bool,
+}
+
+/// A filesystem a volume can hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Filesystem {
+    #[default]
+    Ext4,
+    Xfs,
+}
+
+/// A process cradle starts in the pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// 1 to 63 characters from `a-z`, `0-9` and `-`.
+    pub name: String,
+    /// Program and arguments; a program without `/` is looked up in PATH.
+    pub argv: Vec<String>,
+    /// `NAME=VALUE` entries added to cradle's environment (a default PATH
+    /// included), overriding it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Absolute working directory; default `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+}
+
+/// `"<field>: "`, or nothing for the top level.
+fn field_prefix(field: &str) -> String {
+    if field.is_empty() {
+        String::new()
+    } else {
+        format!("{field}: ")
+    }
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+impl Filesystem {
+    /// The kernel's name for it (`mount -t`), also the spec's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ext4 => "ext4",
+            Self::Xfs => "xfs",
+        }
+    }
+}
+
+impl fmt::Display for Filesystem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PodSpec {
+    /// Parses and validates a spec.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, PodSpecError> {
+        if bytes.len() > MAX_SPEC_BYTES {
+            return Err(PodSpecError::TooLarge { bytes: bytes.len() });
+        }
+        let mut json = serde_json::Deserializer::from_slice(bytes);
+        let spec: Self = serde_path_to_error::deserialize(&mut json).map_err(|error| {
+            let path = error.path().to_string();
+            PodSpecError::Json {
+                // The root is ".".
+                field: if path == "." { String::new() } else { path },
+                source: error.into_inner(),
+            }
+        })?;
+        // Nothing but whitespace may follow the object.
+        json.end().map_err(|source| PodSpecError::Json {
+            field: String::new(),
+            source,
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks everything the JSON types cannot express; the first problem
+    /// found is returned.
+    pub fn validate(&self) -> Result<(), PodSpecError> {
+        check_name("name", &self.name, MAX_NAME_BYTES)?;
+
+        let mut names = HashMap::new();
+        let mut paths: Vec<(&str, String)> = Vec::new();
+        for (index, volume) in self.volumes.iter().enumerate() {
+            let at = format!("volumes[{index}]");
+            let field = format!("{at}.name");
+            check_name(&field, &volume.name, MAX_VOLUME_NAME_BYTES)?;
+            check_unique(&mut names, &volume.name, field)?;
+            match &volume.path {
+                Some(path) => {
+                    let field = format!("{at}.path");
+                    check_mount_path(&field, path)?;
+                    check_path_order(&paths, &field, path)?;
+                    paths.push((path, field));
+                }
+                None if volume.fs.is_some() => {
+                    return Err(PodSpecError::NeedsPath {
+                        field: format!("{at}.fs"),
+                    })
+                }
+                None if volume.readonly => {
+                    return Err(PodSpecError::NeedsPath {
+                        field: format!("{at}.readonly"),
+                    })
+                }
+                None => {}
+            }
+        }
+
+        let mut names = HashMap::new();
+        for (index, process) in self.processes.iter().enumerate() {
+            let at = format!("processes[{index}]");
+            let field = format!("{at}.name");
+            check_name(&field, &process.name, MAX_NAME_BYTES)?;
+            check_unique(&mut names, &process.name, field)?;
+            check_process(&at, process)?;
+        }
+        Ok(())
+    }
+}
+
+/// `[a-z0-9-]{1,max}`.
+fn check_name(field: &str, value: &str, max: usize) -> Result<(), PodSpecError> {
+    let valid = !value.is_empty()
+        && value.len() <= max
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        return Ok(());
+    }
+    Err(PodSpecError::InvalidName {
+        field: field.to_owned(),
+        value: value.to_owned(),
+        max,
+    })
+}
+
+/// Records `value` under `field`, failing if an earlier field had it.
+fn check_unique(
+    seen: &mut HashMap<String, String>,
+    value: &str,
+    field: String,
+) -> Result<(), PodSpecError> {
+    if let Some(first) = seen.get(value) {
+        return Err(PodSpecError::DuplicateName {
+            field,
+            value: value.to_owned(),
+            first: first.trim_end_matches(".name").to_owned(),
+        });
+    }
+    seen.insert(value.to_owned(), field);
+    Ok(())
+}
+
+/// A mount point: absolute, plain, not cradle's own.
+fn check_mount_path(field: &str, path: &str) -> Result<(), PodSpecError> {
+    check_absolute(field, path)?;
+    let reserved = path == "/"
+        || RESERVED_DIRS
+            .iter()
+            .any(|dir| path == *dir || is_inside(path, dir));
+    if reserved {
+        return Err(PodSpecError::ReservedPath {
+            field: field.to_owned(),
+            value: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Absolute, no NUL, no empty/`.`/`..` components (`/` itself is fine).
+fn check_absolute(field: &str, path: &str) -> Result<(), PodSpecError> {
+    if path.contains('\0') {
+        return Err(PodSpecError::NulCharacter {
+            field: field.to_owned(),
+        });
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(PodSpecError::RelativePath {
+            field: field.to_owned(),
+            value: path.to_owned(),
+        });
+    };
+    if !rest.is_empty()
+        && rest
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(PodSpecError::UncleanPath {
+            field: field.to_owned(),
+            value: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `path` is strictly below the directory `dir` (both clean).
+fn is_inside(path: &str, dir: &str) -> bool {
+    path.strip_prefix(dir)
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Mounts happen in spec order: a path equal to an earlier one, or an
+/// earlier one inside this one (this mount would hide it), is refused.
+fn check_path_order(
+    earlier: &[(&str, String)],
+    field: &str,
+    path: &str,
+) -> Result<(), PodSpecError> {
+    for (other, other_field) in earlier {
+        if *other == path {
+            return Err(PodSpecError::DuplicatePath {
+                field: field.to_owned(),
+                value: path.to_owned(),
+                first: other_field.trim_end_matches(".path").to_owned(),
+            });
+        }
+        if is_inside(other, path) {
+            return Err(PodSpecError::HiddenPath {
+                field: other_field.clone(),
+                value: (*other).to_owned(),
+                outer: path.to_owned(),
+                outer_field: field.trim_end_matches(".path").to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// argv, env and cwd of one process.
+fn check_process(at: &str, process: &ProcessSpec) -> Result<(), PodSpecError> {
+    match process.argv.first() {
+        None => {
+            return Err(PodSpecError::EmptyArgv {
+                field: format!("{at}.argv"),
+            })
+        }
+        Some(program) if program.is_empty() => {
+            return Err(PodSpecError::EmptyProgram {
+                field: format!("{at}.argv[0]"),
+            })
+        }
+        Some(_) => {}
+    }
+    for (index, arg) in process.argv.iter().enumerate() {
+        if arg.contains('\0') {
+            return Err(PodSpecError::NulCharacter {
+                field: format!("{at}.argv[{index}]"),
+            });
+        }
+    }
+    for (index, entry) in process.env.iter().enumerate() {
+        let field = format!("{at}.env[{index}]");
+        if entry.contains('\0') {
+            return Err(PodSpecError::NulCharacter { field });
+        }
+        if entry
+            .split_once('=')
+            .is_none_or(|(name, _)| name.is_empty())
+        {
+            return Err(PodSpecError::InvalidEnv {
+                field,
+                value: entry.clone(),
+            });
+        }
+    }
+    if let Some(cwd) = &process.cwd {
+        check_absolute(&format!("{at}.cwd"), cwd)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of docs/POD_SPEC.md.
+    const EXAMPLE: &str = r#"{
+        "name": "web",
+        "volumes": [
+            {"name": "data", "path": "/data", "fs": "ext4", "readonly": false},
+            {"name": "scratch"}
+        ],
+        "processes": [
+            {"name": "main", "argv": ["/bin/sh", "-c", "echo hi"], "env": ["A=b"], "cwd": "/"}
+        ]
+    }"#;
+
+    fn parse(json: &str) -> Result<PodSpec, PodSpecError> {
+        PodSpec::from_json(json.as_bytes())
+    }
+
+    /// A valid spec with one volume `v` whose fields are `volume` (JSON members).
+    fn with_volume(volume: &str) -> String {
+        format!(r#"{{"name": "p", "volumes": [{{"name": "v", {volume}}}]}}"#)
+    }
+
+    /// A valid spec with one process `m` whose fields are `process`.
+    fn with_process(process: &str) -> String {
+        format!(r#"{{"name": "p", "processes": [{{"name": "m", {process}}}]}}"#)
+    }
+
+    #[test]
+    fn from_json_example_parses_every_field() {
+        let spec = parse(EXAMPLE).unwrap();
+
+        assert_eq!(spec.name, "web");
+        assert_eq!(
+            spec.volumes,
+            [
+                VolumeSpec {
+                    name: "data".to_owned(),
+                    path: Some("/data".to_owned()),
+                    fs: Some(Filesystem::Ext4),
+                    readonly: false,
+                },
+                VolumeSpec {
+                    name: "scratch".to_owned(),
+                    path: None,
+                    fs: None,
+                    readonly: false,
+                },
+            ]
+        );
+        assert_eq!(
+            spec.processes,
+            [ProcessSpec {
+                name: "main".to_owned(),
+                argv: vec!["/bin/sh".to_owned(), "-c".to_owned(), "echo hi".to_owned()],
+                env: vec!["A=b".to_owned()],
+                cwd: Some("/".to_owned()),
+            }]
+        );
+    }
+
+    #[test]
+    fn from_json_name_only_has_no_volumes_or_processes() {
+        let spec = parse(r#"{"name": "p"}"#).unwrap();
+
+        assert!(spec.volumes.is_empty());
+        assert!(spec.processes.is_empty());
+    }
+
+    #[test]
+    fn from_json_xfs_and_readonly_parse() {
+        let spec = parse(&with_volume(
+            r#""path": "/d", "fs": "xfs", "readonly": true"#,
+        ))
+        .unwrap();
+
+        assert_eq!(spec.volumes[0].fs, Some(Filesystem::Xfs));
+        assert!(spec.volumes[0].readonly);
+    }
+
+    #[test]
+    fn serialize_then_parse_round_trips() {
+        let spec = parse(EXAMPLE).unwrap();
+
+        let json = serde_json::to_vec(&spec).unwrap();
+
+        assert_eq!(PodSpec::from_json(&json).unwrap(), spec);
+    }
+
+    #[test]
+    fn from_json_over_the_limit_is_too_large() {
+        let json = vec![b' '; MAX_SPEC_BYTES + 1];
+
+        let error = PodSpec::from_json(&json).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::TooLarge { bytes } if bytes == MAX_SPEC_BYTES + 1));
+    }
+
+    #[test]
+    fn from_json_not_json_is_a_json_error() {
+        let error = parse("name: web").unwrap_err();
+
+        assert!(matches!(error, PodSpecError::Json { .. }));
+    }
+
+    #[test]
+    fn from_json_unknown_volume_field_is_named() {
+        let error = parse(&with_volume(r#""size": 10"#)).unwrap_err();
+
+        let PodSpecError::Json { source, .. } = error else {
+            panic!("expected a JSON error, got {error}");
+        };
+        assert!(
+            source.to_string().contains("unknown field `size`"),
+            "{source}"
+        );
+    }
+
+    #[test]
+    fn from_json_unknown_top_level_field_is_named() {
+        let error = parse(r#"{"name": "p", "volume": []}"#).unwrap_err();
+
+        let PodSpecError::Json { source, .. } = error else {
+            panic!("expected a JSON error, got {error}");
+        };
+        assert!(
+            source.to_string().contains("unknown field `volume`"),
+            "{source}"
+        );
+    }
+
+    #[test]
+    fn from_json_unknown_field_error_names_where() {
+        let error = parse(&with_volume(r#""size": 10"#)).unwrap_err();
+
+        assert!(
+            error.to_string().starts_with("volumes[0].size: "),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn from_json_wrong_type_names_the_field() {
+        let error = parse(&with_process(r#""argv": "sh""#)).unwrap_err();
+
+        assert!(matches!(&error, PodSpecError::Json { field, .. } if field == "processes[0].argv"));
+    }
+
+    #[test]
+    fn from_json_trailing_garbage_is_a_json_error() {
+        let error = parse(r#"{"name": "p"} x"#).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::Json { field, .. } if field.is_empty()));
+    }
+
+    #[test]
+    fn from_json_missing_name_is_named() {
+        let error = parse(r#"{"volumes": []}"#).unwrap_err();
+
+        let PodSpecError::Json { source, .. } = error else {
+            panic!("expected a JSON error, got {error}");
+        };
+        assert!(
+            source.to_string().contains("missing field `name`"),
+            "{source}"
+        );
+    }
+
+    #[test]
+    fn from_json_unknown_filesystem_lists_the_choices() {
+        let error = parse(&with_volume(r#""path": "/d", "fs": "btrfs""#)).unwrap_err();
+
+        let PodSpecError::Json { source, .. } = error else {
+            panic!("expected a JSON error, got {error}");
+        };
+        let text = source.to_string();
+        assert!(
+            text.contains("btrfs") && text.contains("`ext4`") && text.contains("`xfs`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn validate_uppercase_pod_name_is_invalid() {
+        let error = parse(r#"{"name": "Web"}"#).unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::InvalidName { field, max: 63, .. } if field == "name")
+        );
+    }
+
+    #[test]
+    fn validate_volume_name_of_21_bytes_is_invalid() {
+        // One more than the virtio-blk serial holds.
+        let error =
+            parse(r#"{"name": "p", "volumes": [{"name": "abcdefghij0123456789x"}]}"#).unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::InvalidName { field, max: 20, .. } if field == "volumes[0].name")
+        );
+    }
+
+    #[test]
+    fn validate_volume_name_of_20_bytes_is_valid() {
+        assert!(parse(r#"{"name": "p", "volumes": [{"name": "abcdefghij0123456789"}]}"#).is_ok());
+    }
+
+    #[test]
+    fn validate_empty_volume_name_is_invalid() {
+        let error = parse(r#"{"name": "p", "volumes": [{"name": ""}]}"#).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::InvalidName { .. }));
+    }
+
+    #[test]
+    fn validate_duplicate_volume_name_names_the_first() {
+        let error =
+            parse(r#"{"name": "p", "volumes": [{"name": "a"}, {"name": "a"}]}"#).unwrap_err();
+
+        assert!(matches!(
+            &error,
+            PodSpecError::DuplicateName { field, first, .. }
+                if field == "volumes[1].name" && first == "volumes[0]"
+        ));
+        assert!(error.to_string().contains("give each one its own name"));
+    }
+
+    #[test]
+    fn validate_duplicate_process_name_is_duplicate() {
+        let json = r#"{"name": "p", "processes": [
+            {"name": "a", "argv": ["x"]}, {"name": "a", "argv": ["y"]}]}"#;
+
+        let error = parse(json).unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::DuplicateName { field, .. } if field == "processes[1].name")
+        );
+    }
+
+    #[test]
+    fn validate_volume_and_process_may_share_a_name() {
+        let json = r#"{"name": "p", "volumes": [{"name": "a"}],
+            "processes": [{"name": "a", "argv": ["x"]}]}"#;
+
+        assert!(parse(json).is_ok());
+    }
+
+    #[test]
+    fn validate_relative_path_says_to_start_with_slash() {
+        let error = parse(&with_volume(r#""path": "data""#)).unwrap_err();
+
+        assert!(
+            matches!(&error, PodSpecError::RelativePath { field, .. } if field == "volumes[0].path")
+        );
+        assert!(error.to_string().contains("start it with '/'"));
+    }
+
+    #[test]
+    fn validate_dot_dot_path_is_unclean() {
+        let error = parse(&with_volume(r#""path": "/data/../etc""#)).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::UncleanPath { .. }));
+    }
+
+    #[test]
+    fn validate_trailing_slash_path_is_unclean() {
+        let error = parse(&with_volume(r#""path": "/data/""#)).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::UncleanPath { .. }));
+    }
+
+    #[test]
+    fn validate_root_path_is_reserved() {
+        let error = parse(&with_volume(r#""path": "/""#)).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::ReservedPath { .. }));
+    }
+
+    #[test]
+    fn validate_path_under_proc_is_reserved() {
+        let error = parse(&with_volume(r#""path": "/proc/x""#)).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::ReservedPath { .. }));
+    }
+
+    #[test]
+    fn validate_path_sharing_a_prefix_with_dev_is_fine() {
+        assert!(parse(&with_volume(r#""path": "/devdata""#)).is_ok());
+    }
+
+    #[test]
+    fn validate_nul_in_path_is_a_nul_character() {
+        let error = parse(&with_volume(r#""path": "/da\u0000ta""#)).unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::NulCharacter { field } if field == "volumes[0].path")
+        );
+    }
+
+    #[test]
+    fn validate_same_path_twice_is_duplicate() {
+        let json = r#"{"name": "p", "volumes": [
+            {"name": "a", "path": "/data"}, {"name": "b", "path": "/data"}]}"#;
+
+        let error = parse(json).unwrap_err();
+
+        assert!(matches!(
+            error,
+            PodSpecError::DuplicatePath { field, first, .. }
+                if field == "volumes[1].path" && first == "volumes[0]"
+        ));
+    }
+
+    #[test]
+    fn validate_child_before_parent_is_hidden() {
+        let json = r#"{"name": "p", "volumes": [
+            {"name": "a", "path": "/data/db"}, {"name": "b", "path": "/data"}]}"#;
+
+        let error = parse(json).unwrap_err();
+
+        assert!(matches!(
+            &error,
+            PodSpecError::HiddenPath { field, outer_field, .. }
+                if field == "volumes[0].path" && outer_field == "volumes[1]"
+        ));
+        assert!(error.to_string().contains("list volumes[1] first"));
+    }
+
+    #[test]
+    fn validate_parent_before_child_is_fine() {
+        let json = r#"{"name": "p", "volumes": [
+            {"name": "a", "path": "/data"}, {"name": "b", "path": "/data/db"}]}"#;
+
+        assert!(parse(json).is_ok());
+    }
+
+    #[test]
+    fn validate_fs_without_path_needs_path() {
+        let error = parse(&with_volume(r#""fs": "ext4""#)).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::NeedsPath { field } if field == "volumes[0].fs"));
+    }
+
+    #[test]
+    fn validate_readonly_without_path_needs_path() {
+        let error = parse(&with_volume(r#""readonly": true"#)).unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::NeedsPath { field } if field == "volumes[0].readonly")
+        );
+    }
+
+    #[test]
+    fn validate_empty_argv_is_empty_argv() {
+        let error = parse(&with_process(r#""argv": []"#)).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::EmptyArgv { field } if field == "processes[0].argv"));
+    }
+
+    #[test]
+    fn validate_empty_program_is_empty_program() {
+        let error = parse(&with_process(r#""argv": ["", "x"]"#)).unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::EmptyProgram { field } if field == "processes[0].argv[0]")
+        );
+    }
+
+    #[test]
+    fn validate_nul_in_argument_names_the_argument() {
+        let error = parse(&with_process(r#""argv": ["sh", "a\u0000b"]"#)).unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::NulCharacter { field } if field == "processes[0].argv[1]")
+        );
+    }
+
+    #[test]
+    fn validate_env_without_equals_is_invalid_env() {
+        let error = parse(&with_process(r#""argv": ["sh"], "env": ["A=1", "B"]"#)).unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::InvalidEnv { field, .. } if field == "processes[0].env[1]")
+        );
+    }
+
+    #[test]
+    fn validate_env_with_empty_name_is_invalid_env() {
+        let error = parse(&with_process(r#""argv": ["sh"], "env": ["=1"]"#)).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::InvalidEnv { .. }));
+    }
+
+    #[test]
+    fn validate_env_with_empty_value_is_fine() {
+        assert!(parse(&with_process(r#""argv": ["sh"], "env": ["A="]"#)).is_ok());
+    }
+
+    #[test]
+    fn validate_relative_cwd_is_relative_path() {
+        let error = parse(&with_process(r#""argv": ["sh"], "cwd": "tmp""#)).unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::RelativePath { field, .. } if field == "processes[0].cwd")
+        );
+    }
+
+    #[test]
+    fn validate_bare_program_name_is_fine() {
+        // Looked up in PATH, like the test hook's command.
+        assert!(parse(&with_process(r#""argv": ["sh", "-c", "true"]"#)).is_ok());
+    }
+
+    #[test]
+    fn filesystem_default_is_ext4_and_displays_its_mount_name() {
+        assert_eq!(Filesystem::default(), Filesystem::Ext4);
+        assert_eq!(Filesystem::Xfs.to_string(), "xfs");
+    }
+}
