@@ -10,10 +10,10 @@
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::mcfg::MCFG;
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -125,8 +125,17 @@ fn pci_host_bridge(pci: &PciHostBridge) -> Vec<u8> {
     let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
     let config_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
     let window_end = pci.mmio_start + pci.mmio_size - 1;
-    let (start, end) = (u32::try_from(pci.mmio_start).unwrap_or(0), u32::try_from(window_end).unwrap_or(0));
-    let memory = aml::AddressSpace::new_memory(aml::AddressSpaceCacheable::NotCacheable, true, start, end, None);
+    let (start, end) = (
+        u32::try_from(pci.mmio_start).unwrap_or(0),
+        u32::try_from(window_end).unwrap_or(0),
+    );
+    let memory = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        start,
+        end,
+        None,
+    );
     let crs = aml::ResourceTemplate::new(vec![&bus, &config_ports, &memory]);
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
     let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
@@ -347,10 +356,16 @@ mod tests {
     #[test]
     fn mcfg_points_at_ecam_for_bus_zero() {
         let (mem, rsdp) = written(1);
-        let mcfg = tables(&mem, rsdp).into_iter().find(|t| &t[..4] == b"MCFG").unwrap();
+        let mcfg = tables(&mem, rsdp)
+            .into_iter()
+            .find(|t| &t[..4] == b"MCFG")
+            .unwrap();
         assert!(checksum_ok(&mcfg));
         // Allocation entry after the 44-byte header: base, segment, start bus, end bus.
-        assert_eq!(u64::from_le_bytes(mcfg[44..52].try_into().unwrap()), 0xe000_0000);
+        assert_eq!(
+            u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
+            0xe000_0000
+        );
         assert_eq!((mcfg[54], mcfg[55]), (0, 0));
     }
 
