@@ -252,3 +252,91 @@ fn multiqueue_block_device_backing() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// Runs a host tool, failing with its stderr.
+fn host_tool(program: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn pod_tests() -> Vec<(&'static str, TestFn)> {
+    vec![("linux_pod_volumes_mounted_by_name", pod_volumes_mounted_by_name)]
+}
+
+/// A pod with three volumes: a blank file (formatted, read-write), a blank block device
+/// (a loop device, formatted, read-write) and an ext4 file attached read-only.
+fn pod_volumes_mounted_by_name() -> Result<()> {
+    let dir = scratch("pod")?;
+    let data = backing_file(&dir, "data.img", 64 * MIB)?;
+    let lv_file = backing_file(&dir, "lv.img", 64 * MIB)?;
+    let ro = backing_file(&dir, "ro.img", 16 * MIB)?;
+    let content = dir.join("content");
+    std::fs::create_dir_all(&content)?;
+    std::fs::write(content.join("motd"), "read-only-content\n")?;
+    let (ro_arg, content_arg) = (ro.display().to_string(), content.display().to_string());
+    host_tool("mkfs.ext4", &["-q", "-F", "-d", &content_arg, &ro_arg])?;
+    let device = host_tool("losetup", &["--find", "--show", &lv_file.display().to_string()])?
+        .trim()
+        .to_string();
+    let spec = serde_spec();
+    let spec_path = dir.join("pod.json");
+    std::fs::write(&spec_path, spec)?;
+
+    let artifacts = GuestArtifacts::find()?;
+    let command = "cat /ro/motd; touch /ro/new 2>/dev/null && echo ro-write-ok || echo ro-write-failed; ls /dev/volumes";
+    let args: Vec<String> = vec![
+        "run".into(),
+        "--kernel".into(),
+        artifacts.vmlinux.display().to_string(),
+        "--initrd".into(),
+        artifacts.initramfs.display().to_string(),
+        "--pod".into(),
+        spec_path.display().to_string(),
+        "--cmdline".into(),
+        format!("console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{command}\""),
+        "--disk".into(),
+        format!("path={},id=data", data.display()),
+        "--disk".into(),
+        format!("path={device},id=lv"),
+        "--disk".into(),
+        format!("path={},id=config,readonly=on", ro.display()),
+    ];
+    let out = run_crib(&args, DEADLINE);
+    let _ = std::process::Command::new("losetup").args(["-d", &device]).status();
+    let out = out?;
+    expect_status(&out, 0)?;
+    out.check(out.stdout.contains("process writer exited with status 0"), "the pod process ran")?;
+    out.check(out.stdout.contains("read-only-content"), "the read-only volume is mounted")?;
+    out.check(out.stdout.contains("ro-write-failed"), "writing the read-only volume fails")?;
+    let data_arg = data.display().to_string();
+    let on_data = host_tool("debugfs", &["-R", "cat /hello", &data_arg])?;
+    out.check(on_data.contains("pod-data"), "the host image holds the pod's file")?;
+    let lv_arg = lv_file.display().to_string();
+    let on_lv = host_tool("debugfs", &["-R", "cat /hello", &lv_arg])?;
+    out.check(on_lv.contains("lv-data"), "the block device holds the pod's file")?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn serde_spec() -> String {
+    r#"{
+  "name": "e2e",
+  "volumes": [
+    {"name": "data", "path": "/data"},
+    {"name": "lv", "path": "/lv", "fs": "ext4"},
+    {"name": "config", "path": "/ro", "readonly": true}
+  ],
+  "processes": [
+    {"name": "writer", "argv": ["/bin/sh", "-c", "echo pod-data > /data/hello && echo lv-data > /lv/hello && sync"]}
+  ]
+}"#
+    .to_string()
+}

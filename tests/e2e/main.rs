@@ -102,6 +102,7 @@ fn main() {
     let linux: Vec<Trial> = linux::tests()
         .into_iter()
         .chain(disk::tests())
+        .chain(disk::pod_tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux
