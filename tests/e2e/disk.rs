@@ -238,8 +238,8 @@ fn multiqueue_block_device_backing() -> Result<()> {
     let out = out?;
     expect_status(&out, 0)?;
     out.check(
-        out.stdout.lines().any(|l| l.trim() == "4"),
-        "the guest sees 4 queues",
+        out.stdout.lines().any(|l| l.trim() == "2"),
+        "the guest sees 2 queues",
     )?;
     out.check(
         out.stdout.lines().any(|l| l.trim() == "65536"),
