@@ -3,6 +3,8 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod pci;
+pub mod rate_limiter;
 pub mod virtio;
 pub mod vm_exit;
 

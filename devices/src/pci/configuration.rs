@@ -151,9 +151,9 @@ impl PciConfiguration {
             .map(|b| (b.index, addr - b.addr))
     }
 
-    /// Appends a capability: `body` starts with the capability id; its next pointer (byte
-    /// 1) is filled here. Returns the capability's offset in configuration space.
-    /// `writable` gives per-byte write masks for the body (same length), or none.
+    /// Appends a capability: `body` starts with the capability id, and its next pointer
+    /// (the second byte) is filled here. Returns the capability's offset in configuration
+    /// space. `writable` gives per-byte write masks for the body (same length), or none.
     pub fn add_capability(
         &mut self,
         body: &[u8],

@@ -267,7 +267,8 @@ impl MsixConfig {
     fn locate(&self, offset: u64, len: usize) -> Option<(usize, usize)> {
         let index = usize::try_from(offset / MSIX_TABLE_ENTRY_BYTES).ok()?;
         let field = (offset % MSIX_TABLE_ENTRY_BYTES) as usize;
-        let aligned = matches!(len, 1 | 2 | 4 | 8) && field % len.min(4) == 0 && field + len <= 16;
+        let aligned =
+            matches!(len, 1 | 2 | 4 | 8) && field.is_multiple_of(len.min(4)) && field + len <= 16;
         (index < self.table.len() && aligned).then_some((index, field))
     }
 }

@@ -5,6 +5,9 @@
 //! interrupts. Neither knows KVM: queue kicks arrive as eventfds (ioeventfds in the VMM)
 //! and interrupts leave through [`VirtioInterrupt`] (MSI-X irqfds in the VMM).
 
+pub mod block;
+pub mod transport;
+
 use std::sync::Arc;
 
 use virtio_queue::Queue;

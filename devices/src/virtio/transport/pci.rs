@@ -518,7 +518,13 @@ impl VirtioPciDevice {
 /// Queue registers after reset: `queue_size` reads as the maximum (virtio 1.2 §4.1.4.3.2:
 /// the device presents its maximum, the driver may lower it).
 fn initial_queue_regs(max_sizes: &[u16]) -> Vec<QueueRegs> {
-    max_sizes.iter().map(|&size| QueueRegs { size, ..Default::default() }).collect()
+    max_sizes
+        .iter()
+        .map(|&size| QueueRegs {
+            size,
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// A `virtio_pci_cap` (virtio 1.2 §4.1.4), with `notify_off_multiplier` for the notify cap.
