@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test: formatting, clippy, unit tests, and the end-to-end tests (inside the lab when
-# this CPU has no VT-x/AMD-V).
+# this CPU has no VT-x/AMD-V). Ends with one line: "N passed, M failed".
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -8,4 +8,13 @@ cd "$root"
 scripts/prepare.sh
 cargo fmt --all -- --check
 cargo clippy --quiet --workspace --all-targets -- -D warnings
-cargo test --workspace
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace 2>&1 | tee "$log" || status=$?
+# Sum every test binary's result line (the lab run's included), so the last line counts
+# all tests rather than the last binary's.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
