@@ -15,6 +15,15 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// Answers a read of an 8-bit register: `value` in the first byte, zeros above (a wider
+/// access to a byte-wide legacy port reads the neighbours as zero).
+pub fn read_byte_register(data: &mut [u8], value: u8) {
+    data.fill(0);
+    if let Some(first) = data.first_mut() {
+        *first = value;
+    }
+}
+
 /// Errors of bus set-up.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {

@@ -268,7 +268,10 @@ fn host_tool(program: &str, args: &[&str]) -> Result<String> {
 }
 
 pub fn pod_tests() -> Vec<(&'static str, TestFn)> {
-    vec![("linux_pod_volumes_mounted_by_name", pod_volumes_mounted_by_name)]
+    vec![(
+        "linux_pod_volumes_mounted_by_name",
+        pod_volumes_mounted_by_name,
+    )]
 }
 
 /// A pod with three volumes: a blank file (formatted, read-write), a blank block device
@@ -283,9 +286,12 @@ fn pod_volumes_mounted_by_name() -> Result<()> {
     std::fs::write(content.join("motd"), "read-only-content\n")?;
     let (ro_arg, content_arg) = (ro.display().to_string(), content.display().to_string());
     host_tool("mkfs.ext4", &["-q", "-F", "-d", &content_arg, &ro_arg])?;
-    let device = host_tool("losetup", &["--find", "--show", &lv_file.display().to_string()])?
-        .trim()
-        .to_string();
+    let device = host_tool(
+        "losetup",
+        &["--find", "--show", &lv_file.display().to_string()],
+    )?
+    .trim()
+    .to_string();
     let spec = serde_spec();
     let spec_path = dir.join("pod.json");
     std::fs::write(&spec_path, spec)?;
@@ -310,18 +316,35 @@ fn pod_volumes_mounted_by_name() -> Result<()> {
         format!("path={},id=config,readonly=on", ro.display()),
     ];
     let out = run_crib(&args, DEADLINE);
-    let _ = std::process::Command::new("losetup").args(["-d", &device]).status();
+    let _ = std::process::Command::new("losetup")
+        .args(["-d", &device])
+        .status();
     let out = out?;
     expect_status(&out, 0)?;
-    out.check(out.stdout.contains("process writer exited with status 0"), "the pod process ran")?;
-    out.check(out.stdout.contains("read-only-content"), "the read-only volume is mounted")?;
-    out.check(out.stdout.contains("ro-write-failed"), "writing the read-only volume fails")?;
+    out.check(
+        out.stdout.contains("process writer exited with status 0"),
+        "the pod process ran",
+    )?;
+    out.check(
+        out.stdout.contains("read-only-content"),
+        "the read-only volume is mounted",
+    )?;
+    out.check(
+        out.stdout.contains("ro-write-failed"),
+        "writing the read-only volume fails",
+    )?;
     let data_arg = data.display().to_string();
     let on_data = host_tool("debugfs", &["-R", "cat /hello", &data_arg])?;
-    out.check(on_data.contains("pod-data"), "the host image holds the pod's file")?;
+    out.check(
+        on_data.contains("pod-data"),
+        "the host image holds the pod's file",
+    )?;
     let lv_arg = lv_file.display().to_string();
     let on_lv = host_tool("debugfs", &["-R", "cat /hello", &lv_arg])?;
-    out.check(on_lv.contains("lv-data"), "the block device holds the pod's file")?;
+    out.check(
+        on_lv.contains("lv-data"),
+        "the block device holds the pod's file",
+    )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use vm_superio::I8042Device;
 
 use super::ExitTrigger;
-use crate::bus::BusDevice;
+use crate::bus::{read_byte_register, BusDevice};
 use crate::vm_exit::{ExitReason, VmExit};
 
 /// First port of the controller (data); the command/status port is at +4 (0x64).
@@ -33,10 +33,7 @@ impl BusDevice for I8042 {
         let value = u8::try_from(offset)
             .map(|o| self.inner.read(o))
             .unwrap_or(0);
-        data.fill(0);
-        if let Some(first) = data.first_mut() {
-            *first = value;
-        }
+        read_byte_register(data, value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::bus::BusDevice;
+use crate::bus::{read_byte_register, BusDevice};
 use crate::vm_exit::{ExitReason, VmExit};
 
 /// The port QEMU uses too, so guest configuration carries over.
@@ -27,10 +27,7 @@ impl PvPanic {
 
 impl BusDevice for PvPanic {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if let Some(first) = data.first_mut() {
-            *first = PVPANIC_PANICKED | PVPANIC_CRASH_LOADED;
-        }
+        read_byte_register(data, PVPANIC_PANICKED | PVPANIC_CRASH_LOADED);
     }
 
     fn write(&mut self, _offset: u64, data: &[u8]) {

@@ -13,7 +13,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::BusDevice;
+use crate::bus::{read_byte_register, BusDevice};
 use crate::vm_exit::{ExitReason, VmExit};
 
 /// COM1's base port.
@@ -141,10 +141,7 @@ impl BusDevice for Serial {
         let value = u8::try_from(offset)
             .map(|o| self.inner.read(o))
             .unwrap_or(0);
-        data.fill(0);
-        if let Some(first) = data.first_mut() {
-            *first = value;
-        }
+        read_byte_register(data, value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
