@@ -7,6 +7,8 @@ packages=(
   qemu-system-x86   # the lab's L1 VM (TCG) and the QEMU baseline in benchmarks
   busybox-static    # the lab's L1 userland and the test initramfs' shell
   cpio kmod lz4     # initramfs packing, module dependencies, vmlinux extraction
+  e2fsprogs         # mkfs.ext4 for cradle's blank volumes; debugfs in the tests
+  fio               # run in the guest by the e2e tests (chrooted from a disk image)
   ca-certificates
 )
 missing=()

@@ -363,3 +363,86 @@ fn serde_spec() -> String {
 }"#
     .to_string()
 }
+
+pub fn fio_tests() -> Vec<(&'static str, TestFn)> {
+    vec![("linux_disk_fio_randrw_with_verify", fio_randrw_with_verify)]
+}
+
+/// An ext4 image holding the host's `fio` with its shared libraries at their paths, so
+/// the guest can `chroot` into it: fio needs 60-odd libraries, too many for the initramfs.
+fn fio_image(dir: &Path) -> Result<PathBuf> {
+    let root = dir.join("fio-root");
+    let fio = PathBuf::from("/usr/bin/fio");
+    anyhow::ensure!(
+        fio.exists(),
+        "fio is not installed on the host (apt-get install fio)"
+    );
+    let mut files = vec![fio.clone()];
+    for line in host_tool("ldd", &["/usr/bin/fio"])?.lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|s| s.split_whitespace().next());
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            files.push(PathBuf::from(path));
+        }
+    }
+    for file in &files {
+        let target = root.join(file.strip_prefix("/")?);
+        std::fs::create_dir_all(target.parent().context("no parent")?)?;
+        std::fs::copy(file, &target).with_context(|| format!("cannot copy {}", file.display()))?;
+    }
+    for mount_point in ["dev", "proc", "tmp"] {
+        std::fs::create_dir_all(root.join(mount_point))?;
+    }
+    let image = backing_file(dir, "fio.img", 256 * MIB)?;
+    let (root_arg, image_arg) = (root.display().to_string(), image.display().to_string());
+    host_tool("mkfs.ext4", &["-q", "-F", "-d", &root_arg, &image_arg])?;
+    std::fs::remove_dir_all(&root)?;
+    Ok(image)
+}
+
+/// fio in the guest, io_uring with O_DIRECT on a virtio-blk volume: random writes read
+/// back and checked (crc32c), then random reads.
+fn fio_randrw_with_verify() -> Result<()> {
+    let dir = scratch("fio")?;
+    let tools = fio_image(&dir)?;
+    let target = backing_file(&dir, "target.img", 128 * MIB)?;
+    let spec_path = dir.join("pod.json");
+    std::fs::write(
+        &spec_path,
+        r#"{"name": "fio", "volumes": [{"name": "tools", "path": "/t", "readonly": true}, {"name": "target"}]}"#,
+    )?;
+    let fio = "chroot /t /usr/bin/fio --output-format=terse --terse-version=3 --minimal \
+               --filename=/dev/volumes/target --ioengine=io_uring --direct=1 --bs=4k --size=32M \
+               --iodepth=16";
+    let command = format!(
+        "mount --bind /dev /t/dev && {fio} --name=w --rw=randwrite --verify=crc32c --verify_fatal=1 && {fio} --name=r --rw=randread && echo fio-ok"
+    );
+    let artifacts = GuestArtifacts::find()?;
+    let args: Vec<String> = vec![
+        "run".into(),
+        "--kernel".into(),
+        artifacts.vmlinux.display().to_string(),
+        "--initrd".into(),
+        artifacts.initramfs.display().to_string(),
+        "--memory".into(),
+        "512M".into(),
+        "--pod".into(),
+        spec_path.display().to_string(),
+        "--cmdline".into(),
+        format!("console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{command}\""),
+        "--disk".into(),
+        format!("path={},id=tools,readonly=on", tools.display()),
+        "--disk".into(),
+        format!("path={},id=target", target.display()),
+    ];
+    let out = run_crib(&args, DEADLINE)?;
+    std::fs::remove_dir_all(&dir)?;
+    expect_status(&out, 0)?;
+    out.check(
+        out.stdout.contains("fio-ok"),
+        "fio wrote and verified its data",
+    )
+}

@@ -103,6 +103,7 @@ fn main() {
         .into_iter()
         .chain(disk::tests())
         .chain(disk::pod_tests())
+        .chain(disk::fio_tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux
