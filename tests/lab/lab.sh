@@ -246,6 +246,8 @@ cwd=$(pwd -P)
 {
   echo "LAB_OUT=$(shq "$out")"
   echo "LAB_CWD=$(shq "$cwd")"
+  # The repository (its target/ holds the binaries under test) may live under /tmp too.
+  echo "LAB_ROOT=$(shq "$(cd "$root" && pwd -P)")"
   echo "LAB_KMODS=$(shq "$kmods")"
 } >"$priv/conf"
 
