@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use crib_tests::{run_crib, GuestArtifacts, RunOutput};
+use crib_tests::{fio_image, host_tool, run_crib, GuestArtifacts, RunOutput};
 
 use crate::TestFn;
 
@@ -253,20 +253,6 @@ fn multiqueue_block_device_backing() -> Result<()> {
     Ok(())
 }
 
-/// Runs a host tool, failing with its stderr.
-fn host_tool(program: &str, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 pub fn pod_tests() -> Vec<(&'static str, TestFn)> {
     vec![(
         "linux_pod_volumes_mounted_by_name",
@@ -366,41 +352,6 @@ fn serde_spec() -> String {
 
 pub fn fio_tests() -> Vec<(&'static str, TestFn)> {
     vec![("linux_disk_fio_randrw_with_verify", fio_randrw_with_verify)]
-}
-
-/// An ext4 image holding the host's `fio` with its shared libraries at their paths, so
-/// the guest can `chroot` into it: fio needs 60-odd libraries, too many for the initramfs.
-fn fio_image(dir: &Path) -> Result<PathBuf> {
-    let root = dir.join("fio-root");
-    let fio = PathBuf::from("/usr/bin/fio");
-    anyhow::ensure!(
-        fio.exists(),
-        "fio is not installed on the host (apt-get install fio)"
-    );
-    let mut files = vec![fio.clone()];
-    for line in host_tool("ldd", &["/usr/bin/fio"])?.lines() {
-        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let path = line
-            .split("=>")
-            .last()
-            .and_then(|s| s.split_whitespace().next());
-        if let Some(path) = path.filter(|p| p.starts_with('/')) {
-            files.push(PathBuf::from(path));
-        }
-    }
-    for file in &files {
-        let target = root.join(file.strip_prefix("/")?);
-        std::fs::create_dir_all(target.parent().context("no parent")?)?;
-        std::fs::copy(file, &target).with_context(|| format!("cannot copy {}", file.display()))?;
-    }
-    for mount_point in ["dev", "proc", "tmp"] {
-        std::fs::create_dir_all(root.join(mount_point))?;
-    }
-    let image = backing_file(dir, "fio.img", 256 * MIB)?;
-    let (root_arg, image_arg) = (root.display().to_string(), image.display().to_string());
-    host_tool("mkfs.ext4", &["-q", "-F", "-d", &root_arg, &image_arg])?;
-    std::fs::remove_dir_all(&root)?;
-    Ok(image)
 }
 
 /// fio in the guest, io_uring with O_DIRECT on a virtio-blk volume: random writes read

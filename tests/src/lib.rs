@@ -151,6 +151,56 @@ pub fn run_crib<S: AsRef<std::ffi::OsStr>>(args: &[S], deadline: Duration) -> Re
     Ok(output)
 }
 
+/// Runs a host tool, failing with its stderr.
+pub fn host_tool(program: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// An ext4 image holding the host's `fio` with its shared libraries at their paths, so
+/// the guest can `chroot` into it: fio needs 60-odd libraries, too many for the initramfs.
+pub fn fio_image(dir: &Path) -> Result<PathBuf> {
+    let root = dir.join("fio-root");
+    let fio = PathBuf::from("/usr/bin/fio");
+    anyhow::ensure!(
+        fio.exists(),
+        "fio is not installed on the host (apt-get install fio)"
+    );
+    let mut files = vec![fio.clone()];
+    for line in host_tool("ldd", &["/usr/bin/fio"])?.lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|s| s.split_whitespace().next());
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            files.push(PathBuf::from(path));
+        }
+    }
+    for file in &files {
+        let target = root.join(file.strip_prefix("/")?);
+        std::fs::create_dir_all(target.parent().context("no parent")?)?;
+        std::fs::copy(file, &target).with_context(|| format!("cannot copy {}", file.display()))?;
+    }
+    for mount_point in ["dev", "proc", "tmp"] {
+        std::fs::create_dir_all(root.join(mount_point))?;
+    }
+    let image = dir.join("fio.img");
+    std::fs::File::create(&image)?.set_len(256 << 20)?;
+    let (root_arg, image_arg) = (root.display().to_string(), image.display().to_string());
+    host_tool("mkfs.ext4", &["-q", "-F", "-d", &root_arg, &image_arg])?;
+    std::fs::remove_dir_all(&root)?;
+    Ok(image)
+}
+
 /// Micro guests: a few bytes of 64-bit code that crib enters directly, each ending in one
 /// of crib's exit paths. They boot in microseconds even on an emulating /dev/kvm.
 pub mod micro {

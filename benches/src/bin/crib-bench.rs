@@ -8,6 +8,11 @@
 //!   each, interleaved, median and ratio. Runs inside the lab when the host has no
 //!   VT-x/AMD-V, so both VMMs are measured in the same L1 boot.
 //!
+//! - `crib-bench io [--runs N]`: 4 KiB random reads at queue depth 32 (fio, io_uring)
+//!   on one file: fio in L1 on the file itself, fio in a crib guest on a virtio-blk disk
+//!   backed by it, and fio in a QEMU guest (virtio-blk-pci with an iothread, io_uring) on
+//!   the same file, in the same lab boot.
+//!
 //! Build crib with `cargo build --release -p vmm` first; results are Markdown on stdout.
 
 use std::io::{BufRead, BufReader};
@@ -16,7 +21,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use crib_tests::{can_boot_linux, micro, repo_root, target_dir, GuestArtifacts};
+use crib_tests::{
+    can_boot_linux, fio_image, host_tool, micro, repo_root, target_dir, GuestArtifacts,
+};
 
 const READY_LINE: &str = "cradle: ready";
 const BOOT_DEADLINE: Duration = Duration::from_secs(120);
@@ -132,20 +139,28 @@ fn time_to_ready(cmd: &mut Command) -> Result<f64> {
         .as_secs_f64())
 }
 
+/// Re-runs this command inside the lab; true if it did (the caller is done then).
+fn in_lab_instead(command: &str, runs: usize) -> Result<bool> {
+    if can_boot_linux() {
+        return Ok(false);
+    }
+    let lab = repo_root().join("tests/lab/lab.sh");
+    let exe = std::env::current_exe()?;
+    let status = Command::new("bash")
+        .arg(lab)
+        .arg("--")
+        .arg(exe)
+        .args([command, "--runs", &runs.to_string()])
+        .env("CRIB_IN_LAB", "1")
+        .status()?;
+    if !status.success() {
+        bail!("the lab run failed: {status}");
+    }
+    Ok(true)
+}
+
 fn boot(runs: usize) -> Result<()> {
-    if !can_boot_linux() {
-        let lab = repo_root().join("tests/lab/lab.sh");
-        let exe = std::env::current_exe()?;
-        let status = Command::new("bash")
-            .arg(lab)
-            .arg("--")
-            .arg(exe)
-            .args(["boot", "--runs", &runs.to_string()])
-            .env("CRIB_IN_LAB", "1")
-            .status()?;
-        if !status.success() {
-            bail!("the lab run failed: {status}");
-        }
+    if in_lab_instead("boot", runs)? {
         return Ok(());
     }
     let guest = GuestArtifacts::find()?;
@@ -196,6 +211,153 @@ fn boot(runs: usize) -> Result<()> {
     Ok(())
 }
 
+const FIO_SECONDS: u32 = 5;
+
+/// Read IOPS from fio's terse v3 line (field 8), found in `text`.
+fn terse_read_iops(text: &str) -> Result<f64> {
+    let line = text
+        .lines()
+        .find_map(|l| l.find("3;fio-").map(|at| &l[at..]))
+        .context("no fio terse line in the output")?;
+    Ok(line
+        .split(';')
+        .nth(7)
+        .context("short terse line")?
+        .trim()
+        .parse()?)
+}
+
+/// The guest command: mount the fio image by serial, run fio on the `target` disk.
+fn guest_fio_command() -> String {
+    format!(
+        "mkdir -p /t; for d in /sys/block/vd*; do s=$(cat $d/serial); [ $s = tools ] && mount -o ro /dev/${{d##*/}} /t; \
+         [ $s = target ] && ln -sf /dev/${{d##*/}} /dev/target; done; mount --bind /dev /t/dev && \
+         chroot /t /usr/bin/fio --name=g --filename=/dev/target --ioengine=io_uring --direct=1 --rw=randread \
+         --bs=4k --iodepth=32 --runtime={FIO_SECONDS} --time_based --output-format=terse --terse-version=3"
+    )
+}
+
+fn run_capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).replace('\r', ""))
+}
+
+fn io(runs: usize) -> Result<()> {
+    if in_lab_instead("io", runs)? {
+        return Ok(());
+    }
+    let guest = GuestArtifacts::find()?;
+    let dir = std::env::temp_dir().join(format!("crib-bench-io-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let tools = fio_image(&dir)?;
+    let target = dir.join("target.img");
+    let target_arg = target.display().to_string();
+    host_tool(
+        "fio",
+        &[
+            "--name=fill",
+            &format!("--filename={target_arg}"),
+            "--rw=write",
+            "--bs=1M",
+            "--size=256M",
+        ],
+    )?;
+    let cmdline = format!(
+        "console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{}\"",
+        guest_fio_command()
+    );
+    let (mut raw, mut crib, mut qemu) = (vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let reference = host_tool(
+            "fio",
+            &[
+                "--name=ref",
+                &format!("--filename={target_arg}"),
+                "--ioengine=io_uring",
+                "--rw=randread",
+                "--bs=4k",
+                "--iodepth=32",
+                &format!("--runtime={FIO_SECONDS}"),
+                "--time_based",
+                "--invalidate=0",
+                "--output-format=terse",
+                "--terse-version=3",
+            ],
+        )?;
+        raw.push(terse_read_iops(&reference)?);
+        let out = run_capture(
+            Command::new(crib_release())
+                .args(["run", "--memory", "512M", "--cmdline", &cmdline, "--kernel"])
+                .arg(&guest.vmlinux)
+                .arg("--initrd")
+                .arg(&guest.initramfs)
+                .arg("--disk")
+                .arg(format!("path={},id=tools,readonly=on", tools.display()))
+                .arg("--disk")
+                .arg(format!("path={target_arg},id=target")),
+        )?;
+        crib.push(terse_read_iops(&out).with_context(|| format!("crib guest output:\n{out}"))?);
+        let out = run_capture(
+            Command::new("qemu-system-x86_64")
+                .args([
+                    "-M",
+                    "microvm,rtc=on,pcie=on",
+                    "-enable-kvm",
+                    "-cpu",
+                    "host",
+                    "-m",
+                    "512M",
+                    "-smp",
+                    "1",
+                ])
+                .args([
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-nographic",
+                    "-serial",
+                    "stdio",
+                    "-no-reboot",
+                ])
+                .args(["-object", "iothread,id=io1"])
+                .arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id=t,format=raw,readonly=on",
+                    tools.display()
+                ))
+                .args(["-device", "virtio-blk-pci,drive=t,serial=tools"])
+                .arg("-drive")
+                .arg(format!(
+                    "file={target_arg},if=none,id=g,format=raw,aio=io_uring"
+                ))
+                .args([
+                    "-device",
+                    "virtio-blk-pci,drive=g,serial=target,iothread=io1",
+                ])
+                .args(["-append", &cmdline, "-kernel"])
+                .arg(&guest.vmlinux)
+                .arg("-initrd")
+                .arg(&guest.initramfs),
+        )?;
+        qemu.push(terse_read_iops(&out).with_context(|| format!("QEMU guest output:\n{out}"))?);
+    }
+    std::fs::remove_dir_all(&dir)?;
+    let (r, c, q) = (median(&mut raw), median(&mut crib), median(&mut qemu));
+    println!("| 4 KiB randread QD32, io_uring, {FIO_SECONDS} s, {runs} runs (lab, 1 vCPU guest) | IOPS (median) | vs fio in L1 |");
+    println!("| --- | --- | --- |");
+    println!("| fio in L1 on the file (buffered) | {r:.0} | 1.00 |");
+    println!(
+        "| fio in a crib guest, virtio-blk, O_DIRECT | {c:.0} | {:.2} |",
+        c / r
+    );
+    println!(
+        "| fio in a QEMU guest, virtio-blk-pci + iothread | {q:.0} | {:.2} |",
+        q / r
+    );
+    println!("| **crib / QEMU** | | **{:.2}** |", c / q);
+    println!("\nall runs: L1 {raw:.0?}; crib {crib:.0?}; qemu {qemu:.0?}");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let runs = args
@@ -209,6 +371,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("host") => host(),
         Some("boot") => boot(runs),
-        _ => bail!("usage: crib-bench host | boot [--runs N]"),
+        Some("io") => io(runs),
+        _ => bail!("usage: crib-bench host | boot [--runs N] | io [--runs N]"),
     }
 }
