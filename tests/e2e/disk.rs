@@ -17,6 +17,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
         ("linux_disk_write_reaches_host", disk_write_reaches_host),
         (
+            "linux_disk_works_after_driver_rebind",
+            disk_works_after_driver_rebind,
+        ),
+        (
             "linux_disk_readonly_refuses_writes",
             disk_readonly_refuses_writes,
         ),
@@ -104,6 +108,33 @@ fn disk_write_reaches_host() -> Result<()> {
     out.check(
         bytes.starts_with(b"crib-wrote-this\n"),
         "the host file holds what the guest wrote",
+    )?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Unbinding the driver resets the device (status 0: workers stop); binding it again
+/// negotiates and activates it afresh.
+fn disk_works_after_driver_rebind() -> Result<()> {
+    let dir = scratch("rebind")?;
+    let file = backing_file(&dir, "rebind.img", 16 * MIB)?;
+    let disk = format!("path={},id=rebind", file.display());
+    let driver = "/sys/bus/pci/drivers/virtio-pci";
+    let out = boot_with_disks(
+        &[disk],
+        &format!(
+            "echo 0000:00:01.0 > {driver}/unbind && ls /sys/block; echo 0000:00:01.0 > {driver}/bind && sleep 1; \
+             echo after-rebind | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null && echo rebind-ok"
+        ),
+    )?;
+    expect_status(&out, 0)?;
+    out.check(
+        out.stdout.contains("rebind-ok"),
+        "the disk works after the driver re-binds",
+    )?;
+    out.check(
+        std::fs::read(&file)?.starts_with(b"after-rebind\n"),
+        "the write reached the host",
     )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
