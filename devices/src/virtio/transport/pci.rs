@@ -617,3 +617,202 @@ impl crate::bus::BusDevice for VirtioPciDevice {
         self.write_bar(0, offset, data);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::pci::MsiRouting;
+
+    /// Records what the transport asked of it.
+    #[derive(Default)]
+    struct FakeState {
+        acked: u64,
+        activated_queues: Vec<u16>,
+        resets: usize,
+    }
+
+    struct FakeDevice {
+        state: Arc<Mutex<FakeState>>,
+        sizes: Vec<u16>,
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            TYPE_BLOCK
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn device_features(&self) -> u64 {
+            1 << 4
+        }
+        fn set_acked_features(&mut self, features: u64) {
+            self.state.lock().unwrap().acked = features;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            _interrupt: Arc<dyn VirtioInterrupt>,
+            queues: Vec<ActivatedQueue>,
+        ) -> Result<(), crate::virtio::ActivateError> {
+            self.state.lock().unwrap().activated_queues = queues.iter().map(|q| q.index).collect();
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.state.lock().unwrap().resets += 1;
+        }
+    }
+
+    struct NoRouting;
+
+    impl MsiRouting for NoRouting {
+        fn set_msi_route(&self, _gsi: u32, _addr: u64, _data: u32) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn transport() -> (VirtioPciDevice, Arc<Mutex<FakeState>>) {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let device = FakeDevice {
+            state: state.clone(),
+            sizes: vec![64, 64],
+        };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irqfds = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let msix = MsixConfig::new(
+            Arc::new(MsixVectors::new(irqfds)),
+            vec![24, 25, 26],
+            Arc::new(NoRouting),
+        );
+        let kicks = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        (
+            VirtioPciDevice::new(Box::new(device), mem, 0xc000_0000, msix, kicks).unwrap(),
+            state,
+        )
+    }
+
+    fn read16(dev: &mut VirtioPciDevice, offset: u64) -> u16 {
+        let mut data = [0u8; 2];
+        dev.read_bar(0, offset, &mut data);
+        u16::from_le_bytes(data)
+    }
+
+    fn write(dev: &mut VirtioPciDevice, offset: u64, data: &[u8]) {
+        dev.write_bar(0, offset, data);
+    }
+
+    /// Programs queue `q` with valid rings in guest memory and enables it.
+    fn setup_queue(dev: &mut VirtioPciDevice, q: u16) {
+        let base = 0x1_0000 * (u64::from(q) + 1);
+        write(dev, 0x16, &q.to_le_bytes());
+        write(dev, 0x20, &base.to_le_bytes());
+        write(dev, 0x28, &(base + 0x1000).to_le_bytes());
+        write(dev, 0x30, &(base + 0x2000).to_le_bytes());
+        write(dev, 0x1c, &1u16.to_le_bytes());
+    }
+
+    fn negotiate(dev: &mut VirtioPciDevice, features_hi: u32) {
+        write(
+            dev,
+            0x14,
+            &[(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER) as u8],
+        );
+        write(dev, 0x08, &1u32.to_le_bytes());
+        write(dev, 0x0c, &features_hi.to_le_bytes());
+        let status =
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+        write(dev, 0x14, &[status as u8]);
+    }
+
+    #[test]
+    fn queue_size_reads_maximum_after_reset() {
+        let (mut dev, _) = transport();
+        write(&mut dev, 0x14, &[0]);
+        write(&mut dev, 0x16, &1u16.to_le_bytes());
+        assert_eq!(read16(&mut dev, 0x18), 64);
+    }
+
+    #[test]
+    fn features_without_version_1_are_refused() {
+        let (mut dev, state) = transport();
+        negotiate(&mut dev, 0);
+        let mut status = [0u8];
+        dev.read_bar(0, 0x14, &mut status);
+        assert_eq!(status[0] & VIRTIO_CONFIG_S_FEATURES_OK as u8, 0);
+        assert_eq!(state.lock().unwrap().acked, 0);
+    }
+
+    #[test]
+    fn driver_ok_activates_enabled_queues_only() {
+        let (mut dev, state) = transport();
+        setup_queue(&mut dev, 1);
+        negotiate(&mut dev, 1 << (VIRTIO_F_VERSION_1 - 32));
+        let ok = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK;
+        write(&mut dev, 0x14, &[ok as u8]);
+        let state = state.lock().unwrap();
+        assert_eq!(state.activated_queues, vec![1]);
+        assert_eq!(state.acked, 1 << VIRTIO_F_VERSION_1);
+    }
+
+    #[test]
+    fn status_zero_resets_an_active_device() {
+        let (mut dev, state) = transport();
+        setup_queue(&mut dev, 0);
+        negotiate(&mut dev, 1 << (VIRTIO_F_VERSION_1 - 32));
+        let ok = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK;
+        write(&mut dev, 0x14, &[ok as u8]);
+        write(&mut dev, 0x14, &[0]);
+        assert_eq!(state.lock().unwrap().resets, 1);
+        assert_eq!(read16(&mut dev, 0x1c), 0, "queue disabled after reset");
+    }
+
+    #[test]
+    fn queue_with_rings_outside_memory_needs_reset() {
+        let (mut dev, state) = transport();
+        write(&mut dev, 0x16, &0u16.to_le_bytes());
+        write(&mut dev, 0x20, &0xffff_0000u64.to_le_bytes());
+        write(&mut dev, 0x1c, &1u16.to_le_bytes());
+        negotiate(&mut dev, 1 << (VIRTIO_F_VERSION_1 - 32));
+        let ok = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK;
+        write(&mut dev, 0x14, &[ok as u8]);
+        let mut status = [0u8];
+        dev.read_bar(0, 0x14, &mut status);
+        assert_ne!(status[0] & VIRTIO_CONFIG_S_NEEDS_RESET as u8, 0);
+        assert!(state.lock().unwrap().activated_queues.is_empty());
+    }
+
+    #[test]
+    fn out_of_range_msix_vector_reads_back_no_vector() {
+        let (mut dev, _) = transport();
+        write(&mut dev, 0x10, &200u16.to_le_bytes());
+        assert_eq!(read16(&mut dev, 0x10), NO_VECTOR);
+    }
+
+    #[test]
+    fn device_config_reads_reach_the_device() {
+        let (mut dev, _) = transport();
+        let mut data = [0u8; 1];
+        dev.read_bar(0, DEVICE_OFFSET + 5, &mut data);
+        assert_eq!(data, [5]);
+    }
+}
