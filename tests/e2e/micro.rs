@@ -79,6 +79,12 @@ fn serial_output_reaches_stdout() -> Result<()> {
     out.check(
         out.stdout.contains("hello from a micro guest"),
         "guest output on stdout",
+    )?;
+    // 25 bytes to the UART and one write to the sleep register: exactly 26 port writes.
+    out.check(
+        out.stderr
+            .contains("vCPU exits to crib: io_in 0, io_out 26,"),
+        "crib counts each port write once",
     )
 }
 

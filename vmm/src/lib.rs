@@ -363,6 +363,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmmError> {
     let buses = VcpuBuses {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
+        exits: Arc::new(vcpu::ExitCounters::default()),
     };
 
     let cpuid = vcpu::supported_cpuid(&vm).map_err(VmmError::Vcpu)?;
@@ -402,6 +403,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmmError> {
             break;
         }
     }
+    tracing::info!("vCPU exits to crib: {}", buses.exits.summary());
     // The vCPU threads are left in KVM_RUN: the caller ends the process.
     Ok(exit.reason().unwrap_or(ExitReason::VcpuError))
 }

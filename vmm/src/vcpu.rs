@@ -1,6 +1,7 @@
 //! vCPUs: architectural set-up from `boot`, then one thread each running `KVM_RUN` and
 //! serving the port-I/O and MMIO exits that no ioeventfd or in-kernel device took.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -39,11 +40,39 @@ pub enum VcpuError {
     },
 }
 
-/// The buses a vCPU thread dispatches exits to.
+/// vCPU exits that reached crib, by kind, summed over all vCPUs. Exits KVM serves in the
+/// kernel (LAPIC, IO-APIC, PIT, ioeventfds) never get here: every count here is a round
+/// trip to user space that a faster boot would avoid.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    pub io_in: AtomicU64,
+    pub io_out: AtomicU64,
+    pub mmio_read: AtomicU64,
+    pub mmio_write: AtomicU64,
+    pub other: AtomicU64,
+}
+
+impl ExitCounters {
+    /// One line for the log, e.g. `io_in 3, io_out 26, mmio_read 0, mmio_write 0, other 0`.
+    pub fn summary(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "io_in {}, io_out {}, mmio_read {}, mmio_write {}, other {}",
+            get(&self.io_in),
+            get(&self.io_out),
+            get(&self.mmio_read),
+            get(&self.mmio_write),
+            get(&self.other)
+        )
+    }
+}
+
+/// The buses a vCPU thread dispatches exits to, and where it counts them.
 #[derive(Clone)]
 pub struct VcpuBuses {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
+    pub exits: Arc<ExitCounters>,
 }
 
 /// A configured vCPU, not yet running.
@@ -136,7 +165,16 @@ impl Vcpu {
     /// One `KVM_RUN`; returns why the VM must end, if it must.
     fn run_once(&mut self, buses: &VcpuBuses) -> Option<ExitReason> {
         let index = self.index;
-        match self.fd.run() {
+        let result = self.fd.run();
+        let counter = match &result {
+            Ok(VcpuExit::IoIn(..)) => &buses.exits.io_in,
+            Ok(VcpuExit::IoOut(..)) => &buses.exits.io_out,
+            Ok(VcpuExit::MmioRead(..)) => &buses.exits.mmio_read,
+            Ok(VcpuExit::MmioWrite(..)) => &buses.exits.mmio_write,
+            _ => &buses.exits.other,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match result {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !buses.pio.read(u64::from(port), data) {
                     // Nothing there: an ISA bus reads all ones.
@@ -206,5 +244,21 @@ impl Vcpu {
                 Some(ExitReason::VcpuError)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_summary_lists_every_kind() {
+        let counters = ExitCounters::default();
+        counters.io_out.fetch_add(26, Ordering::Relaxed);
+        counters.mmio_read.fetch_add(2, Ordering::Relaxed);
+        assert_eq!(
+            counters.summary(),
+            "io_in 0, io_out 26, mmio_read 2, mmio_write 0, other 0"
+        );
     }
 }
