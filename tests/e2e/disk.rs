@@ -59,11 +59,17 @@ fn backing_file(dir: &Path, name: &str, bytes: u64) -> Result<PathBuf> {
 
 /// Boots the test initramfs with `disks` (each a `--disk` value), running `command`.
 fn boot_with_disks(disks: &[String], command: &str) -> Result<RunOutput> {
-    boot_with_disks_on(1, disks, command)
+    boot_pod(1, None, disks, command)
 }
 
 /// Same, with `cpus` vCPUs (Linux uses at most one virtio-blk queue per CPU).
 fn boot_with_disks_on(cpus: u8, disks: &[String], command: &str) -> Result<RunOutput> {
+    boot_pod(cpus, None, disks, command)
+}
+
+/// Boots the test initramfs with `cpus` vCPUs, an optional pod spec and `disks`, then runs
+/// `command` through cradle's test hook.
+fn boot_pod(cpus: u8, pod: Option<&Path>, disks: &[String], command: &str) -> Result<RunOutput> {
     let artifacts = GuestArtifacts::find()?;
     let mut args: Vec<String> = vec![
         "run".into(),
@@ -78,6 +84,10 @@ fn boot_with_disks_on(cpus: u8, disks: &[String], command: &str) -> Result<RunOu
         "--cmdline".into(),
         format!("console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{command}\""),
     ];
+    if let Some(pod) = pod {
+        args.push("--pod".into());
+        args.push(pod.display().to_string());
+    }
     for disk in disks {
         args.push("--disk".into());
         args.push(disk.clone());
@@ -313,26 +323,13 @@ fn pod_volumes_mounted_by_name() -> Result<()> {
     let spec_path = dir.join("pod.json");
     std::fs::write(&spec_path, spec)?;
 
-    let artifacts = GuestArtifacts::find()?;
     let command = "cat /ro/motd; touch /ro/new 2>/dev/null && echo ro-write-ok || echo ro-write-failed; ls /dev/volumes";
-    let args: Vec<String> = vec![
-        "run".into(),
-        "--kernel".into(),
-        artifacts.vmlinux.display().to_string(),
-        "--initrd".into(),
-        artifacts.initramfs.display().to_string(),
-        "--pod".into(),
-        spec_path.display().to_string(),
-        "--cmdline".into(),
-        format!("console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{command}\""),
-        "--disk".into(),
+    let disks = [
         format!("path={},id=data", data.display()),
-        "--disk".into(),
         format!("path={device},id=lv"),
-        "--disk".into(),
         format!("path={},id=config,readonly=on", ro.display()),
     ];
-    let out = run_crib(&args, DEADLINE);
+    let out = boot_pod(1, Some(&spec_path), &disks, command);
     let _ = std::process::Command::new("losetup")
         .args(["-d", &device])
         .status();
@@ -402,25 +399,11 @@ fn fio_randrw_with_verify() -> Result<()> {
     let command = format!(
         "mount --bind /dev /t/dev && {fio} --name=w --rw=randwrite --verify=crc32c --verify_fatal=1 && {fio} --name=r --rw=randread && echo fio-ok"
     );
-    let artifacts = GuestArtifacts::find()?;
-    let args: Vec<String> = vec![
-        "run".into(),
-        "--kernel".into(),
-        artifacts.vmlinux.display().to_string(),
-        "--initrd".into(),
-        artifacts.initramfs.display().to_string(),
-        "--memory".into(),
-        "512M".into(),
-        "--pod".into(),
-        spec_path.display().to_string(),
-        "--cmdline".into(),
-        format!("console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{command}\""),
-        "--disk".into(),
+    let disks = [
         format!("path={},id=tools,readonly=on", tools.display()),
-        "--disk".into(),
         format!("path={},id=target", target.display()),
     ];
-    let out = run_crib(&args, DEADLINE)?;
+    let out = boot_pod(1, Some(&spec_path), &disks, &command)?;
     std::fs::remove_dir_all(&dir)?;
     expect_status(&out, 0)?;
     out.check(

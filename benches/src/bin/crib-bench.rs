@@ -113,6 +113,47 @@ fn host() -> Result<()> {
     Ok(())
 }
 
+/// crib with the same guest as [`qemu_microvm`]: 1 vCPU, 512 MiB, ELF kernel, initramfs.
+fn crib_vm(guest: &GuestArtifacts, cmdline: &str) -> Command {
+    let mut crib = Command::new(crib_release());
+    crib.args(["run", "--memory", "512M", "--cmdline", cmdline, "--kernel"])
+        .arg(&guest.vmlinux)
+        .arg("--initrd")
+        .arg(&guest.initramfs);
+    crib
+}
+
+/// The reference VMM as LAB.md gives it its best setup: QEMU `-M <machine>` with KVM,
+/// the host CPU, the ELF kernel, 1 vCPU and 512 MiB, the same kernel, initramfs and
+/// command line crib gets. Callers add devices.
+fn qemu_microvm(machine: &str, guest: &GuestArtifacts, cmdline: &str) -> Command {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-M",
+        machine,
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "512M",
+        "-smp",
+        "1",
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .args(["-append", cmdline, "-kernel"])
+    .arg(&guest.vmlinux)
+    .arg("-initrd")
+    .arg(&guest.initramfs);
+    qemu
+}
+
 /// Spawns `cmd` and returns the seconds until its stdout shows cradle's ready line; the
 /// VM then powers off on its own (cradle has no command).
 fn time_to_ready(cmd: &mut Command) -> Result<f64> {
@@ -167,39 +208,12 @@ fn boot(runs: usize) -> Result<()> {
     let cmdline = "console=ttyS0 panic=-1 quiet";
     let (mut crib, mut qemu) = (vec![], vec![]);
     for _ in 0..runs {
-        crib.push(time_to_ready(
-            Command::new(crib_release())
-                .args(["run", "--memory", "512M", "--cmdline", cmdline, "--kernel"])
-                .arg(&guest.vmlinux)
-                .arg("--initrd")
-                .arg(&guest.initramfs),
-        )?);
-        qemu.push(time_to_ready(
-            Command::new("qemu-system-x86_64")
-                .args([
-                    "-M",
-                    "microvm,rtc=on",
-                    "-enable-kvm",
-                    "-cpu",
-                    "host",
-                    "-m",
-                    "512M",
-                    "-smp",
-                    "1",
-                ])
-                .args([
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-nographic",
-                    "-serial",
-                    "stdio",
-                    "-no-reboot",
-                ])
-                .args(["-append", cmdline, "-kernel"])
-                .arg(&guest.vmlinux)
-                .arg("-initrd")
-                .arg(&guest.initramfs),
-        )?);
+        crib.push(time_to_ready(&mut crib_vm(&guest, cmdline))?);
+        qemu.push(time_to_ready(&mut qemu_microvm(
+            "microvm,rtc=on",
+            &guest,
+            cmdline,
+        ))?);
     }
     let (c, q) = (median(&mut crib), median(&mut qemu));
     println!("| boot to cradle ready (lab, 1 vCPU, 512 MiB, ELF vmlinux, {runs} runs) | median |");
@@ -286,11 +300,7 @@ fn io(runs: usize) -> Result<()> {
         )?;
         raw.push(terse_read_iops(&reference)?);
         let out = run_capture(
-            Command::new(crib_release())
-                .args(["run", "--memory", "512M", "--cmdline", &cmdline, "--kernel"])
-                .arg(&guest.vmlinux)
-                .arg("--initrd")
-                .arg(&guest.initramfs)
+            crib_vm(&guest, &cmdline)
                 .arg("--disk")
                 .arg(format!("path={},id=tools,readonly=on", tools.display()))
                 .arg("--disk")
@@ -298,26 +308,7 @@ fn io(runs: usize) -> Result<()> {
         )?;
         crib.push(terse_read_iops(&out).with_context(|| format!("crib guest output:\n{out}"))?);
         let out = run_capture(
-            Command::new("qemu-system-x86_64")
-                .args([
-                    "-M",
-                    "microvm,rtc=on,pcie=on",
-                    "-enable-kvm",
-                    "-cpu",
-                    "host",
-                    "-m",
-                    "512M",
-                    "-smp",
-                    "1",
-                ])
-                .args([
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-nographic",
-                    "-serial",
-                    "stdio",
-                    "-no-reboot",
-                ])
+            qemu_microvm("microvm,rtc=on,pcie=on", &guest, &cmdline)
                 .args(["-object", "iothread,id=io1"])
                 .arg("-drive")
                 .arg(format!(
@@ -332,11 +323,7 @@ fn io(runs: usize) -> Result<()> {
                 .args([
                     "-device",
                     "virtio-blk-pci,drive=g,serial=target,iothread=io1",
-                ])
-                .args(["-append", &cmdline, "-kernel"])
-                .arg(&guest.vmlinux)
-                .arg("-initrd")
-                .arg(&guest.initramfs),
+                ]),
         )?;
         qemu.push(terse_read_iops(&out).with_context(|| format!("QEMU guest output:\n{out}"))?);
     }

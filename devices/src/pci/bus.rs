@@ -305,39 +305,26 @@ mod tests {
         assert_eq!(data, [0xff; 2]);
     }
 
+    fn dummy_device() -> Arc<Mutex<dyn PciDevice>> {
+        let config = PciConfiguration::new(PciIdentity {
+            vendor_id: 1,
+            device_id: 1,
+            class_code: 0,
+            subclass: 0,
+            prog_if: 0,
+            revision: 0,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+        });
+        Arc::new(Mutex::new(HostBridge { config }))
+    }
+
     #[test]
     fn bus_fills_up() {
         let mut bus = PciBus::new();
         for _ in 1..PCI_SLOTS {
-            let bridge = HostBridge {
-                config: PciConfiguration::new(PciIdentity {
-                    vendor_id: 1,
-                    device_id: 1,
-                    class_code: 0,
-                    subclass: 0,
-                    prog_if: 0,
-                    revision: 0,
-                    subsystem_vendor_id: 0,
-                    subsystem_id: 0,
-                }),
-            };
-            bus.add_device(Arc::new(Mutex::new(bridge))).unwrap();
+            bus.add_device(dummy_device()).unwrap();
         }
-        let bridge = HostBridge {
-            config: PciConfiguration::new(PciIdentity {
-                vendor_id: 1,
-                device_id: 1,
-                class_code: 0,
-                subclass: 0,
-                prog_if: 0,
-                revision: 0,
-                subsystem_vendor_id: 0,
-                subsystem_id: 0,
-            }),
-        };
-        assert_eq!(
-            bus.add_device(Arc::new(Mutex::new(bridge))),
-            Err(PciError::BusFull)
-        );
+        assert_eq!(bus.add_device(dummy_device()), Err(PciError::BusFull));
     }
 }

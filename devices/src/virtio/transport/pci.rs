@@ -735,6 +735,14 @@ mod tests {
         write(dev, 0x14, &[status as u8]);
     }
 
+    fn driver_ok(dev: &mut VirtioPciDevice) {
+        let ok = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK;
+        write(dev, 0x14, &[ok as u8]);
+    }
+
     #[test]
     fn queue_size_reads_maximum_after_reset() {
         let (mut dev, _) = transport();
@@ -758,11 +766,7 @@ mod tests {
         let (mut dev, state) = transport();
         setup_queue(&mut dev, 1);
         negotiate(&mut dev, 1 << (VIRTIO_F_VERSION_1 - 32));
-        let ok = VIRTIO_CONFIG_S_ACKNOWLEDGE
-            | VIRTIO_CONFIG_S_DRIVER
-            | VIRTIO_CONFIG_S_FEATURES_OK
-            | VIRTIO_CONFIG_S_DRIVER_OK;
-        write(&mut dev, 0x14, &[ok as u8]);
+        driver_ok(&mut dev);
         let state = state.lock().unwrap();
         assert_eq!(state.activated_queues, vec![1]);
         assert_eq!(state.acked, 1 << VIRTIO_F_VERSION_1);
@@ -773,11 +777,7 @@ mod tests {
         let (mut dev, state) = transport();
         setup_queue(&mut dev, 0);
         negotiate(&mut dev, 1 << (VIRTIO_F_VERSION_1 - 32));
-        let ok = VIRTIO_CONFIG_S_ACKNOWLEDGE
-            | VIRTIO_CONFIG_S_DRIVER
-            | VIRTIO_CONFIG_S_FEATURES_OK
-            | VIRTIO_CONFIG_S_DRIVER_OK;
-        write(&mut dev, 0x14, &[ok as u8]);
+        driver_ok(&mut dev);
         write(&mut dev, 0x14, &[0]);
         assert_eq!(state.lock().unwrap().resets, 1);
         assert_eq!(read16(&mut dev, 0x1c), 0, "queue disabled after reset");
@@ -790,11 +790,7 @@ mod tests {
         write(&mut dev, 0x20, &0xffff_0000u64.to_le_bytes());
         write(&mut dev, 0x1c, &1u16.to_le_bytes());
         negotiate(&mut dev, 1 << (VIRTIO_F_VERSION_1 - 32));
-        let ok = VIRTIO_CONFIG_S_ACKNOWLEDGE
-            | VIRTIO_CONFIG_S_DRIVER
-            | VIRTIO_CONFIG_S_FEATURES_OK
-            | VIRTIO_CONFIG_S_DRIVER_OK;
-        write(&mut dev, 0x14, &[ok as u8]);
+        driver_ok(&mut dev);
         let mut status = [0u8];
         dev.read_bar(0, 0x14, &mut status);
         assert_ne!(status[0] & VIRTIO_CONFIG_S_NEEDS_RESET as u8, 0);
