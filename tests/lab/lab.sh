@@ -326,7 +326,7 @@ elapsed() {
 
 # One L1 boot. Streams the command's output to stdout and sets:
 #   result=exit  (code in $exit_code) | fail (message in $fail_msg)
-#          | silent | timeout | died (QEMU ended without a marker)
+#          | silent | stuck (L1 watchdog) | timeout | died (QEMU ended without a marker)
 run_once() {
   local fifo=$priv/console bootlog=$priv/bootlog
   rm -f "$fifo"
@@ -389,6 +389,13 @@ run_once() {
       *"LAB-WARN $nonce: "*)
         say "warning: ${line##*"LAB-WARN $nonce: "}"
         ;;
+      *"BUG: soft lockup - CPU#"* | *"rcu_sched detected stalls"* | *"rcu_preempt detected stalls"*)
+        # L1's kernel is stuck (a nested-virtualization hang under TCG): its
+        # watchdog keeps printing, so silence detection would never fire.
+        say "L1 kernel reports a hang: ${line#*] }"
+        result=stuck
+        break
+        ;;
       *)
         if ((started)); then
           printf '%s\n' "$line"
@@ -442,6 +449,16 @@ while :; do
       fi
       report_failure
       die "L1 silent for $silence s on every attempt ($((max_reruns + 1))): giving up"
+      ;;
+    stuck)
+      if ((attempt < max_reruns)); then
+        attempt=$((attempt + 1))
+        say "QEMU killed; rerunning the whole command (rerun $attempt of $max_reruns)," \
+          "its output so far will repeat"
+        continue
+      fi
+      report_failure
+      die "L1 kernel hung on every attempt ($((max_reruns + 1))): giving up"
       ;;
     died)
       report_failure

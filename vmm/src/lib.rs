@@ -132,17 +132,6 @@ struct BootEntry {
 /// Loads kernel, initrd, command line and the boot tables into `mem`.
 fn load_guest(config: &VmConfig, mem: &memory::GuestMemory) -> Result<BootEntry, VmmError> {
     let mut kernel_file = open("kernel", &config.kernel)?;
-    let kernel_len = kernel_file
-        .metadata()
-        .map_err(|source| VmmError::Open {
-            what: "kernel",
-            path: config.kernel.clone(),
-            source,
-        })?
-        .len();
-    // An ELF kernel loads at its physical addresses (16 MiB for Debian's), a bzImage at
-    // 1 MiB: prefault from 1 MiB to past either.
-    memory::prefault(mem, boot::layout::HIGH_RAM_START, kernel_len + (16 << 20));
     let kernel =
         boot::kernel::load_kernel(mem, &mut kernel_file).map_err(|source| VmmError::Kernel {
             path: config.kernel.clone(),
@@ -201,7 +190,6 @@ fn load_guest(config: &VmConfig, mem: &memory::GuestMemory) -> Result<BootEntry,
                 .map_or(size, |pod| pod_offset + pod.len() as u64);
             let addr = boot::kernel::place_initrd(&kernel, config.memory_bytes, total)
                 .map_err(initrd_err)?;
-            memory::prefault(mem, addr, total);
             boot::kernel::load_initrd(mem, addr, &mut file, len).map_err(initrd_err)?;
             if let Some(pod) = &pod_archive {
                 mem.write_slice(pod, GuestAddress(addr.0 + pod_offset))

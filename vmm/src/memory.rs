@@ -96,61 +96,11 @@ pub fn create_guest_memory(ranges: &[(GuestAddress, u64)]) -> Result<GuestMemory
     GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)
 }
 
-/// Linux's `MADV_POPULATE_WRITE` (5.14+); not yet in every libc crate release.
-const MADV_POPULATE_WRITE: libc::c_int = 23;
-
-/// Pre-faults `[addr, addr + len)` of guest RAM writable in one system call, so that
-/// copying a kernel or an initrd into it takes no page fault per 4 KiB page. Worth it:
-/// a 50 MB vmlinux costs some 12,000 faults otherwise, which dominates crib's start-up
-/// wherever faults are expensive (nested virtualization, the lab). Best effort: on older
-/// kernels, or for a range outside RAM, the copy simply faults as usual.
-pub fn prefault(mem: &GuestMemory, addr: GuestAddress, len: u64) {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    let Some(region) = mem.find_region(addr) else {
-        return;
-    };
-    let offset = addr.0 - region.start_addr().0;
-    let len = len.min(region.len() - offset);
-    let Ok(offset) = usize::try_from(offset) else {
-        return;
-    };
-    let Ok(len) = usize::try_from(len) else {
-        return;
-    };
-    // Page-align the start down (madvise needs it); the region base is page aligned.
-    let aligned_offset = offset & !0xfff;
-    let len = len + (offset - aligned_offset);
-    // SAFETY: the range lies within the region's live mapping (clamped to its length
-    // above); MADV_POPULATE_WRITE only faults pages in, it never changes their contents.
-    let ret = unsafe {
-        libc::madvise(
-            region.as_ptr().add(aligned_offset).cast(),
-            len,
-            MADV_POPULATE_WRITE,
-        )
-    };
-    if ret != 0 {
-        tracing::debug!(
-            "prefaulting guest RAM failed: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
     use super::*;
-
-    #[test]
-    fn prefault_keeps_contents_and_ignores_bad_ranges() {
-        let mem = create_guest_memory(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        mem.write_obj(7u8, GuestAddress(0x2001)).unwrap();
-        prefault(&mem, GuestAddress(0x2001), 0x20_0000);
-        prefault(&mem, GuestAddress(0x20_0000), 0x1000);
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2001)).unwrap(), 7);
-    }
 
     #[test]
     fn regions_follow_ranges_and_are_shared_file_mappings() {
