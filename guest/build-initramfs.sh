@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Build crib's guest initramfs for the Debian cloud kernel.
+# Build crib's guest initramfs.
 #
-#   guest/build-initramfs.sh
+#   guest/build-initramfs.sh [cloud|pod]
 #
-# Builds cradle (static glibc, stripped) and crib-initramfs, fetches the
-# kernel (guest/kernel/fetch-debian-kernel.sh cloud, cached), and writes
-#   target/guest/initramfs-cloud.cpio   (uncompressed newc)
-# with /init, /dev/console, the default module closure, busybox from
+# Builds cradle (static glibc, stripped) and crib-initramfs and writes
+#   cloud (default): target/guest/initramfs-cloud.cpio, for Debian's cloud
+#                    kernel (fetched and cached by
+#                    guest/kernel/fetch-debian-kernel.sh cloud), with the
+#                    default module closure of that kernel;
+#   pod:             target/guest/initramfs-pod.cpio, for crib's pod kernel
+#                    (guest/kernel/build-pod-kernel.sh), which has everything
+#                    built in: no modules, no kernel needed to build it;
+# both uncompressed newc, with /init, /dev/console, busybox from
 # Debian's busybox-static, and mkfs.ext4 from Debian's e2fsprogs (with its
 # shared libraries and ELF interpreter, found with ldd) so cradle can format
 # blank volumes. Prints the output path on stdout.
@@ -35,7 +40,12 @@ if ! command -v ldd >/dev/null; then
   exit 1
 fi
 
-kernel_dir=$(guest/kernel/fetch-debian-kernel.sh cloud)
+flavor=${1:-cloud}
+case $flavor in
+  cloud) kernel_args=(--kernel "$(guest/kernel/fetch-debian-kernel.sh cloud)") ;;
+  pod) kernel_args=() ;;
+  *) echo "usage: $0 [cloud|pod]" >&2; exit 2 ;;
+esac
 
 # There is no musl target here: static glibc. With --target, RUSTFLAGS does
 # not reach build scripts or the host-side crates. Strip the debug info the
@@ -46,11 +56,11 @@ CARGO_PROFILE_RELEASE_STRIP=symbols \
   cargo build --quiet -p cradle --release --target "$triple" >&2
 cargo build --quiet -p initramfs --bin crib-initramfs >&2
 
-out=$cache/initramfs-cloud.cpio
+out=$cache/initramfs-$flavor.cpio
 mkdir -p "$cache"
 "$target_dir/debug/crib-initramfs" \
   --cradle "$target_dir/$triple/release/cradle" \
-  --kernel "$kernel_dir" \
+  "${kernel_args[@]}" \
   --busybox "$busybox" \
   --mkfs "$mkfs_ext4" \
   --output "$out" >&2

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: boot a demo pod VM (Debian's cloud kernel + cradle) with a data volume and
+# The main job: boot a demo pod VM (crib's pod kernel + cradle) with a data volume and
 # show its output. On a host without VT-x/AMD-V the VM runs inside the lab
 # (tests/lab/lab.sh) automatically.
 set -euo pipefail
@@ -24,8 +24,8 @@ cat > "$demo/pod.json" <<'JSON'
 JSON
 
 run=(target/debug/crib run
-  --kernel target/guest/debian-cloud/vmlinux
-  --initrd target/guest/initramfs-cloud.cpio
+  --kernel target/guest/pod-kernel/vmlinux
+  --initrd target/guest/initramfs-pod.cpio
   --cpus 2 --memory 512M
   --cmdline "console=ttyS0 panic=-1 quiet"
   --pod "$demo/pod.json"

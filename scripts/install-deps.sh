@@ -9,6 +9,7 @@ packages=(
   cpio kmod lz4     # initramfs packing, module dependencies, vmlinux extraction
   e2fsprogs         # mkfs.ext4 for cradle's blank volumes; debugfs in the tests
   fio               # run in the guest by the e2e tests (chrooted from a disk image)
+  make gcc flex bison bc libelf-dev  # guest/kernel/build-pod-kernel.sh
   ca-certificates
 )
 missing=()

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything a boot needs, built or fetched into target/ (cached; quick when up to date):
-# Debian's cloud kernel (bzImage + vmlinux + modules), cradle and its initramfs, and crib.
+# crib's pod kernel (built from Debian's linux-source, a few minutes the first time),
+# Debian's cloud kernel (bzImage + vmlinux + modules), cradle and its two initramfs
+# images (with modules for the cloud kernel, without for the pod kernel), and crib.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -8,6 +10,8 @@ cd "$root"
 scripts/install-deps.sh
 apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q Candidate: || apt-get update -qq
 guest/kernel/fetch-debian-kernel.sh cloud >/dev/null
-guest/build-initramfs.sh >/dev/null
+guest/kernel/build-pod-kernel.sh >/dev/null
+guest/build-initramfs.sh cloud >/dev/null
+guest/build-initramfs.sh pod >/dev/null
 cargo build --quiet -p vmm
-echo "prepare: ready (crib: target/debug/crib, kernel: target/guest/debian-cloud, initramfs: target/guest/initramfs-cloud.cpio)"
+echo "prepare: ready (crib: target/debug/crib; pod kernel: target/guest/pod-kernel with target/guest/initramfs-pod.cpio; Debian kernel: target/guest/debian-cloud with target/guest/initramfs-cloud.cpio)"

@@ -43,8 +43,12 @@ fn has_kernel_arg(raw: &str, key: &str) -> bool {
         .any(|word| word.starts_with(key))
 }
 
+/// Tells the 8250 driver that crib's one UART (COM1) is all there is, so a distro kernel
+/// does not probe three absent legacy UARTs at boot (each probe is a burst of port exits).
+pub const DEFAULT_UARTS_ARG: &str = "8250.nr_uarts=1";
+
 /// Validates `raw` for a kernel that accepts `max` bytes, adding [`DEFAULT_REBOOT_ARG`]
-/// when `raw` sets no reboot method.
+/// and [`DEFAULT_UARTS_ARG`] when `raw` does not set them itself.
 pub fn build(raw: &str, max: usize) -> Result<Cmdline, CmdlineError> {
     if let Some(offset) = raw
         .bytes()
@@ -52,22 +56,22 @@ pub fn build(raw: &str, max: usize) -> Result<Cmdline, CmdlineError> {
     {
         return Err(CmdlineError::InvalidByte { offset });
     }
-    let add_reboot = !has_kernel_arg(raw, "reboot=");
-    let len = raw.len()
-        + if add_reboot {
-            DEFAULT_REBOOT_ARG.len() + 1
-        } else {
-            0
-        };
+    let defaults: Vec<&str> = [
+        ("reboot=", DEFAULT_REBOOT_ARG),
+        ("8250.nr_uarts=", DEFAULT_UARTS_ARG),
+    ]
+    .into_iter()
+    .filter(|(key, _)| !has_kernel_arg(raw, key))
+    .map(|(_, arg)| arg)
+    .collect();
+    let len = raw.len() + defaults.iter().map(|arg| arg.len() + 1).sum::<usize>();
     if len > max {
         return Err(CmdlineError::TooLong { len, max });
     }
     // Capacity counts the NUL terminator.
     let mut cmdline = Cmdline::try_from(raw, max + 1).map_err(CmdlineError::Invalid)?;
-    if add_reboot {
-        cmdline
-            .insert_str(DEFAULT_REBOOT_ARG)
-            .map_err(CmdlineError::Invalid)?;
+    for arg in defaults {
+        cmdline.insert_str(arg).map_err(CmdlineError::Invalid)?;
     }
     Ok(cmdline)
 }
@@ -88,32 +92,41 @@ mod tests {
     #[test]
     fn command_line_is_written_nul_terminated() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
-        let cmdline = build("console=ttyS0 reboot=k -- /bin/sh -c \"echo hi\"", 2047).unwrap();
+        let raw = "console=ttyS0 reboot=k 8250.nr_uarts=1 -- /bin/sh -c \"echo hi\"";
+        let cmdline = build(raw, 2047).unwrap();
         let len = write(&mem, &cmdline).unwrap();
         let mut buf = vec![0u8; len + 1];
         mem.read_slice(&mut buf, CMDLINE_START).unwrap();
-        assert_eq!(&buf, b"console=ttyS0 reboot=k -- /bin/sh -c \"echo hi\"\0");
+        assert_eq!(&buf[..len], raw.as_bytes());
+        assert_eq!(buf[len], 0);
     }
 
     #[test]
-    fn reboot_method_is_added_before_init_args() {
-        let cmdline = build("console=ttyS0 -- /bin/echo reboot=k", 2047).unwrap();
+    fn defaults_are_added_before_init_args() {
+        let cmdline = build("console=ttyS0 -- /bin/echo reboot=k 8250.nr_uarts=4", 2047).unwrap();
         let text = cmdline.as_cstring().unwrap().into_string().unwrap();
-        assert_eq!(text, "console=ttyS0 reboot=acpi -- /bin/echo reboot=k");
+        assert_eq!(
+            text,
+            "console=ttyS0 reboot=acpi 8250.nr_uarts=1 -- /bin/echo reboot=k 8250.nr_uarts=4"
+        );
     }
 
     #[test]
-    fn users_reboot_method_is_kept() {
-        let cmdline = build("reboot=t console=ttyS0", 2047).unwrap();
+    fn users_own_values_are_kept() {
+        let cmdline = build("reboot=t console=ttyS0 8250.nr_uarts=2", 2047).unwrap();
         assert_eq!(
             cmdline.as_cstring().unwrap().into_string().unwrap(),
-            "reboot=t console=ttyS0"
+            "reboot=t console=ttyS0 8250.nr_uarts=2"
         );
     }
 
     #[test]
     fn command_line_over_limit_is_too_long() {
-        let err = build(&format!("reboot=k {}", "a".repeat(2040)), 2047).unwrap_err();
+        let err = build(
+            &format!("reboot=k 8250.nr_uarts=1 {}", "a".repeat(2024)),
+            2047,
+        )
+        .unwrap_err();
         assert!(matches!(
             err,
             CmdlineError::TooLong {
@@ -124,12 +137,12 @@ mod tests {
     }
 
     #[test]
-    fn added_reboot_method_counts_against_the_limit() {
-        let err = build(&"a".repeat(2040), 2047).unwrap_err();
+    fn added_defaults_count_against_the_limit() {
+        let err = build(&"a".repeat(2020), 2047).unwrap_err();
         assert!(matches!(
             err,
             CmdlineError::TooLong {
-                len: 2052,
+                len: 2048,
                 max: 2047
             }
         ));
@@ -137,7 +150,11 @@ mod tests {
 
     #[test]
     fn command_line_at_limit_is_accepted() {
-        assert!(build(&format!("reboot=k {}", "a".repeat(2038)), 2047).is_ok());
+        assert!(build(
+            &format!("reboot=k 8250.nr_uarts=1 {}", "a".repeat(2022)),
+            2047
+        )
+        .is_ok());
     }
 
     #[test]

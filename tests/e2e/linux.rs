@@ -33,12 +33,31 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             "linux_panic_before_init_is_reported",
             panic_before_init_is_reported,
         ),
+        (
+            "linux_pod_kernel_boots_with_everything_built_in",
+            pod_kernel_boots_with_everything_built_in,
+        ),
+        ("linux_pod_kernel_bzimage_boots", pod_kernel_bzimage_boots),
+        (
+            "linux_pod_kernel_panic_exits_with_panic_code",
+            pod_kernel_panic_exits_with_panic_code,
+        ),
     ]
 }
 
-/// Boots `kernel` with the test initramfs, running `command` through cradle's test hook.
+/// Boots `kernel` (Debian's) with its initramfs, running `command` through cradle's test
+/// hook.
 fn boot(kernel: &std::path::Path, cpus: u32, command: &str) -> Result<RunOutput> {
-    let artifacts = GuestArtifacts::find()?;
+    boot_with(&GuestArtifacts::find()?, kernel, cpus, command)
+}
+
+/// Boots `kernel` with `artifacts`' initramfs, running `command` through the test hook.
+fn boot_with(
+    artifacts: &GuestArtifacts,
+    kernel: &std::path::Path,
+    cpus: u32,
+    command: &str,
+) -> Result<RunOutput> {
     let cmdline = format!("{BASE_CMDLINE} -- /bin/sh -c \"{command}\"");
     let cpus = cpus.to_string();
     let args = [
@@ -160,5 +179,76 @@ fn panic_before_init_is_reported() -> Result<()> {
     out.check(
         out.stdout.contains("Kernel panic"),
         "the panic is on the console",
+    )
+}
+
+/// What a pod needs, checked from inside a guest of crib's pod kernel: the drivers of every
+/// crib device bound without modules, the filesystems, cgroup v2 and namespaces.
+fn pod_kernel_boots_with_everything_built_in() -> Result<()> {
+    let pod = GuestArtifacts::pod()?;
+    let command = "echo kernel=$(uname -r); echo cpus=$(grep -c ^processor /proc/cpuinfo); \
+        echo drivers: $(ls /sys/bus/virtio/drivers /sys/bus/pci/drivers | sort | tr '\\n' ' ') .; \
+        echo fs: $(cut -f2 /proc/filesystems | sort | tr '\\n' ' ') .; \
+        ls /lib/modules 2>/dev/null || echo no-modules-dir; \
+        ls /proc/self/ns | tr '\\n' ' '; echo; \
+        mkdir -p /tmp/cg && mount -t cgroup2 none /tmp/cg && echo cgroup2: $(cat /tmp/cg/cgroup.controllers)";
+    let out = boot_with(&pod, &pod.vmlinux, 2, command)?;
+    out.check(
+        !out.stdout.contains("cloud-amd64") && out.stdout.contains("kernel="),
+        "uname -r names the pod kernel, not Debian's",
+    )?;
+    out.check(out.stdout.contains("cpus=2"), "2 CPUs online")?;
+    out.check(out.stdout.contains("no-modules-dir"), "no modules shipped")?;
+    for driver in [
+        "virtio_blk",
+        "virtio_net",
+        "vmw_vsock_virtio_transport",
+        "virtiofs",
+        "virtio-pci",
+        "nvme",
+    ] {
+        out.check(
+            out.stdout.contains(&format!(" {driver} ")),
+            &format!("driver {driver} is built in"),
+        )?;
+    }
+    for fs in [
+        "ext4", "xfs", "overlay", "fuse", "virtiofs", "cgroup2", "tmpfs",
+    ] {
+        out.check(
+            out.stdout.contains(&format!(" {fs} ")),
+            &format!("filesystem {fs} is built in"),
+        )?;
+    }
+    for ns in ["ipc", "mnt", "net", "pid", "user", "uts"] {
+        out.check(
+            out.stdout.contains(&format!("{ns} ")),
+            &format!("namespace {ns}"),
+        )?;
+    }
+    out.check(
+        out.stdout.contains("cgroup2: ") && out.stdout.contains("memory"),
+        "cgroup v2 with the memory controller",
+    )?;
+    expect_clean_run(&out, 0)
+}
+
+fn pod_kernel_bzimage_boots() -> Result<()> {
+    let pod = GuestArtifacts::pod()?;
+    let out = boot_with(&pod, &pod.bzimage, 1, "echo booted-from-bzimage")?;
+    out.check(
+        out.stdout.contains("booted-from-bzimage"),
+        "the command's output",
+    )?;
+    expect_clean_run(&out, 0)
+}
+
+fn pod_kernel_panic_exits_with_panic_code() -> Result<()> {
+    let pod = GuestArtifacts::pod()?;
+    let out = boot_with(&pod, &pod.vmlinux, 1, "echo c > /proc/sysrq-trigger")?;
+    out.check(out.code == Some(3), "crib exit code 3 (guest panic)")?;
+    out.check(
+        out.stderr.contains("guest kernel panicked"),
+        "crib says the kernel panicked",
     )
 }

@@ -32,6 +32,7 @@ pub fn crib_bin() -> PathBuf {
 }
 
 /// Guest artifacts made by `scripts/prepare.sh`.
+#[derive(Clone, Debug)]
 pub struct GuestArtifacts {
     pub vmlinux: PathBuf,
     pub bzimage: PathBuf,
@@ -39,15 +40,30 @@ pub struct GuestArtifacts {
 }
 
 impl GuestArtifacts {
-    /// Finds them, or says how to make them.
+    /// Debian's cloud kernel and the initramfs with its modules, or says how to make them.
     pub fn find() -> Result<Self> {
         let guest = target_dir().join("guest");
-        let artifacts = Self {
+        Self {
             vmlinux: guest.join("debian-cloud/vmlinux"),
             bzimage: guest.join("debian-cloud/vmlinuz"),
             initramfs: guest.join("initramfs-cloud.cpio"),
-        };
-        for path in [&artifacts.vmlinux, &artifacts.bzimage, &artifacts.initramfs] {
+        }
+        .checked()
+    }
+
+    /// crib's pod kernel (everything built in) and the initramfs without modules.
+    pub fn pod() -> Result<Self> {
+        let guest = target_dir().join("guest");
+        Self {
+            vmlinux: guest.join("pod-kernel/vmlinux"),
+            bzimage: guest.join("pod-kernel/bzImage"),
+            initramfs: guest.join("initramfs-pod.cpio"),
+        }
+        .checked()
+    }
+
+    fn checked(self) -> Result<Self> {
+        for path in [&self.vmlinux, &self.bzimage, &self.initramfs] {
             if !path.exists() {
                 bail!(
                     "{} is missing: run scripts/prepare.sh first",
@@ -55,7 +71,7 @@ impl GuestArtifacts {
                 );
             }
         }
-        Ok(artifacts)
+        Ok(self)
     }
 }
 

@@ -3,9 +3,10 @@
 //! - `crib-bench host`: on the host's /dev/kvm, crib's process start to the first
 //!   `KVM_RUN` (wall and CPU time, as crib logs them) and its RSS outside guest memory,
 //!   with a micro guest that halts so nothing but crib itself is measured.
-//! - `crib-bench boot [--runs N]`: boot to cradle's ready line, crib against
-//!   `qemu-system-x86_64 -M microvm,rtc=on` on the same ELF kernel and initramfs, N runs
-//!   each, interleaved, median and ratio. Runs inside the lab when the host has no
+//! - `crib-bench boot [--runs N]`: boot to init (crib's log), to cradle's ready line and
+//!   to a pod process's first line, crib against `qemu-system-x86_64 -M microvm,rtc=on`
+//!   on the same ELF kernel, initramfs and pod, for crib's pod kernel and Debian's cloud
+//!   kernel, N runs each, interleaved, medians and ratios, and crib's exits per boot. Runs inside the lab when the host has no
 //!   VT-x/AMD-V, so both VMMs are measured in the same L1 boot.
 //!
 //! - `crib-bench io [--runs N]`: 4 KiB random reads at queue depth 32 (fio, io_uring)
@@ -154,30 +155,60 @@ fn qemu_microvm(machine: &str, guest: &GuestArtifacts, cmdline: &str) -> Command
     qemu
 }
 
-/// Spawns `cmd` and returns the seconds until its stdout shows cradle's ready line; the
-/// VM then powers off on its own (cradle has no command).
-fn time_to_ready(cmd: &mut Command) -> Result<f64> {
+/// What one boot showed: seconds from spawning the VMM to cradle's ready line and to the
+/// pod process's first line, and (crib only) what crib logged on stderr.
+struct BootRun {
+    ready: f64,
+    process: f64,
+    stderr: String,
+}
+
+/// The pod every boot benchmark runs: one process that prints [`POD_LINE`] and exits, so
+/// cradle then powers the VM off.
+const POD_SPEC: &str = r#"{"name": "bench", "processes": [{"name": "hello", "argv": ["/bin/echo", "pod-process-started"]}]}"#;
+const POD_LINE: &str = "pod-process-started";
+
+/// Spawns `cmd` and times cradle's ready line and the pod process's line on its stdout;
+/// then waits for the VMM to exit (the guest powers off) and keeps its stderr.
+fn time_boot(cmd: &mut Command) -> Result<BootRun> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().context("no stdout")?;
+    let stderr = child.stderr.take().context("no stderr")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let (mut ready, mut process) = (None, None);
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains(READY_LINE) {
-                let _ = tx.send(start.elapsed());
+            if ready.is_none() && line.contains(READY_LINE) {
+                ready = Some(start.elapsed());
+            }
+            if process.is_none() && line.contains(POD_LINE) {
+                process = Some(start.elapsed());
             }
         }
+        let _ = tx.send((ready, process));
     });
-    let result = rx.recv_timeout(BOOT_DEADLINE);
+    let err_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
+        text
+    });
+    let times = rx.recv_timeout(BOOT_DEADLINE);
     let _ = child.kill();
     let _ = child.wait();
-    Ok(result
-        .context("no ready line before the deadline")?
-        .as_secs_f64())
+    let stderr = err_reader.join().unwrap_or_default();
+    let (ready, process) = times.context("the VMM did not exit before the deadline")?;
+    Ok(BootRun {
+        ready: ready.context("no ready line")?.as_secs_f64(),
+        process: process
+            .context("no line from the pod process")?
+            .as_secs_f64(),
+        stderr,
+    })
 }
 
 /// Re-runs this command inside the lab; true if it did (the caller is done then).
@@ -200,28 +231,98 @@ fn in_lab_instead(command: &str, runs: usize) -> Result<bool> {
     Ok(true)
 }
 
+/// The first number after `key` in `text` (crib's log lines).
+fn logged_number(text: &str, key: &str) -> Option<f64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
 fn boot(runs: usize) -> Result<()> {
     if in_lab_instead("boot", runs)? {
         return Ok(());
     }
-    let guest = GuestArtifacts::find()?;
     let cmdline = "console=ttyS0 panic=-1 quiet";
-    let (mut crib, mut qemu) = (vec![], vec![]);
-    for _ in 0..runs {
-        crib.push(time_to_ready(&mut crib_vm(&guest, cmdline))?);
-        qemu.push(time_to_ready(&mut qemu_microvm(
-            "microvm,rtc=on",
-            &guest,
-            cmdline,
-        ))?);
+    let dir = std::env::temp_dir().join(format!("crib-bench-boot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let spec = dir.join("pod.json");
+    std::fs::write(&spec, POD_SPEC)?;
+    println!("| kernel | VMM | boot to init | boot to cradle ready | boot to pod process |");
+    println!("| --- | --- | --- | --- | --- |");
+    let mut summary = Vec::new();
+    for (label, guest) in [
+        ("pod kernel", GuestArtifacts::pod()?),
+        ("Debian cloud", GuestArtifacts::find()?),
+    ] {
+        // QEMU gets the same pod the way crib ships it: a second cpio after the initramfs.
+        let mut initrd = std::fs::read(&guest.initramfs)?;
+        initrd.resize(initrd.len().next_multiple_of(4), 0);
+        initrd.extend(initramfs::pod_archive(POD_SPEC.as_bytes())?);
+        let qemu_initrd = dir.join(format!("initrd-{}", label.replace(' ', "-")));
+        std::fs::write(&qemu_initrd, initrd)?;
+        let qemu_guest = GuestArtifacts {
+            initramfs: qemu_initrd,
+            ..guest.clone()
+        };
+        let (mut crib, mut qemu) = (vec![], vec![]);
+        for _ in 0..runs {
+            let mut vm = crib_vm(&guest, cmdline);
+            vm.arg("--pod").arg(&spec);
+            crib.push(time_boot(&mut vm)?);
+            qemu.push(time_boot(&mut qemu_microvm(
+                "microvm,rtc=on",
+                &qemu_guest,
+                cmdline,
+            ))?);
+        }
+        let mut init: Vec<f64> = crib
+            .iter()
+            .filter_map(|r| logged_number(&r.stderr, "guest boot to init:"))
+            .collect();
+        let exits = crib
+            .last()
+            .and_then(|r| r.stderr.lines().find(|l| l.contains("vCPU exits to crib")))
+            .and_then(|l| l.split("vCPU exits to crib:").nth(1))
+            .unwrap_or("?")
+            .trim()
+            .to_owned();
+        let (mut c_ready, mut c_proc): (Vec<f64>, Vec<f64>) =
+            crib.iter().map(|r| (r.ready, r.process)).unzip();
+        let (mut q_ready, mut q_proc): (Vec<f64>, Vec<f64>) =
+            qemu.iter().map(|r| (r.ready, r.process)).unzip();
+        let (cr, cp, qr, qp) = (
+            median(&mut c_ready),
+            median(&mut c_proc),
+            median(&mut q_ready),
+            median(&mut q_proc),
+        );
+        println!(
+            "| {label} | crib | {:.0} ms | {:.0} ms | {:.0} ms |",
+            median(&mut init),
+            cr * 1000.0,
+            cp * 1000.0
+        );
+        println!(
+            "| {label} | QEMU `-M microvm,rtc=on` | | {:.0} ms | {:.0} ms |",
+            qr * 1000.0,
+            qp * 1000.0
+        );
+        summary.push(format!(
+            "{label}: crib/QEMU to ready {:.2}, to pod process {:.2}; crib exits per boot: {exits}; \
+             runs (ready, s): crib {c_ready:.3?}, qemu {q_ready:.3?}",
+            cr / qr,
+            cp / qp
+        ));
     }
-    let (c, q) = (median(&mut crib), median(&mut qemu));
-    println!("| boot to cradle ready (lab, 1 vCPU, 512 MiB, ELF vmlinux, {runs} runs) | median |");
-    println!("| --- | --- |");
-    println!("| crib | {:.0} ms |", c * 1000.0);
-    println!("| QEMU `-M microvm,rtc=on` | {:.0} ms |", q * 1000.0);
-    println!("| crib / QEMU | {:.2} |", c / q);
-    println!("\nall runs, s: crib {crib:.3?}; qemu {qemu:.3?}");
+    println!();
+    for line in summary {
+        println!("- {line}");
+    }
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 

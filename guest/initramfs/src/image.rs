@@ -107,6 +107,8 @@ pub enum ImageError {
         #[source]
         source: SharedLibsError,
     },
+    #[error("modules were asked for but no kernel directory was given; pass --kernel DIR, or no --modules for a kernel with everything built in")]
+    ModulesWithoutKernel,
     #[error("cannot resolve kernel modules")]
     Modules(#[from] ModulesError),
     #[error("cannot use busybox")]
@@ -157,7 +159,9 @@ impl FromStr for ExtraFile {
 pub struct ImageSpec {
     /// cradle, installed as /init.
     pub init: PathBuf,
-    pub kernel: KernelDir,
+    /// Where the modules come from; `None` for a kernel with everything built in
+    /// (then `modules` must be empty and the image has no /lib/modules).
+    pub kernel: Option<KernelDir>,
     /// Module names (`-` or `_`); their dependencies are added.
     pub modules: Vec<String>,
     /// A static busybox for /bin, if wanted.
@@ -198,7 +202,11 @@ impl fmt::Display for ImageSummary {
 pub fn write_image<W: Write>(spec: &ImageSpec, out: W) -> Result<(W, ImageSummary), ImageError> {
     // Resolve everything that can fail on bad input before writing a byte.
     let init = read_static("init (cradle)", &spec.init, CRADLE_HINT)?;
-    let closure = ModulesDep::read(&spec.kernel.modules_dir)?.closure(&spec.modules)?;
+    let closure = match &spec.kernel {
+        Some(kernel) => ModulesDep::read(&kernel.modules_dir)?.closure(&spec.modules)?,
+        None if spec.modules.is_empty() => ModuleClosure::default(),
+        None => return Err(ImageError::ModulesWithoutKernel),
+    };
     let busybox = match &spec.busybox {
         Some(path) => Some((
             read_static("busybox", path, BUSYBOX_HINT)?,
@@ -256,19 +264,21 @@ pub fn write_image<W: Write>(spec: &ImageSpec, out: W) -> Result<(W, ImageSummar
         archive.add_file_from(&guest, mode, path)?;
     }
 
-    let guest_dir = spec.kernel.guest_modules_dir();
-    for path in closure.paths() {
-        archive.add_file_from(
-            &format!("{guest_dir}/{path}"),
+    if let Some(kernel) = &spec.kernel {
+        let guest_dir = kernel.guest_modules_dir();
+        for path in closure.paths() {
+            archive.add_file_from(
+                &format!("{guest_dir}/{path}"),
+                DATA_MODE,
+                &kernel.modules_dir.join(path),
+            )?;
+        }
+        archive.add_file(
+            &format!("{guest_dir}/{MODULES_DEP}"),
             DATA_MODE,
-            &spec.kernel.modules_dir.join(path),
+            closure.to_modules_dep().as_bytes(),
         )?;
     }
-    archive.add_file(
-        &format!("{guest_dir}/{MODULES_DEP}"),
-        DATA_MODE,
-        closure.to_modules_dep().as_bytes(),
-    )?;
 
     for (extra, mode) in spec.extra.iter().zip(extra_modes) {
         archive.add_file_from(&extra.dest, mode, &extra.source)?;
@@ -452,7 +462,7 @@ mod tests {
         std::fs::write(dir.join("cradle"), fake_static_init()).unwrap();
         let spec = ImageSpec {
             init: dir.join("cradle"),
-            kernel,
+            kernel: Some(kernel),
             modules: Vec::new(),
             busybox: None,
             mkfs: vec![mkfs],
@@ -506,7 +516,7 @@ mod tests {
         std::fs::write(dir.join("spec.json"), "{}").unwrap();
         let spec = ImageSpec {
             init: dir.join("cradle"),
-            kernel,
+            kernel: Some(kernel),
             modules: vec!["b_mod".to_owned()],
             busybox: None,
             mkfs: Vec::new(),
@@ -554,5 +564,33 @@ mod tests {
         );
         assert_eq!(summary.bytes as usize, bytes.len());
         assert_eq!(summary.modules.entries.len(), 2);
+    }
+
+    #[test]
+    fn write_image_without_kernel_has_no_modules_dir() {
+        let dir = std::env::temp_dir().join(format!("crib-image-builtin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cradle"), fake_static_init()).unwrap();
+        let mut spec = ImageSpec {
+            init: dir.join("cradle"),
+            kernel: None,
+            modules: Vec::new(),
+            busybox: None,
+            mkfs: Vec::new(),
+            extra: Vec::new(),
+        };
+
+        let (bytes, summary) = write_image(&spec, Vec::new()).unwrap();
+        spec.modules = vec!["virtio_blk".to_owned()];
+        let error = write_image(&spec, Vec::new()).unwrap_err();
+
+        std::fs::remove_dir_all(&dir).unwrap();
+        let entries = crate::cpio::parse_entries(&bytes);
+        assert!(entries.iter().all(|e| !e.0.starts_with("lib")));
+        assert!(entries.iter().any(|e| e.0 == "init"));
+        assert!(summary.modules.entries.is_empty());
+        assert!(matches!(error, ImageError::ModulesWithoutKernel));
+        assert!(error.to_string().contains("--kernel"));
     }
 }

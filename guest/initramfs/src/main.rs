@@ -1,7 +1,7 @@
 //! `crib-initramfs`: writes crib's guest initramfs (see the library docs).
 //!
 //! ```text
-//! crib-initramfs --cradle PATH --kernel DIR [--modules a,b,c] [--busybox PATH]
+//! crib-initramfs --cradle PATH [--kernel DIR [--modules a,b,c]] [--busybox PATH]
 //!                [--mkfs PATH]... [--add SRC:DST]... --output FILE
 //! ```
 //! The file is replaced atomically, and left untouched (mtime included) when
@@ -25,9 +25,10 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     cradle: PathBuf,
     /// Output directory of guest/kernel/fetch-debian-kernel.sh (has VERSION
-    /// and root/lib/modules/<VERSION>).
+    /// and root/lib/modules/<VERSION>). Leave it out for a kernel with
+    /// everything built in (guest/kernel/build-pod-kernel.sh): no modules.
     #[arg(long, value_name = "DIR")]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
     /// Kernel modules to ship, with their dependencies ('-' or '_'; empty for
     /// none). Default: virtio_pci, virtio_blk, virtio_net,
     /// vmw_vsock_virtio_transport, virtiofs, overlay, pvpanic_mmio.
@@ -62,10 +63,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    let kernel = KernelDir::open(&args.kernel)?;
-    let modules = match args.modules {
-        Some(names) => names.into_iter().filter(|n| !n.trim().is_empty()).collect(),
-        None => DEFAULT_MODULES.iter().map(|m| (*m).to_owned()).collect(),
+    let kernel = args.kernel.as_deref().map(KernelDir::open).transpose()?;
+    let modules = match (args.modules, &kernel) {
+        (Some(names), _) => names.into_iter().filter(|n| !n.trim().is_empty()).collect(),
+        (None, Some(_)) => DEFAULT_MODULES.iter().map(|m| (*m).to_owned()).collect(),
+        (None, None) => Vec::new(),
     };
     let spec = ImageSpec {
         init: args.cradle,

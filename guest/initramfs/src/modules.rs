@@ -70,7 +70,7 @@ pub struct ModulesDep {
 }
 
 /// Modules to ship, in load order: each after its dependencies.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModuleClosure {
     pub entries: Vec<ModuleEntry>,
 }

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Build crib's minimal pod kernel from Debian's kernel source package.
+#
+#   guest/kernel/build-pod-kernel.sh
+#
+# Downloads `linux-source-6.1` by package name (the version is whatever
+# Debian ships now), applies guest/kernel/pod.config to `make tinyconfig`,
+# checks that every option the fragment asks for is in the final config, and
+# builds. The source tree stays in target/guest/pod-kernel-src (about 1.5 GB
+# with objects): a changed fragment skips the download and extraction, but
+# still recompiles most of the kernel. Output (cached: a second run with the
+# same source version and fragment returns at once):
+#   target/guest/pod-kernel/vmlinux   uncompressed ELF (what crib loads fastest)
+#   target/guest/pod-kernel/bzImage   the same kernel, compressed
+#   target/guest/pod-kernel/config    the final .config
+#   target/guest/pod-kernel/VERSION   source package version + fragment hash
+# Prints the output directory on stdout; build output goes to stderr.
+# Needs: gcc make flex bison bc libelf-dev (scripts/install-deps.sh).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cache=${CRIB_CACHE:-$root/target/guest}
+fragment=$root/guest/kernel/pod.config
+series=${CRIB_POD_KERNEL_SERIES:-6.1}
+pkg=linux-source-$series
+out=$cache/pod-kernel
+
+die() { echo "build-pod-kernel: $*" >&2; exit 1; }
+
+for tool in apt-cache apt-get dpkg-deb make gcc flex bison bc; do
+  command -v "$tool" >/dev/null || die "$tool is missing (run scripts/install-deps.sh)"
+done
+[ -e /usr/include/libelf.h ] || die "libelf-dev is missing (run scripts/install-deps.sh)"
+
+srcver=$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
+{ [ -n "$srcver" ] && [ "$srcver" != "(none)" ]; } ||
+  die "apt knows no $pkg (run 'apt-get update', or set CRIB_POD_KERNEL_SERIES)"
+stamp="$pkg $srcver fragment $(sha256sum "$fragment" | cut -c1-16)"
+if [ -f "$out/VERSION" ] && [ "$(cat "$out/VERSION")" = "$stamp" ] && [ -f "$out/vmlinux" ]; then
+  echo "$out"
+  exit 0
+fi
+
+# The source tree is kept per source version (one download and extraction).
+mkdir -p "$cache"
+src=$cache/pod-kernel-src/$srcver
+if [ ! -f "$src/Makefile" ]; then
+  work=$cache/pod-kernel-src/download
+  rm -rf "$cache/pod-kernel-src"
+  mkdir -p "$work"
+  echo "build-pod-kernel: fetching $pkg $srcver" >&2
+  (cd "$work" && apt-get download "$pkg=$srcver" >/dev/null)
+  dpkg-deb -x "$work"/*.deb "$work/deb"
+  tarball=$(find "$work/deb/usr/src" -maxdepth 1 -name "linux-source-*.tar.*" | head -1)
+  [ -n "$tarball" ] || die "$pkg has no source tarball under /usr/src"
+  tar -xf "$tarball" -C "$work"
+  tree=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name "linux-source-*" | head -1)
+  mv "$tree" "$src"
+  rm -rf "$work"
+fi
+
+jobs=$(nproc)
+kmake() { make -C "$src" ARCH=x86_64 -j"$jobs" "$@"; }
+echo "build-pod-kernel: configuring (tinyconfig + $(basename "$fragment"))" >&2
+kmake tinyconfig >&2
+"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$fragment" >&2
+kmake olddefconfig >&2
+
+# merge_config only warns when a value does not stick: fail instead, naming it.
+missing=()
+while IFS= read -r line; do
+  case $line in
+    CONFIG_*=*) grep -qxF "$line" "$src/.config" || missing+=("$line") ;;
+    "# CONFIG_"*" is not set")
+      opt=${line#"# "} opt=${opt%" is not set"}
+      ! grep -q "^$opt=[ym]" "$src/.config" || missing+=("$line")
+      ;;
+  esac
+done <"$fragment"
+((${#missing[@]} == 0)) ||
+  die "options of $(basename "$fragment") that the final config does not match (a dependency is missing, or something selects an excluded option): ${missing[*]}"
+
+echo "build-pod-kernel: building vmlinux and bzImage with $jobs jobs" >&2
+start=$SECONDS
+kmake vmlinux bzImage >&2
+echo "build-pod-kernel: built in $((SECONDS - start)) s" >&2
+
+rm -rf "$out"
+mkdir -p "$out"
+cp "$src/vmlinux" "$out/vmlinux"
+cp "$src/arch/x86/boot/bzImage" "$out/bzImage"
+cp "$src/.config" "$out/config"
+echo "$stamp" >"$out/VERSION"
+echo "$out"
