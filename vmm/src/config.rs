@@ -43,6 +43,21 @@ pub struct DiskConfig {
     pub iops_burst: Option<u64>,
 }
 
+/// The virtio-vsock device (`--vsock`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID, [`MIN_VSOCK_CID`] to [`MAX_VSOCK_CID`].
+    pub cid: u32,
+    /// The Unix socket host processes connect to (`CONNECT <port>\n`); guest connections
+    /// to host port P go to `<socket>_P`.
+    pub socket: PathBuf,
+}
+
+/// Smallest guest CID: 0, 1 and 2 are the hypervisor, local and host.
+pub const MIN_VSOCK_CID: u32 = 3;
+/// Largest guest CID: `u32::MAX` is `VMADDR_CID_ANY`.
+pub const MAX_VSOCK_CID: u32 = u32::MAX - 1;
+
 /// Default queues per disk.
 pub const DEFAULT_DISK_QUEUES: u16 = 1;
 /// Default descriptors per queue.
@@ -58,6 +73,8 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     pub console: ConsoleConfig,
     pub disks: Vec<DiskConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
     /// A pod spec (JSON) handed to cradle as `/etc/cradle/pod.json`.
     pub pod: Option<PathBuf>,
 }
@@ -81,6 +98,10 @@ pub enum ConfigError {
     Disk { disk: String, problem: String },
     #[error("--disk id={0} is used by two disks: give each disk its own id")]
     DuplicateDiskId(String),
+    #[error("--vsock '{vsock}': {problem}")]
+    Vsock { vsock: String, problem: String },
+    #[error("--vsock is given {0} times: a VM has one vsock device, give --vsock once")]
+    VsockRepeated(usize),
 }
 
 /// Parses a size such as `512M`, `1G`, `65536`, `4096K` (binary units).
@@ -206,6 +227,60 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     Ok(disk)
 }
 
+/// Parses `cid=N,socket=PATH`.
+pub fn parse_vsock(text: &str) -> Result<VsockConfig, ConfigError> {
+    let err = |problem: String| ConfigError::Vsock {
+        vsock: text.to_string(),
+        problem,
+    };
+    let mut cid = None;
+    let mut socket = None;
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| err(format!("'{part}' is not key=value")))?;
+        match key {
+            "cid" => {
+                cid = Some(
+                    value
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|c| (MIN_VSOCK_CID..=MAX_VSOCK_CID).contains(c))
+                        .ok_or_else(|| {
+                            err(format!(
+                                "cid={value}: use {MIN_VSOCK_CID} to {MAX_VSOCK_CID} (0-2 are reserved, \
+                                 {} means any)",
+                                u32::MAX
+                            ))
+                        })?,
+                )
+            }
+            "socket" if value.is_empty() => {
+                return Err(err("socket= needs a path".into()));
+            }
+            "socket" => socket = Some(PathBuf::from(value)),
+            other => {
+                return Err(err(format!("unknown key '{other}': use cid, socket")));
+            }
+        }
+    }
+    let cid =
+        cid.ok_or_else(|| err("cid= is required: the guest's vsock address, 3 or more".into()))?;
+    let socket = socket.ok_or_else(|| {
+        err("socket= is required: the Unix socket host processes connect to".into())
+    })?;
+    Ok(VsockConfig { cid, socket })
+}
+
+/// The vsock device of the `--vsock` values given (at most one).
+pub fn parse_vsock_option(values: &[String]) -> Result<Option<VsockConfig>, ConfigError> {
+    match values {
+        [] => Ok(None),
+        [one] => parse_vsock(one).map(Some),
+        more => Err(ConfigError::VsockRepeated(more.len())),
+    }
+}
+
 /// Checks what only a set of disks can get wrong.
 pub fn check_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
     for (i, disk) in disks.iter().enumerate() {
@@ -324,6 +399,70 @@ mod tests {
             check_disks(&disks),
             Err(ConfigError::DuplicateDiskId("x".into()))
         );
+    }
+
+    #[test]
+    fn vsock_parses_cid_and_socket() {
+        assert_eq!(
+            parse_vsock("cid=3,socket=/run/v.sock"),
+            Ok(VsockConfig {
+                cid: 3,
+                socket: PathBuf::from("/run/v.sock")
+            })
+        );
+        assert_eq!(
+            parse_vsock("socket=/s,cid=4294967294").unwrap().cid,
+            u32::MAX - 1
+        );
+    }
+
+    #[test]
+    fn vsock_reserved_cid_names_field_and_range() {
+        for cid in ["0", "2", "4294967295", "4294967296", "-3", "x"] {
+            let err = parse_vsock(&format!("cid={cid},socket=/s"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("cid={cid}")) && err.contains("use 3 to 4294967294"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn vsock_without_cid_is_refused() {
+        let err = parse_vsock("socket=/s").unwrap_err();
+        assert!(err.to_string().contains("cid= is required"), "{err}");
+    }
+
+    #[test]
+    fn vsock_without_socket_is_refused() {
+        let err = parse_vsock("cid=3").unwrap_err();
+        assert!(err.to_string().contains("socket= is required"), "{err}");
+        let empty = parse_vsock("cid=3,socket=").unwrap_err();
+        assert!(
+            empty.to_string().contains("socket= needs a path"),
+            "{empty}"
+        );
+    }
+
+    #[test]
+    fn vsock_with_unknown_key_names_it() {
+        let err = parse_vsock("cid=3,socket=/s,port=1").unwrap_err();
+        assert!(err.to_string().contains("unknown key 'port'"), "{err}");
+    }
+
+    #[test]
+    fn vsock_given_twice_is_refused() {
+        let values = ["cid=3,socket=/a".to_string(), "cid=4,socket=/b".to_string()];
+        let err = parse_vsock_option(&values).unwrap_err();
+        assert_eq!(err, ConfigError::VsockRepeated(2));
+        assert!(err.to_string().contains("give --vsock once"), "{err}");
+    }
+
+    #[test]
+    fn vsock_absent_is_none() {
+        assert_eq!(parse_vsock_option(&[]), Ok(None));
     }
 
     #[test]

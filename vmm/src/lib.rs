@@ -9,6 +9,7 @@ pub mod interrupts;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
+pub mod vsock;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -95,6 +96,8 @@ pub enum VmmError {
         #[source]
         source: devices::virtio::block::BlockError,
     },
+    #[error("cannot set up --vsock")]
+    Vsock(#[source] devices::virtio::vsock::VsockError),
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, VmmError> {
@@ -345,6 +348,12 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmmError> {
         })?;
         device_manager
             .add_virtio_pci(&vm, &format!("disk {}", disk.id), Box::new(device))
+            .map_err(VmmError::Device)?;
+    }
+    if let Some(config) = &config.vsock {
+        let device = vsock::create(config).map_err(VmmError::Vsock)?;
+        device_manager
+            .add_virtio_pci(&vm, "vsock", Box::new(device))
             .map_err(VmmError::Device)?;
     }
     let mmio = device_manager.finish(&mut pio).map_err(VmmError::Device)?;

@@ -64,6 +64,10 @@ struct RunArgs {
     /// [,iops_burst=N]
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+    /// A virtio-vsock device: cid=N,socket=PATH. Host processes connect to PATH and write
+    /// `CONNECT <port>`; guest connections to host port P go to PATH_P.
+    #[arg(long, value_name = "SPEC")]
+    vsock: Vec<String>,
     /// A pod spec (JSON, docs/POD_SPEC.md) for cradle; needs --initrd.
     #[arg(long, value_name = "FILE")]
     pod: Option<PathBuf>,
@@ -79,6 +83,7 @@ impl RunArgs {
         config::check_disks(&disks)?;
         Ok(VmConfig {
             disks,
+            vsock: config::parse_vsock_option(&self.vsock)?,
             pod: self.pod,
             kernel: self.kernel,
             initrd: self.initrd,
