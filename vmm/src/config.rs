@@ -75,6 +75,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// Where to serve the pod's Docker API (forwarded to guest vsock port 1); needs `vsock`.
+    pub docker_socket: Option<PathBuf>,
     /// A pod spec (JSON) handed to cradle as `/etc/cradle/pod.json`.
     pub pod: Option<PathBuf>,
 }
@@ -94,6 +96,10 @@ pub enum ConfigError {
     MemoryTooLarge(u64),
     #[error("--console '{0}' is not valid: use stdout, off or file=PATH")]
     Console(String),
+    #[error(
+        "--docker-socket needs a vsock device to reach the guest: add --vsock cid=N,socket=PATH"
+    )]
+    DockerSocketWithoutVsock,
     #[error("--disk '{disk}': {problem}")]
     Disk { disk: String, problem: String },
     #[error("--disk id={0} is used by two disks: give each disk its own id")]

@@ -5,6 +5,7 @@ pub mod block;
 pub mod config;
 pub mod console;
 pub mod device_manager;
+pub mod docker_proxy;
 pub mod interrupts;
 pub mod memory;
 pub mod vcpu;
@@ -98,6 +99,8 @@ pub enum VmmError {
     },
     #[error("cannot set up --vsock")]
     Vsock(#[source] devices::virtio::vsock::VsockError),
+    #[error("cannot set up --docker-socket")]
+    DockerSocket(#[source] docker_proxy::DockerProxyError),
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, VmmError> {
@@ -350,11 +353,14 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmmError> {
             .add_virtio_pci(&vm, &format!("disk {}", disk.id), Box::new(device))
             .map_err(VmmError::Device)?;
     }
-    if let Some(config) = &config.vsock {
-        let device = vsock::create(config).map_err(VmmError::Vsock)?;
+    if let Some(vsock_config) = &config.vsock {
+        let device = vsock::create(vsock_config).map_err(VmmError::Vsock)?;
         device_manager
             .add_virtio_pci(&vm, "vsock", Box::new(device))
             .map_err(VmmError::Device)?;
+        if let Some(path) = &config.docker_socket {
+            docker_proxy::start(path, &vsock_config.socket).map_err(VmmError::DockerSocket)?;
+        }
     }
     let mmio = device_manager.finish(&mut pio).map_err(VmmError::Device)?;
     let buses = VcpuBuses {

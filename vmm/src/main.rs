@@ -68,6 +68,10 @@ struct RunArgs {
     /// `CONNECT <port>`; guest connections to host port P go to PATH_P.
     #[arg(long, value_name = "SPEC")]
     vsock: Vec<String>,
+    /// Serve the pod's Docker API on this Unix socket (`docker -H unix://PATH ps`),
+    /// forwarded to cradle on guest vsock port 1; needs --vsock.
+    #[arg(long, value_name = "PATH")]
+    docker_socket: Option<PathBuf>,
     /// A pod spec (JSON, docs/POD_SPEC.md) for cradle; needs --initrd.
     #[arg(long, value_name = "FILE")]
     pod: Option<PathBuf>,
@@ -81,9 +85,14 @@ impl RunArgs {
             .map(|d| config::parse_disk(d))
             .collect::<Result<Vec<_>, _>>()?;
         config::check_disks(&disks)?;
+        let vsock = config::parse_vsock_option(&self.vsock)?;
+        if self.docker_socket.is_some() && vsock.is_none() {
+            return Err(config::ConfigError::DockerSocketWithoutVsock);
+        }
         Ok(VmConfig {
             disks,
-            vsock: config::parse_vsock_option(&self.vsock)?,
+            vsock,
+            docker_socket: self.docker_socket,
             pod: self.pod,
             kernel: self.kernel,
             initrd: self.initrd,
