@@ -10,6 +10,7 @@ packages=(
   e2fsprogs         # mkfs.ext4 for cradle's blank volumes; debugfs in the tests
   fio               # run in the guest by the e2e tests (chrooted from a disk image)
   make gcc flex bison bc libelf-dev  # guest/kernel/build-pod-kernel.sh
+  socat             # vsock peer in the guest for the vsock e2e tests (chrooted)
   ca-certificates
 )
 missing=()

@@ -10,6 +10,7 @@ mod cli;
 mod disk;
 mod linux;
 mod micro;
+mod vsock;
 
 use std::path::Path;
 use std::process::Command;
@@ -104,6 +105,7 @@ fn main() {
         .chain(disk::tests())
         .chain(disk::pod_tests())
         .chain(disk::fio_tests())
+        .chain(vsock::tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux

@@ -184,21 +184,29 @@ pub fn host_tool(program: &str, args: &[&str]) -> Result<String> {
 /// An ext4 image holding the host's `fio` with its shared libraries at their paths, so
 /// the guest can `chroot` into it: fio needs 60-odd libraries, too many for the initramfs.
 pub fn fio_image(dir: &Path) -> Result<PathBuf> {
-    let root = dir.join("fio-root");
-    let fio = PathBuf::from("/usr/bin/fio");
-    anyhow::ensure!(
-        fio.exists(),
-        "fio is not installed on the host (apt-get install fio)"
-    );
-    let mut files = vec![fio.clone()];
-    for line in host_tool("ldd", &["/usr/bin/fio"])?.lines() {
-        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let path = line
-            .split("=>")
-            .last()
-            .and_then(|s| s.split_whitespace().next());
-        if let Some(path) = path.filter(|p| p.starts_with('/')) {
-            files.push(PathBuf::from(path));
+    tool_image(dir, "fio", &["/usr/bin/fio"])
+}
+
+/// An ext4 image `<dir>/<name>.img` holding host `binaries` with their shared libraries
+/// (found with ldd) at their host paths, and empty dev/proc/tmp, for `chroot` in a guest.
+pub fn tool_image(dir: &Path, name: &str, binaries: &[&str]) -> Result<PathBuf> {
+    let root = dir.join(format!("{name}-root"));
+    let mut files = Vec::new();
+    for binary in binaries {
+        anyhow::ensure!(
+            Path::new(binary).exists(),
+            "{binary} is not installed on the host (run scripts/install-deps.sh)"
+        );
+        files.push(PathBuf::from(binary));
+        for line in host_tool("ldd", &[binary])?.lines() {
+            // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = line
+                .split("=>")
+                .last()
+                .and_then(|s| s.split_whitespace().next());
+            if let Some(path) = path.filter(|p| p.starts_with('/')) {
+                files.push(PathBuf::from(path));
+            }
         }
     }
     for file in &files {
@@ -209,12 +217,57 @@ pub fn fio_image(dir: &Path) -> Result<PathBuf> {
     for mount_point in ["dev", "proc", "tmp"] {
         std::fs::create_dir_all(root.join(mount_point))?;
     }
-    let image = dir.join("fio.img");
+    let image = dir.join(format!("{name}.img"));
     std::fs::File::create(&image)?.set_len(256 << 20)?;
     let (root_arg, image_arg) = (root.display().to_string(), image.display().to_string());
     host_tool("mkfs.ext4", &["-q", "-F", "-d", &root_arg, &image_arg])?;
     std::fs::remove_dir_all(&root)?;
     Ok(image)
+}
+
+/// Runs `crib` with `args` and no stdin, calls `during` while it runs (to talk to its
+/// sockets), then waits for crib to exit, killing it after `deadline`. The error of
+/// `during`, if any, comes with crib's output.
+pub fn run_crib_while<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    deadline: Duration,
+    during: impl FnOnce() -> Result<()>,
+) -> Result<RunOutput> {
+    let bin = crib_bin();
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let stdout = drain(child.stdout.take().context("no stdout pipe")?);
+    let stderr = drain(child.stderr.take().context("no stderr pipe")?);
+    let started = Instant::now();
+    let during = during();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = RunOutput {
+        code: status.and_then(|s| s.code()),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    if let Err(e) = during {
+        output.check(false, &format!("{e:#}"))?;
+    }
+    if status.is_none() {
+        output.check(false, &format!("crib did not finish within {deadline:?}"))?;
+    }
+    Ok(output)
 }
 
 /// Micro guests: a few bytes of 64-bit code that crib enters directly, each ending in one
