@@ -119,7 +119,9 @@ fn boot_with_vsock(
         "--vsock".into(),
         format!("cid={GUEST_CID},socket={}", socket.display()),
         "--cmdline".into(),
-        format!("console=ttyS0 panic=-1 quiet -- /bin/sh -c \"mount --bind /dev /t/dev; {command}\""),
+        format!(
+            "console=ttyS0 panic=-1 quiet -- /bin/sh -c \"mount --bind /dev /t/dev; {command}\""
+        ),
     ];
     args.extend(extra.iter().cloned());
     run_crib_while(&args, DEADLINE, during)
@@ -183,7 +185,10 @@ fn echo_many_connections_both_ways() -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("host listener panicked"))?;
     std::fs::remove_dir_all(&dir)?;
-    out.check(guest_to_host.is_ok(), "the guest connected to host port 6000")?;
+    out.check(
+        guest_to_host.is_ok(),
+        "the guest connected to host port 6000",
+    )?;
     out.check(
         out.stdout.contains("pong:PING-FROM-GUEST"),
         "the guest read the host's reply",
