@@ -8,6 +8,7 @@
 
 mod cli;
 mod disk;
+mod docker;
 mod linux;
 mod micro;
 mod vsock;
@@ -51,8 +52,14 @@ fn run_in_lab(args: &Arguments) -> i32 {
         inner.push("--nocapture".into());
     }
     println!("\nrunning the linux_* tests inside the lab (no VT-x/AMD-V on this host)");
+    let mut lab_args: Vec<String> = Vec::new();
+    // A crib binary chosen by the caller must be the one tested inside the lab too.
+    if std::env::var_os("CRIB_BIN").is_some() {
+        lab_args.extend(["--env".into(), "CRIB_BIN".into()]);
+    }
     let status = Command::new("bash")
         .arg(lab)
+        .args(lab_args)
         .arg("--")
         .arg(exe)
         .args(inner)
@@ -106,6 +113,7 @@ fn main() {
         .chain(disk::pod_tests())
         .chain(disk::fio_tests())
         .chain(vsock::tests())
+        .chain(docker::tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux

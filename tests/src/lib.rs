@@ -245,6 +245,10 @@ pub fn run_crib_while<S: AsRef<std::ffi::OsStr>>(
     let stderr = drain(child.stderr.take().context("no stderr pipe")?);
     let started = Instant::now();
     let during = during();
+    if during.is_err() {
+        // The test already failed: do not wait for a guest that may never power off.
+        let _ = child.kill();
+    }
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break Some(status);

@@ -1,18 +1,21 @@
-//! The test hook: run the command the kernel passed to init, reap zombies
-//! while waiting for it, and report how it ended.
+//! The test hook: run the command the kernel passed to init, wait for it
+//! and report how it ended.
 //!
 //! Everything after `--` on the kernel command line arrives as init's
-//! argv[1..]. The child inherits the console as stdio. As PID 1, cradle is
-//! the parent of every orphan, so it waits for any child and throws away
-//! the statuses that are not the command's.
+//! argv[1..]. The child inherits the console as stdio. It is started
+//! through the [`Reaper`], which also reaps every orphan meanwhile (cradle
+//! is PID 1, the parent of all of them).
 
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus};
+use std::sync::mpsc;
 
 use thiserror::Error;
+
+use crate::reaper::Reaper;
 
 /// PATH for the command: the kernel gives init only HOME and TERM.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -70,43 +73,34 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// Runs `argv` (program first) with the console as stdio and waits for it,
-/// reaping every other child that exits meanwhile.
-pub fn run(program: &OsString, args: &[OsString]) -> Result<Outcome, CommandError> {
+/// Runs `argv` (program first) with the console as stdio and waits for it.
+pub fn run(
+    program: &OsString,
+    args: &[OsString],
+    reaper: &Reaper,
+) -> Result<Outcome, CommandError> {
     let name = program.to_string_lossy().into_owned();
     let mut command = Command::new(program);
     command.args(args);
     if std::env::var_os("PATH").is_none() {
         command.env("PATH", DEFAULT_PATH);
     }
-    let child = command.spawn().map_err(|source| CommandError::Spawn {
-        program: name.clone(),
-        source,
+    let (tx, rx) = mpsc::channel();
+    reaper
+        .spawn(&mut command, move |status| {
+            let _ = tx.send(status);
+        })
+        .map_err(|source| CommandError::Spawn {
+            program: name.clone(),
+            source,
+        })?;
+    // The reaper drops the callback unsent only if the child was reaped
+    // elsewhere, which nothing does while the command runs.
+    let status = rx.recv().map_err(|_| CommandError::Wait {
+        program: name,
+        source: io::Error::from(io::ErrorKind::BrokenPipe),
     })?;
-    let pid = libc::pid_t::try_from(child.id()).map_err(|_| CommandError::Wait {
-        program: name.clone(),
-        source: io::Error::from(io::ErrorKind::InvalidData),
-    })?;
-    // `child` is never waited through std: the loop below reaps it.
-    loop {
-        let mut status: libc::c_int = 0;
-        // SAFETY: waitpid writes one int through the pointer, which refers to
-        // a live local.
-        let reaped = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if reaped == pid {
-            return Ok(Outcome::from_wait_status(status));
-        }
-        if reaped < 0 {
-            let source = io::Error::last_os_error();
-            if source.kind() != io::ErrorKind::Interrupted {
-                return Err(CommandError::Wait {
-                    program: name,
-                    source,
-                });
-            }
-        }
-        // Another process (an orphan) was reaped: keep waiting.
-    }
+    Ok(Outcome::from_wait_status(status))
 }
 
 #[cfg(test)]
@@ -135,16 +129,18 @@ mod tests {
 
     #[test]
     fn run_true_exits_zero() {
-        let _children = crate::testing::children_lock();
-        let outcome = run(&OsString::from("true"), &[]).unwrap();
+        let reaper = Reaper::new(crate::reaper::ReapMode::Own);
+
+        let outcome = run(&OsString::from("true"), &[], &reaper).unwrap();
 
         assert_eq!(outcome, Outcome::Exited(0));
     }
 
     #[test]
     fn run_missing_program_is_a_spawn_error() {
-        let _children = crate::testing::children_lock();
-        let error = run(&OsString::from("/nonexistent/cradle-test"), &[]).unwrap_err();
+        let reaper = Reaper::new(crate::reaper::ReapMode::Own);
+
+        let error = run(&OsString::from("/nonexistent/cradle-test"), &[], &reaper).unwrap_err();
 
         assert!(matches!(error, CommandError::Spawn { .. }));
     }

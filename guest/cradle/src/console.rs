@@ -39,6 +39,18 @@ pub fn log(message: &str) {
     let _ = io::stderr().lock().write_all(line.as_bytes());
 }
 
+/// Copies a line of a pod process's output to cradle's stderr (`to_stderr`)
+/// or stdout, both the console, in one write; errors are ignored.
+pub fn echo(to_stderr: bool, bytes: &[u8]) {
+    if to_stderr {
+        let _ = io::stderr().lock().write_all(bytes);
+    } else {
+        let mut stdout = io::stdout().lock();
+        let _ = stdout.write_all(bytes);
+        let _ = stdout.flush();
+    }
+}
+
 /// Logs `format!`-style arguments with the `cradle: ` prefix.
 macro_rules! say {
     ($($arg:tt)*) => {

@@ -5,9 +5,11 @@
 //! initramfs's kernel modules in dependency order; print the ready line and
 //! write the "ready" marker; if the VMM shipped a pod spec
 //! (`/etc/cradle/pod.json`), set up its volumes (link, format if blank,
-//! mount) and run its processes; run the command passed after `--` on the
-//! kernel command line, if any; then stop leftover processes, unmount the
-//! volumes, sync and power off.
+//! mount), start its processes and serve the Docker API subset (vdocker)
+//! on vsock port 1, and wait for the pod to end (its processes exited, or
+//! the shutdown call, per the spec's `lifetime`); run the command passed
+//! after `--` on the kernel command line, if any; then stop leftover
+//! processes, unmount the volumes, sync and power off.
 //!
 //! PID 1 must never exit (the kernel panics when init dies): every error is
 //! printed as `cradle: error: ...` and the VM is powered off. No code path
@@ -38,8 +40,10 @@ mod pod;
 mod power;
 mod probe;
 mod processes;
+mod reaper;
 #[cfg(test)]
 mod testing;
+mod vdocker;
 mod volumes;
 
 use std::ffi::OsString;
@@ -56,6 +60,8 @@ use crate::console::say;
 use crate::module_load::millis;
 use crate::mounts::MountError;
 use crate::pod::PodError;
+use crate::reaper::Reaper;
+use crate::vdocker::{PodEnd, Registry, RegistryOptions};
 use crate::volumes::{Layout, VolumeError, Volumes};
 
 /// Errors that end the boot (each powers the VM off).
@@ -87,16 +93,25 @@ fn main() {
     let start = Instant::now();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
 
-    // Outside the closure so the volumes are unmounted whatever happened.
+    // Outside the closure so the volumes are unmounted and the pod's
+    // processes stopped whatever happened.
     let mut volumes = Volumes::default();
+    let mut pod = None;
     match panic::catch_unwind(AssertUnwindSafe(|| {
-        boot(marker.as_ref(), start, &args, &mut volumes)
+        boot(marker.as_ref(), start, &args, &mut volumes, &mut pod)
     })) {
         Ok(Ok(())) => {}
         Ok(Err(error)) => console::log_error(&error),
         Err(_) => say!("error: cradle panicked"),
     }
-    if !volumes.is_empty() {
+    let shutdown = pod.as_ref().and_then(Registry::shutdown_requested);
+    if let Some(registry) = &pod {
+        // SIGTERM, then SIGKILL after the shutdown call's grace (or the
+        // sweep's): containers and exec sessions.
+        let grace = shutdown.unwrap_or(Duration::from_millis(processes::STOP_GRACE_MS));
+        registry.stop_all(grace);
+    }
+    if !volumes.is_empty() || shutdown.is_some() {
         // Nothing may keep a volume busy while it is unmounted.
         processes::stop_leftovers();
     }
@@ -110,6 +125,7 @@ fn boot(
     start: Instant,
     args: &[OsString],
     volumes: &mut Volumes,
+    pod: &mut Option<Registry>,
 ) -> Result<(), CradleError> {
     let mut steps = Steps::new(start);
 
@@ -153,13 +169,26 @@ fn boot(
     if flags.debug {
         steps.print();
     }
+    // From here on every child is started and reaped through this.
+    let reaper = Reaper::for_this_process();
     if let Some(spec) = &spec {
-        processes::run_all(&spec.processes);
+        let registry = Registry::new(&spec.processes, reaper.clone(), RegistryOptions::guest());
+        registry.start_all();
+        // After the processes: the server never delays them.
+        vdocker::spawn_on_vsock(registry.clone());
+        *pod = Some(registry.clone());
+        if let PodEnd::Shutdown(grace) = registry.wait_for_end(spec.lifetime) {
+            say!(
+                "shutdown requested; stopping processes (SIGKILL after {} s)",
+                grace.as_secs()
+            );
+            return Ok(());
+        }
     }
 
     match args.split_first() {
         Some((program, rest)) => {
-            let outcome = command::run(program, rest)?;
+            let outcome = command::run(program, rest, &reaper)?;
             say!("{outcome}");
         }
         None => say!("no command; powering off"),

@@ -28,9 +28,11 @@ impl Drop for TempDir {
     }
 }
 
-/// Held by every test that starts a child process. cradle reaps with
-/// `waitpid(-1)` (it is PID 1), which in a test binary would also reap the
-/// children of tests running in parallel threads.
+/// Held by tests that start a child process through std. As PID 1 cradle
+/// reaps any child (the `All` reaper, the shutdown sweep), which in a test
+/// binary would also reap the children of tests running in parallel
+/// threads; tests use `ReapMode::Own`, and one that reaped any child would
+/// have to hold this too.
 static CHILDREN: Mutex<()> = Mutex::new(());
 
 /// Takes the child-process lock (a panicked holder does not matter).

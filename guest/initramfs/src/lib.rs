@@ -22,5 +22,5 @@ pub use kernel::{KernelDir, KernelDirError};
 pub use modules::{ModuleClosure, ModulesDep, ModulesError};
 pub use pod_archive::{pod_archive, PodArchiveError};
 pub use podspec::{
-    Filesystem, PodSpec, PodSpecError, ProcessSpec, VolumeSpec, POD_SPEC_GUEST_PATH,
+    Filesystem, PodLifetime, PodSpec, PodSpecError, ProcessSpec, VolumeSpec, POD_SPEC_GUEST_PATH,
 };

@@ -109,6 +109,22 @@ pub struct PodSpec {
     /// Processes cradle starts once the volumes are ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<ProcessSpec>,
+    /// When the pod ends: once its processes have exited (the default) or
+    /// only on the shutdown call of cradle's Docker API.
+    #[serde(default, skip_serializing_if = "PodLifetime::is_default")]
+    pub lifetime: PodLifetime,
+}
+
+/// When cradle powers a pod's VM off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PodLifetime {
+    /// Once every process has exited (then the test hook runs, if any).
+    #[default]
+    Processes,
+    /// Only when asked to (`POST /crib/v1/shutdown` on the Docker API), so
+    /// `docker exec` and `docker cp` keep working after the processes end.
+    UntilShutdown,
 }
 
 /// A block volume: a virtio-blk disk whose serial is the volume's name.
@@ -169,6 +185,26 @@ fn field_prefix(field: &str) -> String {
 
 fn is_false(value: &bool) -> bool {
     !*value
+}
+
+impl PodLifetime {
+    /// The spec's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Processes => "processes",
+            Self::UntilShutdown => "until-shutdown",
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl fmt::Display for PodLifetime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Filesystem {
@@ -421,7 +457,8 @@ mod tests {
         ],
         "processes": [
             {"name": "main", "argv": ["/bin/sh", "-c", "echo hi"], "env": ["A=b"], "cwd": "/"}
-        ]
+        ],
+        "lifetime": "processes"
     }"#;
 
     fn parse(json: &str) -> Result<PodSpec, PodSpecError> {
@@ -469,6 +506,7 @@ mod tests {
                 cwd: Some("/".to_owned()),
             }]
         );
+        assert_eq!(spec.lifetime, PodLifetime::Processes);
     }
 
     #[test]
@@ -477,6 +515,49 @@ mod tests {
 
         assert!(spec.volumes.is_empty());
         assert!(spec.processes.is_empty());
+    }
+
+    #[test]
+    fn from_json_without_lifetime_ends_with_the_processes() {
+        let spec = parse(r#"{"name": "p"}"#).unwrap();
+
+        assert_eq!(spec.lifetime, PodLifetime::Processes);
+    }
+
+    #[test]
+    fn from_json_lifetime_until_shutdown_parses() {
+        let spec = parse(r#"{"name": "p", "lifetime": "until-shutdown"}"#).unwrap();
+
+        assert_eq!(spec.lifetime, PodLifetime::UntilShutdown);
+    }
+
+    #[test]
+    fn from_json_unknown_lifetime_lists_the_choices() {
+        let error = parse(r#"{"name": "p", "lifetime": "forever"}"#).unwrap_err();
+
+        let PodSpecError::Json { field, source } = error else {
+            panic!("expected a JSON error, got {error}");
+        };
+        assert_eq!(field, "lifetime");
+        let text = source.to_string();
+        assert!(
+            text.contains("`processes`") && text.contains("`until-shutdown`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn serialize_default_lifetime_is_left_out() {
+        let spec = parse(r#"{"name": "p"}"#).unwrap();
+
+        let json = serde_json::to_string(&spec).unwrap();
+
+        assert_eq!(json, r#"{"name":"p"}"#);
+    }
+
+    #[test]
+    fn pod_lifetime_displays_its_spec_spelling() {
+        assert_eq!(PodLifetime::UntilShutdown.to_string(), "until-shutdown");
     }
 
     #[test]

@@ -1,0 +1,588 @@
+//! Each process of the pod spec is a container (id: a stable 64-hex hash
+//! of its name; name: its name), supervised here; the pod's set of them is
+//! the [`Registry`](super::registry::Registry).
+//!
+//! A run of a container is one spawn of its process, in a process group of
+//! its own, with three pipes: stdin (kept open for `docker attach`, which
+//! writes to it), stdout and stderr. One thread per output pipe reads it,
+//! hands each chunk to live attach sessions (a broadcast channel), splits
+//! it into lines for the [`LogStore`] and echoes the lines to the console
+//! (the pod's output still shows there as before). The exit status comes
+//! from the [`Reaper`]; the console line `process <name> exited with status
+//! N` is printed as before ([`processes::report_exit`]).
+//!
+//! Signals: `kill`/`stop` signal the process itself, as Docker signals a
+//! container's init, except SIGKILL, which goes to the whole process group
+//! (Docker's SIGKILL ends the container's every process). The pod-level
+//! `Registry::stop_all` signals whole groups.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use hyper::body::Bytes;
+use initramfs::podspec::ProcessSpec;
+use tokio::sync::{broadcast, watch};
+
+use super::errors::VdockerError;
+use super::frames::StreamKind;
+use super::logs::{LineSplitter, LogStore};
+use super::registry::{container_id, Lifecycle, RegistryOptions};
+use crate::command::Outcome;
+use crate::console;
+use crate::processes::{self, ProcessError};
+use crate::reaper::Reaper;
+
+/// Default log cap per container: the newest ~4 MiB of output.
+pub const LOG_CAP_BYTES: usize = 4 * 1024 * 1024;
+/// Chunks of output (16 KiB at most each) a slow attach session may fall
+/// behind by before it misses some; bounds what it can hold in memory.
+const OUTPUT_CHANNEL_CHUNKS: usize = 256;
+/// Read size of the output pipes.
+const PUMP_BUFFER_BYTES: usize = 16 * 1024;
+/// After a process has exited, how long its output may take to drain
+/// before attach, `logs -f` and exec sessions end anyway (an orphaned
+/// grandchild can hold the pipe open for ever).
+pub const OUTPUT_GRACE_MS: u64 = 500;
+/// Exit code of a process whose program was not found (as Docker).
+const EXIT_NOT_FOUND: i32 = 127;
+/// Exit code of a process that could not be started otherwise.
+const EXIT_CANNOT_RUN: i32 = 126;
+
+/// A chunk of a container's output, for attach sessions.
+#[derive(Debug, Clone)]
+pub struct OutputChunk {
+    pub stream: StreamKind,
+    pub bytes: Bytes,
+}
+
+/// One of the pod's processes as a container.
+pub struct Container {
+    pub id: String,
+    pub name: String,
+    pub spec: ProcessSpec,
+    pub created: SystemTime,
+    pub logs: LogStore,
+    output: broadcast::Sender<OutputChunk>,
+    state: Mutex<ContainerState>,
+    /// Bumped whenever the state changes (start, exit, output drained).
+    changes: watch::Sender<()>,
+    echo: bool,
+    reaper: Reaper,
+    lifecycle: Arc<Lifecycle>,
+}
+
+#[derive(Default)]
+struct ContainerState {
+    /// Runs started so far.
+    runs: u64,
+    run: Option<Run>,
+}
+
+/// One spawn of a container's process.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// 1 for the first run, then counting.
+    pub number: u64,
+    /// None if the process could not be started.
+    pub pid: Option<libc::pid_t>,
+    pub started_at: SystemTime,
+    pub finished_at: Option<SystemTime>,
+    pub outcome: Option<Outcome>,
+    /// Why it could not be started.
+    pub error: Option<String>,
+    /// Output pipes not at end of file yet.
+    open_outputs: u8,
+    /// The write end of the process's stdin, while it runs.
+    stdin: Option<Arc<OwnedFd>>,
+}
+
+impl Run {
+    pub fn is_running(&self) -> bool {
+        self.pid.is_some() && self.outcome.is_none()
+    }
+
+    /// Docker's exit code: the status, or 128 + the signal.
+    pub fn exit_code(&self) -> i32 {
+        match self.outcome {
+            Some(outcome) => docker_exit_code(outcome),
+            None => 0,
+        }
+    }
+}
+
+/// Docker's exit code for an outcome: 128 + signal when killed.
+pub fn docker_exit_code(outcome: Outcome) -> i32 {
+    match outcome {
+        Outcome::Exited(code) => code,
+        Outcome::Killed(signal) => 128_i32.saturating_add(signal),
+    }
+}
+
+/// Docker's exit code for a spawn that failed with `error`.
+pub fn spawn_exit_code(error: &io::Error) -> i32 {
+    if error.kind() == io::ErrorKind::NotFound {
+        EXIT_NOT_FOUND
+    } else {
+        EXIT_CANNOT_RUN
+    }
+}
+
+/// Sends `signal` to the process group `pgid`, or to the process itself if
+/// it has left the group.
+pub fn signal_group(pgid: libc::pid_t, signal: i32) -> io::Result<()> {
+    // SAFETY: kill takes two plain integers and touches no memory; a
+    // negative pid addresses the group.
+    if unsafe { libc::kill(-pgid, signal) } == 0 {
+        return Ok(());
+    }
+    signal_process(pgid, signal)
+}
+
+/// Sends `signal` to the process `pid`.
+pub fn signal_process(pid: libc::pid_t, signal: i32) -> io::Result<()> {
+    // SAFETY: as above, for one process.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Container {
+    pub(super) fn new(
+        spec: ProcessSpec,
+        options: RegistryOptions,
+        reaper: Reaper,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Self {
+        let (output, _) = broadcast::channel(OUTPUT_CHANNEL_CHUNKS);
+        Self {
+            id: container_id(&spec.name),
+            name: spec.name.clone(),
+            spec,
+            created: SystemTime::now(),
+            logs: LogStore::new(options.log_cap_bytes),
+            output,
+            state: Mutex::new(ContainerState::default()),
+            changes: watch::Sender::new(()),
+            echo: options.echo,
+            reaper,
+            lifecycle,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ContainerState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The latest run, if the container was ever started.
+    pub fn snapshot(&self) -> Option<Run> {
+        self.lock().run.clone()
+    }
+
+    /// The number of the run in progress, if one is.
+    pub fn running_run(&self) -> Option<u64> {
+        self.lock()
+            .run
+            .as_ref()
+            .filter(|run| run.is_running())
+            .map(|run| run.number)
+    }
+
+    /// Live output from now on.
+    pub fn subscribe_output(&self) -> broadcast::Receiver<OutputChunk> {
+        self.output.subscribe()
+    }
+
+    /// The write end of the running process's stdin.
+    pub fn stdin(&self) -> Option<Arc<OwnedFd>> {
+        self.lock()
+            .run
+            .as_ref()
+            .filter(|run| run.is_running())
+            .and_then(|run| run.stdin.clone())
+    }
+
+    /// Starts a new run; `NotModified` if one is in progress. A process that
+    /// cannot be started is a warning on the console and a run that has
+    /// ended with 127 (not found) or 126, as Docker reports it.
+    pub fn start(self: &Arc<Self>) -> Result<(), VdockerError> {
+        let mut state = self.lock();
+        if state.run.as_ref().is_some_and(Run::is_running) {
+            return Err(VdockerError::NotModified(self.name.clone()));
+        }
+        state.runs = state.runs.wrapping_add(1);
+        let number = state.runs;
+        let started_at = SystemTime::now();
+        let spawned = self.spawn(number);
+        let (run, pipes) = match spawned {
+            Ok((pid, stdin, stdout, stderr)) => {
+                let run = Run {
+                    number,
+                    pid: Some(pid),
+                    started_at,
+                    finished_at: None,
+                    outcome: None,
+                    error: None,
+                    open_outputs: 2,
+                    stdin: Some(Arc::new(stdin)),
+                };
+                (run, Some((stdout, stderr)))
+            }
+            Err(error) => {
+                console::log_warning(&error);
+                let code = match &error {
+                    ProcessError::Spawn { source, .. } => spawn_exit_code(source),
+                };
+                let run = Run {
+                    number,
+                    pid: None,
+                    started_at,
+                    finished_at: Some(started_at),
+                    outcome: Some(Outcome::Exited(code)),
+                    error: Some(console::error_chain(&error)),
+                    open_outputs: 0,
+                    stdin: None,
+                };
+                (run, None)
+            }
+        };
+        state.run = Some(run);
+        drop(state);
+        if let Some((stdout, stderr)) = pipes {
+            self.start_pump(number, StreamKind::Stdout, stdout);
+            self.start_pump(number, StreamKind::Stderr, stderr);
+        }
+        self.changes.send_replace(());
+        self.lifecycle.notify();
+        Ok(())
+    }
+
+    /// Spawns run `number`: (pid, stdin, stdout, stderr).
+    fn spawn(
+        self: &Arc<Self>,
+        number: u64,
+    ) -> Result<(libc::pid_t, OwnedFd, OwnedFd, OwnedFd), ProcessError> {
+        let spawn_error = |source| ProcessError::Spawn {
+            name: self.name.clone(),
+            program: self.spec.argv.first().cloned().unwrap_or_default(),
+            source,
+        };
+        let mut command = processes::build_command(&self.spec)
+            .ok_or_else(|| spawn_error(io::ErrorKind::InvalidInput.into()))?;
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let container = Arc::clone(self);
+        let mut child = self
+            .reaper
+            .spawn(&mut command, move |status| container.exited(number, status))
+            .map_err(spawn_error)?;
+        let pid = libc::pid_t::try_from(child.id())
+            .map_err(|_| spawn_error(io::ErrorKind::InvalidData.into()))?;
+        match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
+            (Some(stdin), Some(stdout), Some(stderr)) => {
+                Ok((pid, stdin.into(), stdout.into(), stderr.into()))
+            }
+            // Stdio::piped() always gives the three; kill rather than leak.
+            _ => {
+                let _ = signal_group(pid, libc::SIGKILL);
+                Err(spawn_error(io::ErrorKind::BrokenPipe.into()))
+            }
+        }
+    }
+
+    /// The reaper's callback for run `number`.
+    fn exited(&self, number: u64, status: i32) {
+        let outcome = Outcome::from_wait_status(status);
+        {
+            let mut state = self.lock();
+            if let Some(run) = state.run.as_mut().filter(|run| run.number == number) {
+                run.outcome = Some(outcome);
+                run.finished_at = Some(SystemTime::now());
+                run.stdin = None;
+            }
+        }
+        processes::report_exit(&self.name, outcome);
+        self.changes.send_replace(());
+        self.lifecycle.notify();
+    }
+
+    fn start_pump(self: &Arc<Self>, number: u64, stream: StreamKind, pipe: OwnedFd) {
+        let container = Arc::clone(self);
+        let started = std::thread::Builder::new()
+            .name("cradle-output".to_owned())
+            .spawn(move || container.pump(number, stream, File::from(pipe)));
+        if let Err(error) = started {
+            console::say!(
+                "warning: process {}: cannot read its output: {error}",
+                self.name
+            );
+            self.output_closed(number);
+        }
+    }
+
+    /// Reads one output pipe to its end (a pump thread).
+    fn pump(&self, number: u64, stream: StreamKind, mut pipe: File) {
+        let mut splitter = LineSplitter::default();
+        let mut buffer = vec![0u8; PUMP_BUFFER_BYTES];
+        loop {
+            let read = match pipe.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(read) => read,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            let Some(chunk) = buffer.get(..read) else {
+                break;
+            };
+            // No attach session listening is fine.
+            let _ = self.output.send(OutputChunk {
+                stream,
+                bytes: Bytes::copy_from_slice(chunk),
+            });
+            let now = SystemTime::now();
+            for line in splitter.push(chunk) {
+                self.store_line(stream, line, now);
+            }
+        }
+        if let Some(rest) = splitter.finish() {
+            self.store_line(stream, rest, SystemTime::now());
+        }
+        self.output_closed(number);
+    }
+
+    fn store_line(&self, stream: StreamKind, line: Vec<u8>, time: SystemTime) {
+        if self.echo {
+            console::echo(stream == StreamKind::Stderr, &line);
+        }
+        self.logs.push(stream, line, time);
+    }
+
+    fn output_closed(&self, number: u64) {
+        {
+            let mut state = self.lock();
+            if let Some(run) = state.run.as_mut().filter(|run| run.number == number) {
+                run.open_outputs = run.open_outputs.saturating_sub(1);
+            }
+        }
+        self.changes.send_replace(());
+    }
+
+    /// Sends `signal` to the running process (SIGKILL: to its group).
+    pub fn signal(&self, signal: i32) -> Result<(), VdockerError> {
+        let pid = self.running_pid()?;
+        let result = if signal == libc::SIGKILL {
+            signal_group(pid, signal)
+        } else {
+            signal_process(pid, signal)
+        };
+        result.map_err(|source| VdockerError::Signal {
+            name: self.name.clone(),
+            source,
+        })
+    }
+
+    /// Sends `signal` to the running process's group.
+    pub fn signal_group(&self, signal: i32) -> Result<(), VdockerError> {
+        let pid = self.running_pid()?;
+        signal_group(pid, signal).map_err(|source| VdockerError::Signal {
+            name: self.name.clone(),
+            source,
+        })
+    }
+
+    fn running_pid(&self) -> Result<libc::pid_t, VdockerError> {
+        self.lock()
+            .run
+            .as_ref()
+            .filter(|run| run.is_running())
+            .and_then(|run| run.pid)
+            .ok_or_else(|| VdockerError::NotRunning(self.name.clone()))
+    }
+
+    /// Waits until `check` returns something, re-checking on every change.
+    async fn wait_for<T>(&self, mut check: impl FnMut(&ContainerState) -> Option<T>) -> T {
+        let mut changes = self.changes.subscribe();
+        loop {
+            let found = check(&self.lock());
+            if let Some(value) = found {
+                return value;
+            }
+            if changes.changed().await.is_err() {
+                // The sender lives as long as self: cannot happen.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Waits until no run is in progress; the last run's exit code.
+    pub async fn wait_not_running(&self) -> i32 {
+        self.wait_for(|state| match &state.run {
+            Some(run) if run.is_running() => None,
+            Some(run) => Some(run.exit_code()),
+            None => Some(0),
+        })
+        .await
+    }
+
+    /// Waits for the end of the run in progress, or if there is none, of
+    /// the next one started; its exit code.
+    pub async fn wait_next_exit(&self) -> i32 {
+        let target = {
+            let state = self.lock();
+            match &state.run {
+                Some(run) if run.is_running() => run.number,
+                _ => state.runs.wrapping_add(1),
+            }
+        };
+        self.wait_for(|state| {
+            state
+                .run
+                .as_ref()
+                .filter(|run| run.number >= target && !run.is_running())
+                .map(Run::exit_code)
+        })
+        .await
+    }
+
+    /// Waits until run `number` has exited.
+    pub async fn wait_run_exit(&self, number: u64) {
+        self.wait_for(|state| {
+            state
+                .run
+                .as_ref()
+                .is_none_or(|run| run.number != number || !run.is_running())
+                .then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until run `number` has exited and its output has been read to
+    /// the end (or [`OUTPUT_GRACE_MS`] after its exit, whichever is first).
+    pub async fn wait_output_done(&self, number: u64) {
+        self.wait_run_exit(number).await;
+        let drained = self.wait_for(|state| {
+            state
+                .run
+                .as_ref()
+                .is_none_or(|run| run.number != number || run.open_outputs == 0)
+                .then_some(())
+        });
+        let _ = tokio::time::timeout(Duration::from_millis(OUTPUT_GRACE_MS), drained).await;
+    }
+
+    /// Docker's stop: `signal`, up to `timeout` for the process to exit,
+    /// then SIGKILL to its group. `NotModified` if it is not running.
+    pub async fn stop(&self, signal: i32, timeout: Duration) -> Result<(), VdockerError> {
+        let Some(number) = self.running_run() else {
+            return Err(VdockerError::NotModified(self.name.clone()));
+        };
+        if let Err(error) = self.signal(signal) {
+            // It ended meanwhile: stopped all the same.
+            return match error {
+                VdockerError::NotRunning(_) => Ok(()),
+                other => Err(other),
+            };
+        }
+        if tokio::time::timeout(timeout, self.wait_run_exit(number))
+            .await
+            .is_err()
+        {
+            let _ = self.signal_group(libc::SIGKILL);
+            self.wait_run_exit(number).await;
+        }
+        Ok(())
+    }
+}
+
+/// The command to exec `argv` in `container` with extra `env` and `cwd`:
+/// the container's environment and directory unless overridden.
+pub fn exec_command(
+    container: &Container,
+    argv: &[String],
+    env: &[String],
+    cwd: Option<&str>,
+) -> Option<Command> {
+    let spec = ProcessSpec {
+        name: container.name.clone(),
+        argv: argv.to_vec(),
+        env: container.spec.env.iter().chain(env).cloned().collect(),
+        cwd: cwd
+            .filter(|dir| !dir.is_empty())
+            .map(str::to_owned)
+            .or_else(|| container.spec.cwd.clone()),
+    };
+    processes::build_command(&spec)
+}
+
+#[cfg(test)]
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vdocker::registry::testing::{block_on, registry, spec};
+
+    #[test]
+    fn docker_exit_code_of_sigkill_is_137() {
+        assert_eq!(docker_exit_code(Outcome::Killed(9)), 137);
+    }
+
+    #[test]
+    fn registry_runs_a_process_and_logs_both_streams() {
+        let registry = registry(&[spec("a", "echo out; echo err >&2; exit 4")]);
+        registry.start_all();
+        let container = registry.find("a").unwrap();
+
+        let code = block_on(async {
+            let code = container.wait_not_running().await;
+            container.wait_output_done(1).await;
+            code
+        });
+
+        assert_eq!(code, 4);
+        let (lines, _) = container.logs.select(&crate::vdocker::logs::LogQuery {
+            stdout: true,
+            stderr: true,
+            since: None,
+            until: None,
+            tail: None,
+            timestamps: false,
+            follow: false,
+        });
+        let mut got: Vec<(StreamKind, Vec<u8>)> =
+            lines.into_iter().map(|l| (l.stream, l.bytes)).collect();
+        got.sort_by_key(|(stream, _)| stream.code());
+        assert_eq!(
+            got,
+            [
+                (StreamKind::Stdout, b"out\n".to_vec()),
+                (StreamKind::Stderr, b"err\n".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn start_missing_program_is_exited_127() {
+        let registry = registry(&[ProcessSpec {
+            name: "ghost".to_owned(),
+            argv: vec!["/nonexistent/cradle-test".to_owned()],
+            env: Vec::new(),
+            cwd: None,
+        }]);
+
+        registry.start_all();
+
+        let run = registry.find("ghost").unwrap().snapshot().unwrap();
+        assert!(!run.is_running());
+        assert_eq!(run.exit_code(), 127);
+    }
+}

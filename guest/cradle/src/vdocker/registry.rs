@@ -1,0 +1,453 @@
+//! The pod's registry: its containers (one per process of the spec, see
+//! [`super::containers`]) and exec sessions, looked up by id, id prefix or
+//! name, and the pod's lifecycle: [`Registry::wait_for_end`] blocks the main
+//! thread until the processes have all exited or the shutdown call came,
+//! and [`Registry::stop_all`] stops everything at the end.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use initramfs::podspec::{PodLifetime, ProcessSpec};
+
+use super::containers::{Container, LOG_CAP_BYTES};
+use super::errors::VdockerError;
+use super::exec::ExecTable;
+use crate::reaper::Reaper;
+
+/// After SIGKILL, how long stop_all waits for the processes to go.
+const KILL_WAIT_MS: u64 = 1000;
+
+/// How a registry treats its containers' output.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryOptions {
+    /// Copy each output line to cradle's stdout/stderr (the console).
+    pub echo: bool,
+    /// Log store cap per container.
+    pub log_cap_bytes: usize,
+}
+
+impl RegistryOptions {
+    /// What cradle uses in the guest.
+    pub fn guest() -> Self {
+        Self {
+            echo: true,
+            log_cap_bytes: LOG_CAP_BYTES,
+        }
+    }
+}
+
+/// Why the pod ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodEnd {
+    /// Every process has exited (lifetime `processes`).
+    AllExited,
+    /// `POST /crib/v1/shutdown`; stop the processes with this grace.
+    Shutdown(Duration),
+}
+
+/// The pod's containers and exec sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<RegistryInner>,
+}
+
+struct RegistryInner {
+    containers: Vec<Arc<Container>>,
+    execs: ExecTable,
+    lifecycle: Arc<Lifecycle>,
+    reaper: Reaper,
+}
+
+/// Wakes the main thread when a process ends or shutdown is asked for.
+#[derive(Default)]
+pub struct Lifecycle {
+    state: Mutex<LifecycleState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LifecycleState {
+    /// The grace of the first shutdown request.
+    shutdown: Option<Duration>,
+    /// The API could not start: nothing can ask for a shutdown.
+    api_down: bool,
+}
+
+impl Lifecycle {
+    /// Something ended: re-check.
+    pub fn notify(&self) {
+        // Taking the lock orders this after a waiter's check.
+        let _shutdown = self.lock();
+        self.changed.notify_all();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LifecycleState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Blocks until `done` (called with the state) is true, or `deadline`
+    /// passes (then false).
+    fn wait_until(
+        &self,
+        deadline: Option<Instant>,
+        mut done: impl FnMut(LifecycleState) -> bool,
+    ) -> bool {
+        let mut state = self.lock();
+        loop {
+            if done(*state) {
+                return true;
+            }
+            state = match deadline {
+                None => self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    self.changed
+                        .wait_timeout(state, left)
+                        .map(|(guard, _)| guard)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner().0)
+                }
+            };
+        }
+    }
+}
+
+impl Registry {
+    /// A container per process; none is started yet.
+    pub fn new(specs: &[ProcessSpec], reaper: Reaper, options: RegistryOptions) -> Self {
+        let lifecycle = Arc::new(Lifecycle::default());
+        let containers = specs
+            .iter()
+            .map(|spec| {
+                Arc::new(Container::new(
+                    spec.clone(),
+                    options,
+                    reaper.clone(),
+                    Arc::clone(&lifecycle),
+                ))
+            })
+            .collect();
+        Self {
+            inner: Arc::new(RegistryInner {
+                containers,
+                execs: ExecTable::default(),
+                lifecycle,
+                reaper,
+            }),
+        }
+    }
+
+    /// Starts every container; one that cannot start is a warning.
+    pub fn start_all(&self) {
+        for container in &self.inner.containers {
+            // Only "already running" can fail here, which none is.
+            let _ = container.start();
+        }
+    }
+
+    pub fn containers(&self) -> &[Arc<Container>] {
+        &self.inner.containers
+    }
+
+    pub fn execs(&self) -> &ExecTable {
+        &self.inner.execs
+    }
+
+    pub fn reaper(&self) -> &Reaper {
+        &self.inner.reaper
+    }
+
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.inner.lifecycle
+    }
+
+    /// The container `key` names: its id, its name (with or without `/`),
+    /// or a prefix of exactly one id.
+    pub fn find(&self, key: &str) -> Result<Arc<Container>, VdockerError> {
+        let entries = self
+            .inner
+            .containers
+            .iter()
+            .map(|c| (c.id.as_str(), c.name.as_str()));
+        match lookup(entries, key) {
+            Lookup::Found(index) => self
+                .inner
+                .containers
+                .get(index)
+                .cloned()
+                .ok_or_else(|| VdockerError::NoSuchContainer(key.to_owned())),
+            Lookup::Missing => Err(VdockerError::NoSuchContainer(key.to_owned())),
+            Lookup::Ambiguous => Err(VdockerError::AmbiguousContainer(key.to_owned())),
+        }
+    }
+
+    /// Asks the main thread to end the pod; the first request's grace wins.
+    pub fn request_shutdown(&self, grace: Duration) {
+        let mut state = self.inner.lifecycle.lock();
+        state.shutdown.get_or_insert(grace);
+        self.inner.lifecycle.changed.notify_all();
+    }
+
+    /// The grace of a shutdown request, if there was one.
+    pub fn shutdown_requested(&self) -> Option<Duration> {
+        self.inner.lifecycle.lock().shutdown
+    }
+
+    /// Notes that the Docker API cannot be served (no vsock device): then
+    /// nothing can send the shutdown call, and a pod whose lifetime is
+    /// `until-shutdown` ends with its processes instead of never.
+    pub fn api_unavailable(&self) {
+        self.inner.lifecycle.lock().api_down = true;
+        self.inner.lifecycle.changed.notify_all();
+    }
+
+    /// Blocks until the pod ends: on a shutdown request, or (lifetime
+    /// `processes`, or no API) once no container is running.
+    pub fn wait_for_end(&self, lifetime: PodLifetime) -> PodEnd {
+        let mut end = PodEnd::AllExited;
+        self.inner.lifecycle.wait_until(None, |state| {
+            if let Some(grace) = state.shutdown {
+                end = PodEnd::Shutdown(grace);
+                return true;
+            }
+            (lifetime == PodLifetime::Processes || state.api_down) && !self.any_container_running()
+        });
+        end
+    }
+
+    fn any_container_running(&self) -> bool {
+        self.inner
+            .containers
+            .iter()
+            .any(|c| c.running_run().is_some())
+    }
+
+    fn anything_running(&self) -> bool {
+        self.any_container_running() || self.inner.execs.any_running()
+    }
+
+    /// Stops every container and exec session: SIGTERM to their process
+    /// groups, up to `grace` for them to exit, then SIGKILL. Blocking; for
+    /// the main thread at shutdown.
+    pub fn stop_all(&self, grace: Duration) {
+        if !self.anything_running() {
+            return;
+        }
+        self.signal_all(libc::SIGTERM);
+        let deadline = Instant::now() + grace;
+        if self
+            .inner
+            .lifecycle
+            .wait_until(Some(deadline), |_| !self.anything_running())
+        {
+            return;
+        }
+        self.signal_all(libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_millis(KILL_WAIT_MS);
+        self.inner
+            .lifecycle
+            .wait_until(Some(deadline), |_| !self.anything_running());
+    }
+
+    fn signal_all(&self, signal: i32) {
+        for container in &self.inner.containers {
+            let _ = container.signal_group(signal);
+        }
+        self.inner.execs.signal_all(signal);
+    }
+}
+
+/// Result of looking a key up among (id, name) pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    Found(usize),
+    Missing,
+    Ambiguous,
+}
+
+/// Docker's order: exact id, then exact name (a leading `/` allowed), then
+/// an id prefix matching exactly one.
+pub fn lookup<'a>(entries: impl Iterator<Item = (&'a str, &'a str)> + Clone, key: &str) -> Lookup {
+    if key.is_empty() {
+        return Lookup::Missing;
+    }
+    if let Some(index) = entries.clone().position(|(id, _)| id == key) {
+        return Lookup::Found(index);
+    }
+    let name = key.strip_prefix('/').unwrap_or(key);
+    if let Some(index) = entries.clone().position(|(_, n)| n == name) {
+        return Lookup::Found(index);
+    }
+    let mut matches = entries
+        .enumerate()
+        .filter(|(_, (id, _))| id.starts_with(key))
+        .map(|(index, _)| index);
+    match (matches.next(), matches.next()) {
+        (Some(index), None) => Lookup::Found(index),
+        (Some(_), Some(_)) => Lookup::Ambiguous,
+        (None, _) => Lookup::Missing,
+    }
+}
+
+/// A container's id: 64 hex digits that depend only on `name`, so they
+/// are the same at every boot.
+pub fn container_id(name: &str) -> String {
+    (0..4u64)
+        .map(|round| format!("{:016x}", hash64(round, name.as_bytes())))
+        .collect()
+}
+
+/// FNV-1a seeded per round, then splitmix64's finalizer.
+fn hash64(seed: u64, bytes: &[u8]) -> u64 {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = FNV_OFFSET ^ mix64(seed);
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(FNV_PRIME);
+    }
+    mix64(hash)
+}
+
+/// splitmix64's output function: spreads every input bit over the output.
+pub fn mix64(value: u64) -> u64 {
+    let mut z = value.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+pub mod testing {
+    //! Registries of real processes for tests.
+
+    use super::*;
+    use crate::reaper::ReapMode;
+
+    pub fn spec(name: &str, script: &str) -> ProcessSpec {
+        ProcessSpec {
+            name: name.to_owned(),
+            argv: vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()],
+            env: Vec::new(),
+            cwd: None,
+        }
+    }
+
+    pub fn registry(specs: &[ProcessSpec]) -> Registry {
+        let options = RegistryOptions {
+            echo: false,
+            log_cap_bytes: LOG_CAP_BYTES,
+        };
+        Registry::new(specs, Reaper::new(ReapMode::Own), options)
+    }
+
+    pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{registry, spec};
+    use super::*;
+
+    const IDS: [(&str, &str); 3] = [("abc111", "web"), ("abc222", "db"), ("def333", "abc222x")];
+
+    fn find(key: &str) -> Lookup {
+        lookup(IDS.iter().copied(), key)
+    }
+
+    #[test]
+    fn lookup_exact_id_wins() {
+        assert_eq!(find("abc222"), Lookup::Found(1));
+    }
+
+    #[test]
+    fn lookup_name_with_or_without_slash() {
+        assert_eq!(find("db"), Lookup::Found(1));
+        assert_eq!(find("/web"), Lookup::Found(0));
+    }
+
+    #[test]
+    fn lookup_unique_prefix_finds_it() {
+        assert_eq!(find("de"), Lookup::Found(2));
+    }
+
+    #[test]
+    fn lookup_shared_prefix_is_ambiguous() {
+        assert_eq!(find("abc"), Lookup::Ambiguous);
+    }
+
+    #[test]
+    fn lookup_unknown_and_empty_are_missing() {
+        assert_eq!(find("zzz"), Lookup::Missing);
+        assert_eq!(find(""), Lookup::Missing);
+    }
+
+    #[test]
+    fn container_id_is_64_hex_and_stable() {
+        let id = container_id("web");
+
+        assert_eq!(id.len(), 64);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(id, container_id("web"));
+        assert_ne!(id, container_id("db"));
+    }
+
+    #[test]
+    fn wait_for_end_with_lifetime_processes_returns_when_all_exited() {
+        let registry = registry(&[spec("a", "exit 0"), spec("b", "exit 1")]);
+        registry.start_all();
+
+        assert_eq!(
+            registry.wait_for_end(PodLifetime::Processes),
+            PodEnd::AllExited
+        );
+    }
+
+    #[test]
+    fn wait_for_end_until_shutdown_returns_on_the_request() {
+        let registry = registry(&[]);
+        registry.request_shutdown(Duration::from_secs(3));
+
+        assert_eq!(
+            registry.wait_for_end(PodLifetime::UntilShutdown),
+            PodEnd::Shutdown(Duration::from_secs(3))
+        );
+    }
+
+    #[test]
+    fn wait_for_end_until_shutdown_without_api_ends_with_the_processes() {
+        let registry = registry(&[spec("a", "exit 0")]);
+        registry.start_all();
+
+        registry.api_unavailable();
+
+        assert_eq!(
+            registry.wait_for_end(PodLifetime::UntilShutdown),
+            PodEnd::AllExited
+        );
+    }
+
+    #[test]
+    fn stop_all_kills_a_process_that_ignores_sigterm() {
+        let registry = registry(&[spec("stubborn", "trap '' TERM; sleep 30")]);
+        registry.start_all();
+        let container = registry.find("stubborn").unwrap();
+
+        registry.stop_all(Duration::from_millis(200));
+
+        assert!(container.running_run().is_none());
+    }
+}
