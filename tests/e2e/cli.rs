@@ -29,6 +29,15 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             "cli_bad_memory_size_is_an_error",
             bad_memory_size_is_an_error,
         ),
+        (
+            "cli_config_file_with_flags_is_refused",
+            config_file_with_flags_is_refused,
+        ),
+        (
+            "cli_config_file_unknown_field_is_named",
+            config_file_unknown_field_is_named,
+        ),
+        ("cli_config_print_round_trips", config_print_round_trips),
     ]
 }
 
@@ -104,7 +113,7 @@ fn cmdline_too_long_is_an_error() -> Result<()> {
         DEADLINE,
     )?;
     std::fs::remove_file(&kernel)?;
-    expect_error(&out, "kernel command line is 4108 bytes")
+    expect_error(&out, "shorten --cmdline")
 }
 
 fn zero_cpus_is_an_error() -> Result<()> {
@@ -118,4 +127,66 @@ fn bad_memory_size_is_an_error() -> Result<()> {
         DEADLINE,
     )?;
     expect_error(&out, "--memory 'lots' is not a size")
+}
+
+fn config_file_with_flags_is_refused() -> Result<()> {
+    let out = run_crib(
+        &["run", "--config", "/nonexistent.json", "--cpus", "2"],
+        DEADLINE,
+    )?;
+    out.check(out.code == Some(2), "a usage error exits with 2")?;
+    out.check(
+        out.stderr
+            .contains("'--config <FILE>' cannot be used with '--cpus <N>'"),
+        "says the flags conflict",
+    )
+}
+
+fn config_file_unknown_field_is_named() -> Result<()> {
+    let path = temp_file(
+        "unknown.json",
+        br#"{"kernel": "/k", "disks": [{"path": "/d", "id": "a", "iops": "lots"}]}"#,
+    )?;
+    let out = run_crib(
+        &["run".as_ref(), "--config".as_ref(), path.as_os_str()],
+        DEADLINE,
+    )?;
+    std::fs::remove_file(&path)?;
+    expect_error(&out, "field disks[0].iops is invalid")?;
+    expect_error(&out, "'lots' is not a size")
+}
+
+fn config_print_round_trips() -> Result<()> {
+    let first = run_crib(
+        &[
+            "config",
+            "--print",
+            "--kernel",
+            "/k",
+            "--disk",
+            "path=/d,id=data,iops=100,bandwidth=1M",
+            "--vsock",
+            "cid=3,socket=/v",
+            "--memory",
+            "1G",
+        ],
+        DEADLINE,
+    )?;
+    first.check(first.code == Some(0), "config --print exits 0")?;
+    let path = temp_file("printed.json", first.stdout.as_bytes())?;
+    let second = run_crib(
+        &[
+            "config".as_ref(),
+            "--print".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+        ],
+        DEADLINE,
+    )?;
+    std::fs::remove_file(&path)?;
+    second.check(second.code == Some(0), "the printed config is accepted")?;
+    second.check(
+        second.stdout == first.stdout,
+        "printing it again gives the same JSON",
+    )
 }

@@ -1,12 +1,16 @@
 //! Micro guests: a few instructions each, entered directly in long mode, ending in one of
 //! crib's exit paths (ACPI poweroff, i8042 reset, pvpanic, triple fault) or writing to the
-//! serial console and the boot-marker port.
+//! serial console and the boot-marker port; and crib's API and life cycle against them
+//! (`micro_api_*`, `micro_sigterm_*`).
 
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use crib_tests::micro::{elf, halt_forever, out, poweroff, print};
-use crib_tests::{run_crib, RunOutput};
+use crib_tests::{run_crib, run_crib_while, RunOutput};
 
 use crate::TestFn;
 
@@ -37,7 +41,313 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             triple_fault_exits_with_its_code,
         ),
         ("micro_four_cpus_start", four_cpus_start),
+        (
+            "micro_api_reports_pauses_resumes_and_stops",
+            api_reports_pauses_resumes_and_stops,
+        ),
+        (
+            "micro_api_shutdown_without_vsock_stops",
+            api_shutdown_without_vsock_stops,
+        ),
+        (
+            "micro_api_bad_requests_get_json_errors",
+            api_bad_requests_get_json_errors,
+        ),
+        (
+            "micro_sigterm_without_vsock_stops_the_guest",
+            sigterm_without_vsock_stops_the_guest,
+        ),
+        (
+            "micro_config_file_boots_the_printed_config",
+            config_file_boots_the_printed_config,
+        ),
     ]
+}
+
+/// crib's exit code when it stopped the guest itself (README, "Exit codes").
+const STOPPED: i32 = 6;
+
+/// `out 0x80, al` in a loop: every turn is a vCPU exit to crib, so the `io_out` count of
+/// `GET /api/v1/metrics` shows whether the vCPU runs.
+fn spin_on_port() -> Vec<u8> {
+    let mut code = out(0x80, 0);
+    // jmp back to the `out dx, al` (the last byte of `out`): rel8 = -3.
+    code.extend([0xeb, 0xfd]);
+    code
+}
+
+fn api_socket(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("crib-e2e-{}-{name}.api", std::process::id()))
+}
+
+/// One request on a fresh connection; returns the status and the body.
+fn api_call(socket: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+    let mut stream =
+        UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: crib\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no HTTP status in {reply:?}"))?;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Waits for crib's API socket to answer `GET /api/v1/vm`.
+fn wait_for_api(socket: &Path) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        match api_call(socket, "GET", "/api/v1/vm", "") {
+            Ok((200, body)) => return Ok(body),
+            _ if start.elapsed() > Duration::from_secs(30) => {
+                bail!("the API on {} did not answer in 30 s", socket.display())
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn expect(status: u16, body: &str, want_status: u16, want_text: &str) -> Result<()> {
+    if status != want_status || !body.contains(want_text) {
+        bail!("expected {want_status} with {want_text:?}, got {status} {body}");
+    }
+    Ok(())
+}
+
+/// The `io_out` count in a metrics body.
+fn io_out_exits(metrics: &str) -> Result<u64> {
+    let at = metrics
+        .find("\"io_out\":")
+        .with_context(|| format!("no io_out in {metrics}"))?;
+    let digits: String = metrics[at + 9..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Ok(digits.parse()?)
+}
+
+fn io_out_now(socket: &Path) -> Result<u64> {
+    let (status, body) = api_call(socket, "GET", "/api/v1/metrics", "")?;
+    expect(status, &body, 200, "vcpu_exits")?;
+    io_out_exits(&body)
+}
+
+fn api_reports_pauses_resumes_and_stops() -> Result<()> {
+    let socket = api_socket("pause");
+    let sock = socket.display().to_string();
+    let out = run_code_while(
+        "api-pause",
+        &spin_on_port(),
+        &[
+            "--api-socket",
+            &sock,
+            "--console",
+            "off",
+            "--id",
+            "micro-api",
+        ],
+        || {
+            let info = wait_for_api(&socket)?;
+            expect(200, &info, 200, "\"state\":\"running\"")?;
+            expect(200, &info, 200, "\"id\":\"micro-api\"")?;
+            expect(200, &info, 200, "\"api_socket\"")?;
+
+            let (status, body) = api_call(&socket, "PUT", "/api/v1/vm/pause", "")?;
+            expect(status, &body, 200, "\"state\":\"paused\"")?;
+            let (_, info) = api_call(&socket, "GET", "/api/v1/vm", "")?;
+            expect(200, &info, 200, "\"state\":\"paused\"")?;
+            let frozen = io_out_now(&socket)?;
+            std::thread::sleep(Duration::from_millis(200));
+            let still = io_out_now(&socket)?;
+            if still != frozen {
+                bail!("the paused vCPU went on: io_out {frozen} then {still}");
+            }
+
+            let (status, body) = api_call(&socket, "PUT", "/api/v1/vm/resume", "")?;
+            expect(status, &body, 200, "\"state\":\"running\"")?;
+            let start = Instant::now();
+            while io_out_now(&socket)? == still {
+                if start.elapsed() > Duration::from_secs(10) {
+                    bail!("the resumed vCPU does not run: io_out stays {still}");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+
+            let (status, body) = api_call(&socket, "PUT", "/api/v1/vm/stop", "")?;
+            expect(status, &body, 202, "stopping")
+        },
+    )?;
+    let _ = std::fs::remove_file(&socket);
+    out.check(out.code == Some(STOPPED), "exit code 6 after a forced stop")?;
+    out.check(
+        out.stderr.contains("vm_id=micro-api"),
+        "log lines carry the VM id",
+    )?;
+    out.check(out.stderr.contains("vCPUs paused"), "logs the pause")
+}
+
+fn api_shutdown_without_vsock_stops() -> Result<()> {
+    let socket = api_socket("shutdown");
+    let sock = socket.display().to_string();
+    let out = run_code_while(
+        "api-shutdown",
+        &program(&[]),
+        &["--api-socket", &sock, "--console", "off"],
+        || {
+            wait_for_api(&socket)?;
+            let (status, body) =
+                api_call(&socket, "PUT", "/api/v1/vm/shutdown", r#"{"timeout_s": 5}"#)?;
+            expect(status, &body, 202, "no vsock device")
+        },
+    )?;
+    let _ = std::fs::remove_file(&socket);
+    out.check(out.code == Some(STOPPED), "exit code 6")?;
+    out.check(
+        out.stderr.contains("could not be asked to power off"),
+        "says why it stopped",
+    )
+}
+
+fn api_bad_requests_get_json_errors() -> Result<()> {
+    let socket = api_socket("bad");
+    let sock = socket.display().to_string();
+    let out = run_code_while(
+        "api-bad",
+        &program(&[]),
+        &["--api-socket", &sock, "--console", "off"],
+        || {
+            wait_for_api(&socket)?;
+            let (status, body) = api_call(&socket, "GET", "/api/v1/nothing", "")?;
+            expect(
+                status,
+                &body,
+                404,
+                "{\"error\":\"no endpoint /api/v1/nothing",
+            )?;
+            let (status, body) = api_call(&socket, "POST", "/api/v1/vm", "")?;
+            expect(status, &body, 405, "use GET")?;
+            let (status, body) = api_call(
+                &socket,
+                "PUT",
+                "/api/v1/vm/shutdown",
+                r#"{"timeout_s": "x"}"#,
+            )?;
+            expect(status, &body, 400, "field timeout_s")?;
+            let (status, body) = api_call(
+                &socket,
+                "PUT",
+                "/api/v1/disks/none/rate-limit",
+                r#"{"iops": 5}"#,
+            )?;
+            expect(status, &body, 404, "this VM has no disks")?;
+            let (status, body) = api_call(&socket, "PUT", "/api/v1/vm/pause", "{")?;
+            expect(status, &body, 400, "invalid JSON body")?;
+            // Still serving after all that.
+            let (status, body) = api_call(&socket, "PUT", "/api/v1/vm/stop", "")?;
+            expect(status, &body, 202, "stopping")
+        },
+    )?;
+    let _ = std::fs::remove_file(&socket);
+    out.check(out.code == Some(STOPPED), "exit code 6")
+}
+
+fn sigterm_without_vsock_stops_the_guest() -> Result<()> {
+    let socket = api_socket("sigterm");
+    let sock = socket.display().to_string();
+    let out = run_code_while(
+        "sigterm",
+        &program(&[]),
+        &["--api-socket", &sock, "--console", "off"],
+        || {
+            // The default id is crib-<pid>: that is whom to signal.
+            let info = wait_for_api(&socket)?;
+            let key = "\"id\":\"crib-";
+            let at = info.find(key).context("default id")? + key.len();
+            let pid: String = info[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()?;
+            anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+            Ok(())
+        },
+    )?;
+    let _ = std::fs::remove_file(&socket);
+    out.check(out.code == Some(STOPPED), "exit code 6")?;
+    out.check(
+        out.stderr.contains("SIGTERM/SIGINT: graceful shutdown"),
+        "logs the graceful shutdown",
+    )
+}
+
+fn config_file_boots_the_printed_config() -> Result<()> {
+    let kernel = std::env::temp_dir().join(format!("crib-e2e-{}-config.elf", std::process::id()));
+    std::fs::write(
+        &kernel,
+        elf(&program(&[print("from a config file\n"), poweroff()])),
+    )?;
+    let kernel_arg = kernel.display().to_string();
+    let printed = run_crib(
+        &[
+            "config",
+            "--print",
+            "--kernel",
+            &kernel_arg,
+            "--cpus",
+            "2",
+            "--memory",
+            "64M",
+        ],
+        DEADLINE,
+    )?;
+    printed.check(printed.code == Some(0), "config --print exits 0")?;
+    printed.check(
+        printed.stdout.contains("\"memory\": \"64M\""),
+        "prints the memory",
+    )?;
+    let file = kernel.with_extension("json");
+    std::fs::write(&file, &printed.stdout)?;
+    let file_arg = file.display().to_string();
+    let out = run_crib(&["run", "--config", &file_arg], DEADLINE)?;
+    let _ = std::fs::remove_file(&kernel);
+    let _ = std::fs::remove_file(&file);
+    out.check(out.code == Some(0), "exit code 0")?;
+    out.check(
+        out.stdout.contains("from a config file"),
+        "the guest of the file ran",
+    )
+}
+
+fn run_code_while(
+    name: &str,
+    code: &[u8],
+    extra: &[&str],
+    during: impl FnOnce() -> Result<()>,
+) -> Result<RunOutput> {
+    let path = std::env::temp_dir().join(format!("crib-e2e-{}-{name}.elf", std::process::id()));
+    std::fs::write(&path, elf(code))?;
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        path.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let result = run_crib_while(&args, DEADLINE, during);
+    std::fs::remove_file(&path)?;
+    result
 }
 
 fn run_code(name: &str, code: &[u8], extra: &[&str]) -> Result<RunOutput> {

@@ -6,10 +6,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use crib_tests::{run_crib_while, tool_image, GuestArtifacts, RunOutput};
+use anyhow::{Context, Result};
+use crib_tests::{run_crib_while, tool_image, vsock_connect, GuestArtifacts, RunOutput};
 
 use crate::TestFn;
 
@@ -31,37 +31,6 @@ fn scratch(name: &str) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
-}
-
-/// Opens a stream to guest `port` through crib's vsock socket: `CONNECT`, then `OK`.
-/// Retries while the guest is not listening yet (crib closes the socket on its RST).
-pub fn vsock_connect(socket: &Path, port: u32, wait: Duration) -> Result<UnixStream> {
-    let start = Instant::now();
-    loop {
-        match try_connect(socket, port) {
-            Ok(stream) => return Ok(stream),
-            Err(e) if start.elapsed() > wait => {
-                return Err(e.context(format!("guest port {port} not reachable in {wait:?}")))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-fn try_connect(socket: &Path, port: u32) -> Result<UnixStream> {
-    let mut stream = UnixStream::connect(socket)?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
-        line.push(byte[0]);
-    }
-    if !line.starts_with(b"OK ") {
-        bail!("no OK from crib: {:?}", String::from_utf8_lossy(&line));
-    }
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    Ok(stream)
 }
 
 /// Sends `data`, half-closes, and returns everything the peer sends back.

@@ -225,6 +225,42 @@ pub fn tool_image(dir: &Path, name: &str, binaries: &[&str]) -> Result<PathBuf> 
     Ok(image)
 }
 
+/// Opens a stream to guest `port` through crib's vsock socket: `CONNECT`, then `OK`.
+/// Retries while the guest is not listening yet (crib closes the socket on its RST).
+pub fn vsock_connect(
+    socket: &Path,
+    port: u32,
+    wait: Duration,
+) -> Result<std::os::unix::net::UnixStream> {
+    let start = Instant::now();
+    loop {
+        match try_connect(socket, port) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if start.elapsed() > wait => {
+                return Err(e.context(format!("guest port {port} not reachable in {wait:?}")))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn try_connect(socket: &Path, port: u32) -> Result<std::os::unix::net::UnixStream> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    if !line.starts_with(b"OK ") {
+        bail!("no OK from crib: {:?}", String::from_utf8_lossy(&line));
+    }
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    Ok(stream)
+}
+
 /// Runs `crib` with `args` and no stdin, calls `during` while it runs (to talk to its
 /// sockets), then waits for crib to exit, killing it after `deadline`. The error of
 /// `during`, if any, comes with crib's output.

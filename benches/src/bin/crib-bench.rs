@@ -14,6 +14,10 @@
 //!   backed by it, and fio in a QEMU guest (virtio-blk-pci with an iothread, io_uring) on
 //!   the same file, in the same lab boot.
 //!
+//! - `crib-bench vsock [--runs N]`: vsock throughput host->guest and guest->host (socat
+//!   in a pod-kernel guest, 256 MiB per transfer) against L1's TCP loopback through the
+//!   same socat, and the latency of `docker exec app true` through `--docker-socket`.
+//!
 //! Build crib with `cargo build --release -p vmm` first; results are Markdown on stdout.
 
 use std::io::{BufRead, BufReader};
@@ -23,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use crib_tests::{
-    can_boot_linux, fio_image, host_tool, micro, repo_root, target_dir, GuestArtifacts,
+    can_boot_linux, fio_image, host_tool, micro, repo_root, target_dir, tool_image, vsock_connect,
+    GuestArtifacts,
 };
 
 const READY_LINE: &str = "cradle: ready";
@@ -446,6 +451,171 @@ fn io(runs: usize) -> Result<()> {
     Ok(())
 }
 
+/// The pod of `crib-bench vsock`: socat from the tools disk as a sink on guest port 5000
+/// and a 256 MiB source on port 5001, and an idle process for `docker exec`.
+const VSOCK_POD: &str = r#"{
+  "name": "vsockbench",
+  "lifetime": "until-shutdown",
+  "volumes": [{"name": "tools", "path": "/t", "readonly": true}],
+  "processes": [
+    {"name": "sink", "argv": ["/bin/sh", "-c", "mount --bind /dev /t/dev 2>/dev/null; exec chroot /t /usr/bin/socat -u VSOCK-LISTEN:5000,fork,reuseaddr OPEN:/dev/null"]},
+    {"name": "source", "argv": ["/bin/sh", "-c", "sleep 1; mount --bind /dev /t/dev 2>/dev/null; exec chroot /t /usr/bin/socat -U VSOCK-LISTEN:5001,fork,reuseaddr OPEN:/dev/zero,readbytes=268435456"]},
+    {"name": "app", "argv": ["/bin/sh", "-c", "exec sleep 100000"]}
+  ]
+}"#;
+const VSOCK_BYTES: usize = 256 << 20;
+
+/// Writes `bytes` zeros to `stream`, half-closes, and waits for the peer to close.
+fn send_all(mut stream: impl std::io::Read + std::io::Write, bytes: usize) -> Result<f64> {
+    let start = Instant::now();
+    let chunk = vec![0u8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        stream.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    stream.flush()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn receive_all(mut stream: impl std::io::Read) -> Result<(usize, f64)> {
+    let start = Instant::now();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        match stream.read(&mut buf)? {
+            0 => break,
+            n => total += n,
+        }
+    }
+    Ok((total, start.elapsed().as_secs_f64()))
+}
+
+fn vsock(runs: usize) -> Result<()> {
+    use std::net::Shutdown;
+    if in_lab_instead("vsock", runs)? {
+        return Ok(());
+    }
+    let pod = GuestArtifacts::pod()?;
+    let dir = std::env::temp_dir().join(format!("crib-bench-vsock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("docker-config"))?;
+    let tools = tool_image(&dir, "socat", &["/usr/bin/socat"])?;
+    let spec = dir.join("pod.json");
+    std::fs::write(&spec, VSOCK_POD)?;
+    let (vsock_sock, docker_sock) = (dir.join("vsock.sock"), dir.join("docker.sock"));
+    let mut vm = Command::new(crib_release())
+        .args([
+            "run",
+            "--cpus",
+            "2",
+            "--memory",
+            "512M",
+            "--console",
+            "off",
+            "--kernel",
+        ])
+        .arg(&pod.vmlinux)
+        .arg("--initrd")
+        .arg(&pod.initramfs)
+        .arg("--pod")
+        .arg(&spec)
+        .arg("--disk")
+        .arg(format!("path={},id=tools,readonly=on", tools.display()))
+        .arg("--vsock")
+        .arg(format!("cid=3,socket={}", vsock_sock.display()))
+        .arg("--docker-socket")
+        .arg(&docker_sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        let wait = Duration::from_secs(120);
+        let mb = |bytes: usize, secs: f64| bytes as f64 / secs / 1e6;
+        let (mut to_guest, mut from_guest, mut tcp, mut exec) = (vec![], vec![], vec![], vec![]);
+        // L1's TCP loopback through the same socat, as the reference.
+        let mut sink = Command::new("socat")
+            .args(["-u", "TCP-LISTEN:7000,fork,reuseaddr", "OPEN:/dev/null"])
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..runs {
+            let stream = vsock_connect(&vsock_sock, 5000, wait)?;
+            let secs = send_all(&stream, VSOCK_BYTES)?;
+            stream.shutdown(Shutdown::Write)?;
+            let (_, tail) = receive_all(&stream)?;
+            to_guest.push(mb(VSOCK_BYTES, secs + tail));
+
+            let stream = vsock_connect(&vsock_sock, 5001, wait)?;
+            let (bytes, secs) = receive_all(&stream)?;
+            anyhow::ensure!(bytes == VSOCK_BYTES, "guest sent {bytes} bytes");
+            from_guest.push(mb(bytes, secs));
+
+            let stream = std::net::TcpStream::connect("127.0.0.1:7000")?;
+            let secs = send_all(&stream, VSOCK_BYTES)?;
+            stream.shutdown(Shutdown::Write)?;
+            let (_, tail) = receive_all(&stream)?;
+            tcp.push(mb(VSOCK_BYTES, secs + tail));
+
+            for _ in 0..5 {
+                let start = Instant::now();
+                let status = Command::new("docker")
+                    .arg("-H")
+                    .arg(format!("unix://{}", docker_sock.display()))
+                    .args(["exec", "app", "true"])
+                    .env("DOCKER_CONFIG", dir.join("docker-config"))
+                    .stdout(Stdio::null())
+                    .status()?;
+                anyhow::ensure!(status.success(), "docker exec app true: {status}");
+                exec.push(start.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        let _ = sink.kill();
+        let _ = sink.wait();
+        let (v_in, v_out, t) = (
+            median(&mut to_guest),
+            median(&mut from_guest),
+            median(&mut tcp),
+        );
+        println!(
+            "| vsock, pod kernel, 256 MiB per transfer, {runs} runs | MB/s | vs L1 TCP loopback |"
+        );
+        println!("| --- | --- | --- |");
+        println!(
+            "| host -> guest (socat sink in the guest) | {v_in:.0} | {:.2} |",
+            v_in / t
+        );
+        println!(
+            "| guest -> host (socat source in the guest) | {v_out:.0} | {:.2} |",
+            v_out / t
+        );
+        println!("| L1 TCP loopback (socat sink in L1) | {t:.0} | 1.00 |");
+        println!(
+            "\n`docker exec app true` through --docker-socket, median of {}: {:.0} ms",
+            exec.len(),
+            median(&mut exec)
+        );
+        println!(
+            "\nall runs, MB/s: to guest {to_guest:.0?}; from guest {from_guest:.0?}; tcp {tcp:.0?}"
+        );
+        let mut stream = std::os::unix::net::UnixStream::connect(&docker_sock)?;
+        std::io::Write::write_all(
+            &mut stream,
+            b"POST /crib/v1/shutdown HTTP/1.1\r\nHost: d\r\nContent-Length: 0\r\n\r\n",
+        )?;
+        Ok(())
+    })();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vm.try_wait()?.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = vm.kill();
+    let _ = vm.wait();
+    std::fs::remove_dir_all(&dir)?;
+    result
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let runs = args
@@ -460,6 +630,7 @@ fn main() -> Result<()> {
         Some("host") => host(),
         Some("boot") => boot(runs),
         Some("io") => io(runs),
-        _ => bail!("usage: crib-bench host | boot [--runs N] | io [--runs N]"),
+        Some("vsock") => vsock(runs),
+        _ => bail!("usage: crib-bench host | boot [--runs N] | io [--runs N] | vsock [--runs N]"),
     }
 }
