@@ -17,6 +17,9 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
+# The docker CLI drives pods in the e2e tests (vdocker). These machines ship the client
+# (no engine); elsewhere Debian's docker.io provides it.
+command -v docker >/dev/null || missing+=(docker.io)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=""
