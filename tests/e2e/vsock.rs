@@ -20,10 +20,16 @@ const GUEST_CID: u32 = 3;
 const SOCAT: &str = "/usr/bin/socat";
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
-    vec![(
-        "linux_vsock_echo_many_connections_both_ways",
-        echo_many_connections_both_ways,
-    )]
+    vec![
+        (
+            "linux_vsock_echo_many_connections_both_ways",
+            echo_many_connections_both_ways,
+        ),
+        (
+            "linux_vsock_guest_device_reset_closes_host_connections",
+            guest_device_reset_closes_host_connections,
+        ),
+    ]
 }
 
 fn scratch(name: &str) -> Result<PathBuf> {
@@ -172,4 +178,58 @@ fn echo_many_connections_both_ways() -> Result<()> {
     )?;
     out.check(out.code == Some(0), "crib exits 0")
         .context("vsock echo")
+}
+
+/// The guest unbinds and rebinds the vsock device's driver (a device reset): a host
+/// connection open across it ends with EOF, and new connections work afterwards.
+fn guest_device_reset_closes_host_connections() -> Result<()> {
+    let dir = scratch("reset")?;
+    let socket = dir.join("vsock.sock");
+    // 0x1053: modern virtio-pci device id of vsock (0x1040 + 19).
+    let command = format!(
+        "chroot /t {SOCAT} VSOCK-LISTEN:5000,fork,reuseaddr PIPE & \
+         chroot /t {SOCAT} -u VSOCK-LISTEN:5001 STDOUT; \
+         for d in /sys/bus/pci/devices/*; do [ $(cat $d/device) = 0x1053 ] && bdf=${{d##*/}}; done; \
+         echo unbinding $bdf; echo $bdf > /sys/bus/pci/drivers/virtio-pci/unbind; \
+         echo $bdf > /sys/bus/pci/drivers/virtio-pci/bind && echo rebound; \
+         chroot /t {SOCAT} -u VSOCK-LISTEN:5002 STDOUT"
+    );
+    let sock = socket.clone();
+    let out = boot_with_vsock(&dir, &socket, &command, &[], move || {
+        let mut open = vsock_connect(&sock, 5000, LISTEN_WAIT)?;
+        open.write_all(b"before-reset")?;
+        let mut echo = [0u8; 12];
+        open.read_exact(&mut echo)?;
+        anyhow::ensure!(&echo == b"before-reset", "echo before the reset");
+        let mut go = vsock_connect(&sock, 5001, Duration::from_secs(30))?;
+        go.write_all(b"host-says-reset\n")?;
+        drop(go);
+        // The reset must end the open connection: EOF (or a reset), never a hang.
+        open.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut rest = Vec::new();
+        match open.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => return Err(e).context("the open connection did not end at the reset"),
+        }
+        // After the rebind the guest listener answers again.
+        let again = vsock_connect(&sock, 5000, Duration::from_secs(60))?;
+        anyhow::ensure!(
+            round_trip(again, b"after")? == b"after",
+            "echo after the reset"
+        );
+        let mut done = vsock_connect(&sock, 5002, Duration::from_secs(30))?;
+        done.write_all(b"host-says-done\n")?;
+        Ok(())
+    })?;
+    std::fs::remove_dir_all(&dir)?;
+    out.check(
+        out.stdout.contains("rebound"),
+        "the guest rebound the driver",
+    )?;
+    out.check(
+        out.stdout.contains("cradle: command exited with status 0"),
+        "the guest command succeeded",
+    )?;
+    out.check(out.code == Some(0), "crib exits 0")
 }
