@@ -11,6 +11,7 @@ packages=(
   fio               # run in the guest by the e2e tests (chrooted from a disk image)
   make gcc flex bison bc libelf-dev  # guest/kernel/build-pod-kernel.sh
   socat             # vsock peer in the guest for the vsock e2e tests (chrooted)
+  libseccomp-dev libcap-ng-dev  # to build virtiofsd (scripts/install-virtiofsd.sh)
   ca-certificates
 )
 missing=()

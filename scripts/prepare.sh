@@ -8,6 +8,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 scripts/install-deps.sh
+scripts/install-virtiofsd.sh
 apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q Candidate: || apt-get update -qq
 guest/kernel/fetch-debian-kernel.sh cloud >/dev/null
 guest/kernel/build-pod-kernel.sh >/dev/null

@@ -9,6 +9,7 @@
 mod cli;
 mod disk;
 mod docker;
+mod fs;
 mod linux;
 mod micro;
 mod vsock;
@@ -114,6 +115,7 @@ fn main() {
         .chain(disk::fio_tests())
         .chain(vsock::tests())
         .chain(docker::tests())
+        .chain(fs::tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux

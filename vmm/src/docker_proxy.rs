@@ -36,9 +36,9 @@ pub enum DockerProxyError {
     Thread(#[source] io::Error),
 }
 
-/// Why one forwarded connection could not be set up.
+/// Why a connection to the guest's vdocker port could not be set up.
 #[derive(Debug, thiserror::Error)]
-enum ForwardError {
+pub enum ForwardError {
     #[error("cannot connect to the vsock socket {path}")]
     Connect {
         path: PathBuf,
@@ -53,13 +53,26 @@ enum ForwardError {
 
 /// Listens on `docker_socket` and forwards every connection to guest port 1 through the
 /// vsock host socket `vsock_socket`. Returns once listening; the thread lives as long as
-/// the process.
-pub fn start(docker_socket: &Path, vsock_socket: &Path) -> Result<(), DockerProxyError> {
+/// the process. The listener thread first applies `filter` (its connection threads
+/// inherit it).
+pub fn start(
+    docker_socket: &Path,
+    vsock_socket: &Path,
+    filter: Option<crate::seccomp::Filter>,
+) -> Result<(), DockerProxyError> {
     let listener = listen(docker_socket)?;
     let vsock_socket = vsock_socket.to_path_buf();
     std::thread::Builder::new()
         .name("docker-proxy".into())
-        .spawn(move || serve(&listener, &vsock_socket))
+        .spawn(move || {
+            if let Some(filter) = filter {
+                if let Err(e) = filter.apply() {
+                    tracing::error!("docker socket: {e}; the docker socket is not served");
+                    return;
+                }
+            }
+            serve(&listener, &vsock_socket)
+        })
         .map_err(DockerProxyError::Thread)?;
     tracing::info!(
         "docker API of the pod on {} (docker -H unix://{} ps)",
@@ -108,7 +121,7 @@ fn serve(listener: &UnixListener, vsock_socket: &Path) {
 }
 
 /// Opens a stream to guest port 1 through the vsock host socket.
-fn connect_guest(vsock_socket: &Path) -> Result<UnixStream, ForwardError> {
+pub fn connect_guest(vsock_socket: &Path) -> Result<UnixStream, ForwardError> {
     let mut guest = UnixStream::connect(vsock_socket).map_err(|source| ForwardError::Connect {
         path: vsock_socket.to_path_buf(),
         source,
@@ -248,7 +261,7 @@ mod tests {
     fn connection_is_forwarded_with_half_close_both_ways() {
         let (docker, vsock) = (temp("fwd.sock"), temp("fwd-vsock.sock"));
         fake_vsock(&vsock, true);
-        start(&docker, &vsock).unwrap();
+        start(&docker, &vsock, None).unwrap();
 
         let mut client = UnixStream::connect(&docker).unwrap();
         client.write_all(b"hello through vsock").unwrap();
@@ -265,7 +278,7 @@ mod tests {
     fn refused_guest_port_gets_a_docker_error_reply() {
         let (docker, vsock) = (temp("refused.sock"), temp("refused-vsock.sock"));
         fake_vsock(&vsock, false);
-        start(&docker, &vsock).unwrap();
+        start(&docker, &vsock, None).unwrap();
 
         let mut client = UnixStream::connect(&docker).unwrap();
         client.write_all(b"GET /_ping HTTP/1.1\r\n\r\n").unwrap();
@@ -283,7 +296,7 @@ mod tests {
         let path = temp("file");
         std::fs::write(&path, b"keep me").unwrap();
 
-        let err = start(&path, Path::new("/nonexistent")).unwrap_err();
+        let err = start(&path, Path::new("/nonexistent"), None).unwrap_err();
 
         assert!(matches!(err, DockerProxyError::NotASocket(_)));
         assert!(err.to_string().contains("remove it or choose another path"));

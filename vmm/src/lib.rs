@@ -1,13 +1,18 @@
-//! The running VM: configuration, KVM VM and vCPUs, guest memory, devices and the VMM
-//! thread's event loop. The binary `crib` is a thin CLI over [`run`].
+//! The running VM: configuration, KVM VM and vCPUs, guest memory, devices, the VMM
+//! thread's event loop, the API and life-cycle control, seccomp. The binary `crib` is a
+//! thin CLI over [`run`].
 
+pub mod api;
 pub mod block;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod device_manager;
 pub mod docker_proxy;
+pub mod fs;
 pub mod interrupts;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 pub mod vsock;
@@ -31,8 +36,10 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::block::DiskHandle;
 use crate::config::{ConsoleConfig, VmConfig};
-use crate::vcpu::{Vcpu, VcpuBuses};
+use crate::control::{Controller, RunOutcome};
+use crate::vcpu::{Vcpu, VcpuBuses, VcpuPause};
 use crate::vm::Vm;
 
 /// Everything that can stop a VM from starting.
@@ -99,8 +106,16 @@ pub enum VmmError {
     },
     #[error("cannot set up --vsock")]
     Vsock(#[source] devices::virtio::vsock::VsockError),
+    #[error("cannot set up a virtio-fs share")]
+    Fs(#[source] fs::FsSetupError),
     #[error("cannot set up --docker-socket")]
     DockerSocket(#[source] docker_proxy::DockerProxyError),
+    #[error("cannot set up --api-socket")]
+    Api(#[source] api::ApiServerError),
+    #[error("cannot set up life-cycle control")]
+    Control(#[source] control::ControlError),
+    #[error("cannot set up seccomp (--seccomp off disables it, for debugging only)")]
+    Seccomp(#[source] seccomp::SeccompError),
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, VmmError> {
@@ -329,9 +344,11 @@ pub fn process_cpu_time() -> std::time::Duration {
     )
 }
 
-/// Boots `config` and serves it until the guest ends; returns why it ended.
-/// `start` is the process start, against which boot times are measured.
-pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmmError> {
+/// Boots `config` and serves it until the guest ends or crib stops it; returns how it
+/// ended. `start` is the process start, against which boot times are measured.
+pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
+    let filters = seccomp::Filters::new(config.seccomp).map_err(VmmError::Seccomp)?;
+    vcpu::install_kick_handler().map_err(VmmError::Vcpu)?;
     let ranges: Vec<_> = boot::memory_map::ram_ranges(config.memory_bytes);
     let mem = memory::create_guest_memory(&ranges).map_err(VmmError::Memory)?;
     let entry = load_guest(config, &mem)?;
@@ -344,23 +361,46 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmmError> {
     vm.register_irqfd(&legacy.serial_irq, COM1_IRQ)
         .map_err(VmmError::Vm)?;
     let mut device_manager = device_manager::DeviceManager::new(&vm).map_err(VmmError::Device)?;
+    let mut disks = Vec::with_capacity(config.disks.len());
     for (index, disk) in config.disks.iter().enumerate() {
         let device = block::create(index, disk).map_err(|source| VmmError::Disk {
             id: disk.id.clone(),
             source,
         })?;
+        let metrics = device.metrics();
+        let (device, handle) = block::SharedBlock::new(device);
         device_manager
             .add_virtio_pci(&vm, &format!("disk {}", disk.id), Box::new(device))
             .map_err(VmmError::Device)?;
+        disks.push(DiskHandle {
+            id: disk.id.clone(),
+            block: handle,
+            metrics,
+        });
     }
+    let mut vsock_metrics = None;
     if let Some(vsock_config) = &config.vsock {
         let device = vsock::create(vsock_config).map_err(VmmError::Vsock)?;
+        vsock_metrics = Some(device.metrics());
         device_manager
             .add_virtio_pci(&vm, "vsock", Box::new(device))
             .map_err(VmmError::Device)?;
         if let Some(path) = &config.docker_socket {
-            docker_proxy::start(path, &vsock_config.socket).map_err(VmmError::DockerSocket)?;
+            docker_proxy::start(path, &vsock_config.socket, filters.docker_proxy.clone())
+                .map_err(VmmError::DockerSocket)?;
         }
+    }
+    // Started virtiofsd processes; they end with their device's connection or with crib.
+    let mut fs_daemons = Vec::with_capacity(config.fs.len());
+    for (index, share) in config.fs.iter().enumerate() {
+        let (device, daemon) = fs::create(index, share).map_err(VmmError::Fs)?;
+        device_manager
+            .add_virtio_pci(&vm, &format!("fs {}", share.tag), Box::new(device))
+            .map_err(VmmError::Device)?;
+        fs_daemons.extend(daemon);
+    }
+    if !fs_daemons.is_empty() {
+        tracing::debug!("started {} virtiofsd processes", fs_daemons.len());
     }
     let mmio = device_manager.finish(&mut pio).map_err(VmmError::Device)?;
     let buses = VcpuBuses {
@@ -368,6 +408,25 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmmError> {
         mmio: Arc::new(mmio),
         exits: Arc::new(vcpu::ExitCounters::default()),
     };
+
+    let shared = Arc::new(control::Shared::new(
+        config.clone(),
+        start,
+        boot_times.clone(),
+        buses.exits.clone(),
+        disks,
+        vsock_metrics,
+    ));
+    let pause = Arc::new(VcpuPause::default());
+    let (mut controller, handle) = Controller::new(
+        shared,
+        pause.clone(),
+        config.vsock.as_ref().map(|v| v.socket.clone()),
+    )
+    .map_err(VmmError::Control)?;
+    if let Some(path) = &config.api_socket {
+        api::start(path, Arc::new(handle), filters.api.clone()).map_err(VmmError::Api)?;
+    }
 
     let cpuid = vcpu::supported_cpuid(&vm).map_err(VmmError::Vcpu)?;
     let vcpus = (0..config.cpus)
@@ -396,17 +455,39 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmmError> {
         start.elapsed().as_millis(),
         process_cpu_time().as_micros()
     );
+    let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
-        vcpu.spawn(buses.clone(), exit.clone())
-            .map_err(VmmError::Vcpu)?;
+        threads.push(
+            vcpu.spawn(
+                buses.clone(),
+                exit.clone(),
+                pause.clone(),
+                filters.vcpu.clone(),
+            )
+            .map_err(VmmError::Vcpu)?,
+        );
     }
-    loop {
+    controller.start(threads).map_err(VmmError::Control)?;
+    let controller = Arc::new(Mutex::new(controller));
+    manager.add_subscriber(controller.clone());
+    // Last: every other thread has started with its own filter.
+    if let Some(filter) = &filters.vmm {
+        filter.apply().map_err(VmmError::Seccomp)?;
+    }
+    let outcome = loop {
         manager.run().map_err(VmmError::EventLoop)?;
         if watcher.lock().unwrap_or_else(|e| e.into_inner()).done {
-            break;
+            break RunOutcome::Guest(exit.reason().unwrap_or(ExitReason::VcpuError));
         }
-    }
+        if let Some(outcome) = controller
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .outcome()
+        {
+            break outcome;
+        }
+    };
     tracing::info!("vCPU exits to crib: {}", buses.exits.summary());
     // The vCPU threads are left in KVM_RUN: the caller ends the process.
-    Ok(exit.reason().unwrap_or(ExitReason::VcpuError))
+    Ok(outcome)
 }

@@ -1,12 +1,18 @@
 //! `crib`: the command line of the VMM.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use devices::ExitReason;
-use vmm::config::{self, VmConfig, DEFAULT_CMDLINE};
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::registry::LookupSpan;
+use vmm::config::{self, Origin, VmConfig, DEFAULT_CMDLINE};
+use vmm::control::{RunOutcome, StopCause};
 
 /// Exit codes of `crib run` (documented in the README).
 mod exit_code {
@@ -20,6 +26,10 @@ mod exit_code {
     pub const TRIPLE_FAULT: u8 = 4;
     /// KVM could not run a vCPU (internal error, emulation failure, failed entry).
     pub const VCPU_ERROR: u8 = 5;
+    /// crib stopped the guest without its consent: `PUT /api/v1/vm/stop`, or a graceful
+    /// shutdown (API or SIGTERM/SIGINT) the guest did not finish in time or could not be
+    /// asked for.
+    pub const STOPPED: u8 = 6;
 }
 
 #[derive(Parser)]
@@ -37,13 +47,40 @@ struct Cli {
 enum Command {
     /// Boot a VM and run it until the guest powers off.
     Run(RunArgs),
+    /// Show the configuration `crib run` would use, as a JSON config file.
+    Config(ConfigArgs),
 }
 
 #[derive(Args)]
+struct ConfigArgs {
+    /// Print the effective configuration as JSON (`crib run --config` takes it back).
+    #[arg(long, required = true)]
+    print: bool,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// `on` or `off`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+/// Every `crib run` flag; a config file takes the same settings. `--config` cannot be
+/// combined with any other flag (one source of truth: the file, or the flags).
+#[derive(Args)]
 struct RunArgs {
+    /// The whole VM as one JSON document (docs/api.yaml, schema VmConfig; `crib config
+    /// --print` writes one). No other run flag may be given with it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "console", "disk", "vsock", "fs",
+        "docker_socket", "pod", "api_socket", "id", "seccomp",
+    ])]
+    config: Option<PathBuf>,
     /// Guest kernel: an uncompressed ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    kernel: Option<PathBuf>,
     /// Initial ramdisk (cpio archive) handed to the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -68,6 +105,11 @@ struct RunArgs {
     /// `CONNECT <port>`; guest connections to host port P go to PATH_P.
     #[arg(long, value_name = "SPEC")]
     vsock: Vec<String>,
+    /// A virtio-fs share (repeatable), mounted in the guest with `mount -t virtiofs TAG DIR`:
+    /// tag=TAG,socket=PATH (a running virtiofsd) or tag=TAG,dir=PATH (crib starts
+    /// virtiofsd for PATH), [,queues=N][,queue_size=N]. TAG is at most 36 bytes.
+    #[arg(long, value_name = "SPEC")]
+    fs: Vec<String>,
     /// Serve the pod's Docker API on this Unix socket (`docker -H unix://PATH ps`),
     /// forwarded to cradle on guest vsock port 1; needs --vsock.
     #[arg(long, value_name = "PATH")]
@@ -75,36 +117,85 @@ struct RunArgs {
     /// A pod spec (JSON, docs/POD_SPEC.md) for cradle; needs --initrd.
     #[arg(long, value_name = "FILE")]
     pod: Option<PathBuf>,
+    /// Serve crib's HTTP API (docs/api.yaml) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// The VM's name in log lines and the API (letters, digits, '.', '_', '-');
+    /// default crib-<pid>.
+    #[arg(long, value_name = "NAME")]
+    id: Option<String>,
+    /// Seccomp filters per thread; `off` only to debug a filter (logs a warning).
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    seccomp: Switch,
 }
 
 impl RunArgs {
+    /// The configuration of the file, or of the flags; both checked by
+    /// [`VmConfig::validate`].
     fn into_config(self) -> Result<VmConfig, config::ConfigError> {
+        if let Some(path) = &self.config {
+            return VmConfig::load(path);
+        }
+        let origin = Origin::Cli;
         let disks = self
             .disk
             .iter()
             .map(|d| config::parse_disk(d))
             .collect::<Result<Vec<_>, _>>()?;
-        config::check_disks(&disks)?;
-        let vsock = config::parse_vsock_option(&self.vsock)?;
-        if self.docker_socket.is_some() && vsock.is_none() {
-            return Err(config::ConfigError::DockerSocketWithoutVsock);
-        }
-        Ok(VmConfig {
-            disks,
-            vsock,
-            docker_socket: self.docker_socket,
-            pod: self.pod,
-            kernel: self.kernel,
+        let config = VmConfig {
+            id: self.id,
+            // clap requires --kernel without --config; an empty path fails to open later.
+            kernel: self.kernel.unwrap_or_default(),
             initrd: self.initrd,
             cmdline: self.cmdline,
-            cpus: config::parse_cpus(self.cpus)?,
-            memory_bytes: config::parse_memory(&self.memory)?,
-            console: config::parse_console(&self.console)?,
-        })
+            cpus: config::parse_cpus(origin.name("cpus"), self.cpus)?,
+            memory_bytes: config::parse_memory(origin.name("memory"), &self.memory)?,
+            console: config::parse_console(origin.name("console"), &self.console)?,
+            disks,
+            vsock: config::parse_vsock_option(&self.vsock)?,
+            fs: self
+                .fs
+                .iter()
+                .map(|f| config::parse_fs(f))
+                .collect::<Result<Vec<_>, _>>()?,
+            docker_socket: self.docker_socket,
+            pod: self.pod,
+            api_socket: self.api_socket,
+            seccomp: self.seccomp == Switch::On,
+        };
+        config.validate(origin)
     }
 }
 
-fn init_logging() {
+/// Log lines: `<time> <LEVEL> vm_id=<id> <message and fields>`, from every thread.
+struct VmLogFormat {
+    id: String,
+}
+
+impl<S, N> FormatEvent<S, N> for VmLogFormat
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
+        SystemTime.format_time(&mut writer)?;
+        write!(
+            writer,
+            " {:>5} vm_id={} ",
+            event.metadata().level(),
+            self.id
+        )?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
+fn init_logging(id: &str) {
     let level = match std::env::var("CRIB_LOG").as_deref() {
         Ok("error") => tracing::Level::ERROR,
         Ok("warn") => tracing::Level::WARN,
@@ -115,7 +206,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(level)
-        .with_target(false)
+        .event_format(VmLogFormat { id: id.to_string() })
         .init();
 }
 
@@ -131,24 +222,48 @@ fn report(error: &dyn std::error::Error) {
 }
 
 fn run(args: RunArgs, start: Instant) -> u8 {
-    let config = match args.into_config() {
+    let mut config = match args.into_config() {
         Ok(config) => config,
         Err(e) => {
             report(&e);
             return exit_code::VMM_ERROR;
         }
     };
+    let id = config.effective_id();
+    config.id = Some(id.clone());
+    init_logging(&id);
     match vmm::run(&config, start) {
-        Ok(reason) => {
-            let (code, what) = match reason {
-                ExitReason::Poweroff => (exit_code::GUEST_EXITED, "guest powered off"),
-                ExitReason::Reset => (exit_code::GUEST_EXITED, "guest rebooted"),
-                ExitReason::Panic => (exit_code::GUEST_PANIC, "guest kernel panicked"),
-                ExitReason::TripleFault => (exit_code::TRIPLE_FAULT, "guest triple-faulted"),
-                ExitReason::VcpuError => (exit_code::VCPU_ERROR, "KVM could not run the guest"),
+        Ok(outcome) => {
+            let (code, what) = match outcome {
+                RunOutcome::Guest(ExitReason::Poweroff) => {
+                    (exit_code::GUEST_EXITED, "guest powered off")
+                }
+                RunOutcome::Guest(ExitReason::Reset) => (exit_code::GUEST_EXITED, "guest rebooted"),
+                RunOutcome::Guest(ExitReason::Panic) => {
+                    (exit_code::GUEST_PANIC, "guest kernel panicked")
+                }
+                RunOutcome::Guest(ExitReason::TripleFault) => {
+                    (exit_code::TRIPLE_FAULT, "guest triple-faulted")
+                }
+                RunOutcome::Guest(ExitReason::VcpuError) => {
+                    (exit_code::VCPU_ERROR, "KVM could not run the guest")
+                }
+                RunOutcome::Stopped(StopCause::Requested) => {
+                    (exit_code::STOPPED, "guest stopped (forced stop requested)")
+                }
+                RunOutcome::Stopped(StopCause::ShutdownTimedOut) => (
+                    exit_code::STOPPED,
+                    "guest stopped: it did not power off within the shutdown timeout",
+                ),
+                RunOutcome::Stopped(StopCause::GuestUnreachable) => (
+                    exit_code::STOPPED,
+                    "guest stopped: it could not be asked to power off",
+                ),
             };
             if code == exit_code::GUEST_EXITED {
                 tracing::info!("{what}");
+            } else if code == exit_code::STOPPED {
+                tracing::warn!("{what}");
             } else {
                 tracing::error!("{what}");
             }
@@ -161,12 +276,25 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     }
 }
 
+fn print_config(args: ConfigArgs) -> u8 {
+    match args.run.into_config().and_then(|c| c.to_json_pretty()) {
+        Ok(json) => {
+            println!("{json}");
+            exit_code::GUEST_EXITED
+        }
+        Err(e) => {
+            report(&e);
+            exit_code::VMM_ERROR
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
-    init_logging();
     let code = match cli.command {
         Command::Run(args) => run(args, start),
+        Command::Config(args) => print_config(args),
     };
     // vCPU threads may still sit in KVM_RUN: end the process rather than join them.
     use std::io::Write;

@@ -1,9 +1,17 @@
 //! vCPUs: architectural set-up from `boot`, then one thread each running `KVM_RUN` and
 //! serving the port-I/O and MMIO exits that no ioeventfd or in-kernel device took.
+//!
+//! Pausing ([`VcpuPause`]): the VMM sets a flag and kicks every vCPU thread out of
+//! `KVM_RUN` with [`kick_signal`] (KVM returns `EINTR`); each thread checks the flag
+//! before every `KVM_RUN` and parks on a condition variable until resumed. A kick that
+//! lands just before a thread enters `KVM_RUN` is lost, so the VMM repeats the kick every
+//! millisecond until all threads have parked (bounded): no `immediate_exit` bookkeeping
+//! in a signal handler.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use devices::{Bus, ExitReason, VmExit};
 use kvm_bindings::{
@@ -11,6 +19,7 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::vm::Vm;
 
@@ -38,6 +47,123 @@ pub enum VcpuError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot install the vCPU kick signal handler")]
+    KickHandler(#[source] vmm_sys_util::errno::Error),
+}
+
+/// Why the vCPUs could not be paused.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("{parked} of {total} vCPUs stopped within {timeout_ms} ms; the VM was resumed")]
+    Timeout {
+        parked: usize,
+        total: usize,
+        timeout_ms: u128,
+    },
+}
+
+/// The real-time signal that kicks a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: the signal's only job is to make KVM_RUN return EINTR.
+}
+
+/// Installs the (empty) handler of [`kick_signal`]; once per process, before any kick.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::KickHandler)
+}
+
+#[derive(Debug, Default)]
+struct PauseState {
+    paused: bool,
+    parked: usize,
+}
+
+/// Pauses and resumes all vCPU threads (see the module doc).
+#[derive(Debug, Default)]
+pub struct VcpuPause {
+    /// Fast path for the vCPU threads: checked before every `KVM_RUN` without a lock.
+    requested: AtomicBool,
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+impl VcpuPause {
+    /// How often a pausing VMM re-kicks vCPUs that have not parked yet.
+    const KICK_INTERVAL: Duration = Duration::from_millis(1);
+
+    /// Stops all `threads` (the vCPU threads) before their next guest instruction and
+    /// waits until every one has parked, at most `timeout`; on time-out the VM is resumed.
+    pub fn pause(&self, threads: &[JoinHandle<()>], timeout: Duration) -> Result<(), PauseError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        state.paused = true;
+        self.requested.store(true, Ordering::SeqCst);
+        while state.parked < threads.len() {
+            if Instant::now() >= deadline {
+                let parked = state.parked;
+                drop(state);
+                self.resume();
+                return Err(PauseError::Timeout {
+                    parked,
+                    total: threads.len(),
+                    timeout_ms: timeout.as_millis(),
+                });
+            }
+            for thread in threads {
+                // A thread that already parked takes the signal in its condvar wait,
+                // which goes on waiting; one that exited makes pthread_kill fail.
+                let _ = thread.kill(kick_signal());
+            }
+            state = self
+                .changed
+                .wait_timeout(state, Self::KICK_INTERVAL)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        let mut state = self.lock();
+        state.paused = false;
+        self.requested.store(false, Ordering::SeqCst);
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// True while a pause is in force.
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Called by a vCPU thread before each `KVM_RUN`: parks while paused.
+    fn park_if_paused(&self) {
+        if !self.requested.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut state = self.lock();
+        if !state.paused {
+            return;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.paused {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state.parked -= 1;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// vCPU exits that reached crib, by kind, summed over all vCPUs. Exits KVM serves in the
@@ -142,17 +268,34 @@ impl Vcpu {
         Ok(Self { index, fd })
     }
 
-    /// Runs the vCPU on its own thread until the VM ends.
-    pub fn spawn(self, buses: VcpuBuses, exit: Arc<VmExit>) -> Result<JoinHandle<()>, VcpuError> {
+    /// Runs the vCPU on its own thread until the VM ends; the thread first applies the
+    /// vCPU seccomp filter, if `seccomp`.
+    pub fn spawn(
+        self,
+        buses: VcpuBuses,
+        exit: Arc<VmExit>,
+        pause: Arc<VcpuPause>,
+        seccomp: Option<crate::seccomp::Filter>,
+    ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&buses, &exit))
+            .spawn(move || {
+                if let Some(filter) = seccomp {
+                    if let Err(e) = filter.apply() {
+                        tracing::error!("vCPU {index}: {e}");
+                        exit.request(ExitReason::VcpuError);
+                        return;
+                    }
+                }
+                self.run(&buses, &exit, &pause)
+            })
             .map_err(|source| VcpuError::Spawn { index, source })
     }
 
-    fn run(mut self, buses: &VcpuBuses, exit: &VmExit) {
+    fn run(mut self, buses: &VcpuBuses, exit: &VmExit, pause: &VcpuPause) {
         loop {
+            pause.park_if_paused();
             if let Some(reason) = self.run_once(buses) {
                 exit.request(reason);
             }
@@ -250,6 +393,51 @@ impl Vcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in vCPU thread: parks whenever asked, counts its loop turns.
+    fn fake_vcpu(pause: Arc<VcpuPause>, turns: Arc<AtomicU64>) -> JoinHandle<()> {
+        std::thread::spawn(move || loop {
+            pause.park_if_paused();
+            turns.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_micros(100));
+        })
+    }
+
+    #[test]
+    fn pause_parks_every_thread_and_resume_releases_them() {
+        install_kick_handler().unwrap();
+        let pause = Arc::new(VcpuPause::default());
+        let turns = Arc::new(AtomicU64::new(0));
+        let threads = vec![
+            fake_vcpu(pause.clone(), turns.clone()),
+            fake_vcpu(pause.clone(), turns.clone()),
+        ];
+
+        pause.pause(&threads, Duration::from_secs(5)).unwrap();
+        let frozen = turns.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        let still = turns.load(Ordering::SeqCst);
+        pause.resume();
+        std::thread::sleep(Duration::from_millis(20));
+
+        assert_eq!(frozen, still);
+        assert!(turns.load(Ordering::SeqCst) > still);
+        assert!(!pause.is_paused());
+    }
+
+    #[test]
+    fn pause_times_out_and_resumes_when_a_thread_never_parks() {
+        install_kick_handler().unwrap();
+        let pause = VcpuPause::default();
+        let stuck = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(200)));
+
+        let err = pause
+            .pause(std::slice::from_ref(&stuck), Duration::from_millis(20))
+            .unwrap_err();
+
+        assert!(err.to_string().contains("0 of 1 vCPUs stopped"), "{err}");
+        assert!(!pause.is_paused());
+    }
 
     #[test]
     fn exit_summary_lists_every_kind() {

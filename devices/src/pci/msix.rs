@@ -87,6 +87,19 @@ impl MsixVectors {
         v.irqfd.write(1)
     }
 
+    /// A clone of `vector`'s irqfd, for a process that raises the vector directly (a
+    /// vhost-user backend's call fd). Writes to it skip masking and the PBA.
+    pub fn irqfd(&self, vector: u16) -> Option<EventFd> {
+        let v = self.vectors.get(usize::from(vector))?;
+        match v.irqfd.try_clone() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!("cannot clone the irqfd of MSI-X vector {vector}: {e}");
+                None
+            }
+        }
+    }
+
     fn deliver_pending(&self, index: usize) {
         let Some(v) = self.vectors.get(index) else {
             return;

@@ -6,6 +6,7 @@
 //! and interrupts leave through [`VirtioInterrupt`] (MSI-X irqfds in the VMM).
 
 pub mod block;
+pub mod fs;
 pub mod transport;
 pub mod vsock;
 
@@ -35,6 +36,15 @@ pub trait VirtioInterrupt: Send + Sync {
     /// §2.1.2) and raises a configuration interrupt. For host faults, never for guest
     /// mistakes, which complete their request with an error status instead.
     fn set_needs_reset(&self);
+
+    /// The eventfd that raises `kind` with no help from the host: a clone of the irqfd of
+    /// the MSI-X vector the driver chose, for devices whose queues another process serves
+    /// (vhost-user's call fd). `None` when there is no such fd (no vector assigned, or a
+    /// transport without irqfds): the device must then call [`Self::trigger`] itself.
+    /// Valid until the driver reprograms vectors, i.e. for one activation.
+    fn notifier(&self, _kind: VirtioInterruptType) -> Option<EventFd> {
+        None
+    }
 }
 
 /// A queue the driver enabled, handed to the device at activation.
@@ -56,6 +66,8 @@ pub enum ActivateError {
     QueueCount { got: usize, needed: usize },
     #[error("cannot start the device's worker")]
     Worker(#[source] std::io::Error),
+    #[error("the device's backend refused the set-up: {0}")]
+    Backend(String),
 }
 
 /// A virtio device model.

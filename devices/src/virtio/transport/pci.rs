@@ -87,6 +87,22 @@ impl VirtioInterrupt for PciInterrupt {
             tracing::warn!("cannot signal a device reset request: {e}");
         }
     }
+
+    fn notifier(&self, kind: VirtioInterruptType) -> Option<EventFd> {
+        let vector = match kind {
+            VirtioInterruptType::Config => self.config_vector.load(Ordering::Acquire),
+            VirtioInterruptType::Queue(q) => self
+                .queue_vectors
+                .get(usize::from(q))?
+                .load(Ordering::Acquire),
+        };
+        if vector == NO_VECTOR {
+            return None;
+        }
+        // The irqfd bypasses the ISR and MSI-X masking; fine for a driver using MSI-X,
+        // which is the only kind crib serves (no INTx).
+        self.msix.irqfd(vector)
+    }
 }
 
 /// What the driver programmed for one queue.

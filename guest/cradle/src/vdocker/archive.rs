@@ -300,13 +300,17 @@ pub async fn put(
     let (tx, rx) = mpsc::channel::<Bytes>(BODY_CHANNEL_CHUNKS);
     let job = tokio::task::spawn_blocking(move || extract(ChannelReader::new(rx), &dir));
     let mut body_error = None;
+    let mut extracting = true;
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
                 if let Ok(data) = frame.into_data() {
-                    // The extraction stopped (done or failed): its result says.
-                    if tx.send(data).await.is_err() {
-                        break;
+                    // Once the extraction stopped (the tar's end marker, or a failure:
+                    // its result says), the rest of the body (the docker CLI pads the
+                    // stream) is read and dropped: answering before the client has sent
+                    // it all would break its pipe.
+                    if extracting && tx.send(data).await.is_err() {
+                        extracting = false;
                     }
                 }
             }

@@ -1,0 +1,278 @@
+//! Turns `--fs` into virtio-fs devices. `socket=` connects to a running vhost-user-fs
+//! backend; `dir=` starts a virtiofsd for the directory first and supervises it: its
+//! stderr goes to crib's log, and its exit is logged (the device then answers the guest
+//! with errors, see `devices::virtio::fs::failover`), never the VM's exit.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use devices::virtio::fs::{Fs, FsConfig as DeviceConfig, FsError};
+
+use crate::config::FsConfig;
+
+/// The environment variable naming the virtiofsd binary.
+pub const VIRTIOFSD_ENV: &str = "CRIB_VIRTIOFSD";
+/// `none` or `namespace` (virtiofsd's `--sandbox`); crib's default is `namespace` as
+/// root, `none` otherwise.
+pub const SANDBOX_ENV: &str = "CRIB_VIRTIOFSD_SANDBOX";
+/// How long a fresh virtiofsd gets to create its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors setting up a share.
+#[derive(Debug, thiserror::Error)]
+pub enum FsSetupError {
+    #[error(
+        "cannot find virtiofsd: set {VIRTIOFSD_ENV}, run scripts/install-virtiofsd.sh (installs \
+         target/tools/bin/virtiofsd), or put it on PATH"
+    )]
+    NoVirtiofsd,
+    #[error("--fs tag={tag}: dir={dir} is not a directory")]
+    NotADirectory { tag: String, dir: PathBuf },
+    #[error("--fs tag={tag}: cannot start {binary}")]
+    Spawn {
+        tag: String,
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--fs tag={tag}: virtiofsd exited before creating its socket {socket} ({status}); see its log lines above")]
+    EarlyExit {
+        tag: String,
+        socket: PathBuf,
+        status: String,
+    },
+    #[error(
+        "--fs tag={tag}: virtiofsd did not create its socket {socket} within {START_TIMEOUT:?}"
+    )]
+    Timeout { tag: String, socket: PathBuf },
+    #[error("--fs tag={tag}")]
+    Device {
+        tag: String,
+        #[source]
+        source: FsError,
+    },
+}
+
+/// The virtiofsd binary: `$CRIB_VIRTIOFSD`, `target/tools/bin/virtiofsd` (next to crib's
+/// own target directory, or under the current directory), else `virtiofsd` on PATH.
+pub fn find_virtiofsd() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(VIRTIOFSD_ENV) {
+        return Some(PathBuf::from(path));
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        // target/debug/crib (or target/debug/deps/<test>) -> target/tools/bin/virtiofsd
+        candidates.extend(
+            exe.ancestors()
+                .skip(2)
+                .take(2)
+                .map(|target| target.join("tools/bin/virtiofsd")),
+        );
+    }
+    candidates.push(PathBuf::from("target/tools/bin/virtiofsd"));
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("virtiofsd")));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// A virtiofsd crib started. Nothing to do on drop: closing the device's vhost-user
+/// connection ends the daemon, and it gets SIGTERM if crib dies first.
+pub struct Daemon {
+    pub tag: String,
+    pub pid: u32,
+    pub socket: PathBuf,
+}
+
+/// Starts virtiofsd for `dir` with its socket at `socket`; returns once the socket exists.
+fn start_virtiofsd(tag: &str, dir: &Path, socket: &Path) -> Result<Daemon, FsSetupError> {
+    if !dir.is_dir() {
+        return Err(FsSetupError::NotADirectory {
+            tag: tag.into(),
+            dir: dir.into(),
+        });
+    }
+    let binary = find_virtiofsd().ok_or(FsSetupError::NoVirtiofsd)?;
+    let sandbox = std::env::var(SANDBOX_ENV).unwrap_or_else(|_| {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        if root { "namespace" } else { "none" }.to_string()
+    });
+    let _ = std::fs::remove_file(socket);
+    let mut command = Command::new(&binary);
+    command
+        .arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", dir.display()))
+        .arg(format!("--sandbox={sandbox}"))
+        .arg("--log-level=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
+    // parent; it makes the daemon end with crib.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| FsSetupError::Spawn {
+        tag: tag.into(),
+        binary: binary.clone(),
+        source,
+    })?;
+    let pid = child.id();
+    if let Some(stderr) = child.stderr.take() {
+        let log_tag = tag.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!("virtiofsd-{tag}-log"))
+            .spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    match line {
+                        Ok(line) => tracing::info!("virtiofsd[{log_tag}]: {line}"),
+                        Err(_) => break,
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("virtiofsd[{tag}]: cannot forward its log: {e}");
+        }
+    }
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(FsSetupError::EarlyExit {
+                tag: tag.into(),
+                socket: socket.into(),
+                status: status.to_string(),
+            });
+        }
+        if std::fs::metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: pid is our child, not yet reaped (try_wait saw it running).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let _ = child.wait();
+            return Err(FsSetupError::Timeout {
+                tag: tag.into(),
+                socket: socket.into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let supervised_tag = tag.to_string();
+    let spawned = std::thread::Builder::new()
+        .name(format!("virtiofsd-{tag}"))
+        .spawn(move || match child.wait() {
+            Ok(status) if status.success() => {
+                tracing::info!("virtiofsd[{supervised_tag}] (pid {pid}) exited")
+            }
+            Ok(status) => tracing::error!(
+                "virtiofsd[{supervised_tag}] (pid {pid}) ended: {status}; the guest's mount \
+                 of '{supervised_tag}' now fails, the VM keeps running"
+            ),
+            Err(e) => tracing::error!("virtiofsd[{supervised_tag}]: cannot wait for it: {e}"),
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("virtiofsd[{tag}]: cannot supervise it: {e}");
+    }
+    Ok(Daemon {
+        tag: tag.into(),
+        pid,
+        socket: socket.into(),
+    })
+}
+
+/// Builds the device of share `index`, starting its virtiofsd for `dir=`.
+pub fn create(index: usize, fs: &FsConfig) -> Result<(Fs, Option<Daemon>), FsSetupError> {
+    let (socket, daemon) = match (&fs.socket, &fs.dir) {
+        (Some(socket), _) => (socket.clone(), None),
+        (None, Some(dir)) => {
+            let socket = std::env::temp_dir().join(format!(
+                "crib-{}-fs{index}-{}.sock",
+                std::process::id(),
+                fs.tag
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .collect::<String>()
+            ));
+            let daemon = start_virtiofsd(&fs.tag, dir, &socket)?;
+            (socket, Some(daemon))
+        }
+        // VmConfig::validate refused this.
+        (None, None) => (PathBuf::new(), None),
+    };
+    let device = Fs::new(DeviceConfig {
+        tag: fs.tag.clone(),
+        socket,
+        request_queues: fs.queues,
+        queue_size: fs.queue_size,
+    })
+    .map_err(|source| FsSetupError::Device {
+        tag: fs.tag.clone(),
+        source,
+    })?;
+    Ok((device, daemon))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_fs;
+
+    #[test]
+    fn a_missing_socket_is_an_error_naming_it() {
+        let config = parse_fs("tag=gfs,socket=/nonexistent/crib.sock").unwrap();
+        let err = create(0, &config).err().unwrap();
+        let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(text.contains("/nonexistent/crib.sock"), "{text}");
+    }
+
+    #[test]
+    fn a_dir_that_is_not_a_directory_is_refused() {
+        let config = parse_fs("tag=gfs,dir=/nonexistent/share").unwrap();
+        let err = create(0, &config).err().unwrap().to_string();
+        assert!(err.contains("is not a directory"), "{err}");
+    }
+
+    /// With the real virtiofsd (scripts/install-virtiofsd.sh): crib starts it, connects
+    /// and negotiates. Skipped where it is not installed.
+    #[test]
+    fn dir_starts_virtiofsd_and_connects() {
+        if find_virtiofsd().is_none() {
+            eprintln!("skipped: no virtiofsd");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("crib-fs-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::env::set_var(SANDBOX_ENV, "none");
+        let config = parse_fs(&format!("tag=gfs,dir={},queues=1", dir.display())).unwrap();
+        let (device, daemon) = create(7, &config).unwrap();
+        use devices::virtio::VirtioDevice;
+        assert_eq!(device.device_type(), 26);
+        assert_eq!(device.queue_max_sizes().len(), 2);
+        assert_ne!(
+            device.device_features() & (1 << 32),
+            0,
+            "VERSION_1 from virtiofsd"
+        );
+        let daemon = daemon.unwrap();
+        drop(device);
+        // Closing the connection ends virtiofsd.
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            // SAFETY: signal 0 only checks the pid exists.
+            let alive = unsafe { libc::kill(daemon.pid as libc::pid_t, 0) } == 0;
+            !alive
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(gone, "virtiofsd still running after the frontend closed");
+    }
+}
