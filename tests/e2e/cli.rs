@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use crib_tests::micro::{elf, halt_forever};
 use crib_tests::{run_crib, RunOutput};
 
 use crate::TestFn;
@@ -38,6 +39,30 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             config_file_unknown_field_is_named,
         ),
         ("cli_config_print_round_trips", config_print_round_trips),
+        (
+            "cli_fs_missing_socket_is_an_error",
+            fs_missing_socket_is_an_error,
+        ),
+        (
+            "cli_fs_tag_longer_than_36_bytes_is_an_error",
+            fs_tag_longer_than_36_bytes_is_an_error,
+        ),
+        (
+            "cli_pod_volume_without_disk_is_refused",
+            pod_volume_without_disk_is_refused,
+        ),
+        (
+            "cli_pod_launch_file_unknown_field_is_named",
+            pod_launch_file_unknown_field_is_named,
+        ),
+        (
+            "cli_pod_missing_kernel_says_where_it_looked",
+            pod_missing_kernel_says_where_it_looked,
+        ),
+        (
+            "cli_pod_ls_stop_logs_without_pods",
+            pod_ls_stop_logs_without_pods,
+        ),
     ]
 }
 
@@ -189,4 +214,121 @@ fn config_print_round_trips() -> Result<()> {
         second.stdout == first.stdout,
         "printing it again gives the same JSON",
     )
+}
+
+/// A valid kernel (a micro guest that never runs: the share fails first) and a socket
+/// path nothing listens on.
+fn fs_missing_socket_is_an_error() -> Result<()> {
+    let kernel = temp_file("fs-kernel.elf", &elf(&halt_forever()))?;
+    let socket = std::env::temp_dir().join(format!("crib-e2e-{}-absent.sock", std::process::id()));
+    let out = run_crib(
+        &[
+            "run".as_ref(),
+            "--kernel".as_ref(),
+            kernel.as_os_str(),
+            "--fs".as_ref(),
+            format!("tag=gfs,socket={}", socket.display()).as_ref(),
+        ],
+        DEADLINE,
+    )?;
+    std::fs::remove_file(&kernel)?;
+    expect_error(&out, "--fs tag=gfs")?;
+    expect_error(
+        &out,
+        &format!(
+            "cannot connect to the vhost-user-fs backend at {}: is virtiofsd running with --socket-path=",
+            socket.display()
+        ),
+    )
+}
+
+/// Refused while parsing the options, before any file is opened.
+fn fs_tag_longer_than_36_bytes_is_an_error() -> Result<()> {
+    let tag = "t".repeat(37);
+    let out = run_crib(
+        &[
+            "run",
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--fs",
+            &format!("tag={tag},socket=/nonexistent/fs.sock"),
+        ],
+        DEADLINE,
+    )?;
+    expect_error(
+        &out,
+        &format!("--fs 'tag={tag},socket=/nonexistent/fs.sock': tag:"),
+    )?;
+    expect_error(&out, "is 37 bytes; at most 36")
+}
+
+/// `crib pod run` with `launch` in a temp file, its run root a temp directory.
+fn pod_run(name: &str, launch: &str) -> Result<RunOutput> {
+    let path = temp_file(name, launch.as_bytes())?;
+    let root = std::env::temp_dir().join(format!("crib-e2e-{}-root-{name}", std::process::id()));
+    let out = run_crib(
+        &[
+            "pod".as_ref(),
+            "run".as_ref(),
+            path.as_os_str(),
+            "--run-root".as_ref(),
+            root.as_os_str(),
+        ],
+        DEADLINE,
+    )?;
+    std::fs::remove_file(&path)?;
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(out)
+}
+
+fn pod_volume_without_disk_is_refused() -> Result<()> {
+    let out = pod_run(
+        "pod-no-disk.json",
+        r#"{"pod": {"name": "web", "volumes": [{"name": "data", "path": "/data"}]}}"#,
+    )?;
+    expect_error(
+        &out,
+        r#"pod.volumes[0] 'data' has no disk: add "disks": {"data": {"path": "IMAGE"}}"#,
+    )
+}
+
+fn pod_launch_file_unknown_field_is_named() -> Result<()> {
+    let out = pod_run(
+        "pod-unknown.json",
+        r#"{"pod": {"name": "web"}, "disks": {}, "shares": {"src": {"dir": "/s", "cache": "always"}}}"#,
+    )?;
+    expect_error(&out, "field shares.src.cache is invalid")?;
+    expect_error(&out, "unknown field `cache`")?;
+    let out = pod_run(
+        "pod-bad-spec.json",
+        r#"{"pod": {"name": "web", "processes": [{"name": "a", "argv": []}]}}"#,
+    )?;
+    expect_error(&out, "field pod is not a valid pod spec")?;
+    expect_error(&out, "processes[0].argv is empty")
+}
+
+fn pod_missing_kernel_says_where_it_looked() -> Result<()> {
+    let out = pod_run(
+        "pod-no-kernel.json",
+        r#"{"pod": {"name": "web"}, "kernel": "/nonexistent/vmlinux"}"#,
+    )?;
+    expect_error(&out, "kernel /nonexistent/vmlinux does not exist")?;
+    expect_error(&out, "CRIB_GUEST_DIR")
+}
+
+fn pod_ls_stop_logs_without_pods() -> Result<()> {
+    let root = std::env::temp_dir().join(format!("crib-e2e-{}-empty-root", std::process::id()));
+    std::fs::create_dir_all(root.join("gone"))?;
+    let root_arg = root.display().to_string();
+    let ls = run_crib(&["pod", "ls", "--run-root", &root_arg], DEADLINE)?;
+    ls.check(ls.code == Some(0), "pod ls exits 0")?;
+    ls.check(
+        ls.stdout.starts_with("NAME") && ls.stdout.lines().count() == 1,
+        "pod ls shows only its header",
+    )?;
+    let stop = run_crib(&["pod", "stop", "gone", "--run-root", &root_arg], DEADLINE)?;
+    expect_error(&stop, "pod gone is not running")?;
+    let logs = run_crib(&["pod", "logs", "gone", "--run-root", &root_arg], DEADLINE)?;
+    std::fs::remove_dir_all(&root)?;
+    expect_error(&logs, "pod gone has no console log")
 }

@@ -12,6 +12,7 @@ mod docker;
 mod fs;
 mod linux;
 mod micro;
+mod pod;
 mod vsock;
 
 use std::path::Path;
@@ -116,6 +117,7 @@ fn main() {
         .chain(vsock::tests())
         .chain(docker::tests())
         .chain(fs::tests())
+        .chain(pod::tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux

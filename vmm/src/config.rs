@@ -358,11 +358,11 @@ fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
 }
 
-fn default_cpus() -> u8 {
+pub(crate) fn default_cpus() -> u8 {
     1
 }
 
-fn default_memory() -> u64 {
+pub(crate) fn default_memory() -> u64 {
     DEFAULT_MEMORY_BYTES
 }
 
@@ -370,11 +370,11 @@ fn default_true() -> bool {
     true
 }
 
-fn default_queues() -> u16 {
+pub(crate) fn default_queues() -> u16 {
     DEFAULT_DISK_QUEUES
 }
 
-fn default_queue_size() -> u16 {
+pub(crate) fn default_queue_size() -> u16 {
     DEFAULT_QUEUE_SIZE
 }
 
@@ -416,18 +416,20 @@ pub(crate) fn de_optional_size<'de, D: Deserializer<'de>>(
     de_size(deserializer).map(Some)
 }
 
-fn de_memory<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+pub(crate) fn de_memory<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     let bytes = de_size(deserializer)?;
     check_memory("memory".into(), bytes).map_err(|e| serde::de::Error::custom(problem_of(&e)))?;
     Ok(bytes)
 }
 
-fn de_cpus<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D::Error> {
+pub(crate) fn de_cpus<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D::Error> {
     let count = u64::deserialize(deserializer)?;
     parse_cpus("cpus".into(), count).map_err(|e| serde::de::Error::custom(problem_of(&e)))
 }
 
-fn de_console<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ConsoleConfig, D::Error> {
+pub(crate) fn de_console<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<ConsoleConfig, D::Error> {
     let text = String::deserialize(deserializer)?;
     parse_console("console".into(), &text).map_err(|e| serde::de::Error::custom(problem_of(&e)))
 }
@@ -830,7 +832,7 @@ pub fn parse_vsock_option(values: &[String]) -> Result<Option<VsockConfig>, Conf
 }
 
 /// Checks one virtio-fs share; the problem names the field and the fix.
-fn check_fs(fs: &FsConfig) -> Result<(), String> {
+pub(crate) fn check_fs(fs: &FsConfig) -> Result<(), String> {
     if let Err(e) = devices::virtio::fs::check_tag(&fs.tag) {
         return Err(format!("tag: {e}"));
     }

@@ -12,6 +12,7 @@ pub mod docker_proxy;
 pub mod fs;
 pub mod interrupts;
 pub mod memory;
+pub mod pod;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

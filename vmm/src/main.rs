@@ -1,9 +1,9 @@
 //! `crib`: the command line of the VMM.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use devices::ExitReason;
@@ -13,6 +13,7 @@ use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::registry::LookupSpan;
 use vmm::config::{self, Origin, VmConfig, DEFAULT_CMDLINE};
 use vmm::control::{RunOutcome, StopCause};
+use vmm::pod;
 
 /// Exit codes of `crib run` (documented in the README).
 mod exit_code {
@@ -49,6 +50,63 @@ enum Command {
     Run(RunArgs),
     /// Show the configuration `crib run` would use, as a JSON config file.
     Config(ConfigArgs),
+    /// Run and manage pods: one launch file per pod, sockets in a run directory.
+    #[command(subcommand)]
+    Pod(PodCommand),
+}
+
+/// `crib pod ...` (README.md, "Pods: crib pod").
+#[derive(Subcommand)]
+enum PodCommand {
+    /// Boot the pod of a launch file and run it until it ends; crib's exit status is the
+    /// pod's (the exit codes of `crib run`).
+    Run {
+        /// The launch file: {"pod": <pod spec>, "disks": {...}, "shares": {...}, ...}.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        #[command(flatten)]
+        root: RunRootArg,
+    },
+    /// List the running pods: name, state, uptime, run directory.
+    Ls {
+        #[command(flatten)]
+        root: RunRootArg,
+    },
+    /// Shut a pod down gracefully (cradle stops its processes and powers off), forced
+    /// after --timeout; waits until it has ended.
+    Stop {
+        /// The pod's name, or its run directory (a path with a '/').
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Seconds the guest gets to power off before crib stops it.
+        #[arg(long, value_name = "S", default_value_t = 20,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout: u64,
+        /// Stop the guest at once instead (crib exits 6).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        root: RunRootArg,
+    },
+    /// Print a pod's serial console (its run directory's console.log).
+    Logs {
+        /// The pod's name, or its run directory (a path with a '/').
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Keep printing what the pod writes until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        root: RunRootArg,
+    },
+}
+
+#[derive(Args)]
+struct RunRootArg {
+    /// The directory holding one run directory per pod; default $CRIB_RUN_ROOT, else
+    /// /run/crib as root, $XDG_RUNTIME_DIR/crib, /tmp/crib-<uid>.
+    #[arg(long, value_name = "DIR")]
+    run_root: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -222,13 +280,17 @@ fn report(error: &dyn std::error::Error) {
 }
 
 fn run(args: RunArgs, start: Instant) -> u8 {
-    let mut config = match args.into_config() {
-        Ok(config) => config,
+    match args.into_config() {
+        Ok(config) => run_vm(config, start),
         Err(e) => {
             report(&e);
-            return exit_code::VMM_ERROR;
+            exit_code::VMM_ERROR
         }
-    };
+    }
+}
+
+/// Runs the VM of `config` until it ends; the exit code says how.
+fn run_vm(mut config: VmConfig, start: Instant) -> u8 {
     let id = config.effective_id();
     config.id = Some(id.clone());
     init_logging(&id);
@@ -289,12 +351,91 @@ fn print_config(args: ConfigArgs) -> u8 {
     }
 }
 
+/// `crib pod run FILE`: the launch file's VM, through the same path as `crib run`.
+fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
+    let root = pod::run_root(root);
+    let guest_dir = pod::guest_dir();
+    let prepared = pod::LaunchFile::load(file).and_then(|launch| {
+        let prepared = launch.prepare(&root, &guest_dir)?;
+        for (what, field, default, path) in [
+            (
+                "kernel",
+                "kernel",
+                pod::DEFAULT_KERNEL,
+                Some(&prepared.config.kernel),
+            ),
+            (
+                "initramfs",
+                "initrd",
+                pod::DEFAULT_INITRD,
+                prepared.config.initrd.as_ref(),
+            ),
+        ] {
+            if let Some(path) = path.filter(|p| !p.exists()) {
+                return Err(pod::PodError::MissingGuestFile {
+                    what,
+                    field,
+                    default,
+                    path: path.clone(),
+                });
+            }
+        }
+        let lock = prepared.create_run_dir(&root, &launch, &guest_dir)?;
+        Ok((prepared, lock))
+    });
+    let (prepared, _lock) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            report(&e);
+            return exit_code::VMM_ERROR;
+        }
+    };
+    for line in prepared.socket_lines() {
+        println!("{line}");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let code = run_vm(prepared.config.clone(), start);
+    prepared.remove_sockets();
+    code
+}
+
+fn pod_command(command: PodCommand, start: Instant) -> u8 {
+    let result = match command {
+        PodCommand::Run { file, root } => return pod_run(&file, root.run_root.as_deref(), start),
+        PodCommand::Ls { root } => pod::list(&pod::run_root(root.run_root.as_deref()))
+            .map(|pods| print!("{}", pod::format_list(&pods))),
+        PodCommand::Stop {
+            name,
+            timeout,
+            force,
+            root,
+        } => {
+            let dir = pod::pod_dir(&pod::run_root(root.run_root.as_deref()), &name);
+            pod::stop(&dir, &name, Duration::from_secs(timeout), force)
+                .map(|()| println!("pod {name} stopped"))
+        }
+        PodCommand::Logs { name, follow, root } => {
+            let dir = pod::pod_dir(&pod::run_root(root.run_root.as_deref()), &name);
+            pod::logs(&dir, &name, follow, &mut std::io::stdout().lock())
+        }
+    };
+    match result {
+        Ok(()) => exit_code::GUEST_EXITED,
+        Err(e) => {
+            report(&e);
+            exit_code::VMM_ERROR
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(args, start),
         Command::Config(args) => print_config(args),
+        Command::Pod(command) => pod_command(command, start),
     };
     // vCPU threads may still sit in KVM_RUN: end the process rather than join them.
     use std::io::Write;
