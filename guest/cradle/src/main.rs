@@ -5,11 +5,11 @@
 //! initramfs's kernel modules in dependency order; print the ready line and
 //! write the "ready" marker; if the VMM shipped a pod spec
 //! (`/etc/cradle/pod.json`), set up its volumes (link, format if blank,
-//! mount), start its processes and serve the Docker API subset (vdocker)
+//! mount), mount its virtio-fs filesystems, start its processes and serve the Docker API subset (vdocker)
 //! on vsock port 1, and wait for the pod to end (its processes exited, or
 //! the shutdown call, per the spec's `lifetime`); run the command passed
 //! after `--` on the kernel command line, if any; then stop leftover
-//! processes, unmount the volumes, sync and power off.
+//! processes, unmount the filesystems and volumes, sync and power off.
 //!
 //! PID 1 must never exit (the kernel panics when init dies): every error is
 //! printed as `cradle: error: ...` and the VM is powered off. No code path
@@ -33,6 +33,7 @@ mod cmdline;
 mod command;
 mod console;
 mod disks;
+mod filesystems;
 mod module_dep;
 mod module_load;
 mod mounts;
@@ -57,6 +58,7 @@ use thiserror::Error;
 use crate::boot_marker::{BootMarker, MARKER_INIT_STARTED, MARKER_READY};
 use crate::command::CommandError;
 use crate::console::say;
+use crate::filesystems::FsMountError;
 use crate::module_load::millis;
 use crate::mounts::MountError;
 use crate::pod::PodError;
@@ -75,6 +77,8 @@ pub enum CradleError {
     Pod(#[from] PodError),
     #[error("cannot set up the pod's volumes")]
     Volume(#[from] VolumeError),
+    #[error("cannot mount the pod's filesystems")]
+    Fs(#[from] FsMountError),
 }
 
 fn main() {
@@ -158,13 +162,16 @@ fn boot(
     steps.mark("pod spec");
     if let Some(spec) = &spec {
         say!(
-            "pod {}: volumes {}, processes {}",
+            "pod {}: volumes {}, filesystems {}, processes {}",
             spec.name,
             spec.volumes.len(),
+            spec.filesystems.len(),
             spec.processes.len()
         );
         volumes.set_up(&spec.volumes, &Layout::guest())?;
         steps.mark("volumes");
+        filesystems::mount_all(&spec.filesystems, volumes)?;
+        steps.mark("filesystems");
     }
     if flags.debug {
         steps.print();

@@ -153,6 +153,12 @@ impl Volumes {
         self.mounted.is_empty()
     }
 
+    /// Records a mount made elsewhere (a pod filesystem), to unmount it at
+    /// shutdown with the volumes.
+    pub fn record_mount(&mut self, path: PathBuf) {
+        self.mounted.push(path);
+    }
+
     /// Sets up every volume, in spec order, printing one line each. On an
     /// error the volumes mounted so far stay recorded for [`Self::tear_down`].
     pub fn set_up(&mut self, specs: &[VolumeSpec], layout: &Layout) -> Result<(), VolumeError> {
@@ -394,8 +400,13 @@ fn c_path(path: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-/// `mount(2)` of a block device.
-fn mount_raw(device: &Path, target: &Path, fstype: &str, flags: libc::c_ulong) -> io::Result<()> {
+/// `mount(2)` of a block device (or a virtio-fs tag) without data.
+pub fn mount_raw(
+    device: &Path,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+) -> io::Result<()> {
     let device = c_path(device)?;
     let target = c_path(target)?;
     let fstype = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;

@@ -21,9 +21,13 @@ pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
 /// Longest volume name: the volume is found by its virtio-blk serial,
 /// which holds at most `VIRTIO_BLK_ID_BYTES` (20) bytes (virtio 1.2, 5.2.6).
 pub const MAX_VOLUME_NAME_BYTES: usize = 20;
+/// Longest virtio-fs tag: the device's config space holds 36 bytes
+/// (virtio 1.2, 5.11.4), the same limit as `crib run --fs tag=`.
+pub const MAX_FS_TAG_BYTES: usize = 36;
 /// Longest pod or process name (a DNS label, so it can be a hostname).
 pub const MAX_NAME_BYTES: usize = 63;
-/// Directories cradle mounts itself: no volume may be mounted on or under them.
+/// Directories cradle mounts itself: no volume or filesystem may be mounted
+/// on or under them.
 const RESERVED_DIRS: &[&str] = &["/dev", "/proc", "/sys"];
 
 /// Errors of parsing and validating a pod spec. Each names the field
@@ -64,9 +68,9 @@ pub enum PodSpecError {
         "{field}: {value:?} has an empty, '.' or '..' component; write it plainly, like /data/db"
     )]
     UncleanPath { field: String, value: String },
-    #[error("{field}: {value:?} is / or inside /dev, /proc or /sys, which cradle mounts itself; mount the volume elsewhere, like /data")]
+    #[error("{field}: {value:?} is / or inside /dev, /proc or /sys, which cradle mounts itself; mount it elsewhere, like /data")]
     ReservedPath { field: String, value: String },
-    #[error("{field}: {value:?} is also the path of {first}; mount each volume at its own path")]
+    #[error("{field}: {value:?} is also the path of {first}; mount each volume and filesystem at its own path")]
     DuplicatePath {
         field: String,
         value: String,
@@ -78,6 +82,16 @@ pub enum PodSpecError {
         value: String,
         outer: String,
         outer_field: String,
+    },
+    #[error(
+        "{field}: {value:?} is not a valid virtio-fs tag; use 1 to {MAX_FS_TAG_BYTES} bytes without control characters, the tag given to crib run --fs tag=TAG"
+    )]
+    InvalidTag { field: String, value: String },
+    #[error("{field}: {value:?} is already the tag of {first}; mount each tag once")]
+    DuplicateTag {
+        field: String,
+        value: String,
+        first: String,
     },
     #[error(
         "{field} applies only to a mounted volume; add a path to the volume or remove {field}"
@@ -97,7 +111,7 @@ pub enum PodSpecError {
     InvalidEnv { field: String, value: String },
 }
 
-/// A pod: its volumes and its processes.
+/// A pod: its volumes, its shared filesystems and its processes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PodSpec {
@@ -106,7 +120,11 @@ pub struct PodSpec {
     /// Block volumes, set up in this order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeSpec>,
-    /// Processes cradle starts once the volumes are ready.
+    /// virtio-fs shares (`crib run --fs tag=TAG,...`), mounted in this order
+    /// after the volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filesystems: Vec<FsSpec>,
+    /// Processes cradle starts once the volumes and filesystems are ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<ProcessSpec>,
     /// When the pod ends: once its processes have exited (the default) or
@@ -144,6 +162,20 @@ pub struct VolumeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs: Option<Filesystem>,
     /// Mount read-only (`MS_RDONLY`); a blank disk is then an error.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub readonly: bool,
+}
+
+/// A virtio-fs share the host attached with `crib run --fs tag=TAG,...`,
+/// mounted at `path` (like `mount -t virtiofs TAG PATH`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsSpec {
+    /// The device's tag: 1 to 36 bytes, as given to `--fs tag=`.
+    pub tag: String,
+    /// Absolute mount point in the guest.
+    pub path: String,
+    /// Mount read-only (`MS_RDONLY`): writes fail with EROFS.
     #[serde(default, skip_serializing_if = "is_false")]
     pub readonly: bool,
 }
@@ -280,6 +312,25 @@ impl PodSpec {
             }
         }
 
+        let mut tags = HashMap::new();
+        for (index, fs) in self.filesystems.iter().enumerate() {
+            let at = format!("filesystems[{index}]");
+            let field = format!("{at}.tag");
+            check_tag(&field, &fs.tag)?;
+            if let Some(first) = tags.get(fs.tag.as_str()) {
+                return Err(PodSpecError::DuplicateTag {
+                    field,
+                    value: fs.tag.clone(),
+                    first: String::clone(first),
+                });
+            }
+            tags.insert(fs.tag.as_str(), at.clone());
+            let field = format!("{at}.path");
+            check_mount_path(&field, &fs.path)?;
+            check_path_order(&paths, &field, &fs.path)?;
+            paths.push((&fs.path, field));
+        }
+
         let mut names = HashMap::new();
         for (index, process) in self.processes.iter().enumerate() {
             let at = format!("processes[{index}]");
@@ -307,6 +358,18 @@ fn check_name(field: &str, value: &str, max: usize) -> Result<(), PodSpecError> 
         value: value.to_owned(),
         max,
     })
+}
+
+/// A virtio-fs tag: 1 to [`MAX_FS_TAG_BYTES`] bytes, no control characters
+/// (NUL included: the tag is passed to mount(2) as a C string).
+fn check_tag(field: &str, tag: &str) -> Result<(), PodSpecError> {
+    if tag.is_empty() || tag.len() > MAX_FS_TAG_BYTES || tag.chars().any(char::is_control) {
+        return Err(PodSpecError::InvalidTag {
+            field: field.to_owned(),
+            value: tag.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Records `value` under `field`, failing if an earlier field had it.
@@ -455,6 +518,9 @@ mod tests {
             {"name": "data", "path": "/data", "fs": "ext4", "readonly": false},
             {"name": "scratch"}
         ],
+        "filesystems": [
+            {"tag": "gfs", "path": "/shared", "readonly": false}
+        ],
         "processes": [
             {"name": "main", "argv": ["/bin/sh", "-c", "echo hi"], "env": ["A=b"], "cwd": "/"}
         ],
@@ -496,6 +562,14 @@ mod tests {
                     readonly: false,
                 },
             ]
+        );
+        assert_eq!(
+            spec.filesystems,
+            [FsSpec {
+                tag: "gfs".to_owned(),
+                path: "/shared".to_owned(),
+                readonly: false,
+            }]
         );
         assert_eq!(
             spec.processes,
@@ -902,6 +976,179 @@ mod tests {
     fn validate_bare_program_name_is_fine() {
         // Looked up in PATH, like the test hook's command.
         assert!(parse(&with_process(r#""argv": ["sh", "-c", "true"]"#)).is_ok());
+    }
+
+    /// A valid spec with the filesystems `filesystems` (JSON array members).
+    fn with_filesystems(filesystems: &str) -> String {
+        format!(r#"{{"name": "p", "filesystems": [{filesystems}]}}"#)
+    }
+
+    #[test]
+    fn from_json_filesystem_readonly_defaults_to_false() {
+        let spec = parse(&with_filesystems(r#"{"tag": "gfs", "path": "/shared"}"#)).unwrap();
+
+        assert!(!spec.filesystems[0].readonly);
+    }
+
+    #[test]
+    fn from_json_filesystem_readonly_parses() {
+        let spec = parse(&with_filesystems(
+            r#"{"tag": "gfs", "path": "/shared", "readonly": true}"#,
+        ))
+        .unwrap();
+
+        assert!(spec.filesystems[0].readonly);
+    }
+
+    #[test]
+    fn from_json_filesystem_without_path_is_named() {
+        let error = parse(&with_filesystems(r#"{"tag": "gfs"}"#)).unwrap_err();
+
+        let PodSpecError::Json { source, .. } = error else {
+            panic!("expected a JSON error, got {error}");
+        };
+        assert!(
+            source.to_string().contains("missing field `path`"),
+            "{source}"
+        );
+    }
+
+    #[test]
+    fn from_json_unknown_filesystem_field_is_named() {
+        let error = parse(&with_filesystems(
+            r#"{"tag": "gfs", "path": "/s", "cache": "never"}"#,
+        ))
+        .unwrap_err();
+
+        assert!(
+            error.to_string().starts_with("filesystems[0].cache: "),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn validate_tag_of_36_bytes_is_valid() {
+        let json = with_filesystems(&format!(r#"{{"tag": "{}", "path": "/s"}}"#, "t".repeat(36)));
+
+        assert!(parse(&json).is_ok());
+    }
+
+    #[test]
+    fn validate_tag_of_37_bytes_is_invalid() {
+        let json = with_filesystems(&format!(r#"{{"tag": "{}", "path": "/s"}}"#, "t".repeat(37)));
+
+        let error = parse(&json).unwrap_err();
+
+        assert!(
+            matches!(&error, PodSpecError::InvalidTag { field, .. } if field == "filesystems[0].tag")
+        );
+        assert!(error.to_string().contains("1 to 36 bytes"), "{error}");
+    }
+
+    #[test]
+    fn validate_empty_tag_is_invalid() {
+        let error = parse(&with_filesystems(r#"{"tag": "", "path": "/s"}"#)).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::InvalidTag { .. }));
+    }
+
+    #[test]
+    fn validate_nul_in_tag_is_invalid() {
+        let error = parse(&with_filesystems(r#"{"tag": "g\u0000fs", "path": "/s"}"#)).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::InvalidTag { .. }));
+    }
+
+    #[test]
+    fn validate_tag_may_use_uppercase_and_dots() {
+        // Any tag crib run --fs accepts.
+        assert!(parse(&with_filesystems(r#"{"tag": "My.Share_1", "path": "/s"}"#)).is_ok());
+    }
+
+    #[test]
+    fn validate_duplicate_tag_names_the_first() {
+        let error = parse(&with_filesystems(
+            r#"{"tag": "gfs", "path": "/a"}, {"tag": "gfs", "path": "/b"}"#,
+        ))
+        .unwrap_err();
+
+        assert!(matches!(
+            &error,
+            PodSpecError::DuplicateTag { field, first, .. }
+                if field == "filesystems[1].tag" && first == "filesystems[0]"
+        ));
+    }
+
+    #[test]
+    fn validate_relative_filesystem_path_is_relative() {
+        let error = parse(&with_filesystems(r#"{"tag": "gfs", "path": "shared"}"#)).unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::RelativePath { field, .. } if field == "filesystems[0].path")
+        );
+    }
+
+    #[test]
+    fn validate_unclean_filesystem_path_is_unclean() {
+        let error = parse(&with_filesystems(r#"{"tag": "gfs", "path": "/a/./b"}"#)).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::UncleanPath { .. }));
+    }
+
+    #[test]
+    fn validate_filesystem_under_sys_is_reserved() {
+        let error = parse(&with_filesystems(r#"{"tag": "gfs", "path": "/sys/fs"}"#)).unwrap_err();
+
+        assert!(matches!(error, PodSpecError::ReservedPath { .. }));
+    }
+
+    #[test]
+    fn validate_filesystem_on_a_volume_path_is_duplicate() {
+        let json = r#"{"name": "p", "volumes": [{"name": "v", "path": "/data"}],
+            "filesystems": [{"tag": "gfs", "path": "/data"}]}"#;
+
+        let error = parse(json).unwrap_err();
+
+        assert!(matches!(
+            error,
+            PodSpecError::DuplicatePath { field, first, .. }
+                if field == "filesystems[0].path" && first == "volumes[0]"
+        ));
+    }
+
+    #[test]
+    fn validate_filesystem_above_a_volume_is_hidden() {
+        // Filesystems are mounted after the volumes: /data would hide /data/db.
+        let json = r#"{"name": "p", "volumes": [{"name": "v", "path": "/data/db"}],
+            "filesystems": [{"tag": "gfs", "path": "/data"}]}"#;
+
+        let error = parse(json).unwrap_err();
+
+        assert!(matches!(
+            error,
+            PodSpecError::HiddenPath { field, outer_field, .. }
+                if field == "volumes[0].path" && outer_field == "filesystems[0]"
+        ));
+    }
+
+    #[test]
+    fn validate_filesystem_inside_a_volume_is_fine() {
+        let json = r#"{"name": "p", "volumes": [{"name": "v", "path": "/data"}],
+            "filesystems": [{"tag": "gfs", "path": "/data/shared"}]}"#;
+
+        assert!(parse(json).is_ok());
+    }
+
+    #[test]
+    fn validate_two_filesystems_at_one_path_are_duplicate() {
+        let error = parse(&with_filesystems(
+            r#"{"tag": "a", "path": "/s"}, {"tag": "b", "path": "/s"}"#,
+        ))
+        .unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::DuplicatePath { field, .. } if field == "filesystems[1].path")
+        );
     }
 
     #[test]
