@@ -6,6 +6,7 @@
 //!   speed: on a host without VT-x/AMD-V this binary re-runs itself inside the lab
 //!   (tests/lab/lab.sh), one L1 boot for all of them.
 
+mod api;
 mod cli;
 mod disk;
 mod docker;
@@ -118,6 +119,7 @@ fn main() {
         .chain(docker::tests())
         .chain(fs::tests())
         .chain(pod::tests())
+        .chain(api::tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux

@@ -18,6 +18,18 @@
 //!   in a pod-kernel guest, 256 MiB per transfer) against L1's TCP loopback through the
 //!   same socat, and the latency of `docker exec app true` through `--docker-socket`.
 //!
+//! - `crib-bench fs [--runs N]`: fio in a pod-kernel guest on a virtio-fs mount (crib's
+//!   own virtiofsd, `--fs tag=gfs,dir=...`) against the same fio on an ext4 virtio-blk
+//!   volume in the same guest: sequential write and read (1 MiB, QD8) in MB/s and 4 KiB
+//!   random reads (QD32) in IOPS, all O_DIRECT through io_uring; and the same guest in
+//!   QEMU (`vhost-user-fs-pci` on the same virtiofsd build, virtio-blk-pci) in the same
+//!   lab boot.
+//!
+//! - `crib-bench density [--pods N]`: N pods (default 10) started at once with `crib pod
+//!   run` (128 MiB, crib's pod kernel, one idle process): the time until all answer
+//!   `docker ps`, crib's RSS outside guest memory per VM (RssAnon + RssFile) and the guest
+//!   memory it touched (RssShmem), medians over the N cribs, then `crib pod stop` each.
+//!
 //! Build crib with `cargo build --release -p vmm` first; results are Markdown on stdout.
 
 use std::io::{BufRead, BufReader};
@@ -26,6 +38,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use crib_tests::fleet::Fleet;
 use crib_tests::{
     can_boot_linux, fio_image, host_tool, micro, repo_root, target_dir, tool_image, vsock_connect,
     GuestArtifacts,
@@ -218,6 +231,11 @@ fn time_boot(cmd: &mut Command) -> Result<BootRun> {
 
 /// Re-runs this command inside the lab; true if it did (the caller is done then).
 fn in_lab_instead(command: &str, runs: usize) -> Result<bool> {
+    in_lab_with(&[command, "--runs", &runs.to_string()])
+}
+
+/// Re-runs this binary with `args` inside the lab; true if it did.
+fn in_lab_with(args: &[&str]) -> Result<bool> {
     if can_boot_linux() {
         return Ok(false);
     }
@@ -227,7 +245,7 @@ fn in_lab_instead(command: &str, runs: usize) -> Result<bool> {
         .arg(lab)
         .arg("--")
         .arg(exe)
-        .args([command, "--runs", &runs.to_string()])
+        .args(args)
         .env("CRIB_IN_LAB", "1")
         .status()?;
     if !status.success() {
@@ -616,6 +634,347 @@ fn vsock(runs: usize) -> Result<()> {
     result
 }
 
+/// The pod of `crib-bench fs`: the fio image read-write at /t (so cradle can create the
+/// other mount points in it), a blank disk formatted ext4 at /t/blk and the virtio-fs
+/// tag at /t/gfs, so fio chrooted into /t sees both.
+const FS_POD: &str = r#"{
+  "name": "fsbench",
+  "volumes": [{"name": "tools", "path": "/t"}, {"name": "blk", "path": "/t/blk", "fs": "ext4"}],
+  "filesystems": [{"tag": "gfs", "path": "/t/gfs"}]
+}"#;
+/// Size of each fio file.
+const FS_FILE: &str = "256M";
+/// The fio jobs: name, options.
+const FS_JOBS: &[(&str, &str)] = &[
+    ("write", "--rw=write --bs=1M --iodepth=8 --end_fsync=1"),
+    ("read", "--rw=read --bs=1M --iodepth=8"),
+    (
+        "randread",
+        "--rw=randread --bs=4k --iodepth=32 --runtime=5 --time_based",
+    ),
+];
+
+/// The guest script (in the share, run by the test hook): each job on each mount, one
+/// fio terse line each, the job named `<mount>-<job>`.
+fn fs_guest_script() -> String {
+    let mut script = String::from("mount --bind /dev /t/dev\n");
+    for mount in ["gfs", "blk"] {
+        for (job, options) in FS_JOBS {
+            script.push_str(&format!(
+                "chroot /t /usr/bin/fio --name={mount}-{job} --filename=/{mount}/fio.dat \
+                 --size={FS_FILE} --direct=1 --ioengine=io_uring {options} \
+                 --output-format=terse --terse-version=3\n"
+            ));
+        }
+    }
+    script.push_str("echo fs-bench-done\n");
+    script
+}
+
+/// One guest's figures: `<mount>-<job>` -> (read KiB/s, read IOPS, write KiB/s).
+type FioLines = std::collections::HashMap<String, (f64, f64, f64)>;
+
+/// The fio terse lines in `text` by job name.
+fn fio_lines(text: &str) -> Result<FioLines> {
+    let mut lines = FioLines::new();
+    for line in text
+        .lines()
+        .filter_map(|l| l.find("3;fio-").map(|at| &l[at..]))
+    {
+        let fields: Vec<&str> = line.split(';').collect();
+        let number = |i: usize| -> Result<f64> {
+            Ok(fields.get(i).context("short terse line")?.trim().parse()?)
+        };
+        let name = fields.get(2).context("short terse line")?;
+        lines.insert((*name).to_owned(), (number(6)?, number(7)?, number(47)?));
+    }
+    Ok(lines)
+}
+
+/// The figures of one VMM over the runs: per mount, write MB/s, read MB/s, randread IOPS.
+#[derive(Default)]
+struct FsFigures {
+    runs: Vec<FioLines>,
+}
+
+impl FsFigures {
+    fn push(&mut self, output: &str, vmm: &str) -> Result<()> {
+        let lines = fio_lines(output)?;
+        for mount in ["gfs", "blk"] {
+            for (job, _) in FS_JOBS {
+                anyhow::ensure!(
+                    lines.contains_key(&format!("{mount}-{job}")),
+                    "{vmm}: no fio result for {mount}-{job}; guest output:\n{output}"
+                );
+            }
+        }
+        self.runs.push(lines);
+        Ok(())
+    }
+
+    /// Median over the runs of `pick` applied to job `<mount>-<job>`.
+    fn median(&self, mount: &str, job: &str, pick: fn(&(f64, f64, f64)) -> f64) -> f64 {
+        let mut values: Vec<f64> = self
+            .runs
+            .iter()
+            .filter_map(|run| run.get(&format!("{mount}-{job}")).map(pick))
+            .collect();
+        median(&mut values)
+    }
+
+    /// (seq write MB/s, seq read MB/s, randread IOPS) of a mount.
+    fn of(&self, mount: &str) -> (f64, f64, f64) {
+        let mb = 1024.0 / 1e6;
+        (
+            self.median(mount, "write", |l| l.2) * mb,
+            self.median(mount, "read", |l| l.0) * mb,
+            self.median(mount, "randread", |l| l.1),
+        )
+    }
+
+    fn all(&self, mount: &str, job: &str, pick: fn(&(f64, f64, f64)) -> f64) -> Vec<f64> {
+        self.runs
+            .iter()
+            .filter_map(|run| run.get(&format!("{mount}-{job}")).map(pick))
+            .collect()
+    }
+}
+
+/// virtiofsd with the options crib gives its own (`vmm/src/fs.rs`), for QEMU.
+fn start_virtiofsd(socket: &std::path::Path, dir: &std::path::Path) -> Result<std::process::Child> {
+    let binary = std::env::var_os("CRIB_VIRTIOFSD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("tools/bin/virtiofsd"));
+    let _ = std::fs::remove_file(socket);
+    let child = Command::new(&binary)
+        .arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", dir.display()))
+        .arg("--sandbox=namespace")
+        .arg("--log-level=error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start {} (scripts/install-virtiofsd.sh)",
+                binary.display()
+            )
+        })?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "virtiofsd did not create {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+fn fs(runs: usize) -> Result<()> {
+    if in_lab_instead("fs", runs)? {
+        return Ok(());
+    }
+    let pod = GuestArtifacts::pod()?;
+    let dir = std::env::temp_dir().join(format!("crib-bench-fs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share)?;
+    let tools = fio_image(&dir)?;
+    let blk = dir.join("blk.img");
+    std::fs::File::create(&blk)?.set_len(1 << 30)?;
+    std::fs::write(share.join("bench.sh"), fs_guest_script())?;
+    let spec = dir.join("pod.json");
+    std::fs::write(&spec, FS_POD)?;
+    // QEMU gets the pod the way crib ships it: a second cpio after the initramfs.
+    let mut initrd = std::fs::read(&pod.initramfs)?;
+    initrd.resize(initrd.len().next_multiple_of(4), 0);
+    initrd.extend(initramfs::pod_archive(FS_POD.as_bytes())?);
+    let qemu_guest = GuestArtifacts {
+        initramfs: dir.join("initrd-qemu"),
+        ..pod.clone()
+    };
+    std::fs::write(&qemu_guest.initramfs, initrd)?;
+    let cmdline = "console=ttyS0 panic=-1 quiet -- /bin/sh /t/gfs/bench.sh";
+    let socket = dir.join("qemu-fs.sock");
+    let (mut crib, mut qemu) = (FsFigures::default(), FsFigures::default());
+    let mut qemu_problem = None;
+    for _ in 0..runs {
+        let out = run_capture(
+            crib_vm(&pod, cmdline)
+                .arg("--pod")
+                .arg(&spec)
+                .arg("--disk")
+                .arg(format!("path={},id=tools", tools.display()))
+                .arg("--disk")
+                .arg(format!("path={},id=blk", blk.display()))
+                .arg("--fs")
+                .arg(format!("tag=gfs,dir={}", share.display())),
+        )?;
+        crib.push(&out, "crib")?;
+        if qemu_problem.is_some() {
+            continue;
+        }
+        let mut daemon = start_virtiofsd(&socket, &share)?;
+        let out = run_capture(
+            qemu_microvm(
+                "microvm,rtc=on,pcie=on,memory-backend=mem",
+                &qemu_guest,
+                cmdline,
+            )
+            .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+            .args(["-object", "iothread,id=io1"])
+            .arg("-drive")
+            .arg(format!("file={},if=none,id=t,format=raw", tools.display()))
+            .args(["-device", "virtio-blk-pci,drive=t,serial=tools"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=b,format=raw,aio=io_uring",
+                blk.display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=b,serial=blk,iothread=io1"])
+            .arg("-chardev")
+            .arg(format!("socket,id=fs0,path={}", socket.display()))
+            .args([
+                "-device",
+                "vhost-user-fs-pci,chardev=fs0,tag=gfs,queue-size=1024",
+            ]),
+        );
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        if let Err(e) = out.and_then(|out| qemu.push(&out, "QEMU")) {
+            qemu_problem = Some(format!("{e:#}"));
+        }
+    }
+    std::fs::remove_dir_all(&dir)?;
+    let (cw, cr, ci) = crib.of("gfs");
+    let (bw, br, bi) = crib.of("blk");
+    println!(
+        "| pod kernel, 1 vCPU, 512 MiB, fio O_DIRECT io_uring, {FS_FILE} file, {runs} runs (medians) | seq write 1 MiB QD8, MB/s | seq read 1 MiB QD8, MB/s | 4 KiB randread QD32, IOPS |"
+    );
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| crib, virtio-fs (crib's virtiofsd, `--fs tag=gfs,dir=`) | {cw:.0} | {cr:.0} | {ci:.0} |"
+    );
+    println!("| crib, virtio-blk volume, ext4 | {bw:.0} | {br:.0} | {bi:.0} |");
+    println!(
+        "| **crib virtio-fs / virtio-blk** | **{:.2}** | **{:.2}** | **{:.2}** |",
+        cw / bw,
+        cr / br,
+        ci / bi
+    );
+    if qemu.runs.is_empty() {
+        println!(
+            "\nQEMU vhost-user-fs-pci: not measured: {}",
+            qemu_problem.as_deref().unwrap_or("no runs")
+        );
+    } else {
+        let (qw, qr, qi) = qemu.of("gfs");
+        let (qbw, qbr, qbi) = qemu.of("blk");
+        println!("| QEMU `microvm,pcie=on`, vhost-user-fs-pci, same virtiofsd | {qw:.0} | {qr:.0} | {qi:.0} |");
+        println!("| QEMU, virtio-blk-pci + iothread, ext4 | {qbw:.0} | {qbr:.0} | {qbi:.0} |");
+        println!(
+            "| **crib / QEMU, virtio-fs** | **{:.2}** | **{:.2}** | **{:.2}** |",
+            cw / qw,
+            cr / qr,
+            ci / qi
+        );
+        if let Some(problem) = &qemu_problem {
+            println!("\nQEMU failed after {} runs: {problem}", qemu.runs.len());
+        }
+    }
+    let mb = |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|k| k * 1024.0 / 1e6).collect() };
+    println!(
+        "\nall runs: crib virtio-fs write {:.0?} read {:.0?} IOPS {:.0?}; crib virtio-blk write {:.0?} read {:.0?} IOPS {:.0?}; \
+         QEMU virtio-fs write {:.0?} read {:.0?} IOPS {:.0?}",
+        mb(crib.all("gfs", "write", |l| l.2)),
+        mb(crib.all("gfs", "read", |l| l.0)),
+        crib.all("gfs", "randread", |l| l.1),
+        mb(crib.all("blk", "write", |l| l.2)),
+        mb(crib.all("blk", "read", |l| l.0)),
+        crib.all("blk", "randread", |l| l.1),
+        mb(qemu.all("gfs", "write", |l| l.2)),
+        mb(qemu.all("gfs", "read", |l| l.0)),
+        qemu.all("gfs", "randread", |l| l.1),
+    );
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo, in KiB.
+fn mem_available_kib() -> Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no MemAvailable in /proc/meminfo")?
+        .parse()
+        .context("MemAvailable is not a number")
+}
+
+fn density(pods: usize) -> Result<()> {
+    if in_lab_with(&["density", "--pods", &pods.to_string()])? {
+        return Ok(());
+    }
+    anyhow::ensure!(pods > 0, "--pods takes a number above 0");
+    let crib = crib_release();
+    let dir = std::env::temp_dir().join(format!("crib-bench-density-{}", std::process::id()));
+    let available_before = mem_available_kib()?;
+    let mut fleet = Fleet::launch(&crib, &dir, "bench", pods, "128M")?;
+    let all = fleet.wait_all_ready(Duration::from_secs(1200), Duration::from_secs(60))?;
+    let available_after = mem_available_kib()?;
+    let (mut outside, mut anon, mut shmem, mut ready) = (vec![], vec![], vec![], vec![]);
+    for pod in &fleet.pods {
+        let pid = pod.child.id();
+        let (a, f) = (status_kib(pid, "RssAnon:")?, status_kib(pid, "RssFile:")?);
+        outside.push((a + f) as f64);
+        anon.push(a as f64);
+        shmem.push(status_kib(pid, "RssShmem:")? as f64);
+        ready.push(pod.ready_after.map_or(f64::NAN, |d| d.as_secs_f64()));
+    }
+    let stop_start = Instant::now();
+    fleet.stop_all(&crib, 60, Duration::from_secs(180))?;
+    let stop_secs = stop_start.elapsed().as_secs_f64();
+    drop(fleet);
+    std::fs::remove_dir_all(&dir)?;
+    let (first, last) = (
+        ready.iter().copied().fold(f64::INFINITY, f64::min),
+        ready.iter().copied().fold(0.0, f64::max),
+    );
+    println!(
+        "| {pods} pods started at once (`crib pod run`, 128 MiB, 1 vCPU each, release build) | |"
+    );
+    println!("| --- | --- |");
+    println!(
+        "| launch to all {pods} answering `docker ps` | {:.1} s |",
+        all.as_secs_f64()
+    );
+    println!(
+        "| first / median / last pod answering | {first:.1} / {:.1} / {last:.1} s |",
+        median(&mut ready)
+    );
+    println!(
+        "| crib RSS outside guest memory per VM (RssAnon + RssFile), median | {:.0} KiB |",
+        median(&mut outside)
+    );
+    println!(
+        "| of which anonymous (RssAnon), median | {:.0} KiB |",
+        median(&mut anon)
+    );
+    println!(
+        "| guest memory touched per VM (RssShmem), median | {:.0} KiB |",
+        median(&mut shmem)
+    );
+    println!(
+        "| host MemAvailable drop per pod (all {pods} up) | {:.0} KiB |",
+        available_before.saturating_sub(available_after) as f64 / pods as f64
+    );
+    println!("| `crib pod stop` of all {pods}, one after another | {stop_secs:.1} s |");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let runs = args
@@ -631,6 +990,20 @@ fn main() -> Result<()> {
         Some("boot") => boot(runs),
         Some("io") => io(runs),
         Some("vsock") => vsock(runs),
-        _ => bail!("usage: crib-bench host | boot [--runs N] | io [--runs N] | vsock [--runs N]"),
+        Some("fs") => fs(runs),
+        Some("density") => {
+            let pods = args
+                .iter()
+                .position(|a| a == "--pods")
+                .and_then(|i| args.get(i + 1))
+                .map(|n| n.parse())
+                .transpose()
+                .context("--pods takes a number")?
+                .unwrap_or(10);
+            density(pods)
+        }
+        _ => bail!(
+            "usage: crib-bench host | boot [--runs N] | io [--runs N] | vsock [--runs N] | fs [--runs N] | density [--pods N]"
+        ),
     }
 }
