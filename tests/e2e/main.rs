@@ -5,6 +5,8 @@
 //! - `linux_*`: Debian's cloud kernel booting cradle. They need a KVM that runs guests at
 //!   speed: on a host without VT-x/AMD-V this binary re-runs itself inside the lab
 //!   (tests/lab/lab.sh), one L1 boot for all of them.
+//! - `linux_vfio_*`: NVMe passthrough; a second lab boot, with an emulated NVMe behind an
+//!   emulated IOMMU (`lab.sh --nvme`), runs only these.
 
 mod api;
 mod cli;
@@ -13,7 +15,9 @@ mod docker;
 mod fs;
 mod linux;
 mod micro;
+mod net;
 mod pod;
+mod vfio;
 mod vsock;
 
 use std::path::Path;
@@ -33,8 +37,17 @@ fn kvm_available() -> bool {
     Path::new("/dev/kvm").exists()
 }
 
+/// Tests named so run in their own lab boot, with an NVMe (see vfio.rs).
+const VFIO_PREFIX: &str = "linux_vfio_";
+
+/// Which lab boot: the common one, or the one with an NVMe image for `linux_vfio_*`.
+enum Lab<'a> {
+    Common,
+    Nvme(&'a Path),
+}
+
 /// Runs the `linux_*` tests of this binary inside the lab; returns its exit code.
-fn run_in_lab(args: &Arguments) -> i32 {
+fn run_in_lab(args: &Arguments, lab_kind: Lab) -> i32 {
     let lab = repo_root().join("tests/lab/lab.sh");
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
@@ -43,9 +56,14 @@ fn run_in_lab(args: &Arguments) -> i32 {
             return 1;
         }
     };
-    let mut inner = vec![String::from("linux_")];
-    if let Some(filter) = &args.filter {
-        inner = vec![filter.clone()];
+    let mut inner = match (&lab_kind, &args.filter) {
+        (Lab::Common, Some(filter)) => vec![filter.clone()],
+        (Lab::Common, None) => vec![String::from("linux_")],
+        (Lab::Nvme(_), Some(filter)) if filter.starts_with(VFIO_PREFIX) => vec![filter.clone()],
+        (Lab::Nvme(_), _) => vec![String::from(VFIO_PREFIX)],
+    };
+    if matches!(lab_kind, Lab::Common) {
+        inner.extend(["--skip".into(), VFIO_PREFIX.into()]);
     }
     if args.exact {
         inner.push("--exact".into());
@@ -59,6 +77,14 @@ fn run_in_lab(args: &Arguments) -> i32 {
     // A crib binary chosen by the caller must be the one tested inside the lab too.
     if std::env::var_os("CRIB_BIN").is_some() {
         lab_args.extend(["--env".into(), "CRIB_BIN".into()]);
+    }
+    if let Lab::Nvme(image) = lab_kind {
+        lab_args.extend([
+            "--nvme".into(),
+            image.display().to_string(),
+            "--env".into(),
+            format!("{}=1", vfio::LAB_NVME_ENV),
+        ]);
     }
     let status = Command::new("bash")
         .arg(lab)
@@ -75,6 +101,35 @@ fn run_in_lab(args: &Arguments) -> i32 {
             1
         }
     }
+}
+
+/// The lab boot for `linux_vfio_*`: a fresh NVMe image, then, after the lab, the host
+/// side's check that the guest's write reached the image.
+fn run_vfio_lab(args: &Arguments) -> i32 {
+    let image = std::env::temp_dir().join(format!("crib-vfio-nvme-{}.img", std::process::id()));
+    let created = std::fs::File::create(&image).and_then(|f| f.set_len(vfio::NVME_IMAGE_BYTES));
+    if let Err(e) = created {
+        eprintln!("e2e: cannot create the NVMe image {}: {e}", image.display());
+        return 1;
+    }
+    println!("\nrunning the {VFIO_PREFIX}* tests in a lab with an NVMe behind an IOMMU");
+    let mut code = run_in_lab(args, Lab::Nvme(&image));
+    if code == 0 {
+        let mut head = vec![0u8; vfio::PATTERN.len()];
+        let read = std::fs::File::open(&image).and_then(|mut f| {
+            use std::io::Read;
+            f.read_exact(&mut head)
+        });
+        if read.is_err() || head != vfio::PATTERN.as_bytes() {
+            eprintln!(
+                "e2e: the NVMe image does not start with the guest's pattern '{}'",
+                vfio::PATTERN
+            );
+            code = 1;
+        }
+    }
+    let _ = std::fs::remove_file(&image);
+    code
 }
 
 /// Builds the crib binary under test, as `cargo test` does not build other packages'
@@ -104,10 +159,15 @@ fn main() {
         }
     }
     let direct = can_boot_linux();
-    let mut trials: Vec<Trial> = cli::tests().into_iter().map(|(n, f)| trial(n, f)).collect();
+    let mut trials: Vec<Trial> = cli::tests()
+        .into_iter()
+        .chain(vfio::cli_tests())
+        .map(|(n, f)| trial(n, f))
+        .collect();
     trials.extend(
         micro::tests()
             .into_iter()
+            .chain(vfio::micro_tests())
             .map(|(n, f)| trial(n, f).with_ignored_flag(!kvm_available())),
     );
     let linux: Vec<Trial> = linux::tests()
@@ -116,6 +176,7 @@ fn main() {
         .chain(disk::pod_tests())
         .chain(disk::fio_tests())
         .chain(vsock::tests())
+        .chain(net::tests())
         .chain(docker::tests())
         .chain(fs::tests())
         .chain(pod::tests())
@@ -125,10 +186,22 @@ fn main() {
     let linux_selected = linux
         .iter()
         .any(|t| args.filter.as_deref().is_none_or(|f| t.name().contains(f)));
+    // Passthrough tests unbind a disk from its driver: only in a lab with its own NVMe.
+    let vfio_tests: Vec<Trial> = vfio::lab_tests()
+        .into_iter()
+        .map(|(n, f)| trial(n, f).with_ignored_flag(!vfio::lab_has_nvme()))
+        .collect();
+    let vfio_selected = vfio_tests
+        .iter()
+        .any(|t| args.filter.as_deref().is_none_or(|f| t.name().contains(f)));
     if direct {
         trials.extend(linux);
+        if in_lab() {
+            trials.extend(vfio_tests);
+        }
     } else if args.list {
         trials.extend(linux.into_iter().map(|t| t.with_ignored_flag(true)));
+        trials.extend(vfio_tests.into_iter().map(|t| t.with_ignored_flag(true)));
     }
     if in_lab() {
         // One L2 guest at a time: L1 has two emulated CPUs.
@@ -137,7 +210,13 @@ fn main() {
     let conclusion = libtest_mimic::run(&args, trials);
     let mut code = i32::from(conclusion.has_failed());
     if !direct && !args.list && linux_selected {
-        let lab_code = run_in_lab(&args);
+        let lab_code = run_in_lab(&args, Lab::Common);
+        if code == 0 {
+            code = lab_code;
+        }
+    }
+    if !direct && !args.list && vfio_selected {
+        let lab_code = run_vfio_lab(&args);
         if code == 0 {
             code = lab_code;
         }

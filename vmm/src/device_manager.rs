@@ -63,6 +63,12 @@ pub enum DeviceError {
         #[source]
         source: BusError,
     },
+    #[error("cannot pass through PCI device {bdf}")]
+    Vfio {
+        bdf: crate::vfio::Bdf,
+        #[source]
+        source: crate::vfio::VfioError,
+    },
 }
 
 /// Devices being assembled; [`DeviceManager::finish`] returns the buses.
@@ -175,6 +181,35 @@ impl DeviceManager {
                 source,
             })?;
         tracing::debug!("{name}: PCI 00:{slot:02x}.0, BAR0 {bar:#x}, {queues} queues");
+        Ok(())
+    }
+
+    /// Adds host PCI function `bdf`, passed through with VFIO in `host`'s container.
+    pub fn add_vfio(
+        &mut self,
+        host: &mut crate::vfio::VfioHost,
+        bdf: &crate::vfio::Bdf,
+    ) -> Result<(), DeviceError> {
+        let name = format!("vfio {bdf}");
+        let parts = host
+            .open(bdf, &mut self.bar_space, &self.router)
+            .map_err(|source| DeviceError::Vfio { bdf: *bdf, source })?;
+        let slot = self
+            .pci
+            .add_device(parts.pci)
+            .map_err(|source| DeviceError::PciBus {
+                name: name.clone(),
+                source,
+            })?;
+        for (trap, addr, size) in parts.traps {
+            self.mmio
+                .insert(trap, addr, size)
+                .map_err(|source| DeviceError::Bus {
+                    name: name.clone(),
+                    source,
+                })?;
+        }
+        tracing::debug!("{name}: PCI 00:{slot:02x}.0");
         Ok(())
     }
 

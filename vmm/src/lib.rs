@@ -12,9 +12,11 @@ pub mod docker_proxy;
 pub mod fs;
 pub mod interrupts;
 pub mod memory;
+pub mod net;
 pub mod pod;
 pub mod seccomp;
 pub mod vcpu;
+pub mod vfio;
 pub mod vm;
 pub mod vsock;
 
@@ -109,6 +111,14 @@ pub enum VmmError {
     Vsock(#[source] devices::virtio::vsock::VsockError),
     #[error("cannot set up a virtio-fs share")]
     Fs(#[source] fs::FsSetupError),
+    #[error("cannot set up --net tap {tap}")]
+    Net {
+        tap: String,
+        #[source]
+        source: devices::virtio::net::NetError,
+    },
+    #[error("cannot set up VFIO passthrough (--vfio)")]
+    Vfio(#[source] vfio::VfioError),
     #[error("cannot set up --docker-socket")]
     DockerSocket(#[source] docker_proxy::DockerProxyError),
     #[error("cannot set up --api-socket")]
@@ -400,9 +410,34 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
             .map_err(VmmError::Device)?;
         fs_daemons.extend(daemon);
     }
+    for net_config in &config.net {
+        let tap = net_config.interface().to_string();
+        let device = net::create(net_config).map_err(|source| VmmError::Net {
+            tap: tap.clone(),
+            source,
+        })?;
+        device_manager
+            .add_virtio_pci(&vm, &format!("net {tap}"), Box::new(device))
+            .map_err(VmmError::Device)?;
+    }
     if !fs_daemons.is_empty() {
         tracing::debug!("started {} virtiofsd processes", fs_daemons.len());
     }
+    // Passed-through devices: one container for all, guest RAM DMA-mapped once; dropped
+    // (devices reset) when `run` returns.
+    let _vfio = if config.vfio.is_empty() {
+        None
+    } else {
+        let mut host =
+            vfio::VfioHost::new(vm.fd().clone(), &config.vfio).map_err(VmmError::Vfio)?;
+        for bdf in &config.vfio {
+            device_manager
+                .add_vfio(&mut host, bdf)
+                .map_err(VmmError::Device)?;
+        }
+        host.map_guest_memory(vm.memory()).map_err(VmmError::Vfio)?;
+        Some(host)
+    };
     let mmio = device_manager.finish(&mut pio).map_err(VmmError::Device)?;
     let buses = VcpuBuses {
         pio: Arc::new(pio),

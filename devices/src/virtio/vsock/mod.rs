@@ -40,7 +40,7 @@ mod connection;
 mod muxer;
 mod packet;
 #[cfg(test)]
-mod test_utils;
+pub(crate) mod test_utils;
 mod unix;
 mod worker;
 

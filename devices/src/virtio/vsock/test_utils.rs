@@ -134,7 +134,7 @@ pub struct Ring<'a> {
 }
 
 impl<'a> Ring<'a> {
-    fn new(mem: &'a GuestMemoryMmap, index: u64, buffers: GuestAddress, stride: u64) -> Self {
+    pub fn new(mem: &'a GuestMemoryMmap, index: u64, buffers: GuestAddress, stride: u64) -> Self {
         let start = GuestAddress(RINGS_BASE + index * RING_AREA_BYTES);
         let vq = MockSplitQueue::create(mem, start, TEST_QUEUE_SIZE);
         let used_addr = start.unchecked_add(USED_RING_OFFSET);
