@@ -15,7 +15,6 @@ mod docker;
 mod fs;
 mod linux;
 mod micro;
-mod net;
 mod pod;
 mod vfio;
 mod vsock;
@@ -176,7 +175,6 @@ fn main() {
         .chain(disk::pod_tests())
         .chain(disk::fio_tests())
         .chain(vsock::tests())
-        .chain(net::tests())
         .chain(docker::tests())
         .chain(fs::tests())
         .chain(pod::tests())

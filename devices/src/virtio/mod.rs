@@ -7,7 +7,6 @@
 
 pub mod block;
 pub mod fs;
-pub mod net;
 pub mod transport;
 pub mod vsock;
 
