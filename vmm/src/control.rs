@@ -295,6 +295,10 @@ pub struct Controller {
     timer: TimerFd,
     pause: Arc<VcpuPause>,
     vcpus: Vec<JoinHandle<()>>,
+    /// The VM, to stop the guest's clock while paused (absent in unit tests).
+    vm: Option<Arc<kvm_ioctls::VmFd>>,
+    /// kvmclock at the pause, restored at the resume.
+    paused_clock: Option<kvm_bindings::kvm_clock_data>,
     vsock_socket: Option<PathBuf>,
     /// A stop decided but waiting for the API to write its reply.
     pending_stop: Option<StopCause>,
@@ -347,6 +351,8 @@ impl Controller {
                 timer,
                 pause,
                 vcpus: Vec::new(),
+                vm: None,
+                paused_clock: None,
                 vsock_socket,
                 pending_stop: None,
                 outcome: None,
@@ -411,6 +417,12 @@ impl Controller {
         }
     }
 
+    /// Lets pause/resume stop the guest's clock (kvmclock) too, so the guest sees no time
+    /// pass while it is paused, as a suspended machine would.
+    pub fn set_vm(&mut self, vm: Arc<kvm_ioctls::VmFd>) {
+        self.vm = Some(vm);
+    }
+
     fn pause(&mut self) -> Result<Reply, ApiError> {
         match self.shared.state() {
             VmState::ShuttingDown => Err(ApiError::Conflict(
@@ -421,6 +433,12 @@ impl Controller {
                 self.pause
                     .pause(&self.vcpus, PAUSE_TIMEOUT)
                     .map_err(|e| ApiError::Internal(format!("cannot pause: {e}")))?;
+                if let Some(vm) = &self.vm {
+                    match vm.get_clock() {
+                        Ok(clock) => self.paused_clock = Some(clock),
+                        Err(e) => tracing::warn!("pause: cannot read kvmclock: {e}"),
+                    }
+                }
                 self.shared.set_state(VmState::Paused);
                 tracing::info!("vCPUs paused");
                 Ok(Reply::ok(json!({ "state": "paused" })))
@@ -435,6 +453,13 @@ impl Controller {
             )),
             VmState::Running => Ok(Reply::ok(json!({ "state": "running" }))),
             VmState::Paused => {
+                if let (Some(vm), Some(mut clock)) = (&self.vm, self.paused_clock.take()) {
+                    // Only the clock value: the flags KVM reports are not input flags.
+                    clock.flags = 0;
+                    if let Err(e) = vm.set_clock(&clock) {
+                        tracing::warn!("resume: cannot restore kvmclock: {e}");
+                    }
+                }
                 self.pause.resume();
                 self.shared.set_state(VmState::Running);
                 tracing::info!("vCPUs resumed");

@@ -443,6 +443,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
         config.vsock.as_ref().map(|v| v.socket.clone()),
     )
     .map_err(VmmError::Control)?;
+    controller.set_vm(vm.fd().clone());
     if let Some(path) = &config.api_socket {
         api::start(path, Arc::new(handle), filters.api.clone()).map_err(VmmError::Api)?;
     }
