@@ -30,7 +30,7 @@ pub mod fuzzing;
 pub mod metrics;
 mod request;
 #[cfg(test)]
-mod test_utils;
+pub(crate) mod test_utils;
 mod worker;
 
 use std::io;

@@ -9,8 +9,8 @@
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -20,12 +20,14 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub use crate::virtio::block::test_utils::{wait_for, RecordingInterrupt};
+
 use super::metrics::VsockMetrics;
 use super::muxer::Muxer;
 use super::packet::{Header, HEADER_BYTES};
 use super::worker::{VsockWorker, WorkerEvents, WorkerParams};
 use super::{HOST_CID, TYPE_STREAM};
-use crate::virtio::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
+use crate::virtio::GuestMemoryMmap;
 
 /// The guest CID of the tests.
 pub const GUEST_CID: u64 = 42;
@@ -75,46 +77,6 @@ pub fn temp_socket_path(name: &str) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     std::env::temp_dir().join(format!("crib-vsock-{name}-{}-{n}.sock", std::process::id()))
-}
-
-/// Polls `cond` every millisecond for up to five seconds.
-pub fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    cond()
-}
-
-/// An interrupt that remembers what it was asked to do.
-#[derive(Debug, Default)]
-pub struct RecordingInterrupt {
-    pub triggers: Mutex<Vec<VirtioInterruptType>>,
-    pub needs_reset: AtomicBool,
-}
-
-impl RecordingInterrupt {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    pub fn triggered(&self) -> Vec<VirtioInterruptType> {
-        self.triggers.lock().unwrap().clone()
-    }
-}
-
-impl VirtioInterrupt for RecordingInterrupt {
-    fn trigger(&self, kind: VirtioInterruptType) -> std::io::Result<()> {
-        self.triggers.lock().unwrap().push(kind);
-        Ok(())
-    }
-
-    fn set_needs_reset(&self) {
-        self.needs_reset.store(true, Ordering::SeqCst);
-    }
 }
 
 /// One descriptor as (address, length, device-writable).
