@@ -3,13 +3,13 @@
 //! `--nvme` and sets CRIB_LAB_NVME; anywhere else they are ignored (they unbind the
 //! device from its driver, which must never happen to a real host's disk).
 
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use crib_tests::micro::{elf, halt_forever};
-use crib_tests::{run_crib, GuestArtifacts, RunOutput};
+use crib_tests::{host_tool, run_crib, GuestArtifacts, RunOutput};
 
 use crate::TestFn;
 
@@ -18,6 +18,12 @@ const DEADLINE: Duration = Duration::from_secs(240);
 pub const NVME_IMAGE_BYTES: u64 = 256 << 20;
 /// What the guest writes at the start of the namespace.
 pub const PATTERN: &str = "crib-vfio-pattern";
+/// The serial of the lab's NVMe controller (tests/lab/lab.sh).
+const LAB_NVME_SERIAL: &str = "crib-nvme0";
+/// The namespace as L1 sees it while the controller is bound to nvme.
+const L1_NAMESPACE: &str = "/dev/nvme0n1";
+/// What cradle reads to decide a disk is blank (guest/cradle/src/probe.rs).
+const BLANK_HEAD_BYTES: usize = 128 * 1024;
 /// Set (by main.rs, through the lab) when L1 has the emulated NVMe to pass through.
 pub const LAB_NVME_ENV: &str = "CRIB_LAB_NVME";
 
@@ -31,6 +37,10 @@ pub fn lab_tests() -> Vec<(&'static str, TestFn)> {
         (
             "linux_vfio_nvme_with_virtio_blk_and_vsock",
             nvme_with_virtio_blk_and_vsock,
+        ),
+        (
+            "linux_vfio_pod_nvme_volume_formatted_and_mounted",
+            pod_nvme_volume_formatted_and_mounted,
         ),
     ]
 }
@@ -255,5 +265,104 @@ fn nvme_direct_write_reaches_l1() -> Result<()> {
             "L1 reads the pattern back, got {:?}",
             String::from_utf8_lossy(&head)
         ),
+    )
+}
+
+/// Gives L1's NVMe back to the nvme driver if it is not there, and waits for the namespace.
+fn nvme_in_l1() -> Result<()> {
+    if !lab_has_nvme() {
+        bail!("needs the lab's NVMe ({LAB_NVME_ENV}): run through tests/e2e's lab runner");
+    }
+    let bdf = find_lab_nvme()?;
+    let driver = std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver")).ok();
+    if driver.as_deref().and_then(Path::file_name) != Some("nvme".as_ref()) {
+        bind(&bdf, "nvme")?;
+    }
+    wait_for(Path::new(L1_NAMESPACE), "nvme bind")
+}
+
+/// Replaces the namespace's first `head.len()` bytes with `head` (from L1, bound to
+/// nvme); returns what was there.
+fn swap_head(head: &[u8]) -> Result<Vec<u8>> {
+    let mut disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(L1_NAMESPACE)
+        .with_context(|| format!("cannot open {L1_NAMESPACE} in L1"))?;
+    let mut old = vec![0u8; head.len()];
+    disk.read_exact(&mut old)?;
+    disk.seek(SeekFrom::Start(0))?;
+    disk.write_all(head)?;
+    disk.sync_all()?;
+    Ok(old)
+}
+
+/// A pod whose volume `lv` is the passed-through namespace, named by the controller's
+/// serial: cradle formats the blank namespace as ext4 and mounts it, the pod's process
+/// writes a file, and L1 (driver rebound) finds the file in the filesystem.
+fn pod_nvme_volume_formatted_and_mounted() -> Result<()> {
+    nvme_in_l1()?;
+    // cradle formats only a blank disk. The host checks the direct-write test's pattern
+    // after the lab, so the old head goes back at the end whatever the order of tests.
+    let saved = swap_head(&vec![0u8; BLANK_HEAD_BYTES])?;
+    let result = pod_on_blank_namespace();
+    let restored = nvme_in_l1().and_then(|()| swap_head(&saved));
+    let out = result?;
+    restored?;
+    out
+}
+
+fn pod_on_blank_namespace() -> Result<Result<()>> {
+    let dir = std::env::temp_dir().join(format!("crib-vfio-pod-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let spec = dir.join("pod.json");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"{{"name": "lv-pod",
+                "volumes": [{{"name": "lv", "path": "/lv", "nvme_serial": "{LAB_NVME_SERIAL}"}}],
+                "processes": [{{"name": "writer", "argv": ["/bin/sh", "-c", "echo vfio-lv-data > /lv/hello && sync"]}}]}}"#
+        ),
+    )?;
+    let bdf = nvme_to_vfio()?;
+    let command = "cat /lv/hello; readlink /dev/volumes/lv; grep -c nvme0n1 /proc/mounts";
+    let run = boot_with_vfio(&bdf, command, &["--pod".into(), spec.display().to_string()]);
+    let rebound = bind(&bdf, "nvme");
+    let out = run?;
+    rebound?;
+    wait_for(Path::new(L1_NAMESPACE), "nvme rebind")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(check_pod_console(&out))
+}
+
+fn check_pod_console(out: &RunOutput) -> Result<()> {
+    out.check(
+        out.stdout
+            .contains("cradle: volume lv: formatting /dev/nvme0n1 as ext4"),
+        "cradle formats the blank namespace",
+    )?;
+    out.check(
+        out.stdout
+            .contains("cradle: volume lv: /dev/nvme0n1 -> /lv (ext4, rw)"),
+        "cradle mounts the namespace at /lv",
+    )?;
+    out.check(
+        out.stdout
+            .contains("cradle: process writer exited with status 0"),
+        "the pod's process writes its file",
+    )?;
+    out.check(
+        out.stdout.contains("vfio-lv-data") && out.stdout.contains("/dev/nvme0n1"),
+        "the file is on the volume and /dev/volumes/lv links the namespace",
+    )?;
+    out.check(
+        out.stdout.contains("cradle: command exited with status 0"),
+        "the guest command succeeds",
+    )?;
+    out.check(out.code == Some(0), "crib exits 0")?;
+    let on_disk = host_tool("debugfs", &["-R", "cat /hello", L1_NAMESPACE])?;
+    out.check(
+        on_disk.contains("vfio-lv-data"),
+        "L1 finds the pod's file in the namespace's ext4",
     )
 }

@@ -127,9 +127,13 @@ pub struct LaunchFile {
     /// Default: `file=<run dir>/console.log`.
     #[serde(default, deserialize_with = "de_some_console")]
     pub console: Option<ConsoleConfig>,
-    /// One disk per pod volume, keyed by the volume's name.
+    /// One disk per pod volume, keyed by the volume's name; a volume with
+    /// `nvme_serial` has none: its NVMe controller is given in `vfio`.
     #[serde(default)]
     pub disks: BTreeMap<String, PodDisk>,
+    /// Host PCI functions passed through, as `--vfio` (NVMe volumes' controllers).
+    #[serde(default)]
+    pub vfio: Vec<crate::vfio::Bdf>,
     /// virtio-fs shares, keyed by tag.
     #[serde(default)]
     pub shares: BTreeMap<String, PodShare>,
@@ -198,6 +202,14 @@ pub enum PodError {
         "launch file {path}: disks.{disk} is not a volume of the pod: add {{\"name\": \"{disk}\"}} to pod.volumes or remove the disk"
     )]
     DiskWithoutVolume { path: PathBuf, disk: String },
+    #[error(
+        "launch file {path}: disks.{disk} is for pod.volumes[{index}], an NVMe volume (nvme_serial), which is its controller's namespace: remove the disk and pass the controller in \"vfio\""
+    )]
+    DiskForNvmeVolume {
+        path: PathBuf,
+        index: usize,
+        disk: String,
+    },
     #[error(
         "launch file {path}: pod.filesystems[{index}] '{tag}' has no share: add \"shares\": {{\"{tag}\": {{\"dir\": \"HOSTDIR\"}}}}"
     )]
@@ -337,7 +349,16 @@ impl LaunchFile {
             source,
         })?;
         for (index, volume) in spec.volumes.iter().enumerate() {
-            if !launch.disks.contains_key(&volume.name) {
+            let has_disk = launch.disks.contains_key(&volume.name);
+            if volume.nvme_serial.is_some() {
+                if has_disk {
+                    return Err(PodError::DiskForNvmeVolume {
+                        path: file.clone(),
+                        index,
+                        disk: volume.name.clone(),
+                    });
+                }
+            } else if !has_disk {
                 return Err(PodError::VolumeWithoutDisk {
                     path: file.clone(),
                     index,
@@ -549,6 +570,7 @@ impl Launch {
             .iter()
             .map(|(name, disk)| disk_config(name, disk))
             .collect();
+        config.vfio = self.launch.vfio.clone();
         config.fs = self
             .launch
             .shares
@@ -1073,6 +1095,45 @@ mod tests {
             err.to_string(),
             r#"launch file /etc/pods/web.json: pod.volumes[0] 'data' has no disk: add "disks": {"data": {"path": "IMAGE"}}"#
         );
+    }
+
+    /// A pod with an NVMe volume `lv` and a virtio volume `data`.
+    const NVME_POD: &str = r#"{"name": "db", "volumes": [{"name": "data", "path": "/data"},
+        {"name": "lv", "path": "/lv", "nvme_serial": "crib-nvme0"}]}"#;
+
+    #[test]
+    fn nvme_volume_needs_no_disk_and_its_controller_is_passed_through() {
+        let launch = parse(&format!(
+            r#"{{"pod": {NVME_POD}, "disks": {{"data": {{"path": "/d"}}}}, "vfio": ["0000:00:04.0"]}}"#
+        ))
+        .unwrap();
+        let pod = launch.prepare(Path::new("/r"), Path::new("/g")).unwrap();
+        assert_eq!(pod.config.disks.len(), 1);
+        assert_eq!(pod.config.vfio.len(), 1);
+        assert_eq!(pod.config.vfio[0].to_string(), "0000:00:04.0");
+    }
+
+    #[test]
+    fn disk_for_an_nvme_volume_is_refused() {
+        let err = parse(&format!(
+            r#"{{"pod": {NVME_POD}, "disks": {{"data": {{"path": "/d"}}, "lv": {{"path": "/l"}}}}}}"#
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "disks.lv is for pod.volumes[1], an NVMe volume (nvme_serial), which is its controller's namespace: remove the disk"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_vfio_address_names_the_field() {
+        let err = parse(&format!(
+            r#"{{"pod": {NVME_POD}, "disks": {{"data": {{"path": "/d"}}}}, "vfio": ["00:04"]}}"#
+        ))
+        .unwrap_err();
+        assert!(chain(&err).contains("vfio"), "{}", chain(&err));
     }
 
     #[test]

@@ -25,6 +25,12 @@
 //!   QEMU (`vhost-user-fs-pci` on the same virtiofsd build, virtio-blk-pci) in the same
 //!   lab boot.
 //!
+//! - `crib-bench vfio [--runs N]`: 4 KiB random reads (fio, io_uring, O_DIRECT) on an
+//!   NVMe namespace, QD1 latency (completion latency mean and median) and QD32 IOPS: fio in
+//!   a pod-kernel crib guest on the namespace passed through with `--vfio`, fio in L1 on
+//!   the same device (driver nvme), and fio in a crib guest on a virtio-blk disk backed by
+//!   the device (`direct=on`). Runs in a lab started with `--nvme` (a 1 GiB raw image).
+//!
 //! - `crib-bench density [--pods N]`: N pods (default 10) started at once with `crib pod
 //!   run` (128 MiB, crib's pod kernel, one idle process): the time until all answer
 //!   `docker ps`, crib's RSS outside guest memory per VM (RssAnon + RssFile) and the guest
@@ -236,6 +242,12 @@ fn in_lab_instead(command: &str, runs: usize) -> Result<bool> {
 
 /// Re-runs this binary with `args` inside the lab; true if it did.
 fn in_lab_with(args: &[&str]) -> Result<bool> {
+    in_lab_with_options(&[], args)
+}
+
+/// Re-runs this binary with `args` inside the lab started with `lab_options`; true if
+/// it did.
+fn in_lab_with_options(lab_options: &[&str], args: &[&str]) -> Result<bool> {
     if can_boot_linux() {
         return Ok(false);
     }
@@ -243,6 +255,7 @@ fn in_lab_with(args: &[&str]) -> Result<bool> {
     let exe = std::env::current_exe()?;
     let status = Command::new("bash")
         .arg(lab)
+        .args(lab_options)
         .arg("--")
         .arg(exe)
         .args(args)
@@ -903,6 +916,257 @@ fn fs(runs: usize) -> Result<()> {
 }
 
 /// `MemAvailable` of /proc/meminfo, in KiB.
+/// Size of the lab's NVMe image for `crib-bench vfio`.
+const VFIO_NVME_BYTES: u64 = 1 << 30;
+/// The part of the namespace fio reads (written first, so no read hits a hole).
+const VFIO_FIO_SIZE: &str = "256M";
+/// L1's view of the namespace while its controller is bound to nvme.
+const VFIO_L1_NAMESPACE: &str = "/dev/nvme0n1";
+
+/// The lab's emulated NVMe controller (class 0x010802, QEMU's vendor id).
+fn lab_nvme_bdf() -> Result<String> {
+    for entry in std::fs::read_dir("/sys/bus/pci/devices")?.flatten() {
+        let read = |f: &str| std::fs::read_to_string(entry.path().join(f)).unwrap_or_default();
+        if read("class").trim() == "0x010802" && read("vendor").trim() == "0x1b36" {
+            return Ok(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    bail!("no emulated NVMe in L1: crib-bench vfio starts the lab with --nvme itself; run it outside the lab")
+}
+
+/// Waits up to 20 s for `path` to exist.
+fn wait_exists(path: &std::path::Path) -> Result<()> {
+    let start = Instant::now();
+    while !path.exists() {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("{} did not appear", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Rebinds PCI function `bdf` to `driver` (`nvme` or `vfio-pci`) and waits for its node.
+fn bind_pci(bdf: &str, driver: &str) -> Result<()> {
+    let dev = PathBuf::from("/sys/bus/pci/devices").join(bdf);
+    let write = |path: PathBuf, value: &str| {
+        std::fs::write(&path, value)
+            .with_context(|| format!("cannot write '{value}' to {}", path.display()))
+    };
+    if dev.join("driver").exists() {
+        write(dev.join("driver/unbind"), bdf)?;
+    }
+    write(
+        dev.join("driver_override"),
+        if driver == "nvme" { "\n" } else { driver },
+    )?;
+    write(PathBuf::from("/sys/bus/pci/drivers_probe"), bdf)?;
+    if driver == "nvme" {
+        return wait_exists(std::path::Path::new(VFIO_L1_NAMESPACE));
+    }
+    let group = std::fs::read_link(dev.join("iommu_group"))
+        .context("the NVMe has no IOMMU group: is intel_iommu=on on L1's command line?")?;
+    let group = group
+        .file_name()
+        .context("an IOMMU group path without a name")?;
+    wait_exists(&PathBuf::from("/dev/vfio").join(group))
+}
+
+/// fio's 4 KiB random-read job on `filename` at queue depth `depth`, named `qd<depth>`.
+fn vfio_fio_args(filename: &str, depth: u32) -> Vec<String> {
+    [
+        format!("--name=qd{depth}"),
+        format!("--filename={filename}"),
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        "--rw=randread".into(),
+        "--bs=4k".into(),
+        format!("--size={VFIO_FIO_SIZE}"),
+        format!("--iodepth={depth}"),
+        format!("--runtime={FIO_SECONDS}"),
+        "--time_based".into(),
+        "--output-format=terse".into(),
+        "--terse-version=3".into(),
+    ]
+    .into()
+}
+
+/// From the terse v3 line of job `name` in `text`: read IOPS, completion latency mean
+/// and median (µs).
+fn terse_latency(text: &str, name: &str) -> Result<(f64, f64, f64)> {
+    let line = text
+        .lines()
+        .filter_map(|l| l.find("3;fio-").map(|at| &l[at..]))
+        .find(|l| l.split(';').nth(2) == Some(name))
+        .with_context(|| format!("no fio terse line of job {name}"))?;
+    let fields: Vec<&str> = line.split(';').collect();
+    let number = |index: usize| -> Result<f64> {
+        Ok(fields
+            .get(index)
+            .with_context(|| format!("short terse line: {line}"))?
+            .trim()
+            .parse()?)
+    };
+    let p50 = fields
+        .iter()
+        .find_map(|f| f.strip_prefix("50.000000%="))
+        .context("no clat p50 in the terse line")?
+        .parse()?;
+    // Fields 8 (read IOPS) and 16 (read clat mean, µs), counted from 1.
+    Ok((number(7)?, number(15)?, p50))
+}
+
+/// One configuration's QD1 (mean, p50 µs) and QD32 IOPS per run.
+#[derive(Default)]
+struct VfioSeries {
+    mean: Vec<f64>,
+    p50: Vec<f64>,
+    iops: Vec<f64>,
+}
+
+impl VfioSeries {
+    fn push(&mut self, output: &str, what: &str) -> Result<()> {
+        let context = || format!("{what} output:\n{output}");
+        let (_, mean, p50) = terse_latency(output, "qd1").with_context(context)?;
+        let (iops, _, _) = terse_latency(output, "qd32").with_context(context)?;
+        self.mean.push(mean);
+        self.p50.push(p50);
+        self.iops.push(iops);
+        Ok(())
+    }
+
+    fn medians(&self) -> (f64, f64, f64) {
+        (
+            median(&mut self.mean.clone()),
+            median(&mut self.p50.clone()),
+            median(&mut self.iops.clone()),
+        )
+    }
+}
+
+/// The guest command of `crib-bench vfio`: the fio image (the only virtio-blk disk with
+/// serial `tools`) at /t, fio at QD1 then QD32 on `target`.
+fn vfio_guest_command(target: &str) -> String {
+    let fio = |depth| {
+        format!(
+            "chroot /t /usr/bin/fio {}",
+            vfio_fio_args(target, depth).join(" ")
+        )
+    };
+    format!(
+        "mkdir -p /t; for d in /sys/block/vd*; do s=$(cat $d/serial); [ $s = tools ] && mount -o ro /dev/${{d##*/}} /t; \
+         [ $s = target ] && ln -sf /dev/${{d##*/}} /dev/target; done; mount --bind /dev /t/dev && {} && {}",
+        fio(1),
+        fio(32)
+    )
+}
+
+fn vfio(runs: usize) -> Result<()> {
+    if !can_boot_linux() {
+        let image =
+            std::env::temp_dir().join(format!("crib-bench-nvme-{}.img", std::process::id()));
+        std::fs::File::create(&image)?.set_len(VFIO_NVME_BYTES)?;
+        let image_arg = image.display().to_string();
+        let ran = in_lab_with_options(
+            &["--nvme", &image_arg],
+            &["vfio", "--runs", &runs.to_string()],
+        );
+        let _ = std::fs::remove_file(&image);
+        ran?;
+        return Ok(());
+    }
+    let guest = GuestArtifacts::pod()?;
+    let dir = std::env::temp_dir().join(format!("crib-bench-vfio-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let tools = fio_image(&dir)?;
+    let tools_disk = format!("path={},id=tools,readonly=on", tools.display());
+    let _ = Command::new("modprobe").arg("vfio-pci").status();
+    let bdf = lab_nvme_bdf()?;
+    bind_pci(&bdf, "nvme")?;
+    host_tool(
+        "fio",
+        &[
+            "--name=fill",
+            &format!("--filename={VFIO_L1_NAMESPACE}"),
+            "--rw=write",
+            "--bs=1M",
+            "--direct=1",
+            &format!("--size={VFIO_FIO_SIZE}"),
+        ],
+    )?;
+    let (mut l1, mut virtio, mut passthrough) = (
+        VfioSeries::default(),
+        VfioSeries::default(),
+        VfioSeries::default(),
+    );
+    for _ in 0..runs {
+        let mut reference = String::new();
+        for depth in [1, 32] {
+            let args = vfio_fio_args(VFIO_L1_NAMESPACE, depth);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            reference.push_str(&host_tool("fio", &args)?);
+        }
+        l1.push(&reference, "fio in L1")?;
+
+        let cmdline = format!(
+            "console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{}\"",
+            vfio_guest_command("/dev/target")
+        );
+        let out = run_capture(
+            crib_vm(&guest, &cmdline)
+                .arg("--disk")
+                .arg(&tools_disk)
+                .arg("--disk")
+                .arg(format!("path={VFIO_L1_NAMESPACE},id=target,direct=on")),
+        )?;
+        virtio.push(&out, "crib guest on virtio-blk")?;
+
+        bind_pci(&bdf, "vfio-pci")?;
+        let cmdline = format!(
+            "console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{}\"",
+            vfio_guest_command("/dev/nvme0n1")
+        );
+        let out = run_capture(
+            crib_vm(&guest, &cmdline)
+                .arg("--disk")
+                .arg(&tools_disk)
+                .arg("--vfio")
+                .arg(&bdf),
+        );
+        bind_pci(&bdf, "nvme")?;
+        passthrough.push(&out?, "crib guest with --vfio")?;
+    }
+    std::fs::remove_dir_all(&dir)?;
+    let (lm, lp, li) = l1.medians();
+    let (vm, vp, vi) = virtio.medians();
+    let (pm, pp, pi) = passthrough.medians();
+    println!(
+        "| 4 KiB randread, io_uring, O_DIRECT, {FIO_SECONDS} s, {runs} runs (lab NVMe, 1 vCPU guest) | QD1 clat mean | QD1 clat p50 | QD32 IOPS | QD1 mean vs L1 | QD32 IOPS vs L1 |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| fio in L1 on /dev/nvme0n1 (driver nvme) | {lm:.0} µs | {lp:.0} µs | {li:.0} | 1.00 | 1.00 |");
+    println!(
+        "| fio in a crib guest, NVMe passed through (`--vfio`) | {pm:.0} µs | {pp:.0} µs | {pi:.0} | {:.2} | {:.2} |",
+        pm / lm,
+        pi / li
+    );
+    println!(
+        "| fio in a crib guest, virtio-blk on /dev/nvme0n1 (`direct=on`) | {vm:.0} µs | {vp:.0} µs | {vi:.0} | {:.2} | {:.2} |",
+        vm / lm,
+        vi / li
+    );
+    println!(
+        "| **passthrough / virtio-blk** | | | | **{:.2}** | **{:.2}** |",
+        pm / vm,
+        pi / vi
+    );
+    println!(
+        "\nall runs (QD1 mean µs; QD32 IOPS): L1 {:.0?}, {:.0?}; vfio {:.0?}, {:.0?}; virtio-blk {:.0?}, {:.0?}",
+        l1.mean, l1.iops, passthrough.mean, passthrough.iops, virtio.mean, virtio.iops
+    );
+    Ok(())
+}
+
 fn mem_available_kib() -> Result<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;
     meminfo
@@ -991,6 +1255,7 @@ fn main() -> Result<()> {
         Some("io") => io(runs),
         Some("vsock") => vsock(runs),
         Some("fs") => fs(runs),
+        Some("vfio") => vfio(runs),
         Some("density") => {
             let pods = args
                 .iter()
@@ -1003,7 +1268,7 @@ fn main() -> Result<()> {
             density(pods)
         }
         _ => bail!(
-            "usage: crib-bench host | boot [--runs N] | io [--runs N] | vsock [--runs N] | fs [--runs N] | density [--pods N]"
+            "usage: crib-bench host | boot [--runs N] | io [--runs N] | vsock [--runs N] | fs [--runs N] | vfio [--runs N] | density [--pods N]"
         ),
     }
 }

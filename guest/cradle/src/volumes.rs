@@ -1,4 +1,5 @@
-//! The pod's block volumes: find each one's disk by serial, link it as
+//! The pod's block volumes: find each one's disk by serial (a virtio-blk
+//! disk, or an NVMe namespace passed through with `--vfio`), link it as
 //! `/dev/volumes/<name>`, and, for a volume with a `path`, format it if it
 //! is blank and mount it there. At shutdown, unmount in reverse order.
 //!
@@ -22,7 +23,7 @@ use initramfs::podspec::{Filesystem, VolumeSpec};
 use thiserror::Error;
 
 use crate::console::say;
-use crate::disks::{self, DiskError, DiskScanner, Wait};
+use crate::disks::{self, DiskError, DiskId, DiskScanner, Wait, Wanted};
 use crate::probe::{self, Content};
 
 /// How long the volumes' disks may take to appear after the driver loaded.
@@ -165,9 +166,9 @@ impl Volumes {
         if specs.is_empty() {
             return Ok(());
         }
-        let names: Vec<&str> = specs.iter().map(|spec| spec.name.as_str()).collect();
+        let wanted: Vec<Wanted> = specs.iter().map(wanted).collect();
         let mut scanner = DiskScanner::new(&layout.sys_block);
-        let devices = disks::wait_for_disks(&mut scanner, &layout.dev, &names, layout.wait)?;
+        let devices = disks::wait_for_disks(&mut scanner, &layout.dev, &wanted, layout.wait)?;
         for spec in specs {
             // wait_for_disks returned a device for every name.
             let Some(device) = devices.get(&spec.name) else {
@@ -216,6 +217,18 @@ impl Volumes {
                 }
             }
         }
+    }
+}
+
+/// Which disk a volume is: its NVMe namespace, or else the virtio-blk disk
+/// named after it.
+fn wanted(spec: &VolumeSpec) -> Wanted<'_> {
+    match spec.nvme() {
+        Some((serial, nsid)) => Wanted {
+            name: &spec.name,
+            id: DiskId::Nvme { serial, nsid },
+        },
+        None => Wanted::virtio(&spec.name),
     }
 }
 
@@ -468,6 +481,8 @@ mod tests {
             path: Some("/data".to_owned()),
             fs,
             readonly,
+            nvme_serial: None,
+            nvme_nsid: None,
         }
     }
 
@@ -590,6 +605,8 @@ mod tests {
             path: None,
             fs: None,
             readonly: false,
+            nvme_serial: None,
+            nvme_nsid: None,
         }];
         let mut volumes = Volumes::default();
 
@@ -598,6 +615,34 @@ mod tests {
         let link = layout.dev.join("volumes/scratch");
         assert_eq!(std::fs::read_link(link).unwrap(), node);
         assert!(volumes.is_empty());
+    }
+
+    #[test]
+    fn set_up_nvme_volume_links_the_namespace_of_its_controller() {
+        let dir = TempDir::new("volumes-nvme");
+        let layout = layout(dir.path(), dir.path());
+        // The virtio disk named like the volume is not it: nvme_serial wins.
+        add_disk(&layout, "vda", "lv");
+        let sys = layout.sys_block.join("nvme0n1");
+        std::fs::create_dir_all(sys.join("device")).unwrap();
+        std::fs::write(sys.join("device/serial"), "crib-nvme0          \n").unwrap();
+        std::fs::write(sys.join("nsid"), "1\n").unwrap();
+        let node = layout.dev.join("nvme0n1");
+        std::fs::write(&node, b"").unwrap();
+        let specs = [VolumeSpec {
+            name: "lv".to_owned(),
+            path: None,
+            fs: None,
+            readonly: false,
+            nvme_serial: Some("crib-nvme0".to_owned()),
+            nvme_nsid: None,
+        }];
+        let mut volumes = Volumes::default();
+
+        volumes.set_up(&specs, &layout).unwrap();
+
+        let link = layout.dev.join("volumes/lv");
+        assert_eq!(std::fs::read_link(link).unwrap(), node);
     }
 
     #[test]

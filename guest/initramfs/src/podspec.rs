@@ -21,6 +21,13 @@ pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
 /// Longest volume name: the volume is found by its virtio-blk serial,
 /// which holds at most `VIRTIO_BLK_ID_BYTES` (20) bytes (virtio 1.2, 5.2.6).
 pub const MAX_VOLUME_NAME_BYTES: usize = 20;
+/// Longest NVMe serial number: the SN field of Identify Controller is 20
+/// ASCII bytes, space-padded (NVMe base spec 2.0, figure 275).
+pub const MAX_NVME_SERIAL_BYTES: usize = 20;
+/// The namespace of an NVMe volume without `nvme_nsid`.
+pub const DEFAULT_NVME_NSID: u32 = 1;
+/// Largest valid namespace ID; 0 and 0xFFFFFFFF are reserved.
+const MAX_NVME_NSID: u32 = 0xFFFF_FFFE;
 /// Longest virtio-fs tag: the device's config space holds 36 bytes
 /// (virtio 1.2, 5.11.4), the same limit as `crib run --fs tag=`.
 pub const MAX_FS_TAG_BYTES: usize = 36;
@@ -94,6 +101,21 @@ pub enum PodSpecError {
         first: String,
     },
     #[error(
+        "{field}: {value:?} is not a valid NVMe serial number; use 1 to {MAX_NVME_SERIAL_BYTES} printable ASCII characters without leading or trailing spaces, as in /sys/block/nvme0n1/device/serial"
+    )]
+    InvalidNvmeSerial { field: String, value: String },
+    #[error("{field}: {value} is not a valid NVMe namespace ID; use 1 to {MAX_NVME_NSID} (nvme0n1 is namespace 1)")]
+    InvalidNvmeNsid { field: String, value: u32 },
+    #[error("{field} applies only to an NVMe volume; add nvme_serial or remove {field}")]
+    NeedsNvmeSerial { field: String },
+    #[error("{field}: NVMe serial {serial:?} namespace {nsid} is already the disk of {first}; give each volume its own namespace")]
+    DuplicateNvme {
+        field: String,
+        serial: String,
+        nsid: u32,
+        first: String,
+    },
+    #[error(
         "{field} applies only to a mounted volume; add a path to the volume or remove {field}"
     )]
     NeedsPath { field: String },
@@ -145,9 +167,10 @@ pub enum PodLifetime {
     UntilShutdown,
 }
 
-/// A block volume: a virtio-blk disk whose serial is the volume's name.
-/// Always reachable as `/dev/volumes/<name>`; with a `path`, formatted on
-/// first use and mounted there.
+/// A block volume: a virtio-blk disk whose serial is the volume's name, or
+/// (with `nvme_serial`) a namespace of an NVMe controller passed through
+/// with `crib run --vfio`. Always reachable as `/dev/volumes/<name>`; with a
+/// `path`, formatted on first use and mounted there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeSpec {
@@ -164,6 +187,24 @@ pub struct VolumeSpec {
     /// Mount read-only (`MS_RDONLY`); a blank disk is then an error.
     #[serde(default, skip_serializing_if = "is_false")]
     pub readonly: bool,
+    /// The volume is a namespace of the NVMe controller with this serial
+    /// number (Identify Controller SN, as in
+    /// `/sys/block/nvmeXnY/device/serial`), not a virtio-blk disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvme_serial: Option<String>,
+    /// The namespace ID on that controller; absent: 1. Only with
+    /// `nvme_serial`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvme_nsid: Option<u32>,
+}
+
+impl VolumeSpec {
+    /// The NVMe namespace this volume is, if it is one: (serial, nsid).
+    pub fn nvme(&self) -> Option<(&str, u32)> {
+        self.nvme_serial
+            .as_deref()
+            .map(|serial| (serial, self.nvme_nsid.unwrap_or(DEFAULT_NVME_NSID)))
+    }
 }
 
 /// A virtio-fs share the host attached with `crib run --fs tag=TAG,...`,
@@ -286,11 +327,13 @@ impl PodSpec {
 
         let mut names = HashMap::new();
         let mut paths: Vec<(&str, String)> = Vec::new();
+        let mut namespaces: HashMap<(&str, u32), String> = HashMap::new();
         for (index, volume) in self.volumes.iter().enumerate() {
             let at = format!("volumes[{index}]");
             let field = format!("{at}.name");
             check_name(&field, &volume.name, MAX_VOLUME_NAME_BYTES)?;
             check_unique(&mut names, &volume.name, field)?;
+            check_nvme(&mut namespaces, &at, volume)?;
             match &volume.path {
                 Some(path) => {
                     let field = format!("{at}.path");
@@ -341,6 +384,50 @@ impl PodSpec {
         }
         Ok(())
     }
+}
+
+/// Checks a volume's `nvme_serial` and `nvme_nsid`, and that no earlier
+/// volume (in `namespaces`) is the same namespace.
+fn check_nvme<'a>(
+    namespaces: &mut HashMap<(&'a str, u32), String>,
+    at: &str,
+    volume: &'a VolumeSpec,
+) -> Result<(), PodSpecError> {
+    let Some(serial) = &volume.nvme_serial else {
+        if volume.nvme_nsid.is_some() {
+            return Err(PodSpecError::NeedsNvmeSerial {
+                field: format!("{at}.nvme_nsid"),
+            });
+        }
+        return Ok(());
+    };
+    let valid = !serial.is_empty()
+        && serial.len() <= MAX_NVME_SERIAL_BYTES
+        && serial.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        && serial.trim() == serial;
+    if !valid {
+        return Err(PodSpecError::InvalidNvmeSerial {
+            field: format!("{at}.nvme_serial"),
+            value: serial.clone(),
+        });
+    }
+    let nsid = volume.nvme_nsid.unwrap_or(DEFAULT_NVME_NSID);
+    if nsid == 0 || nsid > MAX_NVME_NSID {
+        return Err(PodSpecError::InvalidNvmeNsid {
+            field: format!("{at}.nvme_nsid"),
+            value: nsid,
+        });
+    }
+    if let Some(first) = namespaces.get(&(serial.as_str(), nsid)) {
+        return Err(PodSpecError::DuplicateNvme {
+            field: format!("{at}.nvme_serial"),
+            serial: serial.clone(),
+            nsid,
+            first: first.clone(),
+        });
+    }
+    namespaces.insert((serial.as_str(), nsid), at.to_owned());
+    Ok(())
 }
 
 /// `[a-z0-9-]{1,max}`.
@@ -554,12 +641,16 @@ mod tests {
                     path: Some("/data".to_owned()),
                     fs: Some(Filesystem::Ext4),
                     readonly: false,
+                    nvme_serial: None,
+                    nvme_nsid: None,
                 },
                 VolumeSpec {
                     name: "scratch".to_owned(),
                     path: None,
                     fs: None,
                     readonly: false,
+                    nvme_serial: None,
+                    nvme_nsid: None,
                 },
             ]
         );
@@ -754,6 +845,85 @@ mod tests {
         assert!(
             matches!(error, PodSpecError::InvalidName { field, max: 63, .. } if field == "name")
         );
+    }
+
+    #[test]
+    fn validate_nvme_volume_defaults_to_namespace_1() {
+        let spec = parse(&with_volume(
+            r#""path": "/lv", "nvme_serial": "crib-nvme0""#,
+        ))
+        .unwrap();
+
+        assert_eq!(spec.volumes[0].nvme(), Some(("crib-nvme0", 1)));
+    }
+
+    #[test]
+    fn validate_nvme_volume_takes_a_namespace() {
+        let spec = parse(&with_volume(r#""nvme_serial": "SN 01", "nvme_nsid": 3"#)).unwrap();
+
+        assert_eq!(spec.volumes[0].nvme(), Some(("SN 01", 3)));
+    }
+
+    #[test]
+    fn validate_virtio_volume_is_no_nvme() {
+        let spec = parse(&with_volume(r#""path": "/d""#)).unwrap();
+
+        assert_eq!(spec.volumes[0].nvme(), None);
+    }
+
+    #[test]
+    fn validate_invalid_nvme_serials_are_named() {
+        for serial in ["", " x", "x ", "abcdefghij0123456789x", "a\\u0007b", "é"] {
+            let error = parse(&with_volume(&format!(r#""nvme_serial": "{serial}""#))).unwrap_err();
+
+            assert!(
+                matches!(&error, PodSpecError::InvalidNvmeSerial { field, .. } if field == "volumes[0].nvme_serial"),
+                "{serial:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn validate_nvme_nsid_0_is_invalid() {
+        let error = parse(&with_volume(r#""nvme_serial": "s", "nvme_nsid": 0"#)).unwrap_err();
+
+        assert!(
+            matches!(&error, PodSpecError::InvalidNvmeNsid { field, value: 0 } if field == "volumes[0].nvme_nsid")
+        );
+        assert!(error.to_string().contains("nvme0n1 is namespace 1"));
+    }
+
+    #[test]
+    fn validate_nvme_nsid_without_serial_needs_one() {
+        let error = parse(&with_volume(r#""nvme_nsid": 2"#)).unwrap_err();
+
+        assert!(
+            matches!(error, PodSpecError::NeedsNvmeSerial { field } if field == "volumes[0].nvme_nsid")
+        );
+    }
+
+    #[test]
+    fn validate_two_volumes_on_one_namespace_are_refused() {
+        let json = r#"{"name": "p", "volumes": [
+            {"name": "a", "nvme_serial": "s"},
+            {"name": "b", "nvme_serial": "s", "nvme_nsid": 1}]}"#;
+
+        let error = parse(json).unwrap_err();
+
+        assert!(matches!(
+            error,
+            PodSpecError::DuplicateNvme { field, nsid: 1, first, .. }
+                if field == "volumes[1].nvme_serial" && first == "volumes[0]"
+        ));
+    }
+
+    #[test]
+    fn validate_two_namespaces_of_one_controller_are_fine() {
+        let json = r#"{"name": "p", "volumes": [
+            {"name": "a", "nvme_serial": "s"},
+            {"name": "b", "nvme_serial": "s", "nvme_nsid": 2}]}"#;
+
+        assert!(parse(json).is_ok());
     }
 
     #[test]
