@@ -15,6 +15,7 @@ mod docker;
 mod fs;
 mod linux;
 mod micro;
+mod net;
 mod pod;
 mod vfio;
 mod vsock;
@@ -175,6 +176,7 @@ fn main() {
         .chain(disk::pod_tests())
         .chain(disk::fio_tests())
         .chain(vsock::tests())
+        .chain(net::tests())
         .chain(docker::tests())
         .chain(fs::tests())
         .chain(pod::tests())

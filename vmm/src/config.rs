@@ -128,6 +128,49 @@ pub struct FsConfig {
     pub queue_size: u16,
 }
 
+/// A virtio-net device on a tap (`--net`, or one entry of `net` in a config file):
+/// `tap` (an existing interface) or `ifname` (crib creates it if missing), not both.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// An existing tap interface (`ip tuntap add dev NAME mode tap user $USER`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// A tap crib opens, or creates when missing (needs CAP_NET_ADMIN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+    /// The guest's MAC (`52:54:00:12:34:56`); random, locally administered, if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Queue pairs (multiqueue tap when more than one).
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+    /// Bytes per second each way, if limited.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "de_optional_size"
+    )]
+    pub bandwidth: Option<u64>,
+    /// Frames per second each way, if limited.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "de_optional_size"
+    )]
+    pub ops: Option<u64>,
+}
+
+impl NetConfig {
+    /// The interface name, whichever key gave it.
+    pub fn interface(&self) -> &str {
+        self.tap.as_deref().or(self.ifname.as_deref()).unwrap_or("")
+    }
+}
+
+/// Most virtio-net queue pairs.
+pub const MAX_NET_QUEUES: u16 = devices::virtio::net::MAX_QUEUE_PAIRS;
+
 /// Most virtio-fs request queues.
 pub const MAX_FS_QUEUES: u16 = devices::virtio::fs::MAX_REQUEST_QUEUES;
 /// Largest virtio-fs queue: virtiofsd's own limit.
@@ -179,6 +222,9 @@ pub struct VmConfig {
     /// virtio-fs shares.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fs: Vec<FsConfig>,
+    /// virtio-net devices on taps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
     /// Host PCI functions passed through with VFIO (`--vfio`), e.g. `0000:00:04.0`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vfio: Vec<crate::vfio::Bdf>,
@@ -210,6 +256,7 @@ impl VmConfig {
             disks: Vec::new(),
             vsock: None,
             fs: Vec::new(),
+            net: Vec::new(),
             vfio: Vec::new(),
             docker_socket: None,
             pod: None,
@@ -319,6 +366,35 @@ impl VmConfig {
                         Origin::File => format!("fs[{index}].tag"),
                     },
                     tag: fs.tag.clone(),
+                });
+            }
+        }
+        for (index, net) in self.net.iter_mut().enumerate() {
+            let field = match origin {
+                Origin::Cli => format!("--net #{}", index + 1),
+                Origin::File => format!("net[{index}]"),
+            };
+            check_net(net).map_err(|problem| ConfigError::Net {
+                net: field.clone(),
+                problem,
+            })?;
+            net.bandwidth = net.bandwidth.filter(|v| *v > 0);
+            net.ops = net.ops.filter(|v| *v > 0);
+        }
+        for (index, net) in self.net.iter().enumerate() {
+            if self.net[..index]
+                .iter()
+                .any(|n| n.interface() == net.interface())
+            {
+                return Err(ConfigError::Net {
+                    net: match origin {
+                        Origin::Cli => format!("--net #{}", index + 1),
+                        Origin::File => format!("net[{index}]"),
+                    },
+                    problem: format!(
+                        "tap {} is used by two net devices: give each its own tap",
+                        net.interface()
+                    ),
                 });
             }
         }
@@ -507,6 +583,8 @@ pub enum ConfigError {
     VsockRepeated(usize),
     #[error("{fs}: {problem}")]
     Fs { fs: String, problem: String },
+    #[error("{net}: {problem}")]
+    Net { net: String, problem: String },
     #[error("{field} '{tag}' is used by two file systems: give each --fs its own tag")]
     DuplicateFsTag { field: String, tag: String },
     #[error(
@@ -844,6 +922,106 @@ pub fn parse_vsock_option(values: &[String]) -> Result<Option<VsockConfig>, Conf
     }
 }
 
+/// Parses a MAC such as `52:54:00:12:34:56`: six hex bytes, unicast.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let fix = "use six hex bytes separated by ':', e.g. 52:54:00:12:34:56";
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().unwrap_or("");
+        if part.len() != 2 {
+            return Err(format!("mac={text}: {fix}"));
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| format!("mac={text}: {fix}"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!("mac={text}: {fix}"));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "mac={text} is a multicast address: clear the lowest bit of the first byte"
+        ));
+    }
+    Ok(mac)
+}
+
+/// Checks one net device; the problem names the key and the fix.
+pub(crate) fn check_net(net: &NetConfig) -> Result<(), String> {
+    let name = match (&net.tap, &net.ifname) {
+        (Some(name), None) | (None, Some(name)) => name,
+        (None, None) => {
+            return Err(
+                "tap=NAME (an existing tap) or ifname=NAME (crib creates the tap, \
+                 needs CAP_NET_ADMIN) is required"
+                    .into(),
+            )
+        }
+        (Some(_), Some(_)) => return Err("give tap= or ifname=, not both".into()),
+    };
+    devices::virtio::net::tap::check_name(name).map_err(|e| e.to_string())?;
+    if let Some(mac) = &net.mac {
+        parse_mac(mac)?;
+    }
+    if !(1..=MAX_NET_QUEUES).contains(&net.queues) {
+        return Err(format!(
+            "queues={}: use 1 to {MAX_NET_QUEUES} queue pairs",
+            net.queues
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `tap=NAME|ifname=NAME[,mac=MAC][,queues=N][,bandwidth=BYTES_PER_S][,ops=N]`.
+pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
+    let err = |problem: String| ConfigError::Net {
+        net: format!("--net '{text}'"),
+        problem,
+    };
+    let mut net = NetConfig {
+        tap: None,
+        ifname: None,
+        mac: None,
+        queues: 1,
+        bandwidth: None,
+        ops: None,
+    };
+    let number = |key: &str, value: &str| {
+        parse_size(value).ok_or_else(|| {
+            err(format!(
+                "{key}={value} is not a number (K/M/G suffixes allowed)"
+            ))
+        })
+    };
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| err(format!("'{part}' is not key=value")))?;
+        match key {
+            "tap" => net.tap = Some(value.to_string()),
+            "ifname" => net.ifname = Some(value.to_string()),
+            "mac" => net.mac = Some(value.to_string()),
+            "queues" => {
+                net.queues = u16::try_from(number(key, value)?).map_err(|_| {
+                    err(format!(
+                        "queues={value}: use 1 to {MAX_NET_QUEUES} queue pairs"
+                    ))
+                })?
+            }
+            "bandwidth" => net.bandwidth = Some(number(key, value)?),
+            "ops" => net.ops = Some(number(key, value)?),
+            other => {
+                return Err(err(format!(
+                    "unknown key '{other}': use tap, ifname, mac, queues, bandwidth, ops"
+                )))
+            }
+        }
+    }
+    check_net(&net).map_err(err)?;
+    net.bandwidth = net.bandwidth.filter(|v| *v > 0);
+    net.ops = net.ops.filter(|v| *v > 0);
+    Ok(net)
+}
+
 /// Checks one virtio-fs share; the problem names the field and the fix.
 pub(crate) fn check_fs(fs: &FsConfig) -> Result<(), String> {
     if let Err(e) = devices::virtio::fs::check_tag(&fs.tag) {
@@ -1162,6 +1340,62 @@ mod tests {
         let err = parse_vsock_option(&values).unwrap_err();
         assert!(matches!(err, ConfigError::VsockRepeated(2)));
         assert!(err.to_string().contains("give --vsock once"), "{err}");
+    }
+
+    #[test]
+    fn net_parses_every_key() {
+        let net =
+            parse_net("tap=crtap0,mac=52:54:00:12:34:56,queues=2,bandwidth=10M,ops=1000").unwrap();
+        assert_eq!(net.interface(), "crtap0");
+        assert_eq!(net.mac.as_deref(), Some("52:54:00:12:34:56"));
+        assert_eq!(
+            (net.queues, net.bandwidth, net.ops),
+            (2, Some(10 << 20), Some(1000))
+        );
+        let created = parse_net("ifname=crib0").unwrap();
+        assert_eq!(
+            (created.tap, created.ifname.as_deref()),
+            (None, Some("crib0"))
+        );
+    }
+
+    #[test]
+    fn net_errors_name_the_key_and_fix() {
+        for (text, want) in [
+            (
+                "mac=52:54:00:12:34:56",
+                "tap=NAME (an existing tap) or ifname=NAME",
+            ),
+            ("tap=a,ifname=b", "give tap= or ifname=, not both"),
+            ("tap=a,mac=52:54:00:12:34", "use six hex bytes"),
+            ("tap=a,mac=01:00:5e:00:00:01", "is a multicast address"),
+            ("tap=a,queues=0", "queues=0: use 1 to 16 queue pairs"),
+            ("tap=a,queues=70000", "queues=70000: use 1 to 16"),
+            ("tap=a/b", "is not valid"),
+            ("tap=a,speed=1", "unknown key 'speed'"),
+        ] {
+            let err = parse_net(text).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("--net '{text}'")), "{err}");
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn file_net_is_checked_and_named() {
+        let config =
+            from_json(r#"{"kernel": "/k", "net": [{"tap": "t0", "bandwidth": "1M"}]}"#).unwrap();
+        assert_eq!(config.net[0].bandwidth, Some(1 << 20));
+        assert_eq!(config.net[0].queues, 1);
+        let err =
+            from_json(r#"{"kernel": "/k", "net": [{"tap": "t0"}, {"queues": 2}]}"#).unwrap_err();
+        assert!(chain(&err).contains("net[1]: tap=NAME"), "{}", chain(&err));
+        let err =
+            from_json(r#"{"kernel": "/k", "net": [{"tap": "t0"}, {"ifname": "t0"}]}"#).unwrap_err();
+        assert!(
+            chain(&err).contains("net[1]: tap t0 is used by two"),
+            "{}",
+            chain(&err)
+        );
     }
 
     #[test]

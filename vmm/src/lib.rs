@@ -12,6 +12,7 @@ pub mod docker_proxy;
 pub mod fs;
 pub mod interrupts;
 pub mod memory;
+pub mod net;
 pub mod pod;
 pub mod seccomp;
 pub mod vcpu;
@@ -110,6 +111,12 @@ pub enum VmmError {
     Vsock(#[source] devices::virtio::vsock::VsockError),
     #[error("cannot set up a virtio-fs share")]
     Fs(#[source] fs::FsSetupError),
+    #[error("cannot set up --net tap {tap}")]
+    Net {
+        tap: String,
+        #[source]
+        source: devices::virtio::net::NetError,
+    },
     #[error("cannot set up VFIO passthrough (--vfio)")]
     Vfio(#[source] vfio::VfioError),
     #[error("cannot set up --docker-socket")]
@@ -402,6 +409,16 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
             .add_virtio_pci(&vm, &format!("fs {}", share.tag), Box::new(device))
             .map_err(VmmError::Device)?;
         fs_daemons.extend(daemon);
+    }
+    for net_config in &config.net {
+        let tap = net_config.interface().to_string();
+        let device = net::create(net_config).map_err(|source| VmmError::Net {
+            tap: tap.clone(),
+            source,
+        })?;
+        device_manager
+            .add_virtio_pci(&vm, &format!("net {tap}"), Box::new(device))
+            .map_err(VmmError::Device)?;
     }
     if !fs_daemons.is_empty() {
         tracing::debug!("started {} virtiofsd processes", fs_daemons.len());

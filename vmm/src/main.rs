@@ -132,8 +132,8 @@ struct RunArgs {
     /// The whole VM as one JSON document (docs/api.yaml, schema VmConfig; `crib config
     /// --print` writes one). No other run flag may be given with it.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
-        "kernel", "initrd", "cmdline", "cpus", "memory", "console", "disk", "vsock", "fs", "vfio",
-        "docker_socket", "pod", "api_socket", "id", "seccomp",
+        "kernel", "initrd", "cmdline", "cpus", "memory", "console", "disk", "vsock", "fs", "net",
+        "vfio", "docker_socket", "pod", "api_socket", "id", "seccomp",
     ])]
     config: Option<PathBuf>,
     /// Guest kernel: an uncompressed ELF vmlinux or a bzImage.
@@ -168,6 +168,11 @@ struct RunArgs {
     /// virtiofsd for PATH), [,queues=N][,queue_size=N]. TAG is at most 36 bytes.
     #[arg(long, value_name = "SPEC")]
     fs: Vec<String>,
+    /// A virtio-net device (repeatable) on a tap: tap=NAME (an existing tap, `ip tuntap add
+    /// dev NAME mode tap user $USER`) or ifname=NAME (crib creates it, needs CAP_NET_ADMIN),
+    /// [,mac=52:54:00:12:34:56][,queues=N][,bandwidth=BYTES_PER_S][,ops=FRAMES_PER_S].
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
     /// Pass a host PCI function through with VFIO (repeatable): its address as `lspci -D`
     /// shows it, e.g. 0000:00:04.0. It must be bound to vfio-pci, behind an IOMMU.
     #[arg(long, value_name = "BDF")]
@@ -219,6 +224,11 @@ impl RunArgs {
                 .fs
                 .iter()
                 .map(|f| config::parse_fs(f))
+                .collect::<Result<Vec<_>, _>>()?,
+            net: self
+                .net
+                .iter()
+                .map(|n| config::parse_net(n))
                 .collect::<Result<Vec<_>, _>>()?,
             vfio: self
                 .vfio

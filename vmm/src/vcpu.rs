@@ -305,6 +305,26 @@ impl Vcpu {
         }
     }
 
+    /// The registers that say where and how a guest died, for the log line of a fatal exit.
+    fn describe_state(&self) -> String {
+        let regs = match self.fd.get_regs() {
+            Ok(r) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x}",
+                r.rip, r.rsp, r.rflags, r.rax
+            ),
+            Err(e) => format!("registers unreadable ({e})"),
+        };
+        let sregs = match self.fd.get_sregs() {
+            Ok(s) => format!(
+                "cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x} gdt={:#x}+{:#x}",
+                s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+                s.idt.base, s.idt.limit, s.gdt.base, s.gdt.limit
+            ),
+            Err(e) => format!("special registers unreadable ({e})"),
+        };
+        format!("{regs} {sregs}")
+    }
+
     /// One `KVM_RUN`; returns why the VM must end, if it must.
     fn run_once(&mut self, buses: &VcpuBuses) -> Option<ExitReason> {
         let index = self.index;
@@ -343,7 +363,10 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::Shutdown) => {
-                tracing::error!("vCPU {index}: guest triple fault (KVM shutdown exit)");
+                tracing::error!(
+                    "vCPU {index}: guest triple fault (KVM shutdown exit); {}",
+                    self.describe_state()
+                );
                 Some(ExitReason::TripleFault)
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
@@ -359,12 +382,13 @@ impl Vcpu {
                 // SAFETY: on KVM_EXIT_INTERNAL_ERROR, `internal` is the union member KVM filled.
                 let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
                 tracing::error!(
-                    "vCPU {index}: KVM internal error (suberror {suberror}{})",
+                    "vCPU {index}: KVM internal error (suberror {suberror}{}); {}",
                     if suberror == 1 {
                         ": instruction emulation failed"
                     } else {
                         ""
-                    }
+                    },
+                    self.describe_state()
                 );
                 Some(ExitReason::VcpuError)
             }

@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod fs;
+pub mod net;
 pub mod transport;
 pub mod vsock;
 
