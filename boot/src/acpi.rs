@@ -49,7 +49,23 @@ pub struct AcpiConfig {
     pub serial: Option<(u16, u32)>,
     /// The PCI host bridge, if the VM has PCI.
     pub pci: Option<PciHostBridge>,
+    /// A Generic Event Device with a power button, if there is one.
+    pub ged: Option<GenericEventDevice>,
 }
+
+/// An ACPI Generic Event Device (ACPI0013) that delivers power button presses: on its
+/// interrupt `_EVT` reads the one-byte event register and, when bit 0 is set, notifies
+/// `\_SB_.PWRB` (PNP0C0C) with 0x80 (button pressed).
+#[derive(Clone, Copy, Debug)]
+pub struct GenericEventDevice {
+    /// I/O port of the event register (reading it clears the events).
+    pub event_port: u16,
+    /// IO-APIC pin of its interrupt (edge-triggered, active high).
+    pub irq: u32,
+}
+
+/// Event register bit of a power button press.
+pub const GED_POWER_BUTTON_EVENT: u8 = 1 << 0;
 
 /// What the guest needs to find PCI bus 0.
 #[derive(Clone, Copy, Debug)]
@@ -108,6 +124,9 @@ fn dsdt(config: &AcpiConfig) -> Sdt {
     if let Some(pci) = config.pci {
         dsdt.append_slice(&pci_host_bridge(&pci));
     }
+    if let Some(ged) = config.ged {
+        dsdt.append_slice(&generic_event_device(&ged));
+    }
     if let Some(port) = config.pvpanic_port {
         let io = aml::IO::new(port, port, 1, 1);
         let crs = aml::ResourceTemplate::new(vec![&io]);
@@ -117,6 +136,48 @@ fn dsdt(config: &AcpiConfig) -> Sdt {
     }
     dsdt.update_checksum();
     dsdt
+}
+
+/// `\_SB_.PWRB`, a control-method power button, and `\_SB_.GED_`, the Generic Event
+/// Device that notifies it. Linux's acpi-ged (drivers/acpi/evged.c) requests every
+/// interrupt of the GED's `_CRS` and calls `_EVT` (with the GSI as argument) on each.
+fn generic_event_device(ged: &GenericEventDevice) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    aml::Device::new("_SB_.PWRB".into(), vec![&hid, &uid]).to_aml_bytes(&mut bytes);
+
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    // Edge-triggered, active high, exclusive: an irqfd pulses the IO-APIC pin.
+    let interrupt = aml::Interrupt::new(true, true, false, false, ged.irq);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&interrupt]));
+    let port = usize::from(ged.event_port);
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemIO, &port, &1usize);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    // Local0 = GDAT (reading clears the device's events)
+    // If ((Local0 & 1) == 1) { Notify (\_SB_.PWRB, 0x80) }
+    let gdat = aml::Path::new("GDAT");
+    let read_events = aml::Store::new(&aml::Local(0), &gdat);
+    let power_bit = GED_POWER_BUTTON_EVENT;
+    let masked = aml::And::new(&aml::Local(1), &aml::Local(0), &power_bit);
+    let pressed = aml::Equal::new(&masked, &power_bit);
+    let button = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&button, &0x80u8);
+    let if_pressed = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read_events, &if_pressed]);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![&hid, &uid, &crs, &region, &field, &evt],
+    )
+    .to_aml_bytes(&mut bytes);
+    bytes
 }
 
 /// `\_SB_.PCI0`: a PCI Express root bridge (PNP0A08) for bus 0 with the config ports
@@ -251,6 +312,10 @@ mod tests {
                 mmio_start: 0xc000_0000,
                 mmio_size: 0x2000_0000,
             }),
+            ged: Some(GenericEventDevice {
+                event_port: 0x604,
+                irq: 5,
+            }),
         }
     }
 
@@ -351,6 +416,82 @@ mod tests {
         assert!(find(b"_S5_") && find(b"QEMU0001") && find(b"COM1") && find(b"PCI0"));
         // The COM1 _CRS carries an extended IRQ descriptor for pin 4.
         assert!(find(&[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn dsdt_has_a_ged_that_notifies_the_power_button() {
+        let dsdt = bytes_of(&dsdt(&config(1)));
+        let pnp0c0c = bytes_of(&aml::EISAName::new("PNP0C0C"));
+        // Names: the power button (PNP0C0C), the GED (ACPI0013) and its event method.
+        assert!(contains(&dsdt, b"PWRB") && contains(&dsdt, &pnp0c0c));
+        assert!(contains(&dsdt, b"GED_") && contains(&dsdt, b"ACPI0013\0"));
+        // Method (_EVT, 1, Serialized): flags = 1 argument | serialized (0x08).
+        let evt = dsdt.windows(4).position(|w| w == b"_EVT").unwrap();
+        assert_eq!(dsdt[evt + 4], 0x09);
+        // Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { 5 }.
+        assert!(contains(&dsdt, &[0x89, 6, 0, 0x03, 1, 5, 0, 0, 0]));
+        // OperationRegion (GDST, SystemIO, 0x604, 1).
+        assert!(contains(
+            &dsdt,
+            &[0x5b, 0x80, b'G', b'D', b'S', b'T', 0x01, 0x0b, 0x04, 0x06, 0x01]
+        ));
+        // Notify (\_SB.PWRB, 0x80).
+        let mut notify = vec![0x86, b'\\', 0x2e];
+        notify.extend_from_slice(b"_SB_PWRB");
+        notify.extend_from_slice(&[0x0a, 0x80]);
+        assert!(contains(&dsdt, &notify));
+    }
+
+    #[test]
+    fn dsdt_without_ged_has_no_power_button() {
+        let dsdt = bytes_of(&dsdt(&AcpiConfig {
+            ged: None,
+            ..config(1)
+        }));
+        assert!(!contains(&dsdt, b"ACPI0013") && !contains(&dsdt, b"PWRB"));
+    }
+
+    /// ACPICA's disassembler (acpica-tools, scripts/install-deps.sh) reads the DSDT back
+    /// without errors and finds the GED's method; skipped where `iasl` is missing.
+    #[test]
+    fn iasl_disassembles_the_dsdt() {
+        let dir = std::env::temp_dir().join(format!("crib-dsdt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let aml = dir.join("dsdt.aml");
+        std::fs::write(&aml, bytes_of(&dsdt(&config(2)))).unwrap();
+        let out = match std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&aml)
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("skipped: cannot run iasl ({e})");
+                let _ = std::fs::remove_dir_all(&dir);
+                return;
+            }
+        };
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for needle in [
+            "Device (_SB.GED)",
+            "Name (_HID, \"ACPI0013\"",
+            "Method (_EVT, 1, Serialized)",
+            "Notify (\\_SB.PWRB, 0x80)",
+            "Name (_HID, EisaId (\"PNP0C0C\")",
+            "OperationRegion (GDST, SystemIO, 0x0604, One)",
+        ] {
+            assert!(dsl.contains(needle), "{needle} missing from:\n{dsl}");
+        }
     }
 
     #[test]

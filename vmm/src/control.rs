@@ -14,9 +14,11 @@
 //! Graceful shutdown: with a vsock device, a short-lived `guest-shutdown` thread sends
 //! cradle's `POST /crib/v1/shutdown?t=GRACE` (vdocker, guest vsock port 1) through the
 //! vsock host socket; cradle stops the pod's processes (SIGTERM, SIGKILL after GRACE),
-//! unmounts and powers off, and crib exits 0. If the call fails, or the guest has not
-//! powered off when the timeout passes, crib stops it (exit code 6). Without a vsock
-//! device crib has no way to ask the guest (no ACPI power button yet) and stops it at once.
+//! unmounts and powers off, and crib exits 0. Without a vsock device, or when cradle does
+//! not take the call (a guest that is not a pod), crib presses the ACPI power button (the
+//! GED, devices/src/legacy/ged.rs): systemd-logind or acpid powers the guest off. If the
+//! guest has not powered off when the timeout passes, crib stops it (exit code 6); a VM
+//! without a power button is stopped at once when cradle cannot be reached.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -28,6 +30,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::legacy::boot_marker::BootTimes;
+use devices::legacy::GedEvents;
 use devices::virtio::block::BlockError;
 use devices::virtio::vsock::VsockMetrics;
 use devices::ExitReason;
@@ -300,6 +303,8 @@ pub struct Controller {
     /// kvmclock at the pause, restored at the resume.
     paused_clock: Option<kvm_bindings::kvm_clock_data>,
     vsock_socket: Option<PathBuf>,
+    /// The ACPI power button, if the VM has one.
+    power_button: Option<Arc<GedEvents>>,
     /// A stop decided but waiting for the API to write its reply.
     pending_stop: Option<StopCause>,
     outcome: Option<RunOutcome>,
@@ -330,6 +335,7 @@ impl Controller {
         shared: Arc<Shared>,
         pause: Arc<VcpuPause>,
         vsock_socket: Option<PathBuf>,
+        power_button: Option<Arc<GedEvents>>,
     ) -> Result<(Self, VmmControl), ControlError> {
         let fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(ControlError::Fd);
         let wake = fd()?;
@@ -354,6 +360,7 @@ impl Controller {
                 vm: None,
                 paused_clock: None,
                 vsock_socket,
+                power_button,
                 pending_stop: None,
                 outcome: None,
             },
@@ -484,7 +491,19 @@ impl Controller {
         }
         self.shared.set_state(VmState::ShuttingDown);
         let Some(socket) = self.vsock_socket.clone() else {
-            let message = "no vsock device: crib cannot ask the guest to power off; stopping it";
+            if self.press_power_button() {
+                tracing::info!(
+                    "graceful shutdown: pressed the ACPI power button, forced stop after {timeout_s} s"
+                );
+                self.arm_timer(timeout);
+                return Reply {
+                    status: 202,
+                    body: json!({ "state": "shutting-down", "timeout_s": timeout_s, "via": "acpi-power-button" }),
+                    then_exit: false,
+                };
+            }
+            let message = "no vsock device and no ACPI power button: crib cannot ask the guest \
+                           to power off; stopping it";
             tracing::warn!("graceful shutdown: {message}");
             if from_api {
                 self.stop_after_reply(StopCause::GuestUnreachable);
@@ -584,9 +603,29 @@ impl Controller {
                     }
                 }
                 Message::GuestUnreachable(error) => {
-                    tracing::warn!("graceful shutdown: cradle did not take the call ({error}); stopping the guest");
-                    self.end(RunOutcome::Stopped(StopCause::GuestUnreachable));
+                    // Not a pod (or cradle is gone): the power button is the other way to
+                    // ask; the shutdown timer, already armed, still bounds the wait.
+                    if self.outcome.is_none() && self.press_power_button() {
+                        tracing::info!("graceful shutdown: cradle did not take the call ({error}); pressed the ACPI power button instead");
+                    } else {
+                        tracing::warn!("graceful shutdown: cradle did not take the call ({error}); stopping the guest");
+                        self.end(RunOutcome::Stopped(StopCause::GuestUnreachable));
+                    }
                 }
+            }
+        }
+    }
+
+    /// Presses the ACPI power button; false when the VM has none or it cannot be pressed.
+    fn press_power_button(&self) -> bool {
+        let Some(button) = &self.power_button else {
+            return false;
+        };
+        match button.press_power_button() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("cannot press the ACPI power button (its interrupt eventfd: {e})");
+                false
             }
         }
     }
@@ -717,6 +756,13 @@ mod tests {
     /// A controller of a VM without vCPU threads (pausing zero threads succeeds at once)
     /// and without disks, with a vsock host socket at `vsock` if given.
     fn controller(vsock: Option<PathBuf>) -> Controller {
+        controller_with_button(vsock, None)
+    }
+
+    fn controller_with_button(
+        vsock: Option<PathBuf>,
+        button: Option<Arc<GedEvents>>,
+    ) -> Controller {
         let shared = Arc::new(Shared::new(
             VmConfig::new("/k"),
             Instant::now(),
@@ -725,9 +771,85 @@ mod tests {
             Vec::new(),
             None,
         ));
-        Controller::new(shared, Arc::new(VcpuPause::default()), vsock)
+        Controller::new(shared, Arc::new(VcpuPause::default()), vsock, button)
             .unwrap()
             .0
+    }
+
+    /// A power button and the eventfd of its interrupt.
+    fn power_button() -> (Arc<GedEvents>, EventFd) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let button = Arc::new(GedEvents::new(irq.try_clone().unwrap()));
+        (button, irq)
+    }
+
+    #[test]
+    fn shutdown_without_vsock_presses_the_power_button_then_times_out() {
+        let (button, irq) = power_button();
+        let mut control = controller_with_button(None, Some(button));
+
+        let reply = control
+            .handle(Request::Shutdown {
+                timeout: Duration::from_secs(20),
+            })
+            .unwrap();
+        let pressed = irq.read().unwrap();
+        let before = control.outcome();
+        control.on_timer();
+
+        assert!(!reply.then_exit);
+        assert_eq!(reply.body["via"], "acpi-power-button");
+        assert_eq!(pressed, 1);
+        assert_eq!(before, None);
+        assert_eq!(control.shared.state(), VmState::ShuttingDown);
+        assert_eq!(
+            control.outcome(),
+            Some(RunOutcome::Stopped(StopCause::ShutdownTimedOut))
+        );
+    }
+
+    #[test]
+    fn signal_without_vsock_presses_the_power_button() {
+        let (button, irq) = power_button();
+        let mut control = controller_with_button(None, Some(button));
+
+        control.on_signal();
+
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(control.outcome(), None);
+        assert_eq!(control.shared.state(), VmState::ShuttingDown);
+    }
+
+    #[test]
+    fn cradle_unreachable_falls_back_to_the_power_button() {
+        let (button, irq) = power_button();
+        let mut control = controller_with_button(Some(temp("no-cradle")), Some(button));
+        control.shared.set_state(VmState::ShuttingDown);
+
+        control
+            .sender
+            .send(Message::GuestUnreachable("refused".into()))
+            .unwrap();
+        control.drain_requests();
+
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(control.outcome(), None);
+    }
+
+    #[test]
+    fn cradle_unreachable_without_a_power_button_stops() {
+        let mut control = controller(Some(temp("no-cradle-no-button")));
+
+        control
+            .sender
+            .send(Message::GuestUnreachable("refused".into()))
+            .unwrap();
+        control.drain_requests();
+
+        assert_eq!(
+            control.outcome(),
+            Some(RunOutcome::Stopped(StopCause::GuestUnreachable))
+        );
     }
 
     #[test]
@@ -790,7 +912,7 @@ mod tests {
         assert!(reply.body["message"]
             .as_str()
             .unwrap()
-            .contains("no vsock device"));
+            .contains("no vsock device and no ACPI power button"));
         assert_eq!(
             control.outcome(),
             Some(RunOutcome::Stopped(StopCause::GuestUnreachable))

@@ -30,10 +30,13 @@ use devices::legacy::acpi_power::{
     SLEEP_STATUS_OFFSET,
 };
 use devices::legacy::boot_marker::{BootTimes, BOOT_MARKER_PORT};
+use devices::legacy::ged::{GED_IRQ, GED_PORT};
 use devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 use devices::legacy::pvpanic::PVPANIC_PORT;
 use devices::legacy::serial::{COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
-use devices::legacy::{AcpiPower, BootMarker, ConsoleOutput, ConsoleSink, PvPanic, Serial, I8042};
+use devices::legacy::{
+    AcpiPower, BootMarker, ConsoleOutput, ConsoleSink, Ged, GedEvents, PvPanic, Serial, I8042,
+};
 use devices::{Bus, BusDevice, BusError, ExitReason, VmExit};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
@@ -248,6 +251,10 @@ fn load_guest(config: &VmConfig, mem: &memory::GuestMemory) -> Result<BootEntry,
                 mmio_start: boot::layout::PCI_MMIO_START,
                 mmio_size: boot::layout::PCI_MMIO_SIZE,
             }),
+            ged: Some(boot::acpi::GenericEventDevice {
+                event_port: GED_PORT,
+                irq: GED_IRQ,
+            }),
         },
     )
     .map_err(VmmError::Acpi)?;
@@ -276,6 +283,9 @@ type PortDevice = (Arc<Mutex<dyn BusDevice>>, u16, u16);
 struct LegacyDevices {
     serial: Arc<Mutex<Serial>>,
     serial_irq: EventFd,
+    /// The GED's events (the power button) and the eventfd of its interrupt.
+    ged: Arc<GedEvents>,
+    ged_irq: EventFd,
 }
 
 fn add_legacy_devices(
@@ -291,7 +301,11 @@ fn add_legacy_devices(
         serial_irq.try_clone().map_err(VmmError::EventFd)?,
         out,
     )));
-    let devices: [PortDevice; 5] = [
+    let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    let ged = Arc::new(GedEvents::new(
+        ged_irq.try_clone().map_err(VmmError::EventFd)?,
+    ));
+    let devices: [PortDevice; 6] = [
         (serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN),
         (
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
@@ -303,6 +317,7 @@ fn add_legacy_devices(
             ACPI_POWER_PORT_BASE,
             ACPI_POWER_PORT_LEN,
         ),
+        (Arc::new(Mutex::new(Ged::new(ged.clone()))), GED_PORT, 1),
         (
             Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
             PVPANIC_PORT,
@@ -318,7 +333,12 @@ fn add_legacy_devices(
         pio.insert(device, u64::from(base), u64::from(len))
             .map_err(VmmError::Bus)?;
     }
-    Ok(LegacyDevices { serial, serial_irq })
+    Ok(LegacyDevices {
+        serial,
+        serial_irq,
+        ged,
+        ged_irq,
+    })
 }
 
 /// Wakes the VMM loop when the VM must end.
@@ -370,6 +390,8 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
     let mut pio = Bus::new();
     let legacy = add_legacy_devices(&mut pio, config, &exit, start, &boot_times)?;
     vm.register_irqfd(&legacy.serial_irq, COM1_IRQ)
+        .map_err(VmmError::Vm)?;
+    vm.register_irqfd(&legacy.ged_irq, GED_IRQ)
         .map_err(VmmError::Vm)?;
     let mut device_manager = device_manager::DeviceManager::new(&vm).map_err(VmmError::Device)?;
     let mut disks = Vec::with_capacity(config.disks.len());
@@ -458,6 +480,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
         shared,
         pause.clone(),
         config.vsock.as_ref().map(|v| v.socket.clone()),
+        Some(legacy.ged.clone()),
     )
     .map_err(VmmError::Control)?;
     controller.set_vm(vm.fd().clone());
