@@ -10,6 +10,9 @@ packages=(
   e2fsprogs         # mkfs.ext4 for cradle's blank volumes; debugfs in the tests
   fio               # run in the guest by the e2e tests (chrooted from a disk image)
   make gcc flex bison bc libelf-dev  # guest/kernel/build-pod-kernel.sh
+  debootstrap       # scripts/build-marketplace-image.sh (the marketplace VM image)
+  acpica-tools      # iasl: a unit test disassembles crib's DSDT
+  iperf3            # crib-bench net: TCP throughput host <-> marketplace guest
   socat             # vsock peer in the guest for the vsock e2e tests (chrooted)
   libseccomp-dev libcap-ng-dev  # to build virtiofsd (scripts/install-virtiofsd.sh)
   ca-certificates

@@ -3,22 +3,17 @@
 //! metrics grow after the guest writes, `PUT /api/v1/vm/shutdown` powers a pod off through
 //! cradle; and ten pods started at once all answer `docker ps` and stop cleanly.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use crib_tests::fleet::Fleet;
-use crib_tests::{crib_bin, GuestArtifacts};
+use crib_tests::{api_request, crib_bin, GuestArtifacts, LiveCrib};
 
 use crate::TestFn;
 
 /// How long a guest may take to boot and print its first lines.
 const BOOT_WAIT: Duration = Duration::from_secs(150);
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The guest's test hook: a counter and the guest's uptime every 200 ms.
 const TICKER: &str =
     "i=0; while true; do i=$((i+1)); echo tick $i $(cat /proc/uptime); sleep 0.2; done";
@@ -74,35 +69,10 @@ impl Reply {
     }
 }
 
-/// One HTTP/1.1 request on a Unix socket (`Connection: close`, read to the end).
+/// One request on crib's API socket.
 fn http(socket: &Path, method: &str, path: &str, body: &str) -> Result<Reply> {
-    let mut stream = UnixStream::connect(socket)
-        .with_context(|| format!("cannot connect to {}", socket.display()))?;
-    stream.set_read_timeout(Some(CALL_TIMEOUT))?;
-    stream.set_write_timeout(Some(CALL_TIMEOUT))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: crib\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .with_context(|| format!("{method} {path}: no complete answer"))?;
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("{method} {path}: no HTTP header in {raw:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{method} {path}: no status in {head:?}"))?;
-    Ok(Reply {
-        status,
-        body: body.to_owned(),
-    })
+    let (status, body) = api_request(socket, method, path, body)?;
+    Ok(Reply { status, body })
 }
 
 /// `http`, failing unless the status is `want`.
@@ -116,107 +86,6 @@ fn expect(socket: &Path, method: &str, path: &str, body: &str, want: u16) -> Res
         );
     }
     Ok(reply)
-}
-
-/// A crib whose stdout (the guest's console) is read line by line as it comes.
-struct LiveCrib {
-    child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl LiveCrib {
-    fn spawn(args: &[String]) -> Result<Self> {
-        let bin = crib_bin();
-        let mut child = Command::new(&bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let follow = |pipe: Box<dyn Read + Send>| {
-            let text = Arc::new(Mutex::new(String::new()));
-            let sink = Arc::clone(&text);
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    if let Ok(mut text) = sink.lock() {
-                        text.push_str(line.trim_end_matches('\r'));
-                        text.push('\n');
-                    }
-                }
-            });
-            text
-        };
-        let stdout = follow(Box::new(child.stdout.take().context("no stdout pipe")?));
-        let stderr = follow(Box::new(child.stderr.take().context("no stderr pipe")?));
-        Ok(Self {
-            child,
-            stdout,
-            stderr,
-        })
-    }
-
-    fn stdout(&self) -> String {
-        self.stdout.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    /// Both streams, for failure messages.
-    fn output(&self) -> String {
-        format!(
-            "--- stdout:\n{}\n--- stderr:\n{}",
-            self.stdout(),
-            self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
-        )
-    }
-
-    /// Waits until stdout has a line for which `pick` returns something.
-    fn wait_for<T>(
-        &mut self,
-        what: &str,
-        wait: Duration,
-        pick: impl Fn(&str) -> Option<T>,
-    ) -> Result<T> {
-        let start = Instant::now();
-        loop {
-            if let Some(found) = pick(&self.stdout()) {
-                return Ok(found);
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("crib exited ({status}) before {what}\n{}", self.output());
-            }
-            if start.elapsed() > wait {
-                bail!("no {what} within {wait:?}\n{}", self.output());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits for crib to exit; its exit code.
-    fn wait_exit(&mut self, wait: Duration) -> Result<Option<i32>> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                // Let the readers take the last lines.
-                std::thread::sleep(Duration::from_millis(200));
-                return Ok(status.code());
-            }
-            if start.elapsed() > wait {
-                bail!("crib did not exit within {wait:?}\n{}", self.output());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for LiveCrib {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// The last `tick N UPTIME IDLE` line on the console: (N, uptime in seconds).
@@ -470,7 +339,7 @@ fn shutdown_powers_the_pod_off() -> Result<()> {
     // The process runs once cradle is up and serving its API on vsock port 1.
     let start = Instant::now();
     while !console().contains("app-started") {
-        if let Some(status) = crib.child.try_wait()? {
+        if let Some(status) = crib.try_wait()? {
             bail!(
                 "crib exited ({status}) before the pod's process started\n{}",
                 crib.output()

@@ -14,6 +14,7 @@ mod disk;
 mod docker;
 mod fs;
 mod linux;
+mod marketplace;
 mod micro;
 mod net;
 mod pod;
@@ -177,6 +178,7 @@ fn main() {
         .chain(disk::fio_tests())
         .chain(vsock::tests())
         .chain(net::tests())
+        .chain(marketplace::tests())
         .chain(docker::tests())
         .chain(fs::tests())
         .chain(pod::tests())

@@ -2,7 +2,8 @@
 //! how to run crib with a deadline, whether this host can run KVM guests at full speed, and
 //! tiny hand-assembled "micro guests" that exercise crib's exit paths in microseconds.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,6 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod fleet;
+mod live;
+
+pub use live::LiveCrib;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -335,4 +339,34 @@ pub mod micro {
         img.extend_from_slice(code);
         img
     }
+}
+
+/// One HTTP/1.1 request on crib's API socket (`Connection: close`, read to the end, 30 s
+/// timeouts): the status and the body.
+pub fn api_request(socket: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+    let timeout = Some(Duration::from_secs(30));
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    stream.set_read_timeout(timeout)?;
+    stream.set_write_timeout(timeout)?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: crib\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .with_context(|| format!("{method} {path}: no complete answer"))?;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{method} {path}: no HTTP header in {raw:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{method} {path}: no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
 }

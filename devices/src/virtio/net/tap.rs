@@ -6,7 +6,6 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 
 use super::{NetError, MAX_IFNAME_BYTES, VNET_HDR_BYTES};
 
@@ -61,7 +60,7 @@ impl Tap {
         if !(1..=super::MAX_QUEUE_PAIRS).contains(&queues) {
             return Err(NetError::Queues(queues));
         }
-        if !create && !Path::new("/sys/class/net").join(name).exists() {
+        if !create && !interface_exists(name) {
             return Err(NetError::NoSuchTap(name.to_string()));
         }
         let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
@@ -150,9 +149,27 @@ impl Tap {
     }
 }
 
+/// Whether a network interface `name` exists in crib's network namespace. Asked of the
+/// kernel (`if_nametoindex`), not of /sys/class/net: sysfs shows the namespace of whoever
+/// mounted it, which is not crib's when crib runs in a namespace entered with setns.
+fn interface_exists(name: &str) -> bool {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads the NUL-terminated string, valid for the call.
+    unsafe { libc::if_nametoindex(c_name.as_ptr()) != 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interfaces_are_looked_up_in_crib_s_namespace() {
+        assert!(interface_exists("lo"));
+        assert!(!interface_exists("crib-no-such0"));
+        assert!(!interface_exists("bad\0name"));
+    }
 
     #[test]
     fn names_are_checked() {

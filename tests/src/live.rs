@@ -1,0 +1,150 @@
+//! A crib that runs while a test talks to it: its console (stdout) and log (stderr) are
+//! collected line by line as they come, so a test can wait for a line, and its stdin can
+//! be the guest's serial console input.
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::crib_bin;
+
+/// A crib whose stdout (the guest's console) is read line by line as it comes.
+pub struct LiveCrib {
+    child: Child,
+    /// The guest's serial console input (crib's stdin), when asked for.
+    stdin: Option<ChildStdin>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl LiveCrib {
+    /// Starts crib with `args` and no stdin.
+    pub fn spawn<S: AsRef<OsStr>>(args: &[S]) -> Result<Self> {
+        Self::start(args, false)
+    }
+
+    /// Starts crib with `args` and its stdin on a pipe: with the default console (stdout),
+    /// [`Self::type_text`] types on the guest's serial console.
+    pub fn spawn_with_console_input<S: AsRef<OsStr>>(args: &[S]) -> Result<Self> {
+        Self::start(args, true)
+    }
+
+    fn start<S: AsRef<OsStr>>(args: &[S], console_input: bool) -> Result<Self> {
+        let bin = crib_bin();
+        let mut child = Command::new(&bin)
+            .args(args)
+            .stdin(if console_input {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let follow = |pipe: Box<dyn Read + Send>| {
+            let text = Arc::new(Mutex::new(String::new()));
+            let sink = Arc::clone(&text);
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(mut text) = sink.lock() {
+                        text.push_str(line.trim_end_matches('\r'));
+                        text.push('\n');
+                    }
+                }
+            });
+            text
+        };
+        let stdout = follow(Box::new(child.stdout.take().context("no stdout pipe")?));
+        let stderr = follow(Box::new(child.stderr.take().context("no stderr pipe")?));
+        let stdin = child.stdin.take();
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// crib's exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Types `text` on the guest's serial console.
+    pub fn type_text(&mut self, text: &str) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .context("crib was started without console input")?;
+        stdin.write_all(text.as_bytes())?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// The console so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Both streams, for failure messages.
+    pub fn output(&self) -> String {
+        format!(
+            "--- stdout:\n{}\n--- stderr:\n{}",
+            self.stdout(),
+            self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+        )
+    }
+
+    /// Waits until stdout has a line for which `pick` returns something.
+    pub fn wait_for<T>(
+        &mut self,
+        what: &str,
+        wait: Duration,
+        pick: impl Fn(&str) -> Option<T>,
+    ) -> Result<T> {
+        let start = Instant::now();
+        loop {
+            if let Some(found) = pick(&self.stdout()) {
+                return Ok(found);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("crib exited ({status}) before {what}\n{}", self.output());
+            }
+            if start.elapsed() > wait {
+                bail!("no {what} within {wait:?}\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for crib to exit; its exit code.
+    pub fn wait_exit(&mut self, wait: Duration) -> Result<Option<i32>> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // Let the readers take the last lines.
+                std::thread::sleep(Duration::from_millis(200));
+                return Ok(status.code());
+            }
+            if start.elapsed() > wait {
+                bail!("crib did not exit within {wait:?}\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for LiveCrib {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
