@@ -118,7 +118,10 @@ fn ssh_banner(crib: &mut LiveCrib, wait: Duration) -> Result<String> {
     let start = Instant::now();
     loop {
         if let Some(status) = crib.try_wait()? {
-            bail!("crib exited ({status}) before sshd answered\n{}", crib.output());
+            bail!(
+                "crib exited ({status}) before sshd answered\n{}",
+                crib.output()
+            );
         }
         let attempt = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|s| {
             s.set_read_timeout(Some(Duration::from_secs(30)))?;
