@@ -15,7 +15,9 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::num::Wrapping;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +25,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_OK,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -123,6 +125,10 @@ pub(crate) struct NetWorker {
     /// The pending RX frame has passed the rate limiter.
     rx_admitted: bool,
     rx_chains: VecDeque<RxChain>,
+    /// The used elements of the frame being delivered (kept to reuse its allocation).
+    rx_batch: Vec<(u16, u32)>,
+    /// The RX used index when the worker last decided whether to interrupt.
+    rx_signalled: Wrapping<u16>,
     /// The TX frame gathered from a chain, waiting for the limiter: (head, length).
     tx_frame: Vec<u8>,
     tx_pending: Option<(u16, usize)>,
@@ -162,6 +168,7 @@ impl NetWorker {
         kill: EventFd,
     ) -> Result<Self, WorkerError> {
         let PairQueues { rx, tx, ctrl } = queues;
+        let rx_next_used = rx.queue.next_used();
         let rx_limiter = RateLimiter::new(params.rate_limit).map_err(WorkerError::RateLimiter)?;
         let tx_limiter = RateLimiter::new(params.rate_limit).map_err(WorkerError::RateLimiter)?;
         let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
@@ -201,6 +208,8 @@ impl NetWorker {
             rx_len: None,
             rx_admitted: false,
             rx_chains: VecDeque::new(),
+            rx_batch: Vec::new(),
+            rx_signalled: Wrapping(rx_next_used),
             tx_frame: vec![0; MAX_FRAME_BYTES],
             tx_pending: None,
             tx_more: false,
@@ -478,6 +487,8 @@ impl NetWorker {
         self.rx_frame[NUM_BUFFERS_OFFSET..VNET_HDR_BYTES]
             .copy_from_slice(&num_buffers.to_le_bytes());
         let mut offset = 0usize;
+        let mut used = std::mem::take(&mut self.rx_batch);
+        used.clear();
         for _ in 0..count {
             let Some(chain) = self.rx_chains.pop_front() else {
                 break;
@@ -498,13 +509,14 @@ impl NetWorker {
                 }
                 offset += n;
             }
-            let used = u32::try_from(offset - start).unwrap_or(0);
-            self.rx
-                .queue
-                .add_used(&self.mem, chain.head, used)
-                .map_err(queue_error(self.rx.index))?;
-            self.rx_used = true;
+            used.push((chain.head, u32::try_from(offset - start).unwrap_or(0)));
         }
+        // All of the frame's chains become visible to the driver at once: it reads
+        // `num_buffers` in the first and expects the rest to be there already.
+        let published = publish_used(&mut self.rx.queue, &self.mem, &used);
+        self.rx_batch = used;
+        published.map_err(queue_error(self.rx.index))?;
+        self.rx_used = true;
         add(&self.params.metrics.rx_frames, 1);
         add(&self.params.metrics.rx_bytes, (len - VNET_HDR_BYTES) as u64);
         Ok(Delivery::Done)
@@ -604,31 +616,102 @@ impl NetWorker {
 
     /// At most one interrupt per queue and turn.
     fn signal(&mut self) -> Result<(), WorkerError> {
-        let mut queues = vec![
-            (&mut self.rx, std::mem::take(&mut self.rx_used)),
-            (&mut self.tx, std::mem::take(&mut self.tx_used)),
-        ];
-        if let Some(ctrl) = self.ctrl.as_mut() {
-            queues.push((ctrl, std::mem::take(&mut self.ctrl_used)));
-        }
-        for (q, used) in queues {
-            if !used {
-                continue;
-            }
-            if q.queue
-                .needs_notification(&self.mem)
-                .map_err(queue_error(q.index))?
+        let mut due = Vec::with_capacity(3);
+        if std::mem::take(&mut self.rx_used) {
+            // RX frames are published with `publish_used`, which virtio-queue's
+            // notification count does not see: the RX decision is made here.
+            let used = Wrapping(self.rx.queue.next_used());
+            let since = std::mem::replace(&mut self.rx_signalled, used);
+            if needs_interrupt(&self.rx.queue, &self.mem, since)
+                .map_err(queue_error(self.rx.index))?
             {
-                if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Queue(q.index)) {
-                    if !self.logged_interrupt {
-                        self.logged_interrupt = true;
-                        tracing::error!(tap = %self.params.name, queue = q.index, error = %e, "net: cannot raise interrupt (logged once)");
-                    }
+                due.push(self.rx.index);
+            }
+        }
+        let mut others = vec![(&mut self.tx, std::mem::take(&mut self.tx_used))];
+        if let Some(ctrl) = self.ctrl.as_mut() {
+            others.push((ctrl, std::mem::take(&mut self.ctrl_used)));
+        }
+        for (q, used) in others {
+            if used
+                && q.queue
+                    .needs_notification(&self.mem)
+                    .map_err(queue_error(q.index))?
+            {
+                due.push(q.index);
+            }
+        }
+        for index in due {
+            if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Queue(index)) {
+                if !self.logged_interrupt {
+                    self.logged_interrupt = true;
+                    tracing::error!(tap = %self.params.name, queue = index, error = %e, "net: cannot raise interrupt (logged once)");
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Puts `elems` (head, length) on `queue`'s used ring and only then moves the used index,
+/// once: the driver sees all of them or none. Hand-written because virtio-queue's
+/// `add_used` publishes the index with every element, and a mergeable RX frame spread over
+/// several chains must not be seen in part (Linux drops it as "buffers missing" and then
+/// reads the rest as frames of their own). Firecracker batches its used ring the same way.
+fn publish_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    elems: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    use virtio_queue::Error;
+    const USED_RING_HEADER_BYTES: u64 = 4;
+    const USED_ELEMENT_BYTES: u64 = 8;
+    let size = queue.size();
+    let ring = GuestAddress(queue.used_ring());
+    let mut next = Wrapping(queue.next_used());
+    for &(head, len) in elems {
+        if head >= size {
+            return Err(Error::InvalidDescriptorIndex);
+        }
+        let offset = USED_RING_HEADER_BYTES + u64::from(next.0 % size) * USED_ELEMENT_BYTES;
+        let addr = ring.checked_add(offset).ok_or(Error::AddressOverflow)?;
+        // struct virtq_used_elem: le32 id, le32 len.
+        let mut elem = [0u8; USED_ELEMENT_BYTES as usize];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, addr).map_err(Error::GuestMemory)?;
+        next += Wrapping(1);
+    }
+    queue.set_next_used(next.0);
+    let idx = ring.checked_add(2).ok_or(Error::AddressOverflow)?;
+    // Release: the elements and the buffers' contents are visible before the index.
+    mem.store(next.0.to_le(), idx, Ordering::Release)
+        .map_err(Error::GuestMemory)
+}
+
+/// Whether the used entries added since the used index was `since` call for an interrupt
+/// (virtio 1.2 §2.7.10: with EVENT_IDX, when they pass the driver's `used_event`).
+fn needs_interrupt(
+    queue: &Queue,
+    mem: &GuestMemoryMmap,
+    since: Wrapping<u16>,
+) -> Result<bool, virtio_queue::Error> {
+    if !queue.event_idx_enabled() {
+        return Ok(true);
+    }
+    // The used index is written before `used_event` is read.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let used = Wrapping(queue.next_used());
+    // `used_event` follows the available ring's `size` entries.
+    let offset = 4 + u64::from(queue.size()) * 2;
+    let addr = GuestAddress(queue.avail_ring())
+        .checked_add(offset)
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    let used_event = Wrapping(u16::from_le(
+        mem.load(addr, Ordering::Relaxed)
+            .map_err(virtio_queue::Error::GuestMemory)?,
+    ));
+    Ok(used - used_event - Wrapping(1) < used - since)
 }
 
 /// Copies a TX chain into `frame`; its length, or `None` for a malformed chain (a
@@ -680,6 +763,15 @@ mod tests {
     }
 
     fn harness(mem: &GuestMemoryMmap, mergeable: bool, rate_limit: RateLimitConfig) -> Harness<'_> {
+        harness_with(mem, mergeable, rate_limit, false)
+    }
+
+    fn harness_with(
+        mem: &GuestMemoryMmap,
+        mergeable: bool,
+        rate_limit: RateLimitConfig,
+        event_idx: bool,
+    ) -> Harness<'_> {
         let rx = Ring::new(mem, 0, GuestAddress(RX_BASE), RX_STRIDE);
         let tx = Ring::new(mem, 1, GuestAddress(TX_BASE), TX_STRIDE);
         let (host, device) = UnixDatagram::pair().unwrap();
@@ -705,8 +797,8 @@ mod tests {
             interrupt.clone(),
             OwnedFd::from(device),
             PairQueues {
-                rx: wq(0, rx.queue()),
-                tx: wq(1, tx.queue()),
+                rx: wq(0, with_event_idx(rx.queue(), event_idx)),
+                tx: wq(1, with_event_idx(tx.queue(), event_idx)),
                 ctrl: None,
             },
             EventFd::new(EFD_NONBLOCK).unwrap(),
@@ -721,6 +813,11 @@ mod tests {
             metrics,
             interrupt,
         }
+    }
+
+    fn with_event_idx(mut queue: Queue, on: bool) -> Queue {
+        queue.set_event_idx(on);
+        queue
     }
 
     fn header(gso_type: u8) -> [u8; VNET_HDR_BYTES] {
@@ -852,6 +949,49 @@ mod tests {
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3);
         assert_eq!(&got[VNET_HDR_BYTES..], &frame[VNET_HDR_BYTES..]);
         assert_eq!(h.metrics.snapshot().rx_frames, 1);
+    }
+
+    /// With EVENT_IDX, the RX interrupt comes when the used index passes the driver's
+    /// `used_event`, counting every chain of a mergeable frame (published together).
+    #[test]
+    fn rx_interrupts_follow_used_event_across_mergeable_frames() {
+        let mem = guest_memory();
+        let mut h = harness_with(&mem, true, RateLimitConfig::default(), true);
+        let rx_interrupts = |h: &Harness| {
+            h.interrupt
+                .triggered()
+                .iter()
+                .filter(|t| **t == VirtioInterruptType::Queue(0))
+                .count()
+        };
+        let frame = |len: usize| {
+            let mut f = header(0).to_vec();
+            f.extend(pattern(len));
+            f
+        };
+        h.fill_rx(8, 1024);
+        // used_event 2: the driver wants an interrupt once entry 2 is used (index 3).
+        h.rx.set_used_event(2);
+
+        // Two chains (index 0 -> 2): not yet.
+        h.host.send(&frame(1500)).unwrap();
+        h.turn();
+        assert_eq!(h.rx.used_idx(), 2);
+        assert_eq!(rx_interrupts(&h), 0);
+
+        // Three more (2 -> 5) pass entry 2: one interrupt.
+        h.host.send(&frame(2500)).unwrap();
+        h.turn();
+        assert_eq!(h.rx.used_idx(), 5);
+        assert_eq!(rx_interrupts(&h), 1);
+
+        // The driver has not moved used_event: nothing more is due (5 -> 6).
+        h.host.send(&frame(100)).unwrap();
+        h.turn();
+        assert_eq!(h.rx.used_idx(), 6);
+        assert_eq!(rx_interrupts(&h), 1);
+        let lens: Vec<u32> = h.rx.take_used().iter().map(|u| u.1).collect();
+        assert_eq!(lens, vec![1024, 488, 1024, 1024, 464, 112]);
     }
 
     #[test]
