@@ -31,6 +31,12 @@
 //!   the same device (driver nvme), and fio in a crib guest on a virtio-blk disk backed by
 //!   the device (`direct=on`). Runs in a lab started with `--nvme` (a 1 GiB raw image).
 //!
+//! - `crib-bench net [--runs N] [--no-vhost]` (default 3 runs): the marketplace VM (the Debian image of
+//!   scripts/build-marketplace-image.sh, its own kernel and initrd, 2 vCPUs, 1 GiB) on a
+//!   tap at 10.0.1.1/24: boot to sshd's banner and to systemd's multi-user.target line,
+//!   and iperf3 TCP throughput host->guest and guest->host, for crib's virtio-net and
+//!   QEMU's virtio-net-pci with vhost=on and vhost=off, interleaved, in one lab boot.
+//!
 //! - `crib-bench density [--pods N]`: N pods (default 10) started at once with `crib pod
 //!   run` (128 MiB, crib's pod kernel, one idle process): the time until all answer
 //!   `docker ps`, crib's RSS outside guest memory per VM (RssAnon + RssFile) and the guest
@@ -1167,6 +1173,442 @@ fn vfio(runs: usize) -> Result<()> {
     Ok(())
 }
 
+/// `crib-bench net`: the tap both VMMs' guests use, and the addresses
+/// scripts/build-marketplace-image.sh gives the image (10.0.1.2/24, gateway 10.0.1.1).
+const NET_TAP: &str = "crbench0";
+const NET_HOST_IP: &str = "10.0.1.1";
+const NET_GUEST_IP: &str = "10.0.1.2";
+/// One MAC for every VM: L1's neighbour entry for 10.0.1.2 stays right from run to run.
+const NET_MAC: &str = "52:54:00:12:34:57";
+const NET_SECONDS: u32 = 10;
+const NET_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
+/// systemd's console line (its colour codes stripped) when the boot is done.
+const MULTI_USER_LINE: &str = "Reached target multi-user.target";
+/// A systemd boot in the lab's nested guest is slow: minutes, not seconds.
+const NET_BOOT_WAIT: Duration = Duration::from_secs(600);
+
+/// The VMMs `crib-bench net` compares.
+#[derive(Clone, Copy, PartialEq)]
+enum NetVmm {
+    Crib,
+    QemuVhost,
+    QemuUserspace,
+}
+
+impl NetVmm {
+    fn label(self, qemu_machine: &str) -> String {
+        match self {
+            NetVmm::Crib => "crib, virtio-net (userspace tap I/O)".into(),
+            NetVmm::QemuVhost => format!("QEMU `-M {qemu_machine}`, virtio-net-pci, vhost=on"),
+            NetVmm::QemuUserspace => {
+                format!("QEMU `-M {qemu_machine}`, virtio-net-pci, vhost=off")
+            }
+        }
+    }
+}
+
+/// What one boot of the marketplace image showed: seconds from spawning the VMM to
+/// sshd's banner and to systemd's multi-user.target line; TCP Mbit/s both ways.
+#[derive(Default)]
+struct NetSeries {
+    ssh: Vec<f64>,
+    multi_user: Vec<f64>,
+    to_guest: Vec<f64>,
+    from_guest: Vec<f64>,
+    errors: Vec<String>,
+}
+
+/// `text` without ANSI escape sequences (systemd colours its status lines).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// sshd's banner on NET_GUEST_IP:22, if it answers now.
+fn ssh_banner_now() -> Option<String> {
+    let addr: std::net::SocketAddr = format!("{NET_GUEST_IP}:22").parse().ok()?;
+    let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    line.starts_with("SSH-").then(|| line.trim().to_owned())
+}
+
+/// The receiver's rate (Mbit/s) of `iperf3 -f m` against the guest, `reverse` for
+/// guest->host; retried once (the server may still be starting).
+fn iperf3(reverse: bool) -> Result<f64> {
+    let seconds = NET_SECONDS.to_string();
+    let mut args = vec![
+        "60",
+        "iperf3",
+        "-c",
+        NET_GUEST_IP,
+        "-t",
+        &seconds,
+        "-f",
+        "m",
+    ];
+    if reverse {
+        args.push("-R");
+    }
+    let mut last = String::new();
+    for _ in 0..2 {
+        let out = Command::new("timeout")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run iperf3 (apt-get install iperf3)")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let rate = text
+            .lines()
+            .filter(|l| l.trim_end().ends_with("receiver"))
+            .find_map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                let at = words.iter().position(|w| *w == "Mbits/sec")?;
+                words.get(at.checked_sub(1)?)?.parse::<f64>().ok()
+            });
+        if let Some(rate) = rate {
+            return Ok(rate);
+        }
+        last = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    bail!("iperf3 gave no receiver rate: {last}")
+}
+
+/// The command that boots `image` in `vmm`: 2 vCPUs, 1 GiB, the image's kernel and
+/// initrd, the root disk on virtio-blk and virtio-net on NET_TAP.
+fn net_vm(
+    vmm: NetVmm,
+    qemu_machine: &str,
+    files: &std::path::Path,
+    image: &std::path::Path,
+) -> Command {
+    let (kernel, initrd) = (files.join("vmlinuz"), files.join("initrd.img"));
+    if vmm == NetVmm::Crib {
+        let mut crib = Command::new(crib_release());
+        crib.args(["run", "--cpus", "2", "--memory", "1024M", "--kernel"])
+            .arg(kernel)
+            .arg("--initrd")
+            .arg(initrd)
+            .arg("--disk")
+            .arg(format!("path={},id=root", image.display()))
+            .arg("--net")
+            .arg(format!("tap={NET_TAP},mac={NET_MAC}"))
+            .args(["--cmdline", NET_CMDLINE]);
+        return crib;
+    }
+    let vhost = if vmm == NetVmm::QemuVhost {
+        "on"
+    } else {
+        "off"
+    };
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-M", qemu_machine, "-enable-kvm", "-cpu", "host"])
+        .args(["-m", "1024M", "-smp", "2"])
+        .args(["-nodefaults", "-no-user-config", "-nographic"])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", NET_CMDLINE])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=root,format=raw,aio=io_uring",
+            image.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=root"])
+        .arg("-netdev")
+        .arg(format!(
+            "tap,id=n0,ifname={NET_TAP},script=no,downscript=no,vhost={vhost}"
+        ))
+        .arg("-device")
+        .arg(format!("virtio-net-pci,netdev=n0,mac={NET_MAC}"));
+    qemu
+}
+
+/// One boot of a fresh sparse copy of the image in `vmm`: boot times, then iperf3 both
+/// ways, then the VMM is killed (its disk is thrown away). A VMM that exits on its own
+/// is an error with its exit status, console tail and stderr.
+fn net_run(
+    vmm: NetVmm,
+    qemu_machine: &str,
+    files: &std::path::Path,
+    dir: &std::path::Path,
+    series: &mut NetSeries,
+) -> Result<()> {
+    let image = dir.join("vm.img");
+    let _ = std::fs::remove_file(&image);
+    host_tool(
+        "cp",
+        &[
+            "--sparse=always",
+            &files.join("debian.img").display().to_string(),
+            &image.display().to_string(),
+        ],
+    )?;
+    let result = net_run_on(vmm, qemu_machine, files, &image, series);
+    let _ = std::fs::remove_file(&image);
+    result
+}
+
+fn net_run_on(
+    vmm: NetVmm,
+    qemu_machine: &str,
+    files: &std::path::Path,
+    image: &std::path::Path,
+    series: &mut NetSeries,
+) -> Result<()> {
+    use std::sync::{Arc, Mutex};
+    let start = Instant::now();
+    let mut child = net_vm(vmm, qemu_machine, files, image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start the VMM")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let console = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lines = Arc::clone(&console);
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut raw = Vec::new();
+        let mut sent = false;
+        while reader.read_until(b'\n', &mut raw).is_ok_and(|n| n > 0) {
+            let line = strip_ansi(&String::from_utf8_lossy(&raw));
+            raw.clear();
+            if !sent && line.contains(MULTI_USER_LINE) {
+                let _ = tx.send(start.elapsed());
+                sent = true;
+            }
+            if let Ok(mut lines) = lines.lock() {
+                lines.push(line.trim_end().to_owned());
+            }
+        }
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
+        text
+    });
+    let outcome = (|| -> Result<(f64, f64, f64, f64)> {
+        let ssh = loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("the VMM exited before sshd answered: {status}");
+            }
+            if ssh_banner_now().is_some() {
+                break start.elapsed().as_secs_f64();
+            }
+            if start.elapsed() > NET_BOOT_WAIT {
+                bail!("no sshd banner on {NET_GUEST_IP}:22 after {NET_BOOT_WAIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let multi_user = rx
+            .recv_timeout(Duration::from_secs(120))
+            .context("no 'Reached target multi-user.target' on the console")?
+            .as_secs_f64();
+        let to_guest = iperf3(false)?;
+        let from_guest = iperf3(true)?;
+        if let Some(status) = child.try_wait()? {
+            bail!("the VMM exited during iperf3: {status}");
+        }
+        Ok((ssh, multi_user, to_guest, from_guest))
+    })();
+    let _ = child.kill();
+    let status = child.wait();
+    let stderr = err_reader.join().unwrap_or_default();
+    match outcome {
+        Ok((ssh, multi_user, to_guest, from_guest)) => {
+            series.ssh.push(ssh);
+            series.multi_user.push(multi_user);
+            series.to_guest.push(to_guest);
+            series.from_guest.push(from_guest);
+            Ok(())
+        }
+        Err(e) => {
+            let tail = console
+                .lock()
+                .map(|l| l[l.len().saturating_sub(30)..].join("\n"))
+                .unwrap_or_default();
+            Err(e.context(format!(
+                "after {:.1} s; exit status {status:?}\nconsole (last lines):\n{tail}\nstderr:\n{stderr}",
+                start.elapsed().as_secs_f64()
+            )))
+        }
+    }
+}
+
+fn net(runs: usize, vhost: bool) -> Result<()> {
+    let runs_arg = runs.to_string();
+    let mut lab_args = vec!["net", "--runs", &runs_arg];
+    if !vhost {
+        lab_args.push("--no-vhost");
+    }
+    if in_lab_with(&lab_args)? {
+        return Ok(());
+    }
+    let files = target_dir().join("marketplace");
+    for file in ["debian.img", "vmlinuz", "initrd.img"] {
+        if !files.join(file).exists() {
+            bail!(
+                "{} is missing: scripts/build-marketplace-image.sh builds it",
+                files.join(file).display()
+            );
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("crib-bench-net-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut vmms = vec![NetVmm::Crib, NetVmm::QemuUserspace, NetVmm::QemuVhost];
+    let mut notes = Vec::new();
+    if !vhost {
+        notes.push("QEMU vhost=on not measured (--no-vhost)".to_owned());
+        vmms.retain(|v| *v != NetVmm::QemuVhost);
+    } else if Command::new("modprobe")
+        .arg("vhost_net")
+        .status()
+        .map_or(true, |s| !s.success())
+        || !std::path::Path::new("/dev/vhost-net").exists()
+    {
+        notes.push(
+            "no /dev/vhost-net in L1 (modprobe vhost_net failed): QEMU vhost=on not measured"
+                .to_owned(),
+        );
+        vmms.retain(|v| *v != NetVmm::QemuVhost);
+    }
+    let _ = host_tool("ip", &["link", "del", NET_TAP]);
+    host_tool("ip", &["tuntap", "add", "dev", NET_TAP, "mode", "tap"])
+        .context("creating the tap (needs root and /dev/net/tun)")?;
+    host_tool(
+        "ip",
+        &["addr", "add", &format!("{NET_HOST_IP}/24"), "dev", NET_TAP],
+    )?;
+    host_tool("ip", &["link", "set", NET_TAP, "up"])?;
+    // QEMU on microvm (PCIe through ACPI) as the other benches; q35 if the image's
+    // initrd does not find its disk or NIC there.
+    let mut qemu_machine = "microvm,rtc=on,pcie=on".to_owned();
+    let mut qemu_ok = false;
+    let mut series: Vec<NetSeries> = vmms.iter().map(|_| NetSeries::default()).collect();
+    for run in 0..runs {
+        for (vmm, series) in vmms.iter().zip(series.iter_mut()) {
+            eprintln!(
+                "crib-bench net: run {} of {runs}: {}",
+                run + 1,
+                vmm.label(&qemu_machine)
+            );
+            let mut result = net_run(*vmm, &qemu_machine, &files, &dir, series);
+            if result.is_err()
+                && *vmm != NetVmm::Crib
+                && !qemu_ok
+                && qemu_machine.starts_with("microvm")
+            {
+                let error = result.err().map(|e| format!("{e:#}")).unwrap_or_default();
+                notes.push(format!(
+                    "QEMU `-M {qemu_machine}` failed, q35 used instead: {error}"
+                ));
+                qemu_machine = "q35".to_owned();
+                result = net_run(*vmm, &qemu_machine, &files, &dir, series);
+            }
+            qemu_ok |= result.is_ok() && *vmm != NetVmm::Crib;
+            if result.is_ok() {
+                // On the console as it comes: a lab that dies later keeps what was measured.
+                eprintln!(
+                    "crib-bench net: sshd {:.1} s, multi-user {:.1} s, host->guest {:.0} Mbit/s, guest->host {:.0} Mbit/s",
+                    series.ssh.last().unwrap_or(&f64::NAN),
+                    series.multi_user.last().unwrap_or(&f64::NAN),
+                    series.to_guest.last().unwrap_or(&f64::NAN),
+                    series.from_guest.last().unwrap_or(&f64::NAN)
+                );
+            }
+            if let Err(e) = result {
+                let error = format!("{e:#}");
+                eprintln!(
+                    "crib-bench net: {} failed: {error}",
+                    vmm.label(&qemu_machine)
+                );
+                series.errors.push(error);
+            }
+        }
+    }
+    let _ = host_tool("ip", &["link", "del", NET_TAP]);
+    std::fs::remove_dir_all(&dir)?;
+    let medians: Vec<(f64, f64, f64, f64)> = series
+        .iter()
+        .map(|s| {
+            (
+                median(&mut s.ssh.clone()),
+                median(&mut s.multi_user.clone()),
+                median(&mut s.to_guest.clone()),
+                median(&mut s.from_guest.clone()),
+            )
+        })
+        .collect();
+    println!(
+        "| marketplace VM (Debian 12, 2 vCPUs, 1 GiB), {runs} runs, medians | boot to sshd banner | boot to multi-user.target | TCP host->guest | TCP guest->host |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    for ((vmm, (s, m, t, f)), series) in vmms.iter().zip(&medians).zip(&series) {
+        println!(
+            "| {} ({} of {runs} runs) | {s:.1} s | {m:.1} s | {t:.0} Mbit/s | {f:.0} Mbit/s |",
+            vmm.label(&qemu_machine),
+            series.ssh.len()
+        );
+    }
+    let (cs, cm, ct, cf) = medians[0];
+    for (vmm, (s, m, t, f)) in vmms.iter().zip(&medians).skip(1) {
+        let which = if *vmm == NetVmm::QemuVhost {
+            "vhost=on"
+        } else {
+            "vhost=off"
+        };
+        println!(
+            "| **crib / QEMU {which}** | **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** |",
+            cs / s,
+            cm / m,
+            ct / t,
+            cf / f
+        );
+    }
+    println!();
+    for (vmm, s) in vmms.iter().zip(&series) {
+        println!(
+            "- all runs, {}: sshd {:.1?} s, multi-user {:.1?} s, host->guest {:.0?}, guest->host {:.0?} Mbit/s",
+            vmm.label(&qemu_machine),
+            s.ssh,
+            s.multi_user,
+            s.to_guest,
+            s.from_guest
+        );
+    }
+    for note in &notes {
+        println!("- note: {note}");
+    }
+    for (vmm, s) in vmms.iter().zip(&series) {
+        for error in &s.errors {
+            println!("- error, {}: {error}", vmm.label(&qemu_machine));
+        }
+    }
+    Ok(())
+}
+
 fn mem_available_kib() -> Result<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;
     meminfo
@@ -1256,6 +1698,14 @@ fn main() -> Result<()> {
         Some("vsock") => vsock(runs),
         Some("fs") => fs(runs),
         Some("vfio") => vfio(runs),
+        Some("net") => net(
+            if args.iter().any(|a| a == "--runs") {
+                runs
+            } else {
+                3
+            },
+            !args.iter().any(|a| a == "--no-vhost"),
+        ),
         Some("density") => {
             let pods = args
                 .iter()
@@ -1268,7 +1718,7 @@ fn main() -> Result<()> {
             density(pods)
         }
         _ => bail!(
-            "usage: crib-bench host | boot [--runs N] | io [--runs N] | vsock [--runs N] | fs [--runs N] | vfio [--runs N] | density [--pods N]"
+            "usage: crib-bench host | boot [--runs N] | io [--runs N] | vsock [--runs N] | fs [--runs N] | vfio [--runs N] | net [--runs N] [--no-vhost] | density [--pods N]"
         ),
     }
 }
