@@ -90,7 +90,9 @@ fn expect(socket: &Path, method: &str, path: &str, body: &str, want: u16) -> Res
 
 /// The last `tick N UPTIME IDLE` line on the console: (N, uptime in seconds).
 fn last_tick(console: &str) -> Option<(u64, f64)> {
-    console.lines().rev().find_map(|line| {
+    // Complete lines only: the console is read as it comes, and "tick 4 1." is not 1.0.
+    let complete = &console[..console.rfind('\n').map_or(0, |end| end + 1)];
+    complete.lines().rev().find_map(|line| {
         let mut words = line.strip_prefix("tick ")?.split_whitespace();
         let n = words.next()?.parse().ok()?;
         let uptime = words.next()?.parse().ok()?;

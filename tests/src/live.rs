@@ -1,9 +1,9 @@
 //! A crib that runs while a test talks to it: its console (stdout) and log (stderr) are
-//! collected line by line as they come, so a test can wait for a line, and its stdin can
-//! be the guest's serial console input.
+//! collected as they come, partial lines included (a shell prompt ends without a newline),
+//! so a test can wait for text, and its stdin can be the guest's serial console input.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,13 +12,21 @@ use anyhow::{bail, Context, Result};
 
 use crate::crib_bin;
 
-/// A crib whose stdout (the guest's console) is read line by line as it comes.
+/// A crib whose stdout (the guest's console) is read as it comes.
 pub struct LiveCrib {
     child: Child,
     /// The guest's serial console input (crib's stdin), when asked for.
     stdin: Option<ChildStdin>,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+/// `bytes` as text, without the carriage returns of a serial console's line ends.
+fn text_of(bytes: &Mutex<Vec<u8>>) -> String {
+    bytes
+        .lock()
+        .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+        .unwrap_or_default()
 }
 
 impl LiveCrib {
@@ -47,18 +55,25 @@ impl LiveCrib {
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
         let follow = |pipe: Box<dyn Read + Send>| {
-            let text = Arc::new(Mutex::new(String::new()));
-            let sink = Arc::clone(&text);
+            let bytes = Arc::new(Mutex::new(Vec::new()));
+            let sink = Arc::clone(&bytes);
             std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    if let Ok(mut text) = sink.lock() {
-                        text.push_str(line.trim_end_matches('\r'));
-                        text.push('\n');
+                let mut pipe = pipe;
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match pipe.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if let Ok(mut bytes) = sink.lock() {
+                                bytes.extend_from_slice(&chunk[..n]);
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
                     }
                 }
             });
-            text
+            bytes
         };
         let stdout = follow(Box::new(child.stdout.take().context("no stdout pipe")?));
         let stderr = follow(Box::new(child.stderr.take().context("no stderr pipe")?));
@@ -89,7 +104,7 @@ impl LiveCrib {
 
     /// The console so far.
     pub fn stdout(&self) -> String {
-        self.stdout.lock().map(|s| s.clone()).unwrap_or_default()
+        text_of(&self.stdout)
     }
 
     /// Both streams, for failure messages.
@@ -97,11 +112,11 @@ impl LiveCrib {
         format!(
             "--- stdout:\n{}\n--- stderr:\n{}",
             self.stdout(),
-            self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+            text_of(&self.stderr)
         )
     }
 
-    /// Waits until stdout has a line for which `pick` returns something.
+    /// Waits until `pick` finds something in stdout so far (a partial last line included).
     pub fn wait_for<T>(
         &mut self,
         what: &str,
