@@ -21,6 +21,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             disk_works_after_driver_rebind,
         ),
         (
+            "linux_disk_works_after_the_guest_moves_its_bar",
+            disk_works_after_the_guest_moves_its_bar,
+        ),
+        (
             "linux_disk_readonly_refuses_writes",
             disk_readonly_refuses_writes,
         ),
@@ -146,6 +150,80 @@ fn disk_works_after_driver_rebind() -> Result<()> {
         std::fs::read(&file)?.starts_with(b"after-rebind\n"),
         "the write reached the host",
     )?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Where the guest moves the disk's BAR 0: the top 64 KiB-aligned slot of crib's PCI
+/// window (0xc000_0000..0xe000_0000), far from the BARs crib placed at its bottom.
+const MOVED_BAR: u32 = 0xdf00_0000;
+
+/// The guest moves the disk's BAR itself (driver unbound, a new address written into BAR
+/// 0 through sysfs) and reads the device's config space there through /dev/mem: crib must
+/// answer at the new address and no longer at the old one. Then it removes the device and
+/// rescans, so Linux places the BAR again (a second move) and binds the driver, whose
+/// doorbells and interrupts must work wherever the BAR ended up.
+fn disk_works_after_the_guest_moves_its_bar() -> Result<()> {
+    let dir = scratch("barmove")?;
+    let file = backing_file(&dir, "barmove.img", 16 * MIB)?;
+    let disk = format!("path={},id=barmove", file.display());
+    let dev = "/sys/bus/pci/devices/0000:00:01.0";
+    // BAR 0's low dword, little endian, as octal escapes for busybox printf.
+    let bytes: String = MOVED_BAR
+        .to_le_bytes()
+        .iter()
+        .map(|b| format!("\\{b:03o}"))
+        .collect();
+    // virtio-blk's capacity (sectors) opens the device config, 0x2000 into crib's BAR 0.
+    let out = boot_with_disks(
+        &[disk],
+        &format!(
+            "old=$(head -c 18 {dev}/resource); echo bar-before $old; \
+             echo 0000:00:01.0 > /sys/bus/pci/drivers/virtio-pci/unbind && \
+             printf '{bytes}' | dd of={dev}/config bs=4 seek=4 count=1 conv=notrunc 2>/dev/null && \
+             echo capacity-at-new $(devmem $(({MOVED_BAR} + 0x2000)) 32) \
+                  capacity-at-old $(devmem $((old + 0x2000)) 32); \
+             echo 1 > {dev}/remove && echo 1 > /sys/bus/pci/rescan && sleep 1; \
+             echo bar-after $(head -c 18 {dev}/resource); \
+             echo after-bar-move | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null && \
+             echo read-back: $(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -n 1)"
+        ),
+    )?;
+    expect_status(&out, 0)?;
+    let sectors = 16 * MIB / 512;
+    let console = out.stdout.to_lowercase();
+    out.check(
+        console.contains(&format!(
+            "capacity-at-new {sectors:#010x} capacity-at-old 0xffffffff"
+        )),
+        "after the move the device answers at the new address, and nothing at the old",
+    )?;
+    out.check(
+        out.stdout.contains("read-back: after-bar-move"),
+        "the disk works once Linux has placed the BAR again",
+    )?;
+    out.check(
+        std::fs::read(&file)?.starts_with(b"after-bar-move\n"),
+        "the write reached the host",
+    )?;
+    let after = out
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("bar-after 0x"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .context("no bar-after line")?;
+    for (from, to) in [
+        (0xc000_0000, u64::from(MOVED_BAR)),
+        (u64::from(MOVED_BAR), after),
+    ] {
+        out.check(
+            from == to
+                || out.stderr.contains(&format!(
+                    "guest moved BAR 0 of PCI 00:01.0 from {from:#x} to {to:#x}"
+                )),
+            &format!("crib followed the move from {from:#x} to {to:#x}"),
+        )?;
+    }
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -39,6 +39,10 @@ pub fn lab_tests() -> Vec<(&'static str, TestFn)> {
             nvme_with_virtio_blk_and_vsock,
         ),
         (
+            "linux_vfio_nvme_works_after_the_guest_moves_its_bar",
+            nvme_works_after_the_guest_moves_its_bar,
+        ),
+        (
             "linux_vfio_pod_nvme_volume_formatted_and_mounted",
             pod_nvme_volume_formatted_and_mounted,
         ),
@@ -160,7 +164,16 @@ fn bind(bdf: &str, driver: &str) -> Result<()> {
 }
 
 fn boot_with_vfio(bdf: &str, command: &str, extra: &[String]) -> Result<RunOutput> {
-    let artifacts = GuestArtifacts::pod()?;
+    boot_with_vfio_on(&GuestArtifacts::pod()?, bdf, command, extra)
+}
+
+/// The same with another kernel and initramfs.
+fn boot_with_vfio_on(
+    artifacts: &GuestArtifacts,
+    bdf: &str,
+    command: &str,
+    extra: &[String],
+) -> Result<RunOutput> {
     let mut args: Vec<String> = vec![
         "run".into(),
         "--kernel".into(),
@@ -264,6 +277,79 @@ fn nvme_direct_write_reaches_l1() -> Result<()> {
         &format!(
             "L1 reads the pattern back, got {:?}",
             String::from_utf8_lossy(&head)
+        ),
+    )
+}
+
+/// The guest moves the passed-through NVMe's BAR 0 (driver unbound, new address written
+/// through sysfs) and reads the controller's version register there through /dev/mem:
+/// crib must have moved the BAR's KVM slots. Then it removes the device and rescans, so
+/// Linux places the BAR again (a second move); the nvme driver comes back wherever that
+/// is, with its MSI-X table trap moved along, and its O_DIRECT write reaches L1.
+fn nvme_works_after_the_guest_moves_its_bar() -> Result<()> {
+    const MOVED_BAR: u32 = 0xdf00_0000;
+    let bdf = nvme_to_vfio()?;
+    let dev = "/sys/bus/pci/devices/0000:00:01.0";
+    let bytes: String = MOVED_BAR
+        .to_le_bytes()
+        .iter()
+        .map(|b| format!("\\{b:03o}"))
+        .collect();
+    // VS (the NVMe version) is at 0x8 in BAR 0; /dev/mem may read it once no driver holds
+    // the BAR. The pattern goes to the second 4 KiB block. No double quotes: the command
+    // sits in the kernel command line's quotes.
+    let command = format!(
+        "old=$(head -c 18 {dev}/resource); \
+         echo 0000:00:01.0 > /sys/bus/pci/drivers/nvme/unbind && \
+         echo vs-before $(devmem $((old + 8)) 32) && \
+         printf '{bytes}' | dd of={dev}/config bs=4 seek=4 count=1 conv=notrunc 2>/dev/null && \
+         echo vs-at-new $(devmem $(({MOVED_BAR} + 8)) 32) vs-at-old $(devmem $((old + 8)) 32); \
+         echo 1 > {dev}/remove && echo 1 > /sys/bus/pci/rescan; \
+         for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/nvme0n1 ] && break; sleep 1; done; \
+         echo bar-after $(head -c 18 {dev}/resource); \
+         echo {PATTERN} | dd of=/dev/nvme0n1 bs=4096 seek=1 count=1 conv=sync oflag=direct && echo moved-write-done"
+    );
+    // Debian's cloud kernel: the pod kernel has no /dev/mem.
+    let run = boot_with_vfio_on(&GuestArtifacts::find()?, &bdf, &command, &[]);
+    let rebound = bind(&bdf, "nvme");
+    let out = run?;
+    rebound?;
+    out.check(
+        out.stdout.contains("cradle: command exited with status 0") && out.code == Some(0),
+        "the guest command succeeds and crib exits 0",
+    )?;
+    let console = out.stdout.to_lowercase();
+    let version = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("vs-before 0x"))
+        .map(|hex| format!("0x{hex}"))
+        .unwrap_or_default();
+    out.check(
+        !version.is_empty()
+            && version != "0xffffffff"
+            && console.contains(&format!("vs-at-new {version} vs-at-old 0xffffffff")),
+        "after the move the controller answers at the new address, and nothing at the old",
+    )?;
+    out.check(
+        out.stderr.contains(&format!(
+            "guest moved BAR 0 of PCI 00:01.0 from 0xc0000000 to {MOVED_BAR:#x}"
+        )) && !out.stderr.contains("slow path")
+            && !out.stderr.contains("cannot follow"),
+        "crib moved the BAR's slots and trap",
+    )?;
+    out.check(
+        out.stdout.contains("moved-write-done"),
+        "the O_DIRECT write after Linux placed the BAR again completes",
+    )?;
+    let disk = PathBuf::from("/dev/nvme0n1");
+    wait_for(&disk, "nvme rebind")?;
+    let mut block = vec![0u8; 4096 + PATTERN.len()];
+    std::fs::File::open(&disk)?.read_exact(&mut block)?;
+    out.check(
+        &block[4096..] == PATTERN.as_bytes(),
+        &format!(
+            "L1 reads the pattern back, got {:?}",
+            String::from_utf8_lossy(&block[4096..])
         ),
     )
 }

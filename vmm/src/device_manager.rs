@@ -14,6 +14,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::bar_relocation::{BarHook, BarRelocator};
 use crate::interrupts::{GsiRouter, InterruptError};
 use crate::vm::Vm;
 
@@ -74,7 +75,9 @@ pub enum DeviceError {
 /// Devices being assembled; [`DeviceManager::finish`] returns the buses.
 pub struct DeviceManager {
     pci: PciBus,
-    mmio: Bus,
+    mmio: Arc<Bus>,
+    /// Follows the BARs the guest moves.
+    relocator: Arc<BarRelocator>,
     bar_space: AddressAllocator,
     router: Arc<GsiRouter>,
 }
@@ -87,9 +90,14 @@ impl DeviceManager {
                 source,
             }
         })?;
+        let mmio = Arc::new(Bus::new());
+        let relocator = Arc::new(BarRelocator::new(Arc::downgrade(&mmio)));
+        let mut pci = PciBus::new();
+        pci.set_bar_relocation(relocator.clone());
         Ok(Self {
-            pci: PciBus::new(),
-            mmio: Bus::new(),
+            pci,
+            mmio,
+            relocator,
             bar_space,
             router: Arc::new(GsiRouter::new(vm.fd().clone())),
         })
@@ -130,12 +138,17 @@ impl DeviceManager {
         };
 
         let mut kicks = Vec::with_capacity(queues);
+        let mut doorbells = Vec::with_capacity(queues);
         for queue in 0..queues {
             let kick = eventfd()?;
             let addr = VirtioPciDevice::notify_address(bar, queue as u16);
             vm.fd()
                 .register_ioevent(&kick, &IoEventAddress::Mmio(addr.0), NoDatamatch)
                 .map_err(kvm_err("ioeventfd"))?;
+            doorbells.push(kick.try_clone().map_err(|source| DeviceError::EventFd {
+                name: name.into(),
+                source,
+            })?);
             kicks.push(kick);
         }
 
@@ -180,6 +193,12 @@ impl DeviceManager {
                 name: name.into(),
                 source,
             })?;
+        self.relocator.register(
+            slot,
+            0,
+            bar,
+            Some(move_doorbells(vm.fd().clone(), doorbells)),
+        );
         tracing::debug!("{name}: PCI 00:{slot:02x}.0, BAR0 {bar:#x}, {queues} queues");
         Ok(())
     }
@@ -201,21 +220,23 @@ impl DeviceManager {
                 name: name.clone(),
                 source,
             })?;
-        for (trap, addr, size) in parts.traps {
+        for trap in parts.traps {
             self.mmio
-                .insert(trap, addr, size)
+                .insert(trap.device, trap.addr, trap.size)
                 .map_err(|source| DeviceError::Bus {
                     name: name.clone(),
                     source,
                 })?;
+            self.relocator
+                .register(slot, trap.bar, trap.addr, Some(trap.on_move));
         }
         tracing::debug!("{name}: PCI 00:{slot:02x}.0");
         Ok(())
     }
 
     /// Puts PCI configuration access on the buses and returns the MMIO bus.
-    pub fn finish(self, pio: &mut Bus) -> Result<Bus, DeviceError> {
-        let DeviceManager { pci, mut mmio, .. } = self;
+    pub fn finish(self, pio: &mut Bus) -> Result<Arc<Bus>, DeviceError> {
+        let DeviceManager { pci, mmio, .. } = self;
         let pci = Arc::new(pci);
         let bus_err = |source| DeviceError::Bus {
             name: "pci".into(),
@@ -235,4 +256,20 @@ impl DeviceManager {
         .map_err(bus_err)?;
         Ok(mmio)
     }
+}
+
+/// Moves a virtio device's doorbell ioeventfds (one per queue, in queue order) with its
+/// BAR 0. Should KVM refuse, a doorbell write reaches the device through the bus, which
+/// kicks the same eventfd: slower, still correct.
+fn move_doorbells(vm: Arc<kvm_ioctls::VmFd>, doorbells: Vec<EventFd>) -> BarHook {
+    Box::new(move |old, new| {
+        for (queue, kick) in (0u16..).zip(&doorbells) {
+            let at = |base| IoEventAddress::Mmio(VirtioPciDevice::notify_address(base, queue).0);
+            vm.unregister_ioevent(kick, &at(old), NoDatamatch)
+                .map_err(|e| format!("cannot remove queue {queue}'s doorbell ioeventfd: {e}"))?;
+            vm.register_ioevent(kick, &at(new), NoDatamatch)
+                .map_err(|e| format!("cannot add queue {queue}'s doorbell ioeventfd: {e}"))?;
+        }
+        Ok(())
+    })
 }

@@ -3,6 +3,7 @@
 //! thin CLI over [`run`].
 
 pub mod api;
+pub mod bar_relocation;
 pub mod block;
 pub mod config;
 pub mod console;
@@ -463,7 +464,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
     let mmio = device_manager.finish(&mut pio).map_err(VmmError::Device)?;
     let buses = VcpuBuses {
         pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
+        mmio,
         exits: Arc::new(vcpu::ExitCounters::default()),
     };
 

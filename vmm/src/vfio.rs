@@ -30,6 +30,7 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioRegionInfoCap};
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::bar_relocation::BarHook;
 use crate::interrupts::GsiRouter;
 use crate::memory::GuestMemory;
 
@@ -339,7 +340,7 @@ impl VfioHost {
 
         // Map what VFIO lets us map, less the MSI-X pages; trap the whole BAR on the bus
         // (accesses KVM slots take never exit).
-        let mut mappings = Vec::new();
+        let mut mappings: Vec<BarMapping> = Vec::new();
         let mut traps = Vec::new();
         for (bar, addr) in &placed {
             traps.push((bar.index, *addr, bar.size));
@@ -375,7 +376,7 @@ impl VfioHost {
                     index,
                     start,
                     end - start,
-                    addr + start,
+                    *addr,
                 )
                 .map_err(|source| VfioError::MapBar {
                     bdf: *bdf,
@@ -399,18 +400,22 @@ impl VfioHost {
             msix_cap.map(|c| c.vectors)
         );
         let pci = Arc::new(Mutex::new(pci));
+        let mappings = Arc::new(Mutex::new(mappings));
         let traps = traps
             .into_iter()
             .map(|(bar, addr, size)| {
-                let trap: Arc<Mutex<dyn devices::BusDevice>> =
+                let device: Arc<Mutex<dyn devices::BusDevice>> =
                     Arc::new(Mutex::new(VfioBarTrap::new(pci.clone(), bar)));
-                (trap, addr, size)
+                BarTrap {
+                    bar,
+                    device,
+                    addr,
+                    size,
+                    on_move: move_bar_mappings(mappings.clone(), bar),
+                }
             })
             .collect();
-        self.guards.push(DeviceGuard {
-            device,
-            _mappings: mappings,
-        });
+        self.guards.push(DeviceGuard { device, mappings });
         Ok(VfioParts { pci, traps })
     }
 }
@@ -438,17 +443,38 @@ fn subtract(areas: &[(u64, u64)], hole: (u64, u64)) -> Vec<(u64, u64)> {
 /// What the device manager puts on its buses for one passed-through device.
 pub struct VfioParts {
     pub pci: Arc<Mutex<VfioPciDevice>>,
-    /// Per BAR: the trap, its guest address and size.
+    /// One per BAR.
     pub traps: Vec<BarTrap>,
 }
 
-/// A BAR's MMIO bus device, guest address and size.
-pub type BarTrap = (Arc<Mutex<dyn devices::BusDevice>>, u64, u64);
+/// A BAR on the MMIO bus: what the KVM slots do not cover traps to `device`.
+pub struct BarTrap {
+    pub bar: usize,
+    pub device: Arc<Mutex<dyn devices::BusDevice>>,
+    pub addr: u64,
+    pub size: u64,
+    /// Moves the BAR's KVM slots when the guest moves the BAR.
+    pub on_move: BarHook,
+}
+
+/// Moves the KVM slots of BAR `bar` to the BAR's new base. A slot KVM refuses stays
+/// deleted: its accesses then trap to crib, which forwards them through VFIO.
+fn move_bar_mappings(mappings: Arc<Mutex<Vec<BarMapping>>>, bar: usize) -> BarHook {
+    Box::new(move |_old, new| {
+        let mut mappings = mappings.lock().unwrap_or_else(|e| e.into_inner());
+        for mapping in mappings.iter_mut().filter(|m| m.region as usize == bar) {
+            mapping
+                .move_to(new)
+                .map_err(|e| format!("cannot map BAR {bar} at {new:#x}: {e}"))?;
+        }
+        Ok(())
+    })
+}
 
 /// Resets the device and unmaps its BARs when dropped.
 struct DeviceGuard {
     device: Arc<VfioDevice>,
-    _mappings: Vec<BarMapping>,
+    mappings: Arc<Mutex<Vec<BarMapping>>>,
 }
 
 impl Drop for DeviceGuard {
@@ -459,7 +485,8 @@ impl Drop for DeviceGuard {
         self.device.reset();
         // crib leaves its vCPUs in KVM_RUN and ends the process after this: keep the BARs
         // mapped (the kernel unmaps them at exit) so a vCPU never faults on a hole.
-        for mapping in std::mem::take(&mut self._mappings) {
+        let mut mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        for mapping in std::mem::take(&mut *mappings) {
             std::mem::forget(mapping);
         }
         // The same for the device: dropping the last VfioDevice detaches its group
@@ -498,7 +525,11 @@ impl VfioRegions for DeviceRegions {
 struct BarMapping {
     vm: Arc<VmFd>,
     slot: u32,
-    guest_addr: u64,
+    /// The BAR (VFIO region index) and where in it the piece starts.
+    region: u32,
+    offset: u64,
+    /// The slot's guest address; `None` while KVM holds no slot for it.
+    guest_addr: Option<u64>,
     host: *mut libc::c_void,
     len: u64,
 }
@@ -508,6 +539,8 @@ struct BarMapping {
 unsafe impl Send for BarMapping {}
 
 impl BarMapping {
+    /// Maps `len` bytes at `offset` of BAR `region` into the guest, for the BAR at
+    /// `bar_addr`.
     fn new(
         vm: &Arc<VmFd>,
         device: &VfioDevice,
@@ -515,7 +548,7 @@ impl BarMapping {
         region: u32,
         offset: u64,
         len: u64,
-        guest_addr: u64,
+        bar_addr: u64,
     ) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
         let size =
@@ -537,40 +570,61 @@ impl BarMapping {
         if host == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        let mapping = Self {
+        let mut mapping = Self {
             vm: vm.clone(),
             slot,
-            guest_addr,
+            region,
+            offset,
+            guest_addr: None,
             host,
             len,
         };
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: guest_addr,
-            memory_size: len,
-            userspace_addr: host as u64,
-        };
-        // SAFETY: `host` is a live mapping of `len` bytes owned by `mapping`, whose Drop
-        // deletes the slot before unmapping it.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        mapping.move_to(bar_addr)?;
         Ok(mapping)
     }
-}
 
-impl Drop for BarMapping {
-    fn drop(&mut self) {
+    /// Puts the slot at `bar_addr` + the piece's offset (deleting it where it was).
+    fn move_to(&mut self, bar_addr: u64) -> std::io::Result<()> {
+        if self.guest_addr.take().is_some() {
+            self.delete_slot();
+        }
+        let guest_addr = bar_addr
+            .checked_add(self.offset)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         let region = kvm_userspace_memory_region {
             slot: self.slot,
             flags: 0,
-            guest_phys_addr: self.guest_addr,
+            guest_phys_addr: guest_addr,
+            memory_size: self.len,
+            userspace_addr: self.host as u64,
+        };
+        // SAFETY: `host` is a live mapping of `len` bytes owned by `self`, whose Drop
+        // deletes the slot before unmapping it.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        self.guest_addr = Some(guest_addr);
+        Ok(())
+    }
+
+    fn delete_slot(&self) {
+        let region = kvm_userspace_memory_region {
+            slot: self.slot,
+            flags: 0,
+            guest_phys_addr: 0,
             memory_size: 0,
             userspace_addr: 0,
         };
         // SAFETY: a zero-size region deletes the slot; KVM keeps no host address.
         if let Err(e) = unsafe { self.vm.set_user_memory_region(region) } {
             tracing::debug!("deleting BAR slot {}: {e}", self.slot);
+        }
+    }
+}
+
+impl Drop for BarMapping {
+    fn drop(&mut self) {
+        if self.guest_addr.take().is_some() {
+            self.delete_slot();
         }
         // SAFETY: `host`/`len` are exactly the mapping made in `new`, no longer used by
         // KVM (slot deleted above) and never referenced by Rust code.

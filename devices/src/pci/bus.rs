@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::configuration::PciIdentity;
-use super::{BarMove, PciConfiguration, PciDevice};
+use super::{BarMove, BarRelocation, PciConfiguration, PciDevice};
 use crate::bus::BusDevice;
 
 /// Slots on the bus.
@@ -48,6 +48,8 @@ impl PciDevice for HostBridge {
 /// Bus 0 and its devices.
 pub struct PciBus {
     slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
+    /// Follows BARs the guest moves; without it a move is only logged.
+    relocation: Option<Arc<dyn BarRelocation>>,
 }
 
 impl Default for PciBus {
@@ -74,7 +76,15 @@ impl PciBus {
         };
         let mut slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>> = vec![None; PCI_SLOTS];
         slots[0] = Some(Arc::new(Mutex::new(bridge)));
-        Self { slots }
+        Self {
+            slots,
+            relocation: None,
+        }
+    }
+
+    /// Who follows the BARs the guest moves.
+    pub fn set_bar_relocation(&mut self, relocation: Arc<dyn BarRelocation>) {
+        self.relocation = Some(relocation);
     }
 
     /// Puts `device` in the first free slot; returns the slot.
@@ -120,17 +130,19 @@ impl PciBus {
         let Some(device) = self.device(bus, slot, function) else {
             return;
         };
+        // The device's lock is released before the move: following it takes the MMIO
+        // bus's write lock, and another vCPU may be in this device's BAR meanwhile.
         let moved = device
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .write_config_register(reg, offset, data);
-        if let Some(moved) = moved {
-            // crib places BARs inside the host bridge window, where Linux keeps them;
-            // following a move (re-registering MMIO and ioeventfds) is not implemented.
-            tracing::warn!(
+        let Some(moved) = moved else { return };
+        match &self.relocation {
+            Some(relocation) => relocation.move_bar(slot, &moved),
+            None => tracing::warn!(
                 "guest moved BAR {} of PCI device {slot:02x} from {:#x} to {:#x}: not followed, the device will not respond there",
                 moved.bar, moved.old, moved.new
-            );
+            ),
         }
     }
 }
@@ -326,5 +338,70 @@ mod tests {
             bus.add_device(dummy_device()).unwrap();
         }
         assert_eq!(bus.add_device(dummy_device()), Err(PciError::BusFull));
+    }
+
+    /// Records the moves the bus reports.
+    #[derive(Default)]
+    struct RecordingRelocation {
+        moves: Mutex<Vec<(u8, BarMove)>>,
+    }
+
+    impl BarRelocation for RecordingRelocation {
+        fn move_bar(&self, slot: u8, moved: &BarMove) {
+            self.moves.lock().unwrap().push((slot, *moved));
+        }
+    }
+
+    #[test]
+    fn bar_moves_reach_the_relocation_with_the_slot_and_sizing_does_not() {
+        let mut config = PciConfiguration::new(PciIdentity {
+            vendor_id: 1,
+            device_id: 2,
+            class_code: 0,
+            subclass: 0,
+            prog_if: 0,
+            revision: 0,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+        });
+        config
+            .add_bar(super::super::BarRegion {
+                index: 0,
+                addr: 0xc000_0000,
+                size: 0x1_0000,
+                is_64bit: false,
+                prefetchable: false,
+            })
+            .unwrap();
+        let mut bus = PciBus::new();
+        let slot = bus
+            .add_device(Arc::new(Mutex::new(HostBridge { config })))
+            .unwrap();
+        let relocation = Arc::new(RecordingRelocation::default());
+        bus.set_bar_relocation(relocation.clone());
+        let mut io = PciConfigIo::new(Arc::new(bus));
+        select(&mut io, u32::from(slot), 4);
+        // Sizing: all ones, read the mask, restore.
+        io.write(4, &[0xff; 4]);
+        let mut size = [0u8; 4];
+        io.read(4, &mut size);
+        assert_eq!(u32::from_le_bytes(size), 0xffff_0000);
+        io.write(4, &0xc000_0000u32.to_le_bytes());
+        assert!(relocation.moves.lock().unwrap().is_empty());
+        // A move.
+        io.write(4, &0xd000_0000u32.to_le_bytes());
+        let moves = relocation.moves.lock().unwrap();
+        assert_eq!(
+            moves.as_slice(),
+            &[(
+                slot,
+                BarMove {
+                    bar: 0,
+                    old: 0xc000_0000,
+                    new: 0xd000_0000,
+                    size: 0x1_0000
+                }
+            )]
+        );
     }
 }

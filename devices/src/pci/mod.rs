@@ -27,6 +27,14 @@ pub trait PciDevice: Send {
     fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]);
 }
 
+/// Follows a BAR the guest moved: the VMM moves the BAR's MMIO range and whatever else it
+/// registered at the BAR's address (doorbell ioeventfds, KVM memory slots of a passed-through
+/// BAR). Called after the device's lock is released.
+pub trait BarRelocation: Send + Sync {
+    /// BAR `moved.bar` of the function in `slot` now decodes at `moved.new`.
+    fn move_bar(&self, slot: u8, moved: &BarMove);
+}
+
 /// A BAR the guest moved to a new address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BarMove {
