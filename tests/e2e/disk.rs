@@ -168,12 +168,7 @@ fn disk_works_after_the_guest_moves_its_bar() -> Result<()> {
     let file = backing_file(&dir, "barmove.img", 16 * MIB)?;
     let disk = format!("path={},id=barmove", file.display());
     let dev = "/sys/bus/pci/devices/0000:00:01.0";
-    // BAR 0's low dword, little endian, as octal escapes for busybox printf.
-    let bytes: String = MOVED_BAR
-        .to_le_bytes()
-        .iter()
-        .map(|b| format!("\\{b:03o}"))
-        .collect();
+    let bytes = crib_tests::printf_le_bytes(MOVED_BAR);
     // virtio-blk's capacity (sectors) opens the device config, 0x2000 into crib's BAR 0.
     let out = boot_with_disks(
         &[disk],

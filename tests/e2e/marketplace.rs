@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use crib_tests::{api_request, host_tool, run_crib, target_dir, GuestArtifacts, LiveCrib};
+use crib_tests::{
+    api_request, host_tool, run_crib, strip_ansi, target_dir, GuestArtifacts, LiveCrib,
+};
 
 use crate::TestFn;
 
@@ -138,25 +140,6 @@ fn ssh_banner(crib: &mut LiveCrib, wait: Duration) -> Result<String> {
             _ => std::thread::sleep(Duration::from_secs(1)),
         }
     }
-}
-
-/// `text` without ANSI escape sequences (systemd colours its status lines).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters, ended by a letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn debian_boots_serves_ssh_and_powers_off() -> Result<()> {

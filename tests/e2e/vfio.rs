@@ -290,11 +290,7 @@ fn nvme_works_after_the_guest_moves_its_bar() -> Result<()> {
     const MOVED_BAR: u32 = 0xdf00_0000;
     let bdf = nvme_to_vfio()?;
     let dev = "/sys/bus/pci/devices/0000:00:01.0";
-    let bytes: String = MOVED_BAR
-        .to_le_bytes()
-        .iter()
-        .map(|b| format!("\\{b:03o}"))
-        .collect();
+    let bytes = crib_tests::printf_le_bytes(MOVED_BAR);
     // VS (the NVMe version) is at 0x8 in BAR 0; /dev/mem may read it once no driver holds
     // the BAR. The pattern goes to the second 4 KiB block. No double quotes: the command
     // sits in the kernel command line's quotes.

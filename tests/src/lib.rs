@@ -370,3 +370,48 @@ pub fn api_request(socket: &Path, method: &str, path: &str, body: &str) -> Resul
         .with_context(|| format!("{method} {path}: no status in {head:?}"))?;
     Ok((status, body.to_owned()))
 }
+
+/// `text` without ANSI escape sequences (systemd colours its status lines).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `value` as little-endian bytes in octal escapes, for busybox `printf` in a guest
+/// command: how a guest test writes a 32-bit register through a sysfs `config` file.
+pub fn printf_le_bytes(value: u32) -> String {
+    value
+        .to_le_bytes()
+        .iter()
+        .map(|b| format!("\\{b:03o}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn printf_le_bytes_is_low_byte_first_in_octal() {
+        assert_eq!(super::printf_le_bytes(0xdf00_0001), "\\001\\000\\000\\337");
+    }
+
+    #[test]
+    fn strip_ansi_drops_colour_codes_only() {
+        assert_eq!(
+            super::strip_ansi("[\u{1b}[0;32m  OK  \u{1b}[0m] Reached"),
+            "[  OK  ] Reached"
+        );
+    }
+}

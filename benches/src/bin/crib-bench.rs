@@ -52,8 +52,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use crib_tests::fleet::Fleet;
 use crib_tests::{
-    can_boot_linux, fio_image, host_tool, micro, repo_root, target_dir, tool_image, vsock_connect,
-    GuestArtifacts,
+    can_boot_linux, fio_image, host_tool, micro, repo_root, strip_ansi, target_dir, tool_image,
+    vsock_connect, GuestArtifacts,
 };
 
 const READY_LINE: &str = "cradle: ready";
@@ -1216,25 +1216,6 @@ struct NetSeries {
     to_guest: Vec<f64>,
     from_guest: Vec<f64>,
     errors: Vec<String>,
-}
-
-/// `text` without ANSI escape sequences (systemd colours its status lines).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters, ended by a letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// sshd's banner on NET_GUEST_IP:22, if it answers now.
