@@ -76,13 +76,19 @@ impl MsixVectors {
         if !self.enabled.load(Ordering::Acquire) {
             return Ok(());
         }
-        if v.masked.load(Ordering::Acquire) || self.function_masked.load(Ordering::Acquire) {
-            v.pending.store(true, Ordering::Release);
-            // Re-check: an unmask may have run between the load and the store.
-            if v.masked.load(Ordering::Acquire) || self.function_masked.load(Ordering::Acquire) {
+        if v.masked.load(Ordering::SeqCst) || self.function_masked.load(Ordering::SeqCst) {
+            // Latch, then re-check: an unmask may have run meanwhile. SeqCst on both sides
+            // (here, at the unmask and in `deliver_pending`): with release/acquire the latch could still sit in
+            // this CPU's store buffer when the unmasking vCPU looks at it, while this
+            // re-check reads the old mask, and the interrupt would wait for the next one.
+            v.pending.store(true, Ordering::SeqCst);
+            if v.masked.load(Ordering::SeqCst) || self.function_masked.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            v.pending.store(false, Ordering::Release);
+            // Unmasked meanwhile: deliver it here unless the unmasking side already did.
+            if !v.pending.swap(false, Ordering::SeqCst) {
+                return Ok(());
+            }
         }
         v.irqfd.write(1)
     }
@@ -104,10 +110,10 @@ impl MsixVectors {
         let Some(v) = self.vectors.get(index) else {
             return;
         };
-        let deliverable = self.enabled.load(Ordering::Acquire)
-            && !self.function_masked.load(Ordering::Acquire)
-            && !v.masked.load(Ordering::Acquire);
-        if deliverable && v.pending.swap(false, Ordering::AcqRel) {
+        let deliverable = self.enabled.load(Ordering::SeqCst)
+            && !self.function_masked.load(Ordering::SeqCst)
+            && !v.masked.load(Ordering::SeqCst);
+        if deliverable && v.pending.swap(false, Ordering::SeqCst) {
             if let Err(e) = v.irqfd.write(1) {
                 tracing::warn!("cannot deliver pending MSI-X vector {index}: {e}");
             }
@@ -177,10 +183,8 @@ impl MsixConfig {
     pub fn set_message_control(&mut self, control: u16) {
         let enabled = control & MSG_CTL_ENABLE != 0;
         let masked = control & MSG_CTL_FUNCTION_MASK != 0;
-        self.vectors.enabled.store(enabled, Ordering::Release);
-        self.vectors
-            .function_masked
-            .store(masked, Ordering::Release);
+        self.vectors.enabled.store(enabled, Ordering::SeqCst);
+        self.vectors.function_masked.store(masked, Ordering::SeqCst);
         if enabled && !masked {
             for index in 0..self.table.len() {
                 self.vectors.deliver_pending(index);
@@ -232,7 +236,7 @@ impl MsixConfig {
             self.update_route(index, entry);
         }
         if let Some(v) = self.vectors.vectors.get(index) {
-            v.masked.store(masked, Ordering::Release);
+            v.masked.store(masked, Ordering::SeqCst);
         }
         if !masked {
             self.vectors.deliver_pending(index);
