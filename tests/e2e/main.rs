@@ -4,7 +4,7 @@
 //! - `micro_*`: hand-assembled micro guests on /dev/kvm; fast even on an emulating KVM.
 //! - `linux_*`: Debian's cloud kernel booting cradle. They need a KVM that runs guests at
 //!   speed: on a host without VT-x/AMD-V this binary re-runs itself inside the lab
-//!   (tests/lab/lab.sh), one L1 boot for all of them.
+//!   (tests/lab/lab.sh), in a few groups of a few minutes each (see [`LAB_GROUPS`]).
 //! - `linux_vfio_*`: NVMe passthrough; a second lab boot, with an emulated NVMe behind an
 //!   emulated IOMMU (`lab.sh --nvme`), runs only these.
 
@@ -41,10 +41,47 @@ fn kvm_available() -> bool {
 /// Tests named so run in their own lab boot, with an NVMe (see vfio.rs).
 const VFIO_PREFIX: &str = "linux_vfio_";
 
-/// Which lab boot: the common one, or the one with an NVMe image for `linux_vfio_*`.
+/// The `linux_*` tests without a filter run in one lab boot per group (and one for the
+/// rest): QEMU-TCG's emulated SVM sometimes freezes or kills L1 under nested load, and
+/// lab.sh then reruns the whole boot; short boots make that rarer and cheaper.
+const LAB_GROUPS: &[&str] = &[
+    "linux_disk_",
+    "linux_fs_",
+    "linux_api_",
+    "linux_net_",
+    "linux_marketplace_",
+];
+
+/// Which lab boot: the common one (with a filter and the prefixes to skip), or the one
+/// with an NVMe image for `linux_vfio_*`.
 enum Lab<'a> {
-    Common,
+    Common { filter: String, skip: Vec<String> },
     Nvme(&'a Path),
+}
+
+/// The common lab boots for `args`: the caller's filter in one boot, else one per group.
+fn common_labs(args: &Arguments) -> Vec<Lab<'static>> {
+    let vfio = String::from(VFIO_PREFIX);
+    if let Some(filter) = &args.filter {
+        return vec![Lab::Common {
+            filter: filter.clone(),
+            skip: vec![vfio],
+        }];
+    }
+    let mut labs: Vec<Lab> = LAB_GROUPS
+        .iter()
+        .map(|group| Lab::Common {
+            filter: (*group).into(),
+            skip: vec![vfio.clone()],
+        })
+        .collect();
+    let mut rest_skip: Vec<String> = LAB_GROUPS.iter().map(|g| (*g).into()).collect();
+    rest_skip.push(vfio);
+    labs.push(Lab::Common {
+        filter: "linux_".into(),
+        skip: rest_skip,
+    });
+    labs
 }
 
 /// Runs the `linux_*` tests of this binary inside the lab; returns its exit code.
@@ -58,14 +95,16 @@ fn run_in_lab(args: &Arguments, lab_kind: Lab) -> i32 {
         }
     };
     let mut inner = match (&lab_kind, &args.filter) {
-        (Lab::Common, Some(filter)) => vec![filter.clone()],
-        (Lab::Common, None) => vec![String::from("linux_")],
+        (Lab::Common { filter, skip }, _) => {
+            let mut inner = vec![filter.clone()];
+            for prefix in skip {
+                inner.extend(["--skip".into(), prefix.clone()]);
+            }
+            inner
+        }
         (Lab::Nvme(_), Some(filter)) if filter.starts_with(VFIO_PREFIX) => vec![filter.clone()],
         (Lab::Nvme(_), _) => vec![String::from(VFIO_PREFIX)],
     };
-    if matches!(lab_kind, Lab::Common) {
-        inner.extend(["--skip".into(), VFIO_PREFIX.into()]);
-    }
     if args.exact {
         inner.push("--exact".into());
     }
@@ -73,7 +112,11 @@ fn run_in_lab(args: &Arguments, lab_kind: Lab) -> i32 {
     if args.nocapture {
         inner.push("--nocapture".into());
     }
-    println!("\nrunning the linux_* tests inside the lab (no VT-x/AMD-V on this host)");
+    let which = match &lab_kind {
+        Lab::Common { filter, .. } => format!("{filter}*"),
+        Lab::Nvme(_) => format!("{VFIO_PREFIX}*"),
+    };
+    println!("\nrunning the {which} tests inside the lab (no VT-x/AMD-V on this host)");
     let mut lab_args: Vec<String> = Vec::new();
     // A crib binary chosen by the caller must be the one tested inside the lab too.
     if std::env::var_os("CRIB_BIN").is_some() {
@@ -212,9 +255,11 @@ fn main() {
     let conclusion = libtest_mimic::run(&args, trials);
     let mut code = i32::from(conclusion.has_failed());
     if !direct && !args.list && linux_selected {
-        let lab_code = run_in_lab(&args, Lab::Common);
-        if code == 0 {
-            code = lab_code;
+        for lab in common_labs(&args) {
+            let lab_code = run_in_lab(&args, lab);
+            if code == 0 {
+                code = lab_code;
+            }
         }
     }
     if !direct && !args.list && vfio_selected {
