@@ -9,7 +9,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use crib_tests::{host_tool, run_crib_while, GuestArtifacts};
+use crib_tests::{api_request, host_tool, run_crib_while, GuestArtifacts};
 
 use crate::TestFn;
 
@@ -68,6 +68,15 @@ fn connect(port: u16, wait: Duration) -> Result<TcpStream> {
     }
 }
 
+/// Counter `key` in the `nets` part of a metrics answer (from [`tap_ping_tcp_and_throughput`]'s
+/// `net_counters`, which starts there).
+fn net_counter(nets: &str, key: &str) -> Option<u64> {
+    let compact: String = nets.chars().filter(|c| !c.is_whitespace()).collect();
+    let rest = &compact[compact.find(&format!("\"{key}\":"))? + key.len() + 3..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 fn mb_per_s(bytes: usize, elapsed: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64().max(1e-9)
 }
@@ -75,6 +84,15 @@ fn mb_per_s(bytes: usize, elapsed: Duration) -> f64 {
 fn tap_ping_tcp_and_throughput() -> Result<()> {
     let pod = GuestArtifacts::pod()?;
     let _tap = TapGuard::create()?;
+    let api = std::env::temp_dir().join(format!("crib-net-api-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&api);
+    // What crib's device counted, for a transfer that stalls.
+    let net_counters = || match api_request(&api, "GET", "/api/v1/metrics", "") {
+        Ok((_, body)) => body
+            .find("\"nets\"")
+            .map_or(body.clone(), |at| body[at..].to_string()),
+        Err(e) => format!("(no metrics: {e:#})"),
+    };
     // The guest sends its bulk data here once the host's bulk data has arrived.
     let sink = TcpListener::bind(format!("{HOST_IP}:5002"))?;
     let blocks = BULK_BYTES / 65536;
@@ -99,6 +117,8 @@ fn tap_ping_tcp_and_throughput() -> Result<()> {
         "512M".into(),
         "--net".into(),
         format!("tap={TAP},mac=52:54:00:12:34:56"),
+        "--api-socket".into(),
+        api.display().to_string(),
         "--cmdline".into(),
         format!("console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{command}\""),
     ];
@@ -120,8 +140,13 @@ fn tap_ping_tcp_and_throughput() -> Result<()> {
         let mut to_guest = connect(5001, Duration::from_secs(30))?;
         let block = vec![0u8; 1 << 20];
         let start = Instant::now();
-        for _ in 0..BULK_BYTES / block.len() {
-            to_guest.write_all(&block)?;
+        for sent in 0..BULK_BYTES / block.len() {
+            to_guest.write_all(&block).with_context(|| {
+                format!(
+                    "host->guest stalled after {sent} MiB; crib's counters: {}",
+                    net_counters()
+                )
+            })?;
         }
         to_guest.shutdown(Shutdown::Write)?;
         let mut rest = Vec::new();
@@ -138,7 +163,12 @@ fn tap_ping_tcp_and_throughput() -> Result<()> {
         let mut got = 0usize;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = from_guest.read(&mut buf)?;
+            let n = from_guest.read(&mut buf).with_context(|| {
+                format!(
+                    "guest->host stalled after {got} bytes; crib's counters: {}",
+                    net_counters()
+                )
+            })?;
             if n == 0 {
                 break;
             }
@@ -151,6 +181,16 @@ fn tap_ping_tcp_and_throughput() -> Result<()> {
             got == BULK_BYTES,
             "the guest sent {got} of {BULK_BYTES} bytes"
         );
+
+        // crib's counters saw both transfers (frames include headers and ACKs: at least).
+        let counters = net_counters();
+        for key in ["rx_bytes", "tx_bytes"] {
+            let value = net_counter(&counters, key);
+            anyhow::ensure!(
+                value.is_some_and(|v| v >= BULK_BYTES as u64),
+                "metrics nets.{TAP}.{key} is {value:?}, below the {BULK_BYTES} bytes moved: {counters}"
+            );
+        }
 
         // Let the guest command end: it powers the VM off.
         let done = connect(5003, Duration::from_secs(30))?;

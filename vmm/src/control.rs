@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use devices::legacy::boot_marker::BootTimes;
 use devices::legacy::GedEvents;
 use devices::virtio::block::BlockError;
+use devices::virtio::net::NetMetrics;
 use devices::virtio::vsock::VsockMetrics;
 use devices::ExitReason;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -112,6 +113,8 @@ pub struct Shared {
     exits: Arc<ExitCounters>,
     disks: Vec<DiskHandle>,
     vsock: Option<Arc<VsockMetrics>>,
+    /// Each virtio-net device's counters, by its tap's name.
+    nets: Vec<(String, Arc<NetMetrics>)>,
 }
 
 impl Shared {
@@ -123,6 +126,7 @@ impl Shared {
         exits: Arc<ExitCounters>,
         disks: Vec<DiskHandle>,
         vsock: Option<Arc<VsockMetrics>>,
+        nets: Vec<(String, Arc<NetMetrics>)>,
     ) -> Self {
         Self {
             state: AtomicU8::new(VmState::Running as u8),
@@ -132,6 +136,7 @@ impl Shared {
             exits,
             disks,
             vsock,
+            nets,
         }
     }
 
@@ -212,6 +217,24 @@ impl Shared {
                 "invalid_rx_buffers": m.invalid_rx_buffers,
             })
         });
+        let mut nets = serde_json::Map::new();
+        for (tap, metrics) in &self.nets {
+            let m = metrics.snapshot();
+            nets.insert(
+                tap.clone(),
+                json!({
+                    "tx_frames": m.tx_frames,
+                    "tx_bytes": m.tx_bytes,
+                    "tx_malformed": m.tx_malformed,
+                    "tx_errors": m.tx_errors,
+                    "rx_frames": m.rx_frames,
+                    "rx_bytes": m.rx_bytes,
+                    "rx_dropped": m.rx_dropped,
+                    "rx_bad_buffers": m.rx_bad_buffers,
+                    "rate_limited": m.rate_limited,
+                }),
+            );
+        }
         json!({
             "vcpu_exits": {
                 "io_in": get(&exits.io_in),
@@ -222,6 +245,7 @@ impl Shared {
             },
             "disks": disks,
             "vsock": vsock,
+            "nets": nets,
         })
     }
 }
@@ -759,6 +783,26 @@ mod tests {
         controller_with_button(vsock, None)
     }
 
+    #[test]
+    fn metrics_list_each_net_device_by_tap() {
+        let net = Arc::new(NetMetrics::default());
+        net.tx_frames.store(3, Ordering::Relaxed);
+        net.rx_dropped.store(1, Ordering::Relaxed);
+        let shared = Shared::new(
+            VmConfig::new("/k"),
+            Instant::now(),
+            Arc::new(BootTimes::default()),
+            Arc::new(ExitCounters::default()),
+            Vec::new(),
+            None,
+            vec![("tap7".into(), net)],
+        );
+        let metrics = shared.metrics();
+        assert_eq!(metrics["nets"]["tap7"]["tx_frames"], 3);
+        assert_eq!(metrics["nets"]["tap7"]["rx_dropped"], 1);
+        assert_eq!(metrics["nets"]["tap7"]["rx_frames"], 0);
+    }
+
     fn controller_with_button(
         vsock: Option<PathBuf>,
         button: Option<Arc<GedEvents>>,
@@ -770,6 +814,7 @@ mod tests {
             Arc::new(ExitCounters::default()),
             Vec::new(),
             None,
+            Vec::new(),
         ));
         Controller::new(shared, Arc::new(VcpuPause::default()), vsock, button)
             .unwrap()

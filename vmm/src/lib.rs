@@ -433,12 +433,14 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
             .map_err(VmmError::Device)?;
         fs_daemons.extend(daemon);
     }
+    let mut net_metrics = Vec::with_capacity(config.net.len());
     for net_config in &config.net {
         let tap = net_config.interface().to_string();
         let device = net::create(net_config).map_err(|source| VmmError::Net {
             tap: tap.clone(),
             source,
         })?;
+        net_metrics.push((tap.clone(), device.metrics()));
         device_manager
             .add_virtio_pci(&vm, &format!("net {tap}"), Box::new(device))
             .map_err(VmmError::Device)?;
@@ -475,6 +477,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
         buses.exits.clone(),
         disks,
         vsock_metrics,
+        net_metrics,
     ));
     let pause = Arc::new(VcpuPause::default());
     let (mut controller, handle) = Controller::new(
