@@ -41,7 +41,13 @@ const CPUID_LEAF_FEATURES: u32 = 0x1;
 const CPUID_LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const CPUID_LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const CPUID_LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
+const CPUID_LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+const CPUID_LEAF_SVM: u32 = 0x8000_000a;
 const CPUID_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX: Intel VT-x.
+const CPUID_ECX_VMX: u32 = 1 << 5;
+/// Leaf 0x8000_0001 ECX: AMD-V.
+const CPUID_EXT_ECX_SVM: u32 = 1 << 2;
 const CPUID_EDX_HTT: u32 = 1 << 28;
 
 /// General-purpose registers at the 64-bit kernel entry point: `rip` at the entry,
@@ -143,7 +149,10 @@ fn apic_id_bits(count: u8) -> u32 {
 }
 
 /// Patch KVM's supported CPUID for vCPU `index` of `count`: APIC IDs, a flat topology of
-/// `count` cores in one socket, and the hypervisor bit.
+/// `count` cores in one socket, and the hypervisor bit. VT-x and AMD-V are hidden: KVM
+/// offers them when the host allows nested virtualization, but crib's guests (pods,
+/// marketplace servers) are not hypervisors, and a guest that loads kvm on them only adds
+/// a nested layer's attack surface and bugs (Debian's kernel loads kvm_amd by itself).
 pub fn patch_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
     let core_bits = apic_id_bits(count);
     for entry in cpuid.as_mut_slice().iter_mut() {
@@ -157,6 +166,7 @@ fn patch_cpuid_entry(entry: &mut kvm_cpuid_entry2, index: u8, count: u8, core_bi
             entry.ebx =
                 (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
             entry.ecx |= CPUID_ECX_HYPERVISOR;
+            entry.ecx &= !CPUID_ECX_VMX;
             if count > 1 {
                 entry.edx |= CPUID_EDX_HTT;
             }
@@ -182,6 +192,13 @@ fn patch_cpuid_entry(entry: &mut kvm_cpuid_entry2, index: u8, count: u8, core_bi
                     entry.ecx = entry.index;
                 }
             }
+        }
+        CPUID_LEAF_EXT_FEATURES => entry.ecx &= !CPUID_EXT_ECX_SVM,
+        CPUID_LEAF_SVM => {
+            entry.eax = 0;
+            entry.ebx = 0;
+            entry.ecx = 0;
+            entry.edx = 0;
         }
         CPUID_LEAF_AMD_SIZE_IDS => {
             // ECX[15:12] APIC ID size, ECX[7:0] number of cores - 1.
@@ -231,6 +248,35 @@ mod tests {
         set_lapic_lints(&mut lapic);
         assert_eq!(lapic.regs[APIC_LVT0_OFFSET + 1] as u8, 0x7);
         assert_eq!(lapic.regs[APIC_LVT1_OFFSET + 1] as u8, 0x4);
+    }
+
+    #[test]
+    fn cpuid_hides_vmx_and_svm() {
+        let mut cpuid = cpuid_with(&[
+            kvm_cpuid_entry2 {
+                function: CPUID_LEAF_FEATURES,
+                ecx: CPUID_ECX_VMX | 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: CPUID_LEAF_EXT_FEATURES,
+                ecx: CPUID_EXT_ECX_SVM | 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: CPUID_LEAF_SVM,
+                eax: 1,
+                ebx: 0x8000,
+                edx: 0x1ff,
+                ..Default::default()
+            },
+        ]);
+        patch_cpuid(&mut cpuid, 0, 1);
+        let [leaf1, ext, svm] = [0, 1, 2].map(|i| cpuid.as_slice()[i]);
+        assert_eq!(leaf1.ecx & CPUID_ECX_VMX, 0);
+        assert_eq!(leaf1.ecx & 1, 1, "other features stay");
+        assert_eq!(ext.ecx, 1);
+        assert_eq!((svm.eax, svm.ebx, svm.ecx, svm.edx), (0, 0, 0, 0));
     }
 
     #[test]

@@ -112,7 +112,7 @@ fn tap_ping_tcp_and_throughput() -> Result<()> {
         "--initrd".into(),
         pod.initramfs.display().to_string(),
         "--cpus".into(),
-        "2".into(),
+        crib_tests::traffic_test_cpus().to_string(),
         "--memory".into(),
         "512M".into(),
         "--net".into(),
