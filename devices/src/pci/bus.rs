@@ -317,18 +317,24 @@ mod tests {
         assert_eq!(data, [0xff; 2]);
     }
 
-    fn dummy_device() -> Arc<Mutex<dyn PciDevice>> {
-        let config = PciConfiguration::new(PciIdentity {
+    /// Configuration space of a plain function with device id `device_id`.
+    fn dummy_config(device_id: u16) -> PciConfiguration {
+        PciConfiguration::new(PciIdentity {
             vendor_id: 1,
-            device_id: 1,
+            device_id,
             class_code: 0,
             subclass: 0,
             prog_if: 0,
             revision: 0,
             subsystem_vendor_id: 0,
             subsystem_id: 0,
-        });
-        Arc::new(Mutex::new(HostBridge { config }))
+        })
+    }
+
+    fn dummy_device() -> Arc<Mutex<dyn PciDevice>> {
+        Arc::new(Mutex::new(HostBridge {
+            config: dummy_config(1),
+        }))
     }
 
     #[test]
@@ -354,16 +360,7 @@ mod tests {
 
     #[test]
     fn bar_moves_reach_the_relocation_with_the_slot_and_sizing_does_not() {
-        let mut config = PciConfiguration::new(PciIdentity {
-            vendor_id: 1,
-            device_id: 2,
-            class_code: 0,
-            subclass: 0,
-            prog_if: 0,
-            revision: 0,
-            subsystem_vendor_id: 0,
-            subsystem_id: 0,
-        });
+        let mut config = dummy_config(2);
         config
             .add_bar(super::super::BarRegion {
                 index: 0,
