@@ -6,6 +6,7 @@ use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -19,7 +20,13 @@ pub struct LiveCrib {
     stdin: Option<ChildStdin>,
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The threads that read stdout and stderr; each ends at its pipe's EOF.
+    readers: Vec<JoinHandle<()>>,
 }
+
+/// How long, after crib exits, its pipes may take to deliver their last bytes. Only a
+/// process that inherited them (none that crib starts) could hold them open longer.
+const PIPE_DRAIN_WAIT: Duration = Duration::from_secs(10);
 
 /// `bytes` as text, without the carriage returns of a serial console's line ends.
 fn text_of(bytes: &Mutex<Vec<u8>>) -> String {
@@ -57,7 +64,7 @@ impl LiveCrib {
         let follow = |pipe: Box<dyn Read + Send>| {
             let bytes = Arc::new(Mutex::new(Vec::new()));
             let sink = Arc::clone(&bytes);
-            std::thread::spawn(move || {
+            let reader = std::thread::spawn(move || {
                 let mut pipe = pipe;
                 let mut chunk = [0u8; 4096];
                 loop {
@@ -73,16 +80,17 @@ impl LiveCrib {
                     }
                 }
             });
-            bytes
+            (bytes, reader)
         };
-        let stdout = follow(Box::new(child.stdout.take().context("no stdout pipe")?));
-        let stderr = follow(Box::new(child.stderr.take().context("no stderr pipe")?));
+        let (stdout, out_reader) = follow(Box::new(child.stdout.take().context("no stdout pipe")?));
+        let (stderr, err_reader) = follow(Box::new(child.stderr.take().context("no stderr pipe")?));
         let stdin = child.stdin.take();
         Ok(Self {
             child,
             stdin,
             stdout,
             stderr,
+            readers: vec![out_reader, err_reader],
         })
     }
 
@@ -143,14 +151,30 @@ impl LiveCrib {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait()? {
-                // Let the readers take the last lines.
-                std::thread::sleep(Duration::from_millis(200));
+                self.drain_pipes();
                 return Ok(status.code());
             }
             if start.elapsed() > wait {
                 bail!("crib did not exit within {wait:?}\n{}", self.output());
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl LiveCrib {
+    /// Once crib has exited: waits until the readers have taken everything crib wrote
+    /// (the console's last lines come just before the exit; a loaded lab can take far
+    /// longer than a fixed pause to hand them over).
+    fn drain_pipes(&mut self) {
+        let start = Instant::now();
+        while self.readers.iter().any(|r| !r.is_finished()) && start.elapsed() < PIPE_DRAIN_WAIT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for reader in std::mem::take(&mut self.readers) {
+            if reader.is_finished() {
+                let _ = reader.join();
+            }
         }
     }
 }
