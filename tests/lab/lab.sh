@@ -24,6 +24,9 @@ timeout=1800
 nvme=
 verbose=${LAB_VERBOSE:-0}
 silence=${LAB_SILENCE_SECS:-90}
+# L1's KVM gives L2 shadow page tables unless asked for nested paging: see --npt in
+# tests/lab/README.md for why that is the default.
+npt=${LAB_NPT:-off}
 max_reruns=2
 env_names=()
 
@@ -31,7 +34,7 @@ env_names=()
 # time), with insmod parameters. Changing this list changes the cache key.
 modules=(
   virtio_pci 9pnet_virtio 9p overlay
-  "kvm-amd npt=1 nested=1"
+  "kvm-amd nested=1" # npt= comes from the kernel command line (--npt)
   tun fuse loop nvme vfio-pci vfio_iommu_type1
 )
 
@@ -40,7 +43,7 @@ die() { say "$*"; exit 125; }
 usage() {
   cat >&2 <<'EOF'
 usage: tests/lab/lab.sh [--nvme IMG] [--mem MIB] [--timeout SECS] [--env NAME[=VALUE]]...
-                        [--verbose] -- COMMAND [ARGS...]
+                        [--npt on|off] [--verbose] -- COMMAND [ARGS...]
 Runs COMMAND inside a fresh lab VM (see tests/lab/README.md).
 EOF
   exit 2
@@ -53,6 +56,7 @@ while (($#)); do
     --mem) mem=${2:?}; shift 2 ;;
     --timeout) timeout=${2:?}; shift 2 ;;
     --env) env_names+=("${2:?}"); shift 2 ;;
+    --npt) npt=${2:?--npt needs on or off}; shift 2 ;;
     -v | --verbose) verbose=1; shift ;;
     --) shift; break ;;
     -h | --help) usage ;;
@@ -62,6 +66,11 @@ done
 (($#)) || usage
 { is_uint "$mem" && is_uint "$timeout" && is_uint "$silence" && ((timeout > 0 && silence > 0)); } ||
   die "--mem, --timeout and LAB_SILENCE_SECS take positive whole numbers"
+case $npt in
+  on) npt_param=1 ;;
+  off) npt_param=0 ;;
+  *) die "--npt (or LAB_NPT) takes on or off, not '$npt'" ;;
+esac
 
 # --- host prerequisites: say exactly what to install ---------------------------
 apt_line="apt-get install -y qemu-system-x86 busybox-static cpio kmod lz4"
@@ -277,7 +286,7 @@ cwd=$(pwd -P)
 } >"$priv/run.sh"
 
 # --- QEMU ----------------------------------------------------------------------
-append="console=ttyS0 quiet panic=-1 lab.dir=$priv lab.nonce=$nonce"
+append="console=ttyS0 quiet panic=-1 lab.dir=$priv lab.nonce=$nonce lab.npt=$npt_param"
 qargs=(
   -accel tcg,thread=multi -cpu EPYC,+svm,+npt -M q35 -m "$mem" -smp 2
   -nographic -nodefaults -serial stdio -no-reboot
