@@ -161,7 +161,7 @@ fn debian_boots_serves_ssh_and_powers_off() -> Result<()> {
         "--initrd".into(),
         dir.join("initrd.img").display().to_string(),
         "--cpus".into(),
-        crib_tests::traffic_test_cpus().to_string(),
+        "2".into(),
         "--memory".into(),
         "1024M".into(),
         "--disk".into(),

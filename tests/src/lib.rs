@@ -371,20 +371,6 @@ pub fn api_request(socket: &Path, method: &str, path: &str, body: &str) -> Resul
     Ok((status, body.to_owned()))
 }
 
-/// vCPUs of the guests that carry network traffic (net, marketplace): two on a host with
-/// VT-x/AMD-V, one in the lab. There, guests with two vCPUs triple-fault on vCPU 1 at
-/// random points, early boot included (before any device I/O, so no DMA of crib's is
-/// involved), in about one Debian boot in three (measured 2026-11-24); L1 itself, a
-/// QEMU-TCG machine with emulated SVM, triple-faults in the same lab. SMP stays covered
-/// by the two-vCPU boot, vsock and docker tests.
-pub fn traffic_test_cpus() -> u8 {
-    if in_lab() {
-        1
-    } else {
-        2
-    }
-}
-
 /// `text` without ANSI escape sequences (systemd colours its status lines).
 pub fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
