@@ -14,6 +14,7 @@ packages=(
   acpica-tools      # iasl: a unit test disassembles crib's DSDT
   iperf3            # crib-bench net: TCP throughput host <-> marketplace guest
   socat             # vsock peer in the guest for the vsock e2e tests (chrooted)
+  nvme-cli          # the VFIO test gives an SR-IOV VF of the lab's NVMe its resources
   libseccomp-dev libcap-ng-dev  # to build virtiofsd (scripts/install-virtiofsd.sh)
   ca-certificates
 )

@@ -126,6 +126,9 @@ fn run_in_lab(args: &Arguments, lab_kind: Lab) -> i32 {
         lab_args.extend([
             "--nvme".into(),
             image.display().to_string(),
+            // One SR-IOV virtual function for linux_vfio_nvme_virtual_function_*.
+            "--nvme-vfs".into(),
+            "1".into(),
             "--env".into(),
             format!("{}=1", vfio::LAB_NVME_ENV),
         ]);

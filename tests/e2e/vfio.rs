@@ -46,6 +46,10 @@ pub fn lab_tests() -> Vec<(&'static str, TestFn)> {
             "linux_vfio_pod_nvme_volume_formatted_and_mounted",
             pod_nvme_volume_formatted_and_mounted,
         ),
+        (
+            "linux_vfio_nvme_virtual_function_write_reaches_l1",
+            nvme_virtual_function_write_reaches_l1,
+        ),
     ]
 }
 
@@ -120,11 +124,13 @@ fn write_sysfs(path: impl AsRef<Path>, value: &str) -> Result<()> {
         .with_context(|| format!("cannot write '{value}' to {}", path.display()))
 }
 
-/// The BDF of L1's emulated NVMe controller (class 0x010802, QEMU's vendor id).
+/// The BDF of L1's emulated NVMe controller (class 0x010802, QEMU's vendor id): the
+/// physical function, never one of its SR-IOV virtual functions.
 fn find_lab_nvme() -> Result<String> {
     for entry in std::fs::read_dir("/sys/bus/pci/devices")?.flatten() {
         let read = |f: &str| std::fs::read_to_string(entry.path().join(f)).unwrap_or_default();
-        if read("class").trim() == "0x010802" && read("vendor").trim() == "0x1b36" {
+        let is_vf = entry.path().join("physfn").exists();
+        if read("class").trim() == "0x010802" && read("vendor").trim() == "0x1b36" && !is_vf {
             return Ok(entry.file_name().to_string_lossy().into_owned());
         }
     }
@@ -446,5 +452,172 @@ fn check_pod_console(out: &RunOutput) -> Result<()> {
     out.check(
         on_disk.contains("vfio-lv-data"),
         "L1 finds the pod's file in the namespace's ext4",
+    )
+}
+
+/// One SR-IOV virtual function of the lab's NVMe (lab.sh `--nvme-vfs 1`), enabled the way
+/// an operator does it with nvme-cli: the VF's secondary controller is given I/O queues
+/// and interrupt vectors from the PF's flexible pools, the VF is created with autoprobe
+/// off (the nvme driver would bind it before it is online), the secondary controller is
+/// brought online, and the VF goes to vfio-pci. Dropping it unbinds and removes the VF.
+struct VirtualFunction {
+    pf: String,
+    bdf: String,
+}
+
+/// Queues (admin included) and interrupt vectors the VF's controller gets; lab.sh gives
+/// each VF room for 4 of each.
+const VF_QUEUES: u32 = 4;
+const VF_VECTORS: u32 = 4;
+
+impl VirtualFunction {
+    fn enable() -> Result<Self> {
+        if !lab_has_nvme() {
+            bail!("needs the lab's NVMe ({LAB_NVME_ENV}): run through tests/e2e's lab runner");
+        }
+        let pf = find_lab_nvme()?;
+        let dev = PathBuf::from("/sys/bus/pci/devices").join(&pf);
+        let total = std::fs::read_to_string(dev.join("sriov_totalvfs")).unwrap_or_default();
+        anyhow::ensure!(
+            total.trim().parse::<u32>().unwrap_or(0) >= 1,
+            "{pf} offers no SR-IOV virtual function (sriov_totalvfs {:?}): was the lab started with --nvme-vfs?",
+            total.trim()
+        );
+        // The PF must be bound to nvme: the driver enables SR-IOV, and nvme-cli talks to
+        // the controller through it.
+        bind(&pf, "nvme")?;
+        let ctrl = std::fs::read_dir(dev.join("nvme"))?
+            .flatten()
+            .map(|e| format!("/dev/{}", e.file_name().to_string_lossy()))
+            .next()
+            .with_context(|| format!("{pf} bound to nvme has no controller"))?;
+        wait_for(Path::new(&ctrl), "the PF's controller node")?;
+        let secondary = host_tool("nvme", &["list-secondary", &ctrl])?;
+        let scid = secondary
+            .lines()
+            .find(|l| l.trim_start().starts_with("SCID"))
+            .and_then(|l| l.rsplit(':').next())
+            .and_then(|v| u32::from_str_radix(v.trim().trim_start_matches("0x"), 16).ok())
+            .with_context(|| format!("no secondary controller in:\n{secondary}"))?
+            .to_string();
+        let (queues, vectors) = (VF_QUEUES.to_string(), VF_VECTORS.to_string());
+        // Resource type 0 = queues, 1 = interrupt vectors; action 8 assigns, 9 onlines.
+        for (kind, count) in [("0", queues.as_str()), ("1", vectors.as_str())] {
+            host_tool(
+                "nvme",
+                &[
+                    "virt-mgmt",
+                    &ctrl,
+                    "-c",
+                    &scid,
+                    "-r",
+                    kind,
+                    "-a",
+                    "8",
+                    "-n",
+                    count,
+                ],
+            )?;
+        }
+        write_sysfs(dev.join("sriov_drivers_autoprobe"), "0")?;
+        write_sysfs(dev.join("sriov_numvfs"), "1")?;
+        let mut vf = Self {
+            pf: pf.clone(),
+            bdf: String::new(),
+        };
+        host_tool(
+            "nvme",
+            &[
+                "virt-mgmt",
+                &ctrl,
+                "-c",
+                &scid,
+                "-r",
+                "0",
+                "-a",
+                "9",
+                "-n",
+                "0",
+            ],
+        )?;
+        vf.bdf = std::fs::read_link(dev.join("virtfn0"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .with_context(|| format!("{pf} has no virtfn0 after sriov_numvfs=1"))?;
+        bind(&vf.bdf, "vfio-pci")?;
+        let group = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", vf.bdf))
+            .context("the VF has no IOMMU group")?;
+        let group = group
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        wait_for(
+            &PathBuf::from("/dev/vfio").join(&group),
+            "vfio-pci bind of the VF",
+        )?;
+        Ok(vf)
+    }
+}
+
+impl Drop for VirtualFunction {
+    fn drop(&mut self) {
+        let dev = PathBuf::from("/sys/bus/pci/devices").join(&self.pf);
+        if !self.bdf.is_empty() {
+            let vf = PathBuf::from("/sys/bus/pci/devices").join(&self.bdf);
+            let _ = std::fs::write(vf.join("driver/unbind"), &self.bdf);
+            let _ = std::fs::write(vf.join("driver_override"), "\n");
+        }
+        let _ = std::fs::write(dev.join("sriov_numvfs"), "0");
+        let _ = std::fs::write(dev.join("sriov_drivers_autoprobe"), "1");
+    }
+}
+
+/// The guest drives an SR-IOV virtual function of the NVMe (its own PCI function, IOMMU
+/// group and BAR, which vfio-pci presents with the IDs and BAR types a VF's raw config
+/// space lacks) while L1 keeps the PF bound to nvme: the guest's O_DIRECT write is on
+/// the shared namespace when L1 reads it through the PF.
+fn nvme_virtual_function_write_reaches_l1() -> Result<()> {
+    const VF_PATTERN: &str = "crib-vfio-vf-pattern";
+    // Block 3: blocks 0 and 1 belong to the PF tests' patterns.
+    const BLOCK: u64 = 3;
+    let vf = VirtualFunction::enable()?;
+    let command = format!(
+        "cat /sys/block/nvme0n1/size /sys/class/nvme/nvme0/serial; \
+         echo {VF_PATTERN} | dd of=/dev/nvme0n1 bs=4096 seek={BLOCK} count=1 conv=sync oflag=direct && echo vf-write-done"
+    );
+    let out = boot_with_vfio(&vf.bdf, &command, &[])?;
+    out.check(
+        out.stdout.contains("cradle: command exited with status 0") && out.code == Some(0),
+        "the guest command succeeds and crib exits 0",
+    )?;
+    out.check(
+        out.stdout.contains(&(NVME_IMAGE_BYTES / 512).to_string())
+            && out.stdout.contains(LAB_NVME_SERIAL),
+        "the guest sees the VF's nvme0n1 with the namespace's size and the serial",
+    )?;
+    out.check(
+        out.stdout.contains("vf-write-done"),
+        "the O_DIRECT write completes",
+    )?;
+    drop(vf);
+    // The PF stayed bound to nvme all along: read the block past L1's page cache.
+    let skip = BLOCK.to_string();
+    let block = host_tool(
+        "dd",
+        &[
+            &format!("if={L1_NAMESPACE}"),
+            "bs=4096",
+            &format!("skip={skip}"),
+            "count=1",
+            "iflag=direct",
+            "status=none",
+        ],
+    )?;
+    out.check(
+        block.starts_with(VF_PATTERN),
+        &format!(
+            "L1 reads the VF's write through the PF, got {:?}",
+            block.get(..VF_PATTERN.len()).unwrap_or(&block)
+        ),
     )
 }
