@@ -543,16 +543,10 @@ fn vsock(runs: usize) -> Result<()> {
     std::fs::write(&spec, VSOCK_POD)?;
     let (vsock_sock, docker_sock) = (dir.join("vsock.sock"), dir.join("docker.sock"));
     let mut vm = Command::new(crib_release())
-        .args([
-            "run",
-            "--cpus",
-            "2",
-            "--memory",
-            "512M",
-            "--console",
-            "off",
-            "--kernel",
-        ])
+        .args(["run", "--cpus", "2", "--memory", "512M", "--console"])
+        // The guest prints little (cradle's lines); kept for a failed run.
+        .arg(format!("file={}", dir.join("console.log").display()))
+        .arg("--kernel")
         .arg(&pod.vmlinux)
         .arg("--initrd")
         .arg(&pod.initramfs)
@@ -566,7 +560,7 @@ fn vsock(runs: usize) -> Result<()> {
         .arg(&docker_sock)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("crib.log"))?)
         .spawn()?;
     let result = (|| -> Result<()> {
         let wait = Duration::from_secs(120);
@@ -649,6 +643,19 @@ fn vsock(runs: usize) -> Result<()> {
     }
     let _ = vm.kill();
     let _ = vm.wait();
+    // A failed run says what crib logged.
+    let result = result.map_err(|e| {
+        let tail = |file: &str| {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        e.context(format!(
+            "crib's log ends:\n{}\nthe guest console ends:\n{}",
+            tail("crib.log"),
+            tail("console.log")
+        ))
+    });
     std::fs::remove_dir_all(&dir)?;
     result
 }
