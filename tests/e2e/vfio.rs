@@ -500,46 +500,31 @@ impl VirtualFunction {
             .and_then(|v| u32::from_str_radix(v.trim().trim_start_matches("0x"), 16).ok())
             .with_context(|| format!("no secondary controller in:\n{secondary}"))?
             .to_string();
-        let (queues, vectors) = (VF_QUEUES.to_string(), VF_VECTORS.to_string());
-        // Resource type 0 = queues, 1 = interrupt vectors; action 8 assigns, 9 onlines.
-        for (kind, count) in [("0", queues.as_str()), ("1", vectors.as_str())] {
-            host_tool(
-                "nvme",
-                &[
-                    "virt-mgmt",
-                    &ctrl,
-                    "-c",
-                    &scid,
-                    "-r",
-                    kind,
-                    "-a",
-                    "8",
-                    "-n",
-                    count,
-                ],
-            )?;
-        }
+        // nvme-cli's resource types: 0 queues, 1 interrupt vectors; actions: 8 assigns
+        // to a secondary controller, 9 brings it online.
+        let virt_mgmt = |resource: &str, action: &str, count: u32| {
+            let count = count.to_string();
+            let args = [
+                "virt-mgmt",
+                &ctrl,
+                "-c",
+                &scid,
+                "-r",
+                resource,
+                "-a",
+                action,
+            ];
+            host_tool("nvme", &[&args[..], &["-n", &count]].concat())
+        };
+        virt_mgmt("0", "8", VF_QUEUES)?;
+        virt_mgmt("1", "8", VF_VECTORS)?;
         write_sysfs(dev.join("sriov_drivers_autoprobe"), "0")?;
         write_sysfs(dev.join("sriov_numvfs"), "1")?;
         let mut vf = Self {
             pf: pf.clone(),
             bdf: String::new(),
         };
-        host_tool(
-            "nvme",
-            &[
-                "virt-mgmt",
-                &ctrl,
-                "-c",
-                &scid,
-                "-r",
-                "0",
-                "-a",
-                "9",
-                "-n",
-                "0",
-            ],
-        )?;
+        virt_mgmt("0", "9", 0)?;
         vf.bdf = std::fs::read_link(dev.join("virtfn0"))
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
