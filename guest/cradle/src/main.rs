@@ -10,6 +10,8 @@
 //! the shutdown call, per the spec's `lifetime`); run the command passed
 //! after `--` on the kernel command line, if any; then stop leftover
 //! processes, unmount the filesystems and volumes, sync and power off.
+//! The ACPI power button (crib's graceful shutdown when there is no vsock)
+//! ends the pod as the shutdown call does, and stops the command.
 //!
 //! PID 1 must never exit (the kernel panics when init dies): every error is
 //! printed as `cradle: error: ...` and the VM is powered off. No code path
@@ -39,6 +41,7 @@ mod module_load;
 mod mounts;
 mod pod;
 mod power;
+mod power_button;
 mod probe;
 mod processes;
 mod reaper;
@@ -50,6 +53,8 @@ mod volumes;
 use std::ffi::OsString;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use initramfs::podspec::POD_SPEC_GUEST_PATH;
@@ -65,6 +70,11 @@ use crate::pod::PodError;
 use crate::reaper::Reaper;
 use crate::vdocker::{PodEnd, Registry, RegistryOptions};
 use crate::volumes::{Layout, VolumeError, Volumes};
+
+/// What the pod's processes (and the command) get after the power button before
+/// SIGKILL. The button carries no time; crib's default graceful-shutdown timeout is
+/// 20 s, and unmounting and syncing need some of it.
+const POWER_BUTTON_GRACE: Duration = Duration::from_secs(10);
 
 /// Errors that end the boot (each powers the VM off).
 #[derive(Debug, Error)]
@@ -178,12 +188,14 @@ fn boot(
     }
     // From here on every child is started and reaped through this.
     let reaper = Reaper::for_this_process();
+    let command_running = Arc::new(AtomicBool::new(false));
     if let Some(spec) = &spec {
         let registry = Registry::new(&spec.processes, reaper.clone(), RegistryOptions::guest());
         registry.start_all();
         // After the processes: the server never delays them.
         vdocker::spawn_on_vsock(registry.clone());
         *pod = Some(registry.clone());
+        watch_power_button(Some(registry.clone()), command_running.clone());
         if let PodEnd::Shutdown(grace) = registry.wait_for_end(spec.lifetime) {
             say!(
                 "shutdown requested; stopping processes (SIGKILL after {} s)",
@@ -193,14 +205,32 @@ fn boot(
         }
     }
 
+    if spec.is_none() {
+        watch_power_button(None, command_running.clone());
+    }
     match args.split_first() {
         Some((program, rest)) => {
+            command_running.store(true, Ordering::SeqCst);
             let outcome = command::run(program, rest, &reaper)?;
             say!("{outcome}");
         }
         None => say!("no command; powering off"),
     }
     Ok(())
+}
+
+/// On a power-button press: the pod ends as on the shutdown call, and a running command
+/// (with everything else but cradle) is stopped, so that boot() returns and the VM
+/// powers off.
+fn watch_power_button(pod: Option<Registry>, command_running: Arc<AtomicBool>) {
+    power_button::watch(move || {
+        if let Some(registry) = &pod {
+            registry.request_shutdown(POWER_BUTTON_GRACE);
+        }
+        if command_running.load(Ordering::SeqCst) {
+            processes::terminate_all(POWER_BUTTON_GRACE);
+        }
+    });
 }
 
 /// Per-step timings for `cradle.debug`.

@@ -80,6 +80,22 @@ pub fn stop_leftovers() {
     }
 }
 
+/// Asks every process but cradle to stop (SIGTERM) and forces the rest after `grace`
+/// (SIGKILL), leaving the reaping to cradle's reaper (the command's waiter must see its
+/// child's exit). Only for PID 1: `kill(-1)` signals every process the caller may.
+pub fn terminate_all(grace: Duration) {
+    say!(
+        "stopping all processes (SIGKILL after {} s)",
+        grace.as_secs()
+    );
+    // SAFETY: kill takes a pid and a signal number, no memory. As PID 1, -1 reaches every
+    // process but cradle itself.
+    unsafe { libc::kill(-1, libc::SIGTERM) };
+    std::thread::sleep(grace);
+    // SAFETY: as above.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+}
+
 /// Reaps children until there are none (true) or `grace` has passed (false).
 fn reap_until_no_children(grace: Duration) -> bool {
     let start = Instant::now();
