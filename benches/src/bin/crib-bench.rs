@@ -1237,10 +1237,11 @@ fn ssh_banner_now() -> Option<String> {
     line.starts_with("SSH-").then(|| line.trim().to_owned())
 }
 
-/// The receiver's rate (Mbit/s) of `iperf3 -f m` against the guest, `reverse` for
-/// guest->host; retried once (the server may still be starting).
-fn iperf3(reverse: bool) -> Result<f64> {
-    let seconds = NET_SECONDS.to_string();
+/// The receiver's rate (Mbit/s) of `iperf3 -f m -P streams` against the guest (the sum
+/// of the streams), `reverse` for guest->host; retried once (the server may still be
+/// starting).
+fn iperf3(reverse: bool, streams: u16) -> Result<f64> {
+    let (seconds, streams) = (NET_SECONDS.to_string(), streams.to_string());
     let mut args = vec![
         "60",
         "iperf3",
@@ -1250,6 +1251,8 @@ fn iperf3(reverse: bool) -> Result<f64> {
         &seconds,
         "-f",
         "m",
+        "-P",
+        &streams,
     ];
     if reverse {
         args.push("-R");
@@ -1262,9 +1265,11 @@ fn iperf3(reverse: bool) -> Result<f64> {
             .output()
             .context("cannot run iperf3 (apt-get install iperf3)")?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // With several streams the total is the `[SUM]` line, after the per-stream ones.
+        let summed = text.contains("[SUM]");
         let rate = text
             .lines()
-            .filter(|l| l.trim_end().ends_with("receiver"))
+            .filter(|l| l.trim_end().ends_with("receiver") && (!summed || l.contains("[SUM]")))
             .find_map(|l| {
                 let words: Vec<&str> = l.split_whitespace().collect();
                 let at = words.iter().position(|w| *w == "Mbits/sec")?;
@@ -1280,10 +1285,11 @@ fn iperf3(reverse: bool) -> Result<f64> {
 }
 
 /// The command that boots `image` in `vmm`: 2 vCPUs, 1 GiB, the image's kernel and
-/// initrd, the root disk on virtio-blk and virtio-net on NET_TAP.
+/// initrd, the root disk on virtio-blk and virtio-net with `queues` queue pairs on NET_TAP.
 fn net_vm(
     vmm: NetVmm,
     qemu_machine: &str,
+    queues: u16,
     files: &std::path::Path,
     image: &std::path::Path,
 ) -> Command {
@@ -1297,7 +1303,7 @@ fn net_vm(
             .arg("--disk")
             .arg(format!("path={},id=root", image.display()))
             .arg("--net")
-            .arg(format!("tap={NET_TAP},mac={NET_MAC}"))
+            .arg(format!("tap={NET_TAP},mac={NET_MAC},queues={queues}"))
             .args(["--cmdline", NET_CMDLINE]);
         return crib;
     }
@@ -1324,10 +1330,18 @@ fn net_vm(
         .args(["-device", "virtio-blk-pci,drive=root"])
         .arg("-netdev")
         .arg(format!(
-            "tap,id=n0,ifname={NET_TAP},script=no,downscript=no,vhost={vhost}"
+            "tap,id=n0,ifname={NET_TAP},script=no,downscript=no,vhost={vhost},queues={queues}"
         ))
         .arg("-device")
-        .arg(format!("virtio-net-pci,netdev=n0,mac={NET_MAC}"));
+        .arg(if queues > 1 {
+            // A vector per queue, plus config and control (QEMU's documented 2N+2).
+            format!(
+                "virtio-net-pci,netdev=n0,mac={NET_MAC},mq=on,vectors={}",
+                2 * queues + 2
+            )
+        } else {
+            format!("virtio-net-pci,netdev=n0,mac={NET_MAC}")
+        });
     qemu
 }
 
@@ -1337,6 +1351,7 @@ fn net_vm(
 fn net_run(
     vmm: NetVmm,
     qemu_machine: &str,
+    queues: u16,
     files: &std::path::Path,
     dir: &std::path::Path,
     series: &mut NetSeries,
@@ -1351,7 +1366,7 @@ fn net_run(
             &image.display().to_string(),
         ],
     )?;
-    let result = net_run_on(vmm, qemu_machine, files, &image, series);
+    let result = net_run_on(vmm, qemu_machine, queues, files, &image, series);
     let _ = std::fs::remove_file(&image);
     result
 }
@@ -1359,13 +1374,14 @@ fn net_run(
 fn net_run_on(
     vmm: NetVmm,
     qemu_machine: &str,
+    queues: u16,
     files: &std::path::Path,
     image: &std::path::Path,
     series: &mut NetSeries,
 ) -> Result<()> {
     use std::sync::{Arc, Mutex};
     let start = Instant::now();
-    let mut child = net_vm(vmm, qemu_machine, files, image)
+    let mut child = net_vm(vmm, qemu_machine, queues, files, image)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1414,8 +1430,8 @@ fn net_run_on(
             .recv_timeout(Duration::from_secs(120))
             .context("no 'Reached target multi-user.target' on the console")?
             .as_secs_f64();
-        let to_guest = iperf3(false)?;
-        let from_guest = iperf3(true)?;
+        let to_guest = iperf3(false, queues)?;
+        let from_guest = iperf3(true, queues)?;
         if let Some(status) = child.try_wait()? {
             bail!("the VMM exited during iperf3: {status}");
         }
@@ -1445,9 +1461,14 @@ fn net_run_on(
     }
 }
 
-fn net(runs: usize, vhost: bool) -> Result<()> {
-    let runs_arg = runs.to_string();
-    let mut lab_args = vec!["net", "--runs", &runs_arg];
+fn net(runs: usize, vhost: bool, queues: u16) -> Result<()> {
+    if !(1..=8).contains(&queues) {
+        bail!(
+            "--queues takes 1 to 8 (queue pairs of the guest's NIC, one per vCPU at most useful)"
+        );
+    }
+    let (runs_arg, queues_arg) = (runs.to_string(), queues.to_string());
+    let mut lab_args = vec!["net", "--runs", &runs_arg, "--queues", &queues_arg];
     if !vhost {
         lab_args.push("--no-vhost");
     }
@@ -1483,8 +1504,12 @@ fn net(runs: usize, vhost: bool) -> Result<()> {
         vmms.retain(|v| *v != NetVmm::QemuVhost);
     }
     let _ = host_tool("ip", &["link", "del", NET_TAP]);
-    host_tool("ip", &["tuntap", "add", "dev", NET_TAP, "mode", "tap"])
-        .context("creating the tap (needs root and /dev/net/tun)")?;
+    // Several queue pairs need a multiqueue tap: one file descriptor per queue.
+    let mut tuntap = vec!["tuntap", "add", "dev", NET_TAP, "mode", "tap"];
+    if queues > 1 {
+        tuntap.push("multi_queue");
+    }
+    host_tool("ip", &tuntap).context("creating the tap (needs root and /dev/net/tun)")?;
     host_tool(
         "ip",
         &["addr", "add", &format!("{NET_HOST_IP}/24"), "dev", NET_TAP],
@@ -1502,7 +1527,7 @@ fn net(runs: usize, vhost: bool) -> Result<()> {
                 run + 1,
                 vmm.label(&qemu_machine)
             );
-            let mut result = net_run(*vmm, &qemu_machine, &files, &dir, series);
+            let mut result = net_run(*vmm, &qemu_machine, queues, &files, &dir, series);
             if result.is_err()
                 && *vmm != NetVmm::Crib
                 && !qemu_ok
@@ -1513,7 +1538,7 @@ fn net(runs: usize, vhost: bool) -> Result<()> {
                     "QEMU `-M {qemu_machine}` failed, q35 used instead: {error}"
                 ));
                 qemu_machine = "q35".to_owned();
-                result = net_run(*vmm, &qemu_machine, &files, &dir, series);
+                result = net_run(*vmm, &qemu_machine, queues, &files, &dir, series);
             }
             qemu_ok |= result.is_ok() && *vmm != NetVmm::Crib;
             if result.is_ok() {
@@ -1550,7 +1575,7 @@ fn net(runs: usize, vhost: bool) -> Result<()> {
         })
         .collect();
     println!(
-        "| marketplace VM (Debian 12, 2 vCPUs, 1 GiB), {runs} runs, medians | boot to sshd banner | boot to multi-user.target | TCP host->guest | TCP guest->host |"
+        "| marketplace VM (Debian 12, 2 vCPUs, 1 GiB, {queues} queue pair(s), iperf3 -P {queues}), {runs} runs, medians | boot to sshd banner | boot to multi-user.target | TCP host->guest | TCP guest->host |"
     );
     println!("| --- | --- | --- | --- | --- |");
     for ((vmm, (s, m, t, f)), series) in vmms.iter().zip(&medians).zip(&series) {
@@ -1693,6 +1718,13 @@ fn main() -> Result<()> {
                 3
             },
             !args.iter().any(|a| a == "--no-vhost"),
+            args.iter()
+                .position(|a| a == "--queues")
+                .and_then(|i| args.get(i + 1))
+                .map(|n| n.parse())
+                .transpose()
+                .context("--queues takes a number")?
+                .unwrap_or(1),
         ),
         Some("density") => {
             let pods = args
@@ -1706,7 +1738,7 @@ fn main() -> Result<()> {
             density(pods)
         }
         _ => bail!(
-            "usage: crib-bench host | boot [--runs N] | io [--runs N] | vsock [--runs N] | fs [--runs N] | vfio [--runs N] | net [--runs N] [--no-vhost] | density [--pods N]"
+            "usage: crib-bench host | boot [--runs N] | io [--runs N] | vsock [--runs N] | fs [--runs N] | vfio [--runs N] | net [--runs N] [--no-vhost] [--queues N] | density [--pods N]"
         ),
     }
 }
