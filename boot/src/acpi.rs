@@ -75,6 +75,8 @@ pub struct PciHostBridge {
     /// The memory window BARs live in: `[start, start + size)`.
     pub mmio_start: u64,
     pub mmio_size: u64,
+    /// The window above 4 GiB for 64-bit BARs, `(start, size)`, if there is one.
+    pub mmio64: Option<(u64, u64)>,
 }
 
 /// Errors while writing the tables.
@@ -197,7 +199,20 @@ fn pci_host_bridge(pci: &PciHostBridge) -> Vec<u8> {
         end,
         None,
     );
-    let crs = aml::ResourceTemplate::new(vec![&bus, &config_ports, &memory]);
+    let memory64 = pci.mmio64.map(|(start, size)| {
+        aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            start,
+            start + size - 1,
+            None,
+        )
+    });
+    let mut resources: Vec<&dyn Aml> = vec![&bus, &config_ports, &memory];
+    if let Some(memory64) = &memory64 {
+        resources.push(memory64);
+    }
+    let crs = aml::ResourceTemplate::new(resources);
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
     let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
     let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
@@ -311,6 +326,7 @@ mod tests {
                 ecam_start: 0xe000_0000,
                 mmio_start: 0xc000_0000,
                 mmio_size: 0x2000_0000,
+                mmio64: Some((0x1_0000_0000, 0xff_0000_0000)),
             }),
             ged: Some(GenericEventDevice {
                 event_port: 0x604,
@@ -489,9 +505,40 @@ mod tests {
             "Notify (\\_SB.PWRB, 0x80)",
             "Name (_HID, EisaId (\"PNP0C0C\")",
             "OperationRegion (GDST, SystemIO, 0x0604, One)",
+            "QWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,",
+            "0x0000000100000000, // Range Minimum",
+            "0x000000FFFFFFFFFF, // Range Maximum",
         ] {
             assert!(dsl.contains(needle), "{needle} missing from:\n{dsl}");
         }
+    }
+
+    /// The QWord memory descriptor (tag 0x8a) of the 64-bit window: granularity, min,
+    /// max, translation and length follow the 6 bytes of tag, length and flags.
+    fn qword_window(dsdt: &[u8]) -> Option<(u64, u64, u64)> {
+        let at = dsdt
+            .windows(4)
+            .position(|w| w[0] == 0x8a && w[1] == 43 && w[2] == 0 && w[3] == 0)?;
+        let field = |i: usize| {
+            let start = at + 6 + 8 * i;
+            u64::from_le_bytes(dsdt[start..start + 8].try_into().unwrap())
+        };
+        Some((field(1), field(2), field(4)))
+    }
+
+    #[test]
+    fn pci_host_bridge_offers_the_64bit_window() {
+        let with = bytes_of(&dsdt(&config(1)));
+        assert_eq!(
+            qword_window(&with),
+            Some((0x1_0000_0000, 0xff_ffff_ffff, 0xff_0000_0000))
+        );
+        let mut without = config(1);
+        without.pci = without.pci.map(|pci| PciHostBridge {
+            mmio64: None,
+            ..pci
+        });
+        assert_eq!(qword_window(&bytes_of(&dsdt(&without))), None);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! 0xc000_0000  32-bit MMIO hole: PCI BARs (512 MiB), ECAM at 0xe000_0000 (1 MiB),
 //!              IO-APIC at 0xfec0_0000, LAPIC at 0xfee0_0000
 //! 0x1_0000_0000  RAM beyond 3 GiB continues here
+//! above RAM      64-bit PCI BAR window, from a 1 GiB boundary to the end of the guest's
+//!                physical address space (`memory_map::pci_mmio64_window`)
 //! ```
 
 use vm_memory::GuestAddress;

@@ -78,6 +78,26 @@ pub fn e820_entries(mem_bytes: u64) -> Vec<E820Entry> {
     entries
 }
 
+/// Where the AMD HyperTransport range starts (1012 GiB); it is reserved up to 1 TiB on
+/// AMD hosts, so guest BARs must stay below it.
+const AMD_HT_RESERVED_START: u64 = 0xfd_0000_0000;
+/// The 64-bit BAR window starts on this boundary.
+const PCI_MMIO64_ALIGN: u64 = 1 << 30;
+/// The physical-address width every x86-64 CPU has (CPUID leaf 0x8000_0008 may say more).
+pub const DEFAULT_PHYS_BITS: u8 = 36;
+
+/// The 64-bit PCI MMIO window `(start, size)` for a guest with `mem_bytes` of RAM and
+/// `phys_bits` of physical address: from the first 1 GiB boundary above RAM (and above
+/// 4 GiB) to the end of the guest's physical address space, stopping short of AMD's
+/// HyperTransport hole. `None` when the address space leaves no room.
+pub fn pci_mmio64_window(mem_bytes: u64, phys_bits: u8) -> Option<(u64, u64)> {
+    let ram_end = RAM_ABOVE_4G_START + mem_bytes.saturating_sub(MMIO_HOLE_START);
+    let start = ram_end.checked_next_multiple_of(PCI_MMIO64_ALIGN)?;
+    let bits = u32::from(phys_bits.clamp(DEFAULT_PHYS_BITS, 52));
+    let end = (1u64 << bits).min(AMD_HT_RESERVED_START);
+    (end > start).then(|| (start, end - start))
+}
+
 /// Round `value` down to a page boundary.
 pub fn page_align_down(value: u64) -> u64 {
     value & !(PAGE_SIZE - 1)
@@ -89,6 +109,37 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn mmio64_window_starts_above_4g_for_small_vms() {
+        assert_eq!(
+            pci_mmio64_window(512 * MIB, 39),
+            Some((4 * GIB, (1 << 39) - 4 * GIB))
+        );
+    }
+
+    #[test]
+    fn mmio64_window_starts_above_ram_on_a_gib_boundary() {
+        // 8.5 GiB of RAM: 3 GiB below the hole, 5.5 GiB from 4 GiB, so RAM ends at 9.5 GiB.
+        let (start, size) = pci_mmio64_window(8 * GIB + 512 * MIB, 39).unwrap();
+        assert_eq!(start, 10 * GIB);
+        assert_eq!(start + size, 1 << 39);
+    }
+
+    #[test]
+    fn mmio64_window_stops_below_the_amd_hypertransport_hole() {
+        for bits in [40, 48] {
+            let (start, size) = pci_mmio64_window(GIB, bits).unwrap();
+            assert_eq!(start + size, 0xfd_0000_0000);
+        }
+    }
+
+    #[test]
+    fn mmio64_window_absent_when_ram_fills_the_address_space() {
+        assert_eq!(pci_mmio64_window(64 * GIB, 36), None);
+        // A CPU claiming fewer bits than any x86-64 has gets the architectural minimum.
+        assert!(pci_mmio64_window(GIB, 0).is_some());
+    }
 
     #[test]
     fn ram_ranges_small_vm_is_one_range() {

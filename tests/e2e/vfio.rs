@@ -5,9 +5,12 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use crib_tests::lab_nvme::{
+    bind, bind_vfio, find_lab_nvme, wait_for, VirtualFunction, L1_NAMESPACE,
+};
 use crib_tests::micro::{elf, halt_forever};
 use crib_tests::{host_tool, run_crib, GuestArtifacts, RunOutput};
 
@@ -20,8 +23,6 @@ pub const NVME_IMAGE_BYTES: u64 = 256 << 20;
 pub const PATTERN: &str = "crib-vfio-pattern";
 /// The serial of the lab's NVMe controller (tests/lab/lab.sh).
 const LAB_NVME_SERIAL: &str = "crib-nvme0";
-/// The namespace as L1 sees it while the controller is bound to nvme.
-const L1_NAMESPACE: &str = "/dev/nvme0n1";
 /// What cradle reads to decide a disk is blank (guest/cradle/src/probe.rs).
 const BLANK_HEAD_BYTES: usize = 128 * 1024;
 /// Set (by main.rs, through the lab) when L1 has the emulated NVMe to pass through.
@@ -118,57 +119,6 @@ fn missing_device_is_named() -> Result<()> {
     )
 }
 
-fn write_sysfs(path: impl AsRef<Path>, value: &str) -> Result<()> {
-    let path = path.as_ref();
-    std::fs::write(path, value)
-        .with_context(|| format!("cannot write '{value}' to {}", path.display()))
-}
-
-/// The BDF of L1's emulated NVMe controller (class 0x010802, QEMU's vendor id): the
-/// physical function, never one of its SR-IOV virtual functions.
-fn find_lab_nvme() -> Result<String> {
-    for entry in std::fs::read_dir("/sys/bus/pci/devices")?.flatten() {
-        let read = |f: &str| std::fs::read_to_string(entry.path().join(f)).unwrap_or_default();
-        let is_vf = entry.path().join("physfn").exists();
-        if read("class").trim() == "0x010802" && read("vendor").trim() == "0x1b36" && !is_vf {
-            return Ok(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
-    bail!(
-        "no emulated NVMe (class 0x010802, vendor 0x1b36) in L1: was the lab started with --nvme?"
-    )
-}
-
-fn wait_for(path: &Path, what: &str) -> Result<()> {
-    let start = Instant::now();
-    while !path.exists() {
-        if start.elapsed() > Duration::from_secs(20) {
-            bail!("{what}: {} did not appear", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-/// Rebinds `bdf` to `driver` (through driver_override and drivers_probe).
-fn bind(bdf: &str, driver: &str) -> Result<()> {
-    let dev = PathBuf::from("/sys/bus/pci/devices").join(bdf);
-    if dev.join("driver").exists() {
-        write_sysfs(dev.join("driver/unbind"), bdf)?;
-    }
-    // An empty override ("\n") lets the normal driver match again.
-    let over = if driver == "nvme" { "\n" } else { driver };
-    write_sysfs(dev.join("driver_override"), over)?;
-    write_sysfs("/sys/bus/pci/drivers_probe", bdf)?;
-    let bound = std::fs::read_link(dev.join("driver"))
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-    if bound.as_deref() != Some(driver) {
-        bail!("{bdf} is bound to {bound:?} after binding {driver}");
-    }
-    Ok(())
-}
-
 fn boot_with_vfio(bdf: &str, command: &str, extra: &[String]) -> Result<RunOutput> {
     boot_with_vfio_on(&GuestArtifacts::pod()?, bdf, command, extra)
 }
@@ -202,18 +152,8 @@ fn nvme_to_vfio() -> Result<String> {
     if !lab_has_nvme() {
         bail!("needs the lab's NVMe ({LAB_NVME_ENV}): run through tests/e2e's lab runner");
     }
-    let _ = std::process::Command::new("modprobe")
-        .arg("vfio-pci")
-        .status();
     let bdf = find_lab_nvme()?;
-    bind(&bdf, "vfio-pci")?;
-    let group = std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group"))
-        .context("the NVMe has no IOMMU group: is intel_iommu=on on L1's command line?")?;
-    let group = group
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    wait_for(&PathBuf::from("/dev/vfio").join(&group), "vfio-pci bind")?;
+    bind_vfio(&bdf)?;
     Ok(bdf)
 }
 
@@ -253,8 +193,12 @@ fn nvme_direct_write_reaches_l1() -> Result<()> {
     let sectors = NVME_IMAGE_BYTES / 512;
     // No double quotes: the command sits inside the kernel command line's quotes.
     let command = format!(
-        "cat /sys/block/nvme0n1/size; echo {PATTERN} | dd of=/dev/nvme0n1 bs=4096 count=1 conv=sync oflag=direct && echo vfio-write-done"
+        "cat /sys/block/nvme0n1/size; cd /sys/bus/pci/devices/0000:00:01.0; \
+         echo bar0 $(head -c 18 resource) config $(stat -c %s config) sriov $(cat sriov_totalvfs 2>/dev/null || echo none); \
+         echo {PATTERN} | dd of=/dev/nvme0n1 bs=4096 count=1 conv=sync oflag=direct && echo vfio-write-done"
     );
+    // The lab's NVMe offers SR-IOV (lab.sh --nvme-vfs), which the guest must not see.
+    let host_has_sriov = Path::new(&format!("/sys/bus/pci/devices/{bdf}/sriov_totalvfs")).exists();
     let run = boot_with_vfio(&bdf, &command, &[]);
     // Give the device back to L1 whatever happened.
     let rebound = bind(&bdf, "nvme");
@@ -268,6 +212,18 @@ fn nvme_direct_write_reaches_l1() -> Result<()> {
     out.check(
         out.stdout.contains(&sectors.to_string()),
         "the guest sees nvme0n1 with the image's size",
+    )?;
+    out.check(
+        out.stdout.contains("bar0 0x0000000100000000"),
+        "the NVMe's 64-bit BAR 0 sits at the start of the window above 4 GiB",
+    )?;
+    out.check(
+        out.stdout.contains("config 4096 sriov none"),
+        "the guest reads extended configuration space, without the SR-IOV capability",
+    )?;
+    out.check(
+        host_has_sriov,
+        "L1's NVMe has the SR-IOV capability crib hides",
     )?;
     out.check(
         out.stdout.contains("vfio-write-done"),
@@ -287,9 +243,10 @@ fn nvme_direct_write_reaches_l1() -> Result<()> {
     )
 }
 
-/// The guest moves the passed-through NVMe's BAR 0 (driver unbound, new address written
-/// through sysfs) and reads the controller's version register there through /dev/mem:
-/// crib must have moved the BAR's KVM slots. Then it removes the device and rescans, so
+/// The guest moves the passed-through NVMe's 64-bit BAR 0 from above 4 GiB into the
+/// 32-bit window (driver unbound, high dword then low dword written through sysfs) and
+/// reads the controller's version register there through /dev/mem: crib must have moved
+/// the BAR's KVM slots. Then it removes the device and rescans, so
 /// Linux places the BAR again (a second move); the nvme driver comes back wherever that
 /// is, with its MSI-X table trap moved along, and its O_DIRECT write reaches L1.
 fn nvme_works_after_the_guest_moves_its_bar() -> Result<()> {
@@ -297,6 +254,7 @@ fn nvme_works_after_the_guest_moves_its_bar() -> Result<()> {
     let bdf = nvme_to_vfio()?;
     let dev = "/sys/bus/pci/devices/0000:00:01.0";
     let bytes = crib_tests::printf_le_bytes(MOVED_BAR);
+    let zero = crib_tests::printf_le_bytes(0);
     // VS (the NVMe version) is at 0x8 in BAR 0; /dev/mem may read it once no driver holds
     // the BAR. The pattern goes to the second 4 KiB block. No double quotes: the command
     // sits in the kernel command line's quotes.
@@ -304,6 +262,7 @@ fn nvme_works_after_the_guest_moves_its_bar() -> Result<()> {
         "old=$(head -c 18 {dev}/resource); \
          echo 0000:00:01.0 > /sys/bus/pci/drivers/nvme/unbind && \
          echo vs-before $(devmem $((old + 8)) 32) && \
+         printf '{zero}' | dd of={dev}/config bs=4 seek=5 count=1 conv=notrunc 2>/dev/null && \
          printf '{bytes}' | dd of={dev}/config bs=4 seek=4 count=1 conv=notrunc 2>/dev/null && \
          echo vs-at-new $(devmem $(({MOVED_BAR} + 8)) 32) vs-at-old $(devmem $((old + 8)) 32); \
          echo 1 > {dev}/remove && echo 1 > /sys/bus/pci/rescan; \
@@ -334,7 +293,7 @@ fn nvme_works_after_the_guest_moves_its_bar() -> Result<()> {
     )?;
     out.check(
         out.stderr.contains(&format!(
-            "guest moved BAR 0 of PCI 00:01.0 from 0xc0000000 to {MOVED_BAR:#x}"
+            "guest moved BAR 0 of PCI 00:01.0 from 0x100000000 to {MOVED_BAR:#x}"
         )) && !out.stderr.contains("slow path")
             && !out.stderr.contains("cannot follow"),
         "crib moved the BAR's slots and trap",
@@ -455,108 +414,6 @@ fn check_pod_console(out: &RunOutput) -> Result<()> {
     )
 }
 
-/// One SR-IOV virtual function of the lab's NVMe (lab.sh `--nvme-vfs 1`), enabled the way
-/// an operator does it with nvme-cli: the VF's secondary controller is given I/O queues
-/// and interrupt vectors from the PF's flexible pools, the VF is created with autoprobe
-/// off (the nvme driver would bind it before it is online), the secondary controller is
-/// brought online, and the VF goes to vfio-pci. Dropping it unbinds and removes the VF.
-struct VirtualFunction {
-    pf: String,
-    bdf: String,
-}
-
-/// Queues (admin included) and interrupt vectors the VF's controller gets; lab.sh gives
-/// each VF room for 4 of each.
-const VF_QUEUES: u32 = 4;
-const VF_VECTORS: u32 = 4;
-
-impl VirtualFunction {
-    fn enable() -> Result<Self> {
-        if !lab_has_nvme() {
-            bail!("needs the lab's NVMe ({LAB_NVME_ENV}): run through tests/e2e's lab runner");
-        }
-        let pf = find_lab_nvme()?;
-        let dev = PathBuf::from("/sys/bus/pci/devices").join(&pf);
-        let total = std::fs::read_to_string(dev.join("sriov_totalvfs")).unwrap_or_default();
-        anyhow::ensure!(
-            total.trim().parse::<u32>().unwrap_or(0) >= 1,
-            "{pf} offers no SR-IOV virtual function (sriov_totalvfs {:?}): was the lab started with --nvme-vfs?",
-            total.trim()
-        );
-        // The PF must be bound to nvme: the driver enables SR-IOV, and nvme-cli talks to
-        // the controller through it.
-        bind(&pf, "nvme")?;
-        let ctrl = std::fs::read_dir(dev.join("nvme"))?
-            .flatten()
-            .map(|e| format!("/dev/{}", e.file_name().to_string_lossy()))
-            .next()
-            .with_context(|| format!("{pf} bound to nvme has no controller"))?;
-        wait_for(Path::new(&ctrl), "the PF's controller node")?;
-        let secondary = host_tool("nvme", &["list-secondary", &ctrl])?;
-        let scid = secondary
-            .lines()
-            .find(|l| l.trim_start().starts_with("SCID"))
-            .and_then(|l| l.rsplit(':').next())
-            .and_then(|v| u32::from_str_radix(v.trim().trim_start_matches("0x"), 16).ok())
-            .with_context(|| format!("no secondary controller in:\n{secondary}"))?
-            .to_string();
-        // nvme-cli's resource types: 0 queues, 1 interrupt vectors; actions: 8 assigns
-        // to a secondary controller, 9 brings it online.
-        let virt_mgmt = |resource: &str, action: &str, count: u32| {
-            let count = count.to_string();
-            let args = [
-                "virt-mgmt",
-                &ctrl,
-                "-c",
-                &scid,
-                "-r",
-                resource,
-                "-a",
-                action,
-            ];
-            host_tool("nvme", &[&args[..], &["-n", &count]].concat())
-        };
-        virt_mgmt("0", "8", VF_QUEUES)?;
-        virt_mgmt("1", "8", VF_VECTORS)?;
-        write_sysfs(dev.join("sriov_drivers_autoprobe"), "0")?;
-        write_sysfs(dev.join("sriov_numvfs"), "1")?;
-        let mut vf = Self {
-            pf: pf.clone(),
-            bdf: String::new(),
-        };
-        virt_mgmt("0", "9", 0)?;
-        vf.bdf = std::fs::read_link(dev.join("virtfn0"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .with_context(|| format!("{pf} has no virtfn0 after sriov_numvfs=1"))?;
-        bind(&vf.bdf, "vfio-pci")?;
-        let group = std::fs::read_link(format!("/sys/bus/pci/devices/{}/iommu_group", vf.bdf))
-            .context("the VF has no IOMMU group")?;
-        let group = group
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        wait_for(
-            &PathBuf::from("/dev/vfio").join(&group),
-            "vfio-pci bind of the VF",
-        )?;
-        Ok(vf)
-    }
-}
-
-impl Drop for VirtualFunction {
-    fn drop(&mut self) {
-        let dev = PathBuf::from("/sys/bus/pci/devices").join(&self.pf);
-        if !self.bdf.is_empty() {
-            let vf = PathBuf::from("/sys/bus/pci/devices").join(&self.bdf);
-            let _ = std::fs::write(vf.join("driver/unbind"), &self.bdf);
-            let _ = std::fs::write(vf.join("driver_override"), "\n");
-        }
-        let _ = std::fs::write(dev.join("sriov_numvfs"), "0");
-        let _ = std::fs::write(dev.join("sriov_drivers_autoprobe"), "1");
-    }
-}
-
 /// The guest drives an SR-IOV virtual function of the NVMe (its own PCI function, IOMMU
 /// group and BAR, which vfio-pci presents with the IDs and BAR types a VF's raw config
 /// space lacks) while L1 keeps the PF bound to nvme: the guest's O_DIRECT write is on
@@ -565,6 +422,9 @@ fn nvme_virtual_function_write_reaches_l1() -> Result<()> {
     const VF_PATTERN: &str = "crib-vfio-vf-pattern";
     // Block 3: blocks 0 and 1 belong to the PF tests' patterns.
     const BLOCK: u64 = 3;
+    if !lab_has_nvme() {
+        bail!("needs the lab's NVMe ({LAB_NVME_ENV}): run through tests/e2e's lab runner");
+    }
     let vf = VirtualFunction::enable()?;
     let command = format!(
         "cat /sys/block/nvme0n1/size /sys/class/nvme/nvme0/serial; \

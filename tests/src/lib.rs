@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod fleet;
+pub mod lab_nvme;
 mod live;
 
 pub use live::LiveCrib;

@@ -1,27 +1,27 @@
 //! Builds the VM's devices: the legacy port devices, the PCI bus and its config access
-//! (0xCF8 ports and ECAM), and virtio-pci devices with their BAR (vm-allocator), queue
+//! (0xCF8 ports and ECAM), and virtio-pci devices with their BAR (see [`BarSpace`]), queue
 //! ioeventfds, MSI-X irqfds and routes.
 
 use std::sync::{Arc, Mutex};
 
-use boot::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START};
+use boot::layout::{PCI_ECAM_SIZE, PCI_ECAM_START};
 use devices::pci::bus::{PCI_CONFIG_IO_LEN, PCI_CONFIG_IO_PORT};
 use devices::pci::{MsixConfig, MsixVectors, PciBus, PciConfigIo, PciConfigMmio};
 use devices::virtio::transport::{VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
 use devices::virtio::VirtioDevice;
 use devices::{Bus, BusError};
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
-use vm_allocator::{AddressAllocator, AllocPolicy};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bar_relocation::{BarHook, BarRelocator};
+use crate::bar_space::BarSpace;
 use crate::interrupts::{GsiRouter, InterruptError};
 use crate::vm::Vm;
 
 /// Errors while adding devices.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("no room left in the PCI MMIO window for device {name}")]
+    #[error("no room left in the PCI MMIO windows for device {name}")]
     BarSpace {
         name: String,
         #[source]
@@ -78,17 +78,16 @@ pub struct DeviceManager {
     mmio: Arc<Bus>,
     /// Follows the BARs the guest moves.
     relocator: Arc<BarRelocator>,
-    bar_space: AddressAllocator,
+    bar_space: BarSpace,
     router: Arc<GsiRouter>,
 }
 
 impl DeviceManager {
-    pub fn new(vm: &Vm) -> Result<Self, DeviceError> {
-        let bar_space = AddressAllocator::new(PCI_MMIO_START, PCI_MMIO_SIZE).map_err(|source| {
-            DeviceError::BarSpace {
-                name: "pci".into(),
-                source,
-            }
+    /// Devices for `vm`; `mmio64` is the 64-bit BAR window the guest was told about.
+    pub fn new(vm: &Vm, mmio64: Option<(u64, u64)>) -> Result<Self, DeviceError> {
+        let bar_space = BarSpace::new(mmio64).map_err(|source| DeviceError::BarSpace {
+            name: "pci".into(),
+            source,
         })?;
         let mmio = Arc::new(Bus::new());
         let relocator = Arc::new(BarRelocator::new(Arc::downgrade(&mmio)));
@@ -113,16 +112,11 @@ impl DeviceManager {
         let queues = device.queue_max_sizes().len();
         let bar = self
             .bar_space
-            .allocate(
-                VIRTIO_PCI_BAR_SIZE,
-                VIRTIO_PCI_BAR_SIZE,
-                AllocPolicy::FirstMatch,
-            )
+            .allocate(VIRTIO_PCI_BAR_SIZE, false)
             .map_err(|source| DeviceError::BarSpace {
                 name: name.into(),
                 source,
-            })?
-            .start();
+            })?;
         let eventfd = || {
             EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
                 name: name.into(),

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bar_relocation;
+pub mod bar_space;
 pub mod block;
 pub mod config;
 pub mod console;
@@ -166,7 +167,11 @@ struct BootEntry {
 }
 
 /// Loads kernel, initrd, command line and the boot tables into `mem`.
-fn load_guest(config: &VmConfig, mem: &memory::GuestMemory) -> Result<BootEntry, VmmError> {
+fn load_guest(
+    config: &VmConfig,
+    mem: &memory::GuestMemory,
+    mmio64: Option<(u64, u64)>,
+) -> Result<BootEntry, VmmError> {
     let mut kernel_file = open("kernel", &config.kernel)?;
     let kernel =
         boot::kernel::load_kernel(mem, &mut kernel_file).map_err(|source| VmmError::Kernel {
@@ -251,6 +256,7 @@ fn load_guest(config: &VmConfig, mem: &memory::GuestMemory) -> Result<BootEntry,
                 ecam_start: boot::layout::PCI_ECAM_START,
                 mmio_start: boot::layout::PCI_MMIO_START,
                 mmio_size: boot::layout::PCI_MMIO_SIZE,
+                mmio64,
             }),
             ged: Some(boot::acpi::GenericEventDevice {
                 event_port: GED_PORT,
@@ -383,9 +389,11 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
     vcpu::install_kick_handler().map_err(VmmError::Vcpu)?;
     let ranges: Vec<_> = boot::memory_map::ram_ranges(config.memory_bytes);
     let mem = memory::create_guest_memory(&ranges).map_err(VmmError::Memory)?;
-    let entry = load_guest(config, &mem)?;
-
     let vm = Vm::new(mem).map_err(VmmError::Vm)?;
+    let cpuid = vcpu::supported_cpuid(&vm).map_err(VmmError::Vcpu)?;
+    let mmio64 =
+        boot::memory_map::pci_mmio64_window(config.memory_bytes, vcpu::guest_phys_bits(&cpuid));
+    let entry = load_guest(config, vm.memory(), mmio64)?;
     let exit = Arc::new(VmExit::new().map_err(VmmError::EventFd)?);
     let boot_times = Arc::new(BootTimes::default());
     let mut pio = Bus::new();
@@ -394,7 +402,8 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
         .map_err(VmmError::Vm)?;
     vm.register_irqfd(&legacy.ged_irq, GED_IRQ)
         .map_err(VmmError::Vm)?;
-    let mut device_manager = device_manager::DeviceManager::new(&vm).map_err(VmmError::Device)?;
+    let mut device_manager =
+        device_manager::DeviceManager::new(&vm, mmio64).map_err(VmmError::Device)?;
     let mut disks = Vec::with_capacity(config.disks.len());
     for (index, disk) in config.disks.iter().enumerate() {
         let device = block::create(index, disk).map_err(|source| VmmError::Disk {
@@ -492,7 +501,6 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
         api::start(path, Arc::new(handle), filters.api.clone()).map_err(VmmError::Api)?;
     }
 
-    let cpuid = vcpu::supported_cpuid(&vm).map_err(VmmError::Vcpu)?;
     let vcpus = (0..config.cpus)
         .map(|i| Vcpu::new(&vm, &cpuid, i, config.cpus, entry.entry, entry.pml4))
         .collect::<Result<Vec<_>, _>>()

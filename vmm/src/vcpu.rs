@@ -218,6 +218,16 @@ pub fn supported_cpuid(vm: &Vm) -> Result<CpuId, VcpuError> {
         })
 }
 
+/// The guest's physical-address width: CPUID leaf 0x8000_0008 EAX[7:0] as KVM reports
+/// it (crib passes it through), or the x86-64 minimum when the leaf is missing.
+pub fn guest_phys_bits(cpuid: &CpuId) -> u8 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map_or(boot::memory_map::DEFAULT_PHYS_BITS, |e| e.eax as u8)
+}
+
 impl Vcpu {
     /// Creates vCPU `index` of `count`; the boot vCPU (0) starts at `entry` in long mode
     /// with CR3 `pml4`, the others wait for INIT/SIPI from the guest.

@@ -27,7 +27,6 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioRegionInfoCap};
-use vm_allocator::{AddressAllocator, AllocPolicy};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bar_relocation::BarHook;
@@ -140,7 +139,7 @@ pub enum VfioError {
     },
     #[error("cannot DMA-map guest RAM for VFIO: the locked-memory limit must cover all guest RAM (`ulimit -l unlimited`, or LimitMEMLOCK=infinity for a service)")]
     DmaMap(#[source] vfio_ioctls::VfioError),
-    #[error("PCI device {bdf}: no room for BAR {bar} ({size:#x} bytes) in the PCI MMIO window")]
+    #[error("PCI device {bdf}: no room for BAR {bar} ({size:#x} bytes) in the PCI MMIO windows")]
     BarSpace {
         bdf: Bdf,
         bar: usize,
@@ -293,7 +292,7 @@ impl VfioHost {
     pub fn open(
         &mut self,
         bdf: &Bdf,
-        bar_space: &mut AddressAllocator,
+        bar_space: &mut crate::bar_space::BarSpace,
         router: &Arc<GsiRouter>,
     ) -> Result<VfioParts, VfioError> {
         let group = check_host(&self.sysfs, bdf)?;
@@ -315,14 +314,13 @@ impl VfioHost {
         let mut placed = Vec::with_capacity(bars.len());
         for bar in &bars {
             let addr = bar_space
-                .allocate(bar.size, bar.size, AllocPolicy::FirstMatch)
+                .allocate(bar.size, bar.is_64bit)
                 .map_err(|source| VfioError::BarSpace {
                     bdf: *bdf,
                     bar: bar.index,
                     size: bar.size,
                     source,
-                })?
-                .start();
+                })?;
             placed.push((*bar, addr));
         }
 
@@ -510,6 +508,10 @@ impl VfioRegions for DeviceRegions {
     fn write_config(&self, offset: u64, data: &[u8]) {
         self.device
             .region_write(VFIO_PCI_CONFIG_REGION_INDEX, data, offset);
+    }
+
+    fn config_size(&self) -> u64 {
+        self.device.get_region_size(VFIO_PCI_CONFIG_REGION_INDEX)
     }
 
     fn read_bar(&self, bar: usize, offset: u64, data: &mut [u8]) {

@@ -29,7 +29,9 @@
 //!   NVMe namespace, QD1 latency (completion latency mean and median) and QD32 IOPS: fio in
 //!   a pod-kernel crib guest on the namespace passed through with `--vfio`, fio in L1 on
 //!   the same device (driver nvme), and fio in a crib guest on a virtio-blk disk backed by
-//!   the device (`direct=on`). Runs in a lab started with `--nvme` (a 1 GiB raw image).
+//!   the device (`direct=on`); then, after those runs, the same guest on an SR-IOV virtual
+//!   function of the device (nvme-cli's virt-mgmt, the namespace shared with the PF).
+//!   Runs in a lab started with `--nvme` (a 1 GiB raw image) and `--nvme-vfs 1`.
 //!
 //! - `crib-bench net [--runs N] [--no-vhost]` (default 3 runs): the marketplace VM (the Debian image of
 //!   scripts/build-marketplace-image.sh, its own kernel and initrd, 2 vCPUs, 1 GiB) on a
@@ -51,6 +53,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use crib_tests::fleet::Fleet;
+use crib_tests::lab_nvme::{bind_nvme, bind_vfio, find_lab_nvme, VirtualFunction, L1_NAMESPACE};
 use crib_tests::{
     can_boot_linux, fio_image, host_tool, micro, repo_root, strip_ansi, target_dir, tool_image,
     vsock_connect, GuestArtifacts,
@@ -933,58 +936,6 @@ fn fs(runs: usize) -> Result<()> {
 const VFIO_NVME_BYTES: u64 = 1 << 30;
 /// The part of the namespace fio reads (written first, so no read hits a hole).
 const VFIO_FIO_SIZE: &str = "256M";
-/// L1's view of the namespace while its controller is bound to nvme.
-const VFIO_L1_NAMESPACE: &str = "/dev/nvme0n1";
-
-/// The lab's emulated NVMe controller (class 0x010802, QEMU's vendor id).
-fn lab_nvme_bdf() -> Result<String> {
-    for entry in std::fs::read_dir("/sys/bus/pci/devices")?.flatten() {
-        let read = |f: &str| std::fs::read_to_string(entry.path().join(f)).unwrap_or_default();
-        if read("class").trim() == "0x010802" && read("vendor").trim() == "0x1b36" {
-            return Ok(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
-    bail!("no emulated NVMe in L1: crib-bench vfio starts the lab with --nvme itself; run it outside the lab")
-}
-
-/// Waits up to 20 s for `path` to exist.
-fn wait_exists(path: &std::path::Path) -> Result<()> {
-    let start = Instant::now();
-    while !path.exists() {
-        if start.elapsed() > Duration::from_secs(20) {
-            bail!("{} did not appear", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-/// Rebinds PCI function `bdf` to `driver` (`nvme` or `vfio-pci`) and waits for its node.
-fn bind_pci(bdf: &str, driver: &str) -> Result<()> {
-    let dev = PathBuf::from("/sys/bus/pci/devices").join(bdf);
-    let write = |path: PathBuf, value: &str| {
-        std::fs::write(&path, value)
-            .with_context(|| format!("cannot write '{value}' to {}", path.display()))
-    };
-    if dev.join("driver").exists() {
-        write(dev.join("driver/unbind"), bdf)?;
-    }
-    write(
-        dev.join("driver_override"),
-        if driver == "nvme" { "\n" } else { driver },
-    )?;
-    write(PathBuf::from("/sys/bus/pci/drivers_probe"), bdf)?;
-    if driver == "nvme" {
-        return wait_exists(std::path::Path::new(VFIO_L1_NAMESPACE));
-    }
-    let group = std::fs::read_link(dev.join("iommu_group"))
-        .context("the NVMe has no IOMMU group: is intel_iommu=on on L1's command line?")?;
-    let group = group
-        .file_name()
-        .context("an IOMMU group path without a name")?;
-    wait_exists(&PathBuf::from("/dev/vfio").join(group))
-}
-
 /// fio's 4 KiB random-read job on `filename` at queue depth `depth`, named `qd<depth>`.
 fn vfio_fio_args(filename: &str, depth: u32) -> Vec<String> {
     [
@@ -1081,7 +1032,7 @@ fn vfio(runs: usize) -> Result<()> {
         std::fs::File::create(&image)?.set_len(VFIO_NVME_BYTES)?;
         let image_arg = image.display().to_string();
         let ran = in_lab_with_options(
-            &["--nvme", &image_arg],
+            &["--nvme", &image_arg, "--nvme-vfs", "1"],
             &["vfio", "--runs", &runs.to_string()],
         );
         let _ = std::fs::remove_file(&image);
@@ -1093,29 +1044,42 @@ fn vfio(runs: usize) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let tools = fio_image(&dir)?;
     let tools_disk = format!("path={},id=tools,readonly=on", tools.display());
-    let _ = Command::new("modprobe").arg("vfio-pci").status();
-    let bdf = lab_nvme_bdf()?;
-    bind_pci(&bdf, "nvme")?;
+    let bdf = find_lab_nvme()?;
+    bind_nvme(&bdf)?;
     host_tool(
         "fio",
         &[
             "--name=fill",
-            &format!("--filename={VFIO_L1_NAMESPACE}"),
+            &format!("--filename={L1_NAMESPACE}"),
             "--rw=write",
             "--bs=1M",
             "--direct=1",
             &format!("--size={VFIO_FIO_SIZE}"),
         ],
     )?;
-    let (mut l1, mut virtio, mut passthrough) = (
+    let (mut l1, mut virtio, mut passthrough, mut vf) = (
+        VfioSeries::default(),
         VfioSeries::default(),
         VfioSeries::default(),
         VfioSeries::default(),
     );
+    let passthrough_run = |target_bdf: &str| {
+        let cmdline = format!(
+            "console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{}\"",
+            vfio_guest_command("/dev/nvme0n1")
+        );
+        run_capture(
+            crib_vm(&guest, &cmdline)
+                .arg("--disk")
+                .arg(&tools_disk)
+                .arg("--vfio")
+                .arg(target_bdf),
+        )
+    };
     for _ in 0..runs {
         let mut reference = String::new();
         for depth in [1, 32] {
-            let args = vfio_fio_args(VFIO_L1_NAMESPACE, depth);
+            let args = vfio_fio_args(L1_NAMESPACE, depth);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             reference.push_str(&host_tool("fio", &args)?);
         }
@@ -1130,29 +1094,30 @@ fn vfio(runs: usize) -> Result<()> {
                 .arg("--disk")
                 .arg(&tools_disk)
                 .arg("--disk")
-                .arg(format!("path={VFIO_L1_NAMESPACE},id=target,direct=on")),
+                .arg(format!("path={L1_NAMESPACE},id=target,direct=on")),
         )?;
         virtio.push(&out, "crib guest on virtio-blk")?;
 
-        bind_pci(&bdf, "vfio-pci")?;
-        let cmdline = format!(
-            "console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{}\"",
-            vfio_guest_command("/dev/nvme0n1")
-        );
-        let out = run_capture(
-            crib_vm(&guest, &cmdline)
-                .arg("--disk")
-                .arg(&tools_disk)
-                .arg("--vfio")
-                .arg(&bdf),
-        );
-        bind_pci(&bdf, "nvme")?;
+        bind_vfio(&bdf)?;
+        let out = passthrough_run(&bdf);
+        bind_nvme(&bdf)?;
         passthrough.push(&out?, "crib guest with --vfio")?;
+    }
+    // The VF last: enabling it once keeps its secondary controller's resources stable.
+    {
+        let function = VirtualFunction::enable()?;
+        for _ in 0..runs {
+            vf.push(
+                &passthrough_run(&function.bdf)?,
+                "crib guest with --vfio on the VF",
+            )?;
+        }
     }
     std::fs::remove_dir_all(&dir)?;
     let (lm, lp, li) = l1.medians();
     let (vm, vp, vi) = virtio.medians();
     let (pm, pp, pi) = passthrough.medians();
+    let (fm, fp, fi) = vf.medians();
     println!(
         "| 4 KiB randread, io_uring, O_DIRECT, {FIO_SECONDS} s, {runs} runs (lab NVMe, 1 vCPU guest) | QD1 clat mean | QD1 clat p50 | QD32 IOPS | QD1 mean vs L1 | QD32 IOPS vs L1 |"
     );
@@ -1162,6 +1127,11 @@ fn vfio(runs: usize) -> Result<()> {
         "| fio in a crib guest, NVMe passed through (`--vfio`) | {pm:.0} µs | {pp:.0} µs | {pi:.0} | {:.2} | {:.2} |",
         pm / lm,
         pi / li
+    );
+    println!(
+        "| fio in a crib guest, SR-IOV VF passed through (`--vfio`, after the runs above) | {fm:.0} µs | {fp:.0} µs | {fi:.0} | {:.2} | {:.2} |",
+        fm / lm,
+        fi / li
     );
     println!(
         "| fio in a crib guest, virtio-blk on /dev/nvme0n1 (`direct=on`) | {vm:.0} µs | {vp:.0} µs | {vi:.0} | {:.2} | {:.2} |",
@@ -1174,8 +1144,13 @@ fn vfio(runs: usize) -> Result<()> {
         pi / vi
     );
     println!(
-        "\nall runs (QD1 mean µs; QD32 IOPS): L1 {:.0?}, {:.0?}; vfio {:.0?}, {:.0?}; virtio-blk {:.0?}, {:.0?}",
-        l1.mean, l1.iops, passthrough.mean, passthrough.iops, virtio.mean, virtio.iops
+        "| **VF / PF passthrough** | | | | **{:.2}** | **{:.2}** |",
+        fm / pm,
+        fi / pi
+    );
+    println!(
+        "\nall runs (QD1 mean µs; QD32 IOPS): L1 {:.0?}, {:.0?}; vfio {:.0?}, {:.0?}; VF {:.0?}, {:.0?}; virtio-blk {:.0?}, {:.0?}",
+        l1.mean, l1.iops, passthrough.mean, passthrough.iops, vf.mean, vf.iops, virtio.mean, virtio.iops
     );
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::configuration::PciIdentity;
+use super::configuration::{PciIdentity, NUM_CONFIGURATION_REGISTERS};
 use super::{BarMove, BarRelocation, PciConfiguration, PciDevice};
 use crate::bus::BusDevice;
 
@@ -114,6 +114,35 @@ impl PciBus {
                 .unwrap_or_else(|e| e.into_inner())
                 .read_config_register(reg),
             None => 0xffff_ffff,
+        }
+    }
+
+    /// Reads extended configuration register `reg` (64..1024) of bus/slot/function.
+    pub fn read_extended_config(&self, bus: u8, slot: u8, function: u8, reg: usize) -> u32 {
+        match self.device(bus, slot, function) {
+            Some(device) => device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_extended_config_register(reg),
+            None => 0xffff_ffff,
+        }
+    }
+
+    /// Writes extended configuration space; no BAR lives there.
+    pub fn write_extended_config(
+        &self,
+        bus: u8,
+        slot: u8,
+        function: u8,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) {
+        if let Some(device) = self.device(bus, slot, function) {
+            device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_extended_config_register(reg, offset, data);
         }
     }
 
@@ -241,9 +270,8 @@ impl PciConfigMmio {
 impl BusDevice for PciConfigMmio {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let (bus, slot, function, reg, within) = Self::decode(offset);
-        // Extended configuration space (beyond 256 bytes) reads as zero: no extended caps.
-        let value = if reg >= 64 {
-            0
+        let value = if reg >= NUM_CONFIGURATION_REGISTERS {
+            self.bus.read_extended_config(bus, slot, function, reg)
         } else {
             self.bus.read_config(bus, slot, function, reg)
         };
@@ -252,7 +280,13 @@ impl BusDevice for PciConfigMmio {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let (bus, slot, function, reg, within) = Self::decode(offset);
-        if reg < 64 && within as usize + data.len() <= 4 {
+        if within as usize + data.len() > 4 {
+            return;
+        }
+        if reg >= NUM_CONFIGURATION_REGISTERS {
+            self.bus
+                .write_extended_config(bus, slot, function, reg, within, data);
+        } else {
             self.bus
                 .write_config(bus, slot, function, reg, within, data);
         }
@@ -315,6 +349,62 @@ mod tests {
         assert_eq!(u16::from_le_bytes(data), 0x0008);
         mmio.read(1 << 15, &mut data);
         assert_eq!(data, [0xff; 2]);
+    }
+
+    /// A function with one extended register (0x100) that records what is written there.
+    struct ExtendedDevice {
+        value: u32,
+    }
+
+    impl PciDevice for ExtendedDevice {
+        fn read_config_register(&mut self, _reg: usize) -> u32 {
+            0
+        }
+
+        fn write_config_register(&mut self, _: usize, _: u64, _: &[u8]) -> Option<BarMove> {
+            None
+        }
+
+        fn read_extended_config_register(&mut self, reg: usize) -> u32 {
+            if reg == 64 {
+                self.value
+            } else {
+                0
+            }
+        }
+
+        fn write_extended_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+            if reg == 64 && offset == 0 && data.len() == 4 {
+                self.value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            }
+        }
+
+        fn read_bar(&mut self, _: usize, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+
+        fn write_bar(&mut self, _: usize, _: u64, _: &[u8]) {}
+    }
+
+    #[test]
+    fn ecam_reaches_extended_configuration_space() {
+        let mut bus = PciBus::new();
+        let slot = bus
+            .add_device(Arc::new(Mutex::new(ExtendedDevice { value: 0x1234 })))
+            .unwrap();
+        let mut mmio = PciConfigMmio::new(Arc::new(bus));
+        let at = u64::from(slot) << 15 | 0x100;
+        let mut data = [0u8; 4];
+        mmio.read(at, &mut data);
+        assert_eq!(u32::from_le_bytes(data), 0x1234);
+        mmio.write(at, &0xabcdu32.to_le_bytes());
+        mmio.read(at, &mut data);
+        assert_eq!(u32::from_le_bytes(data), 0xabcd);
+        // Devices without extended capabilities read zero there; empty slots all ones.
+        mmio.read(0x100, &mut data);
+        assert_eq!(data, [0; 4]);
+        mmio.read(5 << 15 | 0x100, &mut data);
+        assert_eq!(data, [0xff; 4]);
     }
 
     /// Configuration space of a plain function with device id `device_id`.

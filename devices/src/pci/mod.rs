@@ -20,6 +20,17 @@ pub trait PciDevice: Send {
     /// that moved, if the write relocated one, so the VMM can move its mappings.
     fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove>;
 
+    /// Reads register `reg` (64..1024) of PCI Express extended configuration space,
+    /// reached through ECAM only. Zero, the default, means no extended capabilities
+    /// (PCIe 4.0 §7.9.1).
+    fn read_extended_config_register(&mut self, _reg: usize) -> u32 {
+        0
+    }
+
+    /// Writes `data` at byte `offset` within extended configuration register `reg`;
+    /// ignored by default.
+    fn write_extended_config_register(&mut self, _reg: usize, _offset: u64, _data: &[u8]) {}
+
     /// Reads from BAR `bar` at `offset`.
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]);
 

@@ -1,7 +1,8 @@
 //! A host PCI function passed through with VFIO, as the guest sees it: the device's own
 //! configuration space with its BARs virtualized (sizes from the device, addresses chosen
-//! by the VMM), the expansion ROM and INTx hidden, and the MSI-X table trapped and turned
-//! into KVM MSI routes. Everything that touches the host (the VFIO device fd, KVM irqfds
+//! by the VMM), the expansion ROM and INTx hidden, extended capabilities passed through
+//! less a few (see [`ExtendedConfig`]), and the MSI-X table trapped and turned into KVM MSI
+//! routes. Everything that touches the host (the VFIO device fd, KVM irqfds
 //! and memory slots) sits behind [`VfioRegions`] and [`MsixControl`], implemented by the
 //! VMM, so this logic is tested against fakes.
 
@@ -10,6 +11,9 @@ use std::io;
 use crate::pci::configuration::{BarRegion, ConfigurationError, PciConfiguration, PciIdentity};
 use crate::pci::msix::{MSIX_CAPABILITY_ID, MSIX_TABLE_ENTRY_BYTES};
 use crate::pci::{BarMove, PciDevice};
+
+mod extended;
+pub use extended::ExtendedConfig;
 
 /// BARs of a type-0 function.
 pub const NUM_BARS: usize = 6;
@@ -34,6 +38,8 @@ pub trait VfioRegions: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes configuration space at `offset` (the kernel's vfio-pci filters what it must).
     fn write_config(&self, offset: u64, data: &[u8]);
+    /// Bytes of configuration space the device has: 4096 for PCI Express, else 256.
+    fn config_size(&self) -> u64;
     /// Reads BAR `bar` at `offset`; the caller keeps the access inside the region.
     fn read_bar(&self, bar: usize, offset: u64, data: &mut [u8]);
     /// Writes BAR `bar` at `offset`; the caller keeps the access inside the region.
@@ -367,6 +373,7 @@ pub struct VfioPciDevice {
     /// them: vfio-pci keeps the device's own read-only (it enables MSI-X itself, through
     /// VFIO_DEVICE_SET_IRQS), so crib emulates them.
     msix_control: u16,
+    extended: ExtendedConfig,
 }
 
 impl VfioPciDevice {
@@ -410,6 +417,7 @@ impl VfioPciDevice {
                 }
             }
         }
+        let extended = ExtendedConfig::probe(regions.as_ref(), regions.config_size());
         Ok(Self {
             name,
             regions,
@@ -417,6 +425,7 @@ impl VfioPciDevice {
             region_sizes,
             msix,
             msix_control: 0,
+            extended,
         })
     }
 
@@ -486,6 +495,15 @@ impl PciDevice for VfioPciDevice {
             }
         }
         None
+    }
+
+    fn read_extended_config_register(&mut self, reg: usize) -> u32 {
+        self.extended.read(self.regions.as_ref(), reg)
+    }
+
+    fn write_extended_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        self.extended
+            .write(self.regions.as_ref(), reg, offset, data);
     }
 
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {

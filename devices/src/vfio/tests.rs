@@ -6,13 +6,13 @@ use super::*;
 /// (4 vectors) whose table is at 0x2000 and PBA at 0x3000 of BAR 0, as QEMU's NVMe has.
 #[derive(Clone)]
 struct FakeDevice {
-    config: Arc<Mutex<[u8; 256]>>,
+    config: Arc<Mutex<Vec<u8>>>,
     bar0: Arc<Mutex<Vec<u8>>>,
 }
 
 impl FakeDevice {
     fn new() -> Self {
-        let mut config = [0u8; 256];
+        let mut config = vec![0u8; 256];
         config[0..4].copy_from_slice(&0x0010_1b36u32.to_le_bytes());
         config[6] = 0x10; // status: capability list
         config[0x10..0x14].copy_from_slice(&0xfebf_0004u32.to_le_bytes()); // 64-bit mem
@@ -33,6 +33,10 @@ impl FakeDevice {
 }
 
 impl VfioRegions for FakeDevice {
+    fn config_size(&self) -> u64 {
+        self.config.lock().unwrap().len() as u64
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.config.lock().unwrap();
         let o = offset as usize;
@@ -330,4 +334,118 @@ fn msix_table_in_an_unmapped_bar_is_refused() {
         .err()
         .unwrap();
     assert!(matches!(err, VfioPciError::MsixBar { bar: 2 }));
+}
+
+/// PCI Express extended capability header: `id`, version 1, `next`.
+fn ext_header(id: u16, next: u64) -> u32 {
+    u32::from(id) | 1 << 16 | (next as u32) << 20
+}
+
+/// The fake device grown to 4 KiB of configuration space with extended capabilities
+/// `(offset, id, next)`.
+fn pcie_device(caps: &[(u64, u16, u64)]) -> VfioPciDevice {
+    let fake = FakeDevice::new();
+    {
+        let mut config = fake.config.lock().unwrap();
+        config.resize(4096, 0);
+        for (offset, id, next) in caps {
+            let at = *offset as usize;
+            config[at..at + 4].copy_from_slice(&ext_header(*id, *next).to_le_bytes());
+            // A recognisable body dword.
+            config[at + 4..at + 8].copy_from_slice(&(0xb0d0_0000 | *id as u32).to_le_bytes());
+        }
+    }
+    let (bars, _) = probe_bars(&fake, |i| if i == 0 { 0x4000 } else { 0 });
+    let placed: Vec<_> = bars.iter().map(|b| (*b, BAR_ADDR)).collect();
+    VfioPciDevice::new("test".into(), Box::new(fake), &placed, None).unwrap()
+}
+
+/// The extended capability list as the guest walks it: (offset, id).
+fn guest_ext_caps(device: &mut VfioPciDevice) -> Vec<(u64, u16)> {
+    let mut caps = Vec::new();
+    let mut offset = 0x100u64;
+    while offset != 0 && caps.len() < 64 {
+        let header = device.read_extended_config_register(offset as usize / 4);
+        if header == 0 {
+            break;
+        }
+        caps.push((offset, header as u16));
+        offset = u64::from(header >> 20) & !3;
+    }
+    caps
+}
+
+const AER: u16 = 0x01;
+const DSN: u16 = 0x03;
+const ARI: u16 = 0x0e;
+const SRIOV: u16 = 0x10;
+
+#[test]
+fn extended_capabilities_pass_through() {
+    let mut device = pcie_device(&[(0x100, AER, 0x148), (0x148, DSN, 0)]);
+    assert_eq!(
+        guest_ext_caps(&mut device),
+        vec![(0x100, AER), (0x148, DSN)]
+    );
+    assert_eq!(device.read_extended_config_register(0x104 / 4), 0xb0d0_0001);
+    // Past the list: the device's own (zero) bytes; past 4 KiB: nothing.
+    assert_eq!(device.read_extended_config_register(0x800 / 4), 0);
+    assert_eq!(device.read_extended_config_register(1024), 0);
+}
+
+#[test]
+fn sriov_and_ari_are_unlinked() {
+    let mut device = pcie_device(&[
+        (0x100, AER, 0x148),
+        (0x148, SRIOV, 0x188),
+        (0x188, ARI, 0x198),
+        (0x198, DSN, 0),
+    ]);
+    assert_eq!(
+        guest_ext_caps(&mut device),
+        vec![(0x100, AER), (0x198, DSN)]
+    );
+}
+
+#[test]
+fn a_hidden_first_capability_leaves_an_empty_header_that_links_on() {
+    let mut device = pcie_device(&[(0x100, SRIOV, 0x140), (0x140, AER, 0)]);
+    assert_eq!(guest_ext_caps(&mut device), vec![(0x100, 0), (0x140, AER)]);
+    // Hidden and alone: the list is empty.
+    let mut device = pcie_device(&[(0x100, SRIOV, 0)]);
+    assert_eq!(device.read_extended_config_register(0x100 / 4), 0);
+}
+
+#[test]
+fn extended_writes_reach_visible_capabilities_only() {
+    let fake = FakeDevice::new();
+    {
+        let mut config = fake.config.lock().unwrap();
+        config.resize(4096, 0);
+        config[0x100..0x104].copy_from_slice(&ext_header(AER, 0x148).to_le_bytes());
+        config[0x148..0x14c].copy_from_slice(&ext_header(SRIOV, 0).to_le_bytes());
+    }
+    let mut device = VfioPciDevice::new("test".into(), Box::new(fake.clone()), &[], None).unwrap();
+    device.write_extended_config_register(0x108 / 4, 0, &0x1111u32.to_le_bytes());
+    device.write_extended_config_register(0x150 / 4, 0, &0x2222u32.to_le_bytes());
+    // A header, a write across dwords and one past the end are dropped as well.
+    device.write_extended_config_register(0x100 / 4, 0, &0u32.to_le_bytes());
+    device.write_extended_config_register(0x10c / 4, 2, &0x3333u32.to_le_bytes());
+    device.write_extended_config_register(1024, 0, &[1]);
+    let config = fake.config.lock().unwrap();
+    assert_eq!(&config[0x108..0x10c], &0x1111u32.to_le_bytes());
+    assert_eq!(&config[0x150..0x154], &[0; 4]);
+    assert_eq!(&config[0x100..0x104], &ext_header(AER, 0x148).to_le_bytes());
+    assert_eq!(&config[0x10c..0x110], &[0; 4]);
+}
+
+#[test]
+fn a_looping_or_short_extended_list_is_harmless() {
+    let mut device = pcie_device(&[(0x100, AER, 0x140), (0x140, SRIOV, 0x100)]);
+    assert_eq!(guest_ext_caps(&mut device), vec![(0x100, AER)]);
+    // A conventional function (256 bytes) has no extended space.
+    let fake = FakeDevice::new();
+    let mut device = VfioPciDevice::new("test".into(), Box::new(fake), &[], None).unwrap();
+    assert_eq!(device.read_extended_config_register(64), 0);
+    device.write_extended_config_register(64, 0, &[1, 2, 3, 4]);
 }
