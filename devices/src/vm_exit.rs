@@ -19,6 +19,8 @@ pub enum ExitReason {
     TripleFault = 4,
     /// KVM could not run the vCPU (internal error, failed entry, unhandled exit).
     VcpuError = 5,
+    /// A device's host side failed in a way the guest cannot recover from (logged).
+    DeviceFailed = 6,
 }
 
 impl ExitReason {
@@ -29,6 +31,7 @@ impl ExitReason {
             3 => Some(Self::Panic),
             4 => Some(Self::TripleFault),
             5 => Some(Self::VcpuError),
+            6 => Some(Self::DeviceFailed),
             _ => None,
         }
     }

@@ -218,6 +218,10 @@ fn nvme_direct_write_reaches_l1() -> Result<()> {
         "the NVMe's 64-bit BAR 0 sits at the start of the window above 4 GiB",
     )?;
     out.check(
+        out.stderr.contains("vfio: guest RAM (512 MiB) DMA-mapped in"),
+        "crib DMA-maps guest RAM (in the background) and says so",
+    )?;
+    out.check(
         out.stdout.contains("config 4096 sriov none"),
         "the guest reads extended configuration space, without the SR-IOV capability",
     )?;

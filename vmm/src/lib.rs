@@ -469,7 +469,8 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
                 .add_vfio(&mut host, bdf)
                 .map_err(VmmError::Device)?;
         }
-        host.map_guest_memory(vm.memory()).map_err(VmmError::Vfio)?;
+        host.map_guest_memory(vm.memory(), filters.vmm.clone(), exit.clone())
+            .map_err(VmmError::Vfio)?;
         Some(host)
     };
     let mmio = device_manager.finish(&mut pio).map_err(VmmError::Device)?;

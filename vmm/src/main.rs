@@ -329,6 +329,10 @@ fn run_vm(mut config: VmConfig, start: Instant) -> u8 {
                 RunOutcome::Guest(ExitReason::VcpuError) => {
                     (exit_code::VCPU_ERROR, "KVM could not run the guest")
                 }
+                RunOutcome::Guest(ExitReason::DeviceFailed) => (
+                    exit_code::VMM_ERROR,
+                    "crib stopped the guest: a device failed (the error is above)",
+                ),
                 RunOutcome::Stopped(StopCause::Requested) => {
                     (exit_code::STOPPED, "guest stopped (forced stop requested)")
                 }

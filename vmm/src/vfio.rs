@@ -2,7 +2,8 @@
 //! API, on `vfio-ioctls`). One container holds every passed-through device's group, with
 //! all guest RAM DMA-mapped once. Each device becomes a [`devices::vfio::VfioPciDevice`]
 //! on crib's bus: its BARs are mmapped into the guest as KVM memory slots where VFIO
-//! allows it, except the MSI-X table and PBA pages, which are trapped. MSI-X vectors are
+//! allows it, except the MSI-X table and PBA pages, which are trapped. Guest RAM is
+//! DMA-mapped in the background while the guest boots (see `dma`). MSI-X vectors are
 //! irqfds handed to VFIO_DEVICE_SET_IRQS and bound to KVM GSIs, so interrupts go from
 //! the host's interrupt handler to the guest without crib.
 //!
@@ -18,6 +19,7 @@ use devices::pci::MsiRouting;
 use devices::vfio::{
     find_msix, probe_bars, MsixControl, MsixTable, VfioBarTrap, VfioPciDevice, VfioRegions,
 };
+use devices::VmExit;
 use kvm_bindings::{
     kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
 };
@@ -32,6 +34,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bar_relocation::BarHook;
 use crate::interrupts::GsiRouter;
 use crate::memory::GuestMemory;
+use crate::seccomp::Filter;
+
+mod dma;
+use dma::DmaMap;
 
 /// KVM memory slots of BAR mappings start here, far above guest RAM's few slots.
 const FIRST_BAR_SLOT: u32 = 64;
@@ -139,6 +145,10 @@ pub enum VfioError {
     },
     #[error("cannot DMA-map guest RAM for VFIO: the locked-memory limit must cover all guest RAM (`ulimit -l unlimited`, or LimitMEMLOCK=infinity for a service)")]
     DmaMap(#[source] vfio_ioctls::VfioError),
+    #[error("VFIO must lock all {needed} bytes of guest RAM but the locked-memory limit is {limit} bytes: raise it (`ulimit -l unlimited`, or LimitMEMLOCK=infinity for a service), or run crib with CAP_IPC_LOCK")]
+    MemlockLimit { limit: u64, needed: u64 },
+    #[error("cannot start the thread that DMA-maps guest RAM")]
+    DmaThread(#[source] std::io::Error),
     #[error("PCI device {bdf}: no room for BAR {bar} ({size:#x} bytes) in the PCI MMIO windows")]
     BarSpace {
         bdf: Bdf,
@@ -248,6 +258,8 @@ pub struct VfioHost {
     sysfs: PathBuf,
     /// Per device: BAR mappings, and a reset at teardown (when this is dropped).
     guards: Vec<DeviceGuard>,
+    /// Guest RAM's DMA map, which every device waits for before it masters the bus.
+    dma: Arc<DmaMap>,
 }
 
 impl VfioHost {
@@ -274,16 +286,28 @@ impl VfioHost {
             next_slot: FIRST_BAR_SLOT,
             sysfs,
             guards: Vec::new(),
+            dma: Arc::new(DmaMap::default()),
         })
     }
 
-    /// DMA-maps all of guest RAM (IOVA = guest-physical address), once, after the
-    /// devices are added (the container's IOMMU is set up with its first group).
-    pub fn map_guest_memory(&self, memory: &GuestMemory) -> Result<(), VfioError> {
-        // SAFETY: guest RAM is a shared mapping owned by the VM for its whole life; crib
-        // touches it only through vm-memory's volatile accessors, never through Rust
-        // references, so device DMA into it breaks no aliasing rule.
-        unsafe { self.container.vfio_map_guest_memory(memory) }.map_err(VfioError::DmaMap)
+    /// Starts DMA-mapping all of guest RAM (IOVA = guest-physical address), once, after
+    /// the devices are added (the container's IOMMU is set up with its first group), on a
+    /// thread with `filter`; the devices hold the guest's bus-master enable until it is
+    /// done. A locked-memory limit too small for guest RAM is reported here; a later
+    /// failure ends the VM through `exit`.
+    pub fn map_guest_memory(
+        &self,
+        memory: &GuestMemory,
+        filter: Option<Filter>,
+        exit: Arc<VmExit>,
+    ) -> Result<(), VfioError> {
+        dma::start(
+            self.container.clone(),
+            memory.clone(),
+            self.dma.clone(),
+            filter,
+            exit,
+        )
     }
 
     /// Opens `bdf`, resets it and builds its PCI function: BARs placed in `bar_space`,
@@ -386,8 +410,9 @@ impl VfioHost {
             }
         }
 
-        let pci = VfioPciDevice::new(format!("vfio {bdf}"), Box::new(regions), &placed, msix)
+        let mut pci = VfioPciDevice::new(format!("vfio {bdf}"), Box::new(regions), &placed, msix)
             .map_err(|source| VfioError::Device { bdf: *bdf, source })?;
+        pci.set_dma_readiness(self.dma.clone());
         tracing::debug!(
             "vfio {bdf}: BARs {:?}, {} KVM slots, MSI-X {:?}",
             placed

@@ -22,6 +22,8 @@ const BAR0_REG: usize = 4;
 const ROM_REG: usize = 12;
 const CAPABILITY_POINTER_OFFSET: u64 = 0x34;
 const INTERRUPT_REG: usize = 15;
+const COMMAND_REG: usize = 1;
+const COMMAND_BUS_MASTER: u8 = 1 << 2;
 const BAR_IO: u32 = 0x1;
 const BAR_MEM_TYPE_MASK: u32 = 0x6;
 const BAR_MEM_TYPE_64: u32 = 0x4;
@@ -56,6 +58,14 @@ pub trait MsixControl: Send {
     /// Connects `vector`'s irqfd to its GSI (unmasked), or disconnects it (masked: the
     /// eventfd keeps counting, and KVM delivers what arrived when it is connected again).
     fn set_connected(&mut self, vector: u16, connected: bool) -> io::Result<()>;
+}
+
+/// Whether guest RAM is DMA-mapped for passed-through devices yet: the VMM maps it while
+/// the guest boots. A device cannot DMA before the guest sets Bus Master Enable (it comes
+/// out of reset with it clear), so that is the one write that waits for the map.
+pub trait DmaReadiness: Send + Sync {
+    /// Blocks until guest RAM is mapped; false if mapping it failed.
+    fn wait_mapped(&self) -> bool;
 }
 
 /// Where the device keeps its MSI-X table and PBA (PCI 3.0 §6.8.2).
@@ -374,6 +384,8 @@ pub struct VfioPciDevice {
     /// VFIO_DEVICE_SET_IRQS), so crib emulates them.
     msix_control: u16,
     extended: ExtendedConfig,
+    /// Guest RAM's DMA map, waited for before bus mastering is enabled.
+    dma: Option<std::sync::Arc<dyn DmaReadiness>>,
 }
 
 impl VfioPciDevice {
@@ -426,7 +438,27 @@ impl VfioPciDevice {
             msix,
             msix_control: 0,
             extended,
+            dma: None,
         })
+    }
+
+    /// Makes the guest's Bus Master Enable wait for `dma` (and stay clear if it failed).
+    pub fn set_dma_readiness(&mut self, dma: std::sync::Arc<dyn DmaReadiness>) {
+        self.dma = Some(dma);
+    }
+
+    /// Whether a command-register write that sets Bus Master Enable may reach the device.
+    fn bus_master_allowed(&self) -> bool {
+        match &self.dma {
+            Some(dma) if !dma.wait_mapped() => {
+                tracing::error!(
+                    "{}: guest RAM is not DMA-mapped: bus mastering stays off",
+                    self.name
+                );
+                false
+            }
+            _ => true,
+        }
     }
 
     /// The guest-visible BARs.
@@ -486,6 +518,15 @@ impl PciDevice for VfioPciDevice {
             ROM_REG => return None,
             0..=63 if offset + data.len() as u64 <= 4 => {}
             _ => return None,
+        }
+        let sets_bus_master = reg == COMMAND_REG
+            && offset == 0
+            && data.first().is_some_and(|b| b & COMMAND_BUS_MASTER != 0);
+        if sets_bus_master && !self.bus_master_allowed() {
+            let mut held = data.to_vec();
+            held[0] &= !COMMAND_BUS_MASTER;
+            self.regions.write_config(reg as u64 * 4 + offset, &held);
+            return None;
         }
         self.regions.write_config(reg as u64 * 4 + offset, data);
         if self.write_msix_control(reg, offset, data) {

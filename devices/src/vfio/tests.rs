@@ -449,3 +449,48 @@ fn a_looping_or_short_extended_list_is_harmless() {
     assert_eq!(device.read_extended_config_register(64), 0);
     device.write_extended_config_register(64, 0, &[1, 2, 3, 4]);
 }
+
+/// Records the waits and answers with `mapped`.
+struct FakeDma {
+    mapped: bool,
+    waits: Mutex<u32>,
+}
+
+impl DmaReadiness for FakeDma {
+    fn wait_mapped(&self) -> bool {
+        *self.waits.lock().unwrap() += 1;
+        self.mapped
+    }
+}
+
+fn command(fake: &FakeDevice) -> u16 {
+    let config = fake.config.lock().unwrap();
+    u16::from_le_bytes([config[4], config[5]])
+}
+
+#[test]
+fn bus_master_enable_waits_for_the_dma_map() {
+    let (mut device, fake, _) = setup();
+    let dma = Arc::new(FakeDma {
+        mapped: true,
+        waits: Mutex::new(0),
+    });
+    device.set_dma_readiness(dma.clone());
+    // Memory space alone does not wait.
+    device.write_config_register(1, 0, &[0x02, 0]);
+    assert_eq!(*dma.waits.lock().unwrap(), 0);
+    device.write_config_register(1, 0, &[0x06, 0]);
+    assert_eq!(*dma.waits.lock().unwrap(), 1);
+    assert_eq!(command(&fake), 0x06);
+}
+
+#[test]
+fn bus_master_stays_off_when_the_dma_map_failed() {
+    let (mut device, fake, _) = setup();
+    device.set_dma_readiness(Arc::new(FakeDma {
+        mapped: false,
+        waits: Mutex::new(0),
+    }));
+    device.write_config_register(1, 0, &0x0000_0006u32.to_le_bytes());
+    assert_eq!(command(&fake), 0x02);
+}
