@@ -218,7 +218,8 @@ fn nvme_direct_write_reaches_l1() -> Result<()> {
         "the NVMe's 64-bit BAR 0 sits at the start of the window above 4 GiB",
     )?;
     out.check(
-        out.stderr.contains("vfio: guest RAM (512 MiB) DMA-mapped in"),
+        out.stderr
+            .contains("vfio: guest RAM (512 MiB) DMA-mapped in"),
         "crib DMA-maps guest RAM (in the background) and says so",
     )?;
     out.check(

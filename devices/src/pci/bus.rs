@@ -105,48 +105,32 @@ impl PciBus {
         self.slots.get(usize::from(slot))?.as_ref()
     }
 
-    /// Reads configuration register `reg` of bus/slot/function; nothing there reads as
-    /// all ones, which is how the guest learns a slot is empty.
-    pub fn read_config(&self, bus: u8, slot: u8, function: u8, reg: usize) -> u32 {
-        match self.device(bus, slot, function) {
-            Some(device) => device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read_config_register(reg),
-            None => 0xffff_ffff,
-        }
-    }
-
-    /// Reads extended configuration register `reg` (64..1024) of bus/slot/function.
-    pub fn read_extended_config(&self, bus: u8, slot: u8, function: u8, reg: usize) -> u32 {
-        match self.device(bus, slot, function) {
-            Some(device) => device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read_extended_config_register(reg),
-            None => 0xffff_ffff,
-        }
-    }
-
-    /// Writes extended configuration space; no BAR lives there.
-    pub fn write_extended_config(
+    /// Runs `f` on the function at bus/slot/function, locked, if there is one.
+    fn with_device<R>(
         &self,
-        bus: u8,
-        slot: u8,
-        function: u8,
-        reg: usize,
-        offset: u64,
-        data: &[u8],
-    ) {
-        if let Some(device) = self.device(bus, slot, function) {
-            device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write_extended_config_register(reg, offset, data);
-        }
+        (bus, slot, function): (u8, u8, u8),
+        f: impl FnOnce(&mut dyn PciDevice) -> R,
+    ) -> Option<R> {
+        let device = self.device(bus, slot, function)?;
+        let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+        Some(f(&mut *device))
     }
 
-    /// Writes configuration space.
+    /// Reads configuration register `reg` of bus/slot/function (64 and up: extended
+    /// configuration space); nothing there reads as all ones, which is how the guest
+    /// learns a slot is empty.
+    pub fn read_config(&self, bus: u8, slot: u8, function: u8, reg: usize) -> u32 {
+        self.with_device((bus, slot, function), |d| {
+            if reg >= NUM_CONFIGURATION_REGISTERS {
+                d.read_extended_config_register(reg)
+            } else {
+                d.read_config_register(reg)
+            }
+        })
+        .unwrap_or(0xffff_ffff)
+    }
+
+    /// Writes configuration space (64 and up: extended configuration space).
     pub fn write_config(
         &self,
         bus: u8,
@@ -156,16 +140,18 @@ impl PciBus {
         offset: u64,
         data: &[u8],
     ) {
-        let Some(device) = self.device(bus, slot, function) else {
-            return;
-        };
         // The device's lock is released before the move: following it takes the MMIO
         // bus's write lock, and another vCPU may be in this device's BAR meanwhile.
-        let moved = device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write_config_register(reg, offset, data);
-        let Some(moved) = moved else { return };
+        let moved = self.with_device((bus, slot, function), |d| {
+            if reg >= NUM_CONFIGURATION_REGISTERS {
+                // No BAR lives in extended configuration space.
+                d.write_extended_config_register(reg, offset, data);
+                None
+            } else {
+                d.write_config_register(reg, offset, data)
+            }
+        });
+        let Some(moved) = moved.flatten() else { return };
         match &self.relocation {
             Some(relocation) => relocation.move_bar(slot, &moved),
             None => tracing::warn!(
@@ -270,23 +256,13 @@ impl PciConfigMmio {
 impl BusDevice for PciConfigMmio {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let (bus, slot, function, reg, within) = Self::decode(offset);
-        let value = if reg >= NUM_CONFIGURATION_REGISTERS {
-            self.bus.read_extended_config(bus, slot, function, reg)
-        } else {
-            self.bus.read_config(bus, slot, function, reg)
-        };
+        let value = self.bus.read_config(bus, slot, function, reg);
         read_dword_part(value, within, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let (bus, slot, function, reg, within) = Self::decode(offset);
-        if within as usize + data.len() > 4 {
-            return;
-        }
-        if reg >= NUM_CONFIGURATION_REGISTERS {
-            self.bus
-                .write_extended_config(bus, slot, function, reg, within, data);
-        } else {
+        if within as usize + data.len() <= 4 {
             self.bus
                 .write_config(bus, slot, function, reg, within, data);
         }
