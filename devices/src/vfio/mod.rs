@@ -29,6 +29,7 @@ const BAR_MEM_TYPE_MASK: u32 = 0x6;
 const BAR_MEM_TYPE_64: u32 = 0x4;
 const BAR_PREFETCHABLE: u32 = 0x8;
 const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_CAPABILITY_BYTES: u64 = 12;
 const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 const VECTOR_CONTROL_MASK: u32 = 1;
 /// Smallest BAR crib maps: one page, so KVM slots and traps never share a page.
@@ -138,7 +139,8 @@ pub fn find_msix(regions: &dyn VfioRegions) -> Option<MsixCapability> {
             return None;
         }
         let header = config_u32(regions, pointer);
-        if header as u8 == MSIX_CAPABILITY_ID {
+        // The 12-byte capability must fit in the 256 bytes a conventional function has.
+        if header as u8 == MSIX_CAPABILITY_ID && pointer + MSIX_CAPABILITY_BYTES <= 0x100 {
             let table = config_u32(regions, pointer + 4);
             let pba = config_u32(regions, pointer + 8);
             return Some(MsixCapability {

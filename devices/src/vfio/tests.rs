@@ -494,3 +494,167 @@ fn bus_master_stays_off_when_the_dma_map_failed() {
     device.write_config_register(1, 0, &0x0000_0006u32.to_le_bytes());
     assert_eq!(command(&fake), 0x02);
 }
+
+/// xorshift64*: a fixed-seed stream, so the randomized test below is reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Regions that hold the device model to VfioRegions' contract: every access stays inside
+/// its region (a stray one panics the test).
+struct StrictRegions {
+    config: Mutex<Vec<u8>>,
+    bars: Vec<Mutex<Vec<u8>>>,
+}
+
+impl StrictRegions {
+    fn check(what: &str, len: usize, offset: u64, data_len: usize) -> usize {
+        let at = usize::try_from(offset).unwrap();
+        assert!(
+            at + data_len <= len,
+            "{what} access of {data_len} bytes at {offset:#x} is outside its {len} bytes"
+        );
+        at
+    }
+}
+
+impl VfioRegions for StrictRegions {
+    fn config_size(&self) -> u64 {
+        self.config.lock().unwrap().len() as u64
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config.lock().unwrap();
+        let at = Self::check("config", config.len(), offset, data.len());
+        data.copy_from_slice(&config[at..at + data.len()]);
+    }
+
+    fn write_config(&self, offset: u64, data: &[u8]) {
+        let mut config = self.config.lock().unwrap();
+        let at = Self::check("config", config.len(), offset, data.len());
+        config[at..at + data.len()].copy_from_slice(data);
+    }
+
+    fn read_bar(&self, bar: usize, offset: u64, data: &mut [u8]) {
+        let mem = self.bars[bar].lock().unwrap();
+        let at = Self::check("BAR", mem.len(), offset, data.len());
+        data.copy_from_slice(&mem[at..at + data.len()]);
+    }
+
+    fn write_bar(&self, bar: usize, offset: u64, data: &[u8]) {
+        let mut mem = self.bars[bar].lock().unwrap();
+        let at = Self::check("BAR", mem.len(), offset, data.len());
+        mem[at..at + data.len()].copy_from_slice(data);
+    }
+}
+
+/// Random configuration spaces (garbage capability lists, loops, pointers off the end) and
+/// random guest accesses of every size to config space, extended space and BARs: the
+/// model never panics, never steps outside a VFIO region, and never connects an MSI-X
+/// vector the guest has not enabled and unmasked.
+#[test]
+fn random_devices_and_guest_accesses_stay_in_bounds() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut devices_built = 0;
+    for _ in 0..300 {
+        let config_len = rng.pick(&[256usize, 4096]);
+        let mut config: Vec<u8> = (0..config_len).map(|_| rng.next() as u8).collect();
+        // Often a plausible header, so that BARs and MSI-X get built.
+        if rng.below(2) == 0 {
+            config[6] |= 0x10;
+            config[0x10..0x14].copy_from_slice(&0x0000_0004u32.to_le_bytes());
+            let msix = rng.pick(&[0x40usize, 0x80, 0xf4, 0xf8, 0xfc]);
+            config[0x34] = msix as u8;
+            config[msix] = MSIX_CAPABILITY_ID;
+            if msix + 12 <= 256 {
+                let table = rng.pick(&[0x0u32, 0x2000, 0x3ff8, 0x8000]);
+                config[msix + 4..msix + 8].copy_from_slice(&table.to_le_bytes());
+                config[msix + 8..msix + 12].copy_from_slice(&0x3000u32.to_le_bytes());
+            }
+        }
+        let sizes: Vec<u64> = (0..NUM_BARS)
+            .map(|_| rng.pick(&[0u64, 0x20, 0x1000, 0x3000, 0x4000, 0x10000]))
+            .collect();
+        let regions = StrictRegions {
+            config: Mutex::new(config),
+            bars: sizes
+                .iter()
+                .map(|s| Mutex::new(vec![0; *s as usize]))
+                .collect(),
+        };
+        let (bars, _) = probe_bars(&regions, |i| sizes[i]);
+        let cap = find_msix(&regions);
+        let control = FakeControl::default();
+        let mut next = 0xc000_0000u64;
+        let placed: Vec<_> = bars
+            .iter()
+            .map(|b| {
+                let addr = next.next_multiple_of(b.size);
+                next = addr + b.size;
+                (*b, addr)
+            })
+            .collect();
+        let msix = cap.map(|c| (c, MsixTable::new(c.vectors, Box::new(control.clone()))));
+        let Ok(mut device) = VfioPciDevice::new("random".into(), Box::new(regions), &placed, msix)
+        else {
+            continue;
+        };
+        devices_built += 1;
+        for _ in 0..400 {
+            let len = rng.pick(&[1usize, 2, 3, 4, 8]);
+            let mut data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let offset = rng.below(8);
+            match rng.below(5) {
+                0 => {
+                    device.read_config_register(rng.below(80) as usize);
+                }
+                1 => {
+                    // Often the MSI-X control word and the command register.
+                    let reg = rng.pick(&[1usize, 4, 5, 12, 15, 0x20, 0x21, 0x3f, 0x40]);
+                    device.write_config_register(reg, offset, &data);
+                }
+                2 => {
+                    let reg = 64 + rng.below(1000) as usize;
+                    if rng.below(2) == 0 {
+                        device.read_extended_config_register(reg);
+                    } else {
+                        device.write_extended_config_register(reg, offset, &data);
+                    }
+                }
+                _ => {
+                    let bar = rng.below(NUM_BARS as u64) as usize;
+                    let at = rng.pick(&[0u64, 0x8, 0x2000, 0x200c, 0x3000, 0x3ffc, 0xfffc])
+                        + rng.below(16);
+                    if rng.below(2) == 0 {
+                        device.read_bar(bar, at, &mut data);
+                    } else {
+                        device.write_bar(bar, at, &data);
+                    }
+                }
+            }
+        }
+        if let Some((cap, table)) = &device.msix {
+            let delivering = device.msix_control & MSIX_ENABLE != 0
+                && device.msix_control & MSIX_FUNCTION_MASK == 0;
+            for vector in 0..usize::from(cap.vectors) {
+                assert!(!table.is_connected(vector) || delivering);
+            }
+        }
+    }
+    assert!(devices_built > 50, "only {devices_built} devices built");
+}
