@@ -25,7 +25,7 @@ pub use crate::virtio::block::test_utils::{wait_for, RecordingInterrupt};
 use super::metrics::VsockMetrics;
 use super::muxer::Muxer;
 use super::packet::{Header, HEADER_BYTES};
-use super::worker::{VsockWorker, WorkerEvents, WorkerParams};
+use super::worker::{VsockWorker, WorkerError, WorkerEvents, WorkerParams};
 use super::{HOST_CID, TYPE_STREAM};
 use crate::virtio::GuestMemoryMmap;
 
@@ -148,6 +148,12 @@ impl<'a> Ring<'a> {
             self.vq.desc_table().store(index, raw).unwrap();
         }
         self.post_head(head);
+    }
+
+    /// Writes descriptor `index` as given, for tests that build hostile tables.
+    pub fn store_raw(&self, index: u16, (addr, len, flags, next): (u64, u32, u16, u16)) {
+        let raw = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+        self.vq.desc_table().store(index, raw).unwrap();
     }
 
     /// Makes the chain at descriptor `head` available once more.
@@ -391,12 +397,18 @@ impl<'a> Harness<'a> {
     /// Refills RX buffers, kicks, and runs one worker turn of at most 5 ms; collects
     /// what the guest received into `inbox` and reclaims used TX chains.
     pub fn pump(&mut self) {
+        assert!(self.try_pump().unwrap());
+    }
+
+    /// [`Self::pump`], returning what the worker's turn returned.
+    pub fn try_pump(&mut self) -> Result<bool, WorkerError> {
         self.driver.fill_rx();
         self.rx_kick.write(1).unwrap();
-        assert!(self.worker.turn(Some(Duration::from_millis(5))).unwrap());
+        let turned = self.worker.turn(Some(Duration::from_millis(5)))?;
         let got = self.driver.received();
         self.inbox.extend(got);
         self.driver.tx.take_used();
+        Ok(turned)
     }
 
     /// Pumps until `cond` holds (up to five seconds); `false` if it never did.
