@@ -182,8 +182,41 @@ fn generic_event_device(ged: &GenericEventDevice) -> Vec<u8> {
     bytes
 }
 
+/// First GSI of the four IO-APIC pins PCI INTx lines share (16..19: above the ISA range).
+pub const PCI_INTX_FIRST_GSI: u32 = 16;
+/// Slots the `_PRT` describes (0 is the host bridge).
+const PCI_SLOTS: u8 = 32;
+
+/// The GSI of INTx pin `pin` (1 = INTA .. 4 = INTD) of the function in `slot`: the usual
+/// swizzle over four shared, level-triggered IO-APIC pins, as the `_PRT` says.
+pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_INTX_FIRST_GSI + (u32::from(slot) + u32::from(pin.saturating_sub(1))) % 4
+}
+
+/// `_PRT`: every slot's INTA..INTD straight to its GSI (no link devices, source 0).
+fn pci_routing_table() -> Vec<u8> {
+    let entries: Vec<(u32, u8, u32)> = (1..PCI_SLOTS)
+        .flat_map(|slot| {
+            (1..=4u8).map(move |pin| {
+                (
+                    u32::from(slot) << 16 | 0xffff,
+                    pin - 1,
+                    pci_intx_gsi(slot, pin),
+                )
+            })
+        })
+        .collect();
+    let packages: Vec<aml::Package> = entries
+        .iter()
+        .map(|(address, pin, gsi)| aml::Package::new(vec![address, pin, &aml::ZERO, gsi]))
+        .collect();
+    let children: Vec<&dyn Aml> = packages.iter().map(|p| p as &dyn Aml).collect();
+    bytes_of(&aml::Name::new("_PRT".into(), &aml::Package::new(children)))
+}
+
 /// `\_SB_.PCI0`: a PCI Express root bridge (PNP0A08) for bus 0 with the config ports
-/// and the BAR window as resources. Interrupts are MSI-X only: no `_PRT`.
+/// and the BAR windows as resources, and a `_PRT` for the INTx of passed-through
+/// functions (virtio devices use MSI-X only).
 fn pci_host_bridge(pci: &PciHostBridge) -> Vec<u8> {
     let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
     let config_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
@@ -220,10 +253,20 @@ fn pci_host_bridge(pci: &PciHostBridge) -> Vec<u8> {
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
     let resources = aml::Name::new("_CRS".into(), &crs);
+    let prt = RawAml(pci_routing_table());
     bytes_of(&aml::Device::new(
         "_SB_.PCI0".into(),
-        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &resources],
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &resources, &prt],
     ))
+}
+
+/// AML bytes built elsewhere, as one child of a device.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
 }
 
 fn mcfg(pci: &PciHostBridge) -> Vec<u8> {
@@ -508,6 +551,9 @@ mod tests {
             "QWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,",
             "0x0000000100000000, // Range Minimum",
             "0x000000FFFFFFFFFF, // Range Maximum",
+            "Name (_PRT, Package (0x7C)",
+            // Slot 1, INTB: GSI 16 + (1 + 1) % 4.
+            "0x0001FFFF,",
         ] {
             assert!(dsl.contains(needle), "{needle} missing from:\n{dsl}");
         }
@@ -539,6 +585,17 @@ mod tests {
             ..pci
         });
         assert_eq!(qword_window(&bytes_of(&dsdt(&without))), None);
+    }
+
+    #[test]
+    fn intx_swizzle_covers_four_gsis() {
+        assert_eq!(pci_intx_gsi(1, 1), 17);
+        assert_eq!(pci_intx_gsi(1, 2), 18);
+        assert_eq!(pci_intx_gsi(3, 1), 19);
+        assert_eq!(pci_intx_gsi(4, 1), 16);
+        assert_eq!(pci_intx_gsi(31, 4), 18);
+        // A function without a pin (0) is treated as INTA: the register said none anyway.
+        assert_eq!(pci_intx_gsi(1, 0), 17);
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub fn lab_tests() -> Vec<(&'static str, TestFn)> {
             nvme_works_after_the_guest_moves_its_bar,
         ),
         (
+            "linux_vfio_nvme_works_on_intx_without_msi",
+            nvme_works_on_intx_without_msi,
+        ),
+        (
             "linux_vfio_pod_nvme_volume_formatted_and_mounted",
             pod_nvme_volume_formatted_and_mounted,
         ),
@@ -120,13 +124,14 @@ fn missing_device_is_named() -> Result<()> {
 }
 
 fn boot_with_vfio(bdf: &str, command: &str, extra: &[String]) -> Result<RunOutput> {
-    boot_with_vfio_on(&GuestArtifacts::pod()?, bdf, command, extra)
+    boot_with_vfio_on(&GuestArtifacts::pod()?, bdf, "", command, extra)
 }
 
-/// The same with another kernel and initramfs.
+/// The same with another kernel and initramfs, and `params` before the init's arguments.
 fn boot_with_vfio_on(
     artifacts: &GuestArtifacts,
     bdf: &str,
+    params: &str,
     command: &str,
     extra: &[String],
 ) -> Result<RunOutput> {
@@ -141,7 +146,7 @@ fn boot_with_vfio_on(
         "--vfio".into(),
         bdf.into(),
         "--cmdline".into(),
-        format!("console=ttyS0 panic=-1 quiet -- /bin/sh -c \"{command}\""),
+        format!("console=ttyS0 panic=-1 quiet {params} -- /bin/sh -c \"{command}\""),
     ];
     args.extend_from_slice(extra);
     run_crib(&args, DEADLINE)
@@ -276,7 +281,7 @@ fn nvme_works_after_the_guest_moves_its_bar() -> Result<()> {
          echo {PATTERN} | dd of=/dev/nvme0n1 bs=4096 seek=1 count=1 conv=sync oflag=direct && echo moved-write-done"
     );
     // Debian's cloud kernel: the pod kernel has no /dev/mem.
-    let run = boot_with_vfio_on(&GuestArtifacts::find()?, &bdf, &command, &[]);
+    let run = boot_with_vfio_on(&GuestArtifacts::find()?, &bdf, "", &command, &[]);
     let rebound = bind(&bdf, "nvme");
     let out = run?;
     rebound?;
@@ -316,6 +321,54 @@ fn nvme_works_after_the_guest_moves_its_bar() -> Result<()> {
         &format!(
             "L1 reads the pattern back, got {:?}",
             String::from_utf8_lossy(&block[4096..])
+        ),
+    )
+}
+
+/// A guest booted with `pci=nomsi` drives the NVMe on its INTx line: the _PRT's GSI, a
+/// level-triggered IO-APIC pin raised by VFIO's irqfd and lowered at the guest's EOI
+/// (resample). Its O_DIRECT write reaches L1.
+fn nvme_works_on_intx_without_msi() -> Result<()> {
+    const INTX_PATTERN: &str = "crib-vfio-intx-pattern";
+    // Block 4: blocks 0, 1 and 3 belong to the other tests' patterns.
+    const BLOCK: u64 = 4;
+    let bdf = nvme_to_vfio()?;
+    let command = format!(
+        "echo {INTX_PATTERN} | dd of=/dev/nvme0n1 bs=4096 seek={BLOCK} count=1 conv=sync oflag=direct && \
+         dd if=/dev/nvme0n1 of=/dev/null bs=4096 count=64 iflag=direct && grep nvme0q0 /proc/interrupts"
+    );
+    let run = boot_with_vfio_on(&GuestArtifacts::pod()?, &bdf, "pci=nomsi", &command, &[]);
+    let rebound = bind(&bdf, "nvme");
+    let out = run?;
+    rebound?;
+    out.check(
+        out.stdout.contains("cradle: command exited with status 0") && out.code == Some(0),
+        "the guest command succeeds and crib exits 0",
+    )?;
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("nvme0q0"))
+        .unwrap_or_default();
+    let count: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    out.check(
+        line.contains("IO-APIC") && line.contains("fasteoi") && count > 0,
+        &format!("the NVMe's queue interrupts arrive on a level-triggered IO-APIC line: {line:?}"),
+    )?;
+    wait_for(Path::new(L1_NAMESPACE), "nvme rebind")?;
+    let mut block = vec![0u8; INTX_PATTERN.len()];
+    let mut disk = std::fs::File::open(L1_NAMESPACE)?;
+    disk.seek(SeekFrom::Start(BLOCK * 4096))?;
+    disk.read_exact(&mut block)?;
+    out.check(
+        block == INTX_PATTERN.as_bytes(),
+        &format!(
+            "L1 reads the pattern back, got {:?}",
+            String::from_utf8_lossy(&block)
         ),
     )
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use boot::layout::{PCI_ECAM_SIZE, PCI_ECAM_START};
 use devices::pci::bus::{PCI_CONFIG_IO_LEN, PCI_CONFIG_IO_PORT};
-use devices::pci::{MsixConfig, MsixVectors, PciBus, PciConfigIo, PciConfigMmio};
+use devices::pci::{MsixConfig, MsixVectors, PciBus, PciConfigIo, PciConfigMmio, PciError};
 use devices::virtio::transport::{VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
 use devices::virtio::VirtioDevice;
 use devices::{Bus, BusError};
@@ -56,7 +56,7 @@ pub enum DeviceError {
     PciBus {
         name: String,
         #[source]
-        source: devices::pci::PciError,
+        source: PciError,
     },
     #[error("cannot place device {name} on the bus")]
     Bus {
@@ -204,16 +204,23 @@ impl DeviceManager {
         bdf: &crate::vfio::Bdf,
     ) -> Result<(), DeviceError> {
         let name = format!("vfio {bdf}");
+        let bus_full = |name: &str| DeviceError::PciBus {
+            name: name.into(),
+            source: PciError::BusFull,
+        };
+        // The slot decides the INTx line's GSI (the DSDT's _PRT), so it is known first.
+        let slot = self.pci.next_slot().ok_or_else(|| bus_full(&name))?;
         let parts = host
-            .open(bdf, &mut self.bar_space, &self.router)
+            .open(bdf, slot, &mut self.bar_space, &self.router)
             .map_err(|source| DeviceError::Vfio { bdf: *bdf, source })?;
-        let slot = self
+        let added = self
             .pci
             .add_device(parts.pci)
             .map_err(|source| DeviceError::PciBus {
                 name: name.clone(),
                 source,
             })?;
+        debug_assert_eq!(added, slot);
         for trap in parts.traps {
             self.mmio
                 .insert(trap.device, trap.addr, trap.size)

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::pci::MsiRouting;
 use devices::vfio::{
-    find_msix, probe_bars, MsixControl, MsixTable, VfioBarTrap, VfioPciDevice, VfioRegions,
+    find_msix, interrupt_pin, probe_bars, IntxControl, MsixControl, MsixTable, VfioBarTrap,
+    VfioPciDevice, VfioRegions,
 };
 use devices::VmExit;
 use kvm_bindings::{
@@ -26,7 +27,8 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vfio_bindings::bindings::vfio::{
-    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
@@ -316,6 +318,7 @@ impl VfioHost {
     pub fn open(
         &mut self,
         bdf: &Bdf,
+        slot: u8,
         bar_space: &mut crate::bar_space::BarSpace,
         router: &Arc<GsiRouter>,
     ) -> Result<VfioParts, VfioError> {
@@ -334,6 +337,7 @@ impl VfioHost {
             tracing::warn!("vfio {bdf}: I/O BARs {io_bars:?} are not passed through");
         }
         let msix_cap = find_msix(&regions);
+        let pin = interrupt_pin(&regions);
 
         let mut placed = Vec::with_capacity(bars.len());
         for bar in &bars {
@@ -413,6 +417,16 @@ impl VfioHost {
         let mut pci = VfioPciDevice::new(format!("vfio {bdf}"), Box::new(regions), &placed, msix)
             .map_err(|source| VfioError::Device { bdf: *bdf, source })?;
         pci.set_dma_readiness(self.dma.clone());
+        let has_intx = device
+            .get_irq_info(VFIO_PCI_INTX_IRQ_INDEX)
+            .is_some_and(|irq| irq.count >= 1);
+        if pin != 0 && has_intx {
+            let gsi = boot::acpi::pci_intx_gsi(slot, pin);
+            match VfioIntx::new(&self.vm, device.clone(), gsi) {
+                Ok(intx) => pci.set_intx(Box::new(intx)),
+                Err(e) => tracing::warn!("vfio {bdf}: INTx not routed, MSI-X only: {e}"),
+            }
+        }
         tracing::debug!(
             "vfio {bdf}: BARs {:?}, {} KVM slots, MSI-X {:?}",
             placed
@@ -504,6 +518,9 @@ impl Drop for DeviceGuard {
     fn drop(&mut self) {
         if let Err(e) = self.device.disable_msix() {
             tracing::debug!("disabling MSI-X at teardown: {e}");
+        }
+        if let Err(e) = self.device.disable_irq(VFIO_PCI_INTX_IRQ_INDEX) {
+            tracing::debug!("disabling INTx at teardown: {e}");
         }
         self.device.reset();
         // crib leaves its vCPUs in KVM_RUN and ends the process after this: keep the BARs
@@ -729,6 +746,68 @@ impl MsixControl for VfioMsix {
             self.vm.unregister_irqfd(fd, gsi)
         };
         result.map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+/// INTx through KVM: VFIO signals `trigger`, an irqfd that raises the line's GSI; the
+/// guest's EOI lowers it and signals `resample`, on which VFIO unmasks the host line.
+struct VfioIntx {
+    vm: Arc<VmFd>,
+    device: Arc<VfioDevice>,
+    gsi: u32,
+    trigger: EventFd,
+    resample: EventFd,
+    enabled: bool,
+}
+
+impl VfioIntx {
+    fn new(vm: &Arc<VmFd>, device: Arc<VfioDevice>, gsi: u32) -> std::io::Result<Self> {
+        Ok(Self {
+            vm: vm.clone(),
+            device,
+            gsi,
+            trigger: EventFd::new(libc::EFD_NONBLOCK)?,
+            resample: EventFd::new(libc::EFD_NONBLOCK)?,
+            enabled: false,
+        })
+    }
+
+    fn connect(&self) -> std::io::Result<()> {
+        self.vm
+            .register_irqfd_with_resample(&self.trigger, &self.resample, self.gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        self.device
+            .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![&self.trigger])
+            .and_then(|()| {
+                self.device
+                    .set_irq_resample_fd(VFIO_PCI_INTX_IRQ_INDEX, vec![&self.resample])
+            })
+            .map_err(std::io::Error::other)
+    }
+
+    fn disconnect(&self) -> std::io::Result<()> {
+        let vfio = self.device.disable_irq(VFIO_PCI_INTX_IRQ_INDEX);
+        let kvm = self.vm.unregister_irqfd(&self.trigger, self.gsi);
+        vfio.map_err(std::io::Error::other)?;
+        kvm.map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+impl IntxControl for VfioIntx {
+    fn set_enabled(&mut self, enabled: bool) -> std::io::Result<()> {
+        if enabled == self.enabled {
+            return Ok(());
+        }
+        if enabled {
+            if let Err(e) = self.connect() {
+                let _ = self.disconnect();
+                return Err(e);
+            }
+        } else {
+            self.disconnect()?;
+        }
+        self.enabled = enabled;
+        Ok(())
     }
 }
 

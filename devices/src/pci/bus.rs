@@ -89,13 +89,15 @@ impl PciBus {
 
     /// Puts `device` in the first free slot; returns the slot.
     pub fn add_device(&mut self, device: Arc<Mutex<dyn PciDevice>>) -> Result<u8, PciError> {
-        let slot = self
-            .slots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(PciError::BusFull)?;
-        self.slots[slot] = Some(device);
-        u8::try_from(slot).map_err(|_| PciError::BusFull)
+        let slot = self.next_slot().ok_or(PciError::BusFull)?;
+        self.slots[usize::from(slot)] = Some(device);
+        Ok(slot)
+    }
+
+    /// The slot the next [`Self::add_device`] will use, if the bus has room.
+    pub fn next_slot(&self) -> Option<u8> {
+        let slot = self.slots.iter().position(Option::is_none)?;
+        u8::try_from(slot).ok()
     }
 
     fn device(&self, bus: u8, slot: u8, function: u8) -> Option<&Arc<Mutex<dyn PciDevice>>> {

@@ -1,10 +1,10 @@
 //! A host PCI function passed through with VFIO, as the guest sees it: the device's own
 //! configuration space with its BARs virtualized (sizes from the device, addresses chosen
-//! by the VMM), the expansion ROM and INTx hidden, extended capabilities passed through
-//! less a few (see [`ExtendedConfig`]), and the MSI-X table trapped and turned into KVM MSI
-//! routes. Everything that touches the host (the VFIO device fd, KVM irqfds
-//! and memory slots) sits behind [`VfioRegions`] and [`MsixControl`], implemented by the
-//! VMM, so this logic is tested against fakes.
+//! by the VMM), the expansion ROM hidden, INTx routed while MSI-X is off, extended
+//! capabilities passed through less a few (see [`ExtendedConfig`]), and the MSI-X table
+//! trapped and turned into KVM MSI routes. Everything that touches the host (the VFIO
+//! device fd, KVM irqfds and memory slots) sits behind [`VfioRegions`], [`MsixControl`]
+//! and [`IntxControl`], implemented by the VMM, so this logic is tested against fakes.
 
 use std::io;
 
@@ -59,6 +59,15 @@ pub trait MsixControl: Send {
     /// Connects `vector`'s irqfd to its GSI (unmasked), or disconnects it (masked: the
     /// eventfd keeps counting, and KVM delivers what arrived when it is connected again).
     fn set_connected(&mut self, vector: u16, connected: bool) -> io::Result<()>;
+}
+
+/// The device's INTx line, implemented by the VMM: VFIO signals an eventfd that a KVM
+/// irqfd turns into a level on the line's IO-APIC pin, and the guest's EOI unmasks the
+/// line again through a resample eventfd, all without crib.
+pub trait IntxControl: Send {
+    /// Connects the line to the guest, or disconnects it. VFIO allows INTx and MSI-X not
+    /// both at once: the line is connected whenever MSI-X is off.
+    fn set_enabled(&mut self, enabled: bool) -> io::Result<()>;
 }
 
 /// Whether guest RAM is DMA-mapped for passed-through devices yet: the VMM maps it while
@@ -123,6 +132,16 @@ fn config_u32(regions: &dyn VfioRegions, offset: u64) -> u32 {
     let mut bytes = [0u8; 4];
     regions.read_config(offset, &mut bytes);
     u32::from_le_bytes(bytes)
+}
+
+/// The device's INTx pin (1 = INTA .. 4 = INTD), or 0 for none.
+pub fn interrupt_pin(regions: &dyn VfioRegions) -> u8 {
+    let pin = (config_u32(regions, 0x3c) >> 8) as u8;
+    if (1..=4).contains(&pin) {
+        pin
+    } else {
+        0
+    }
 }
 
 /// Walks the device's capability list for MSI-X. A malformed list (a loop, a pointer
@@ -388,6 +407,8 @@ pub struct VfioPciDevice {
     extended: ExtendedConfig,
     /// Guest RAM's DMA map, waited for before bus mastering is enabled.
     dma: Option<std::sync::Arc<dyn DmaReadiness>>,
+    /// The INTx line, if the device has one and the VMM routes it.
+    intx: Option<Box<dyn IntxControl>>,
 }
 
 impl VfioPciDevice {
@@ -441,7 +462,29 @@ impl VfioPciDevice {
             msix_control: 0,
             extended,
             dma: None,
+            intx: None,
         })
+    }
+
+    /// Gives the guest the device's INTx pin, connected through `intx` while MSI-X is
+    /// off (from now: a device out of reset has MSI-X disabled).
+    pub fn set_intx(&mut self, mut intx: Box<dyn IntxControl>) {
+        match intx.set_enabled(true) {
+            Ok(()) => self.intx = Some(intx),
+            Err(e) => tracing::warn!("{}: INTx not routed, MSI-X only: {e}", self.name),
+        }
+    }
+
+    fn set_intx_enabled(&mut self, enabled: bool) {
+        if let Some(intx) = &mut self.intx {
+            if let Err(e) = intx.set_enabled(enabled) {
+                tracing::error!(
+                    "{}: cannot {} INTx: {e}",
+                    self.name,
+                    if enabled { "enable" } else { "disable" }
+                );
+            }
+        }
     }
 
     /// Makes the guest's Bus Master Enable wait for `dma` (and stay clear if it failed).
@@ -497,8 +540,15 @@ impl PciDevice for VfioPciDevice {
             BAR0_REG..=9 => self.bars.read_reg(reg),
             // No expansion ROM: crib has no firmware to run it.
             ROM_REG => 0,
-            // Interrupt pin 0: no INTx, the guest uses MSI-X.
-            INTERRUPT_REG => config_u32(self.regions.as_ref(), 0x3c) & !0xff00,
+            // The device's interrupt pin if its INTx is routed, else 0 (MSI-X only).
+            INTERRUPT_REG => {
+                let value = config_u32(self.regions.as_ref(), 0x3c);
+                if self.intx.is_some() {
+                    value
+                } else {
+                    value & !0xff00
+                }
+            }
             0..=63 => {
                 let value = config_u32(self.regions.as_ref(), reg as u64 * 4);
                 match &self.msix {
@@ -531,10 +581,19 @@ impl PciDevice for VfioPciDevice {
             return None;
         }
         self.regions.write_config(reg as u64 * 4 + offset, data);
+        let was_enabled = self.msix_control & MSIX_ENABLE != 0;
         if self.write_msix_control(reg, offset, data) {
             let control = self.msix_control;
+            let enabled = control & MSIX_ENABLE != 0;
+            // INTx off before MSI-X goes on, and back on after MSI-X goes off.
+            if enabled && !was_enabled {
+                self.set_intx_enabled(false);
+            }
             if let Some((_, table)) = &mut self.msix {
                 table.set_message_control(control);
+            }
+            if was_enabled && !enabled {
+                self.set_intx_enabled(true);
             }
         }
         None

@@ -74,6 +74,7 @@ enum Call {
     Enabled(bool),
     Route(u16, u64, u32),
     Connected(u16, bool),
+    Intx(bool),
 }
 
 #[derive(Clone, Default)]
@@ -100,6 +101,13 @@ impl MsixControl for FakeControl {
             .lock()
             .unwrap()
             .push(Call::Connected(vector, connected));
+        Ok(())
+    }
+}
+
+impl IntxControl for FakeControl {
+    fn set_enabled(&mut self, enabled: bool) -> io::Result<()> {
+        self.calls.lock().unwrap().push(Call::Intx(enabled));
         Ok(())
     }
 }
@@ -305,6 +313,33 @@ fn disabling_msix_disconnects_before_disabling() {
     assert_eq!(
         calls[calls.len() - 2..],
         [Call::Connected(2, false), Call::Enabled(false)]
+    );
+}
+
+#[test]
+fn intx_pin_shows_and_the_line_yields_to_msix() {
+    let (mut device, _, control) = setup();
+    device.set_intx(Box::new(control.clone()));
+    // The fake's pin is INTA.
+    assert_eq!(device.read_config_register(15) >> 8 & 0xff, 1);
+    message_control(&mut device, MSIX_ENABLE | MSIX_FUNCTION_MASK);
+    // Masking the function keeps MSI-X on: INTx stays off.
+    message_control(&mut device, MSIX_ENABLE);
+    message_control(&mut device, 0);
+    let calls = control.calls.lock().unwrap();
+    let order: Vec<&Call> = calls
+        .iter()
+        .filter(|c| matches!(c, Call::Intx(_) | Call::Enabled(_)))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            &Call::Intx(true),
+            &Call::Intx(false),
+            &Call::Enabled(true),
+            &Call::Enabled(false),
+            &Call::Intx(true)
+        ]
     );
 }
 
@@ -615,6 +650,10 @@ fn random_devices_and_guest_accesses_stay_in_bounds() {
             continue;
         };
         devices_built += 1;
+        let with_intx = rng.below(2) == 0;
+        if with_intx {
+            device.set_intx(Box::new(control.clone()));
+        }
         for _ in 0..400 {
             let len = rng.pick(&[1usize, 2, 3, 4, 8]);
             let mut data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
@@ -654,6 +693,15 @@ fn random_devices_and_guest_accesses_stay_in_bounds() {
             for vector in 0..usize::from(cap.vectors) {
                 assert!(!table.is_connected(vector) || delivering);
             }
+        }
+        // INTx is connected exactly while MSI-X is off.
+        if with_intx {
+            let calls = control.calls.lock().unwrap();
+            let intx_on = calls.iter().rev().find_map(|c| match c {
+                Call::Intx(on) => Some(*on),
+                _ => None,
+            });
+            assert_eq!(intx_on, Some(device.msix_control & MSIX_ENABLE == 0));
         }
     }
     assert!(devices_built > 50, "only {devices_built} devices built");
