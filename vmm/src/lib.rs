@@ -406,10 +406,13 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
         device_manager::DeviceManager::new(&vm, mmio64).map_err(VmmError::Device)?;
     let mut disks = Vec::with_capacity(config.disks.len());
     for (index, disk) in config.disks.iter().enumerate() {
-        let device = block::create(index, disk).map_err(|source| VmmError::Disk {
+        let mut device = block::create(index, disk).map_err(|source| VmmError::Disk {
             id: disk.id.clone(),
             source,
         })?;
+        if let Some(setup) = seccomp::worker_setup(&filters.block_worker) {
+            device = device.with_worker_setup(setup);
+        }
         let metrics = device.metrics();
         let (device, handle) = block::SharedBlock::new(device);
         device_manager
@@ -445,10 +448,13 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
     let mut net_metrics = Vec::with_capacity(config.net.len());
     for net_config in &config.net {
         let tap = net_config.interface().to_string();
-        let device = net::create(net_config).map_err(|source| VmmError::Net {
+        let mut device = net::create(net_config).map_err(|source| VmmError::Net {
             tap: tap.clone(),
             source,
         })?;
+        if let Some(setup) = seccomp::worker_setup(&filters.net_worker) {
+            device = device.with_worker_setup(setup);
+        }
         net_metrics.push((tap.clone(), device.metrics()));
         device_manager
             .add_virtio_pci(&vm, &format!("net {tap}"), Box::new(device))

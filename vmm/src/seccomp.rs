@@ -2,10 +2,12 @@
 //!
 //! Each thread applies its kind's filter when it starts; filters are inherited by the
 //! threads a thread creates afterwards, and stack (the most restrictive answer wins), so:
-//! - **vCPU** threads activate devices and so create the block queue workers and the
-//!   vsock worker: those inherit the vCPU filter, which therefore also allows the
-//!   workers' I/O (io_uring, positioned I/O, fallocate, Unix sockets). The workers get no
-//!   narrower filter of their own yet (that needs a start hook in `devices`).
+//! - **vCPU** threads activate devices and so create the device workers, which inherit
+//!   the vCPU filter; it therefore also allows the vsock worker's Unix sockets.
+//! - **block** and **net** queue workers, which parse what the guest puts in its rings,
+//!   stack a narrower filter of their own on it when they start (the devices'
+//!   `WorkerSetup` hook): their I/O and timers, no `ioctl` (so no KVM or device control),
+//!   no sockets, no `open`.
 //! - the **API** thread (and the blocking threads of its runtime);
 //! - the **docker proxy** listener and its per-connection threads;
 //! - the **main** thread, running the VMM event loop, applies its filter last, after
@@ -40,6 +42,10 @@ pub enum ThreadKind {
     DockerProxy,
     /// The main thread's event loop, and the guest-shutdown thread it starts.
     Vmm,
+    /// A virtio-blk queue worker.
+    BlockWorker,
+    /// A virtio-net queue-pair worker.
+    NetWorker,
 }
 
 /// Errors building or applying a filter.
@@ -136,6 +142,8 @@ pub struct Filters {
     pub api: Option<Filter>,
     pub docker_proxy: Option<Filter>,
     pub vmm: Option<Filter>,
+    pub block_worker: Option<Filter>,
+    pub net_worker: Option<Filter>,
 }
 
 impl Filters {
@@ -152,8 +160,18 @@ impl Filters {
             api: Some(Filter::new(ThreadKind::Api)?),
             docker_proxy: Some(Filter::new(ThreadKind::DockerProxy)?),
             vmm: Some(Filter::new(ThreadKind::Vmm)?),
+            block_worker: Some(Filter::new(ThreadKind::BlockWorker)?),
+            net_worker: Some(Filter::new(ThreadKind::NetWorker)?),
         })
     }
+}
+
+/// The device hook that applies `filter` in each worker thread; none without seccomp.
+pub fn worker_setup(filter: &Option<Filter>) -> Option<devices::virtio::WorkerSetup> {
+    let filter = filter.clone()?;
+    Some(std::sync::Arc::new(move || {
+        filter.apply().map_err(std::io::Error::other)
+    }))
 }
 
 /// Writes `crib: seccomp: thread <name> made system call <nr>, ...` and exits.
@@ -314,6 +332,37 @@ const VCPU: &[i64] = &[
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
     libc::SYS_openat,
+    // The block and net workers a vCPU starts stack their own, narrower filter; seccomp
+    // can only add restrictions, never lift one.
+    libc::SYS_seccomp,
+];
+
+/// A block queue worker: io_uring or positioned I/O, flush, discard and zeroes, and the
+/// rate limiter's timer (rebuilt when the API changes the limits).
+const BLOCK_WORKER: &[i64] = &[
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_fallocate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_sync_file_range,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+];
+
+/// A net queue-pair worker: frames to and from the tap (read/write/readv/writev, in
+/// COMMON) and the rate limiter's timer.
+const NET_WORKER: &[i64] = &[
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
 ];
 
 /// The event loop: terminal mode, timers, kicking vCPUs (tgkill, in COMMON).
@@ -330,6 +379,8 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::Api => &[SOCKETS],
         ThreadKind::DockerProxy => &[SOCKETS],
         ThreadKind::Vmm => &[VMM, SOCKETS],
+        ThreadKind::BlockWorker => &[BLOCK_WORKER],
+        ThreadKind::NetWorker => &[NET_WORKER],
     };
     let mut all: Vec<i64> = COMMON
         .iter()
@@ -352,6 +403,8 @@ mod tests {
             ThreadKind::Api,
             ThreadKind::DockerProxy,
             ThreadKind::Vmm,
+            ThreadKind::BlockWorker,
+            ThreadKind::NetWorker,
         ] {
             assert_eq!(Filter::new(kind).unwrap().kind(), kind);
         }
@@ -360,6 +413,72 @@ mod tests {
     #[test]
     fn vcpu_filter_allows_io_uring_for_the_workers_it_starts() {
         assert!(syscalls(ThreadKind::Vcpu).contains(&libc::SYS_io_uring_enter));
+    }
+
+    #[test]
+    fn ring_workers_get_no_ioctl_sockets_or_open() {
+        for kind in [ThreadKind::BlockWorker, ThreadKind::NetWorker] {
+            let calls = syscalls(kind);
+            for forbidden in [
+                libc::SYS_ioctl,
+                libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_openat,
+                libc::SYS_execve,
+            ] {
+                assert!(!calls.contains(&forbidden), "{kind:?} allows {forbidden}");
+            }
+        }
+        assert!(syscalls(ThreadKind::BlockWorker).contains(&libc::SYS_io_uring_enter));
+    }
+
+    /// A worker started by a vCPU thread stacks its filter on the vCPU's: its I/O works
+    /// and `open`, which the vCPU filter allows, gets EACCES.
+    #[test]
+    fn block_worker_filter_stacks_on_the_vcpu_filter() {
+        let vcpu = Filter::new(ThreadKind::Vcpu).unwrap();
+        let worker = worker_setup(&Some(Filter::new(ThreadKind::BlockWorker).unwrap())).unwrap();
+        let (open, read) = std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            vcpu.apply().unwrap();
+            let file = std::fs::File::open("/proc/self/status").unwrap();
+            worker().unwrap();
+            let open = std::fs::File::open("/proc/self/status")
+                .unwrap_err()
+                .raw_os_error();
+            // pread64: what a queue worker does with the disk.
+            let mut head = [0u8; 5];
+            let read = file.read_at(&mut head, 0).map(|n| head[..n].to_vec());
+            (open, read.ok())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(open, Some(libc::EACCES));
+        assert_eq!(read.as_deref(), Some(&b"Name:"[..]));
+    }
+
+    #[test]
+    fn forbidden_ioctl_in_a_ring_worker_exits_with_the_seccomp_code() {
+        let vcpu = Filter::new(ThreadKind::Vcpu).unwrap();
+        let worker = Filter::new(ThreadKind::NetWorker).unwrap();
+        vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, handle_sigsys).unwrap();
+        // SAFETY: the child only applies prebuilt filters and makes raw system calls (no
+        // allocation, no locks another thread could hold) before it exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let _ = vcpu.apply();
+            let _ = worker.apply();
+            // SAFETY: FIONREAD on fd -1 writes nothing; the filter traps it anyway.
+            unsafe {
+                libc::syscall(libc::SYS_ioctl, -1, libc::FIONREAD, std::ptr::null::<u8>());
+                libc::_exit(0);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked; `status` is a valid out-parameter.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), SECCOMP_EXIT_CODE);
     }
 
     #[test]

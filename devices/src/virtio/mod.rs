@@ -19,6 +19,23 @@ use vmm_sys_util::eventfd::EventFd;
 /// Guest memory as devices see it: the one alias of the crate.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap;
 
+/// What a device worker thread runs first, before it touches a queue: the VMM narrows the
+/// thread's seccomp filter there. A failure stops the worker (the device needs a reset).
+pub type WorkerSetup = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
+/// Runs `setup`, if any, in a worker thread; false (logged) if the worker must not run.
+pub(crate) fn run_worker_setup(setup: Option<&WorkerSetup>, worker: &str) -> bool {
+    match setup.map(|setup| setup()) {
+        Some(Err(e)) => {
+            tracing::error!(
+                "{worker}: cannot set up the worker thread, the device needs a reset: {e}"
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
 /// The interrupt a device raises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VirtioInterruptType {

@@ -35,7 +35,8 @@ use super::{
 };
 use crate::rate_limiter::RateLimitConfig;
 use crate::virtio::{
-    ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+    run_worker_setup, ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice,
+    VirtioInterrupt, WorkerSetup,
 };
 
 /// Largest data descriptor the device takes (config `size_max`).
@@ -172,6 +173,7 @@ pub struct Block {
     workers: Vec<WorkerHandle>,
     engine: IoEngine,
     warned_no_uring: bool,
+    worker_setup: Option<WorkerSetup>,
 }
 
 impl Block {
@@ -258,6 +260,7 @@ impl Block {
             metrics: Arc::new(BlockMetrics::default()),
             rate_limit: Mutex::new(rate_limit),
             workers: Vec::new(),
+            worker_setup: None,
             engine: IoEngine::default(),
             warned_no_uring: false,
             config,
@@ -267,6 +270,12 @@ impl Block {
     /// Sets the VMM's index for this disk (thread names `blk{index}-q{queue}`).
     pub fn with_index(mut self, index: u32) -> Self {
         self.index = index;
+        self
+    }
+
+    /// Runs `setup` first in every queue worker thread (the VMM's seccomp filter).
+    pub fn with_worker_setup(mut self, setup: WorkerSetup) -> Self {
+        self.worker_setup = Some(setup);
         self
     }
 
@@ -407,9 +416,15 @@ impl Block {
         };
         let irq = interrupt.clone();
         let id = self.config.id.clone();
+        let setup = self.worker_setup.clone();
+        let name = format!("blk{}-q{}", self.index, index);
         let thread = std::thread::Builder::new()
-            .name(format!("blk{}-q{}", self.index, index))
+            .name(name.clone())
             .spawn(move || {
+                if !run_worker_setup(setup.as_ref(), &name) {
+                    irq.set_needs_reset();
+                    return;
+                }
                 let run = std::panic::catch_unwind(AssertUnwindSafe(|| worker.run(events)));
                 if run.is_err() {
                     tracing::error!(disk = %id, queue = index, "block queue worker panicked; the device needs a reset");

@@ -26,7 +26,8 @@ use super::worker::{NetWorker, PairQueues, WorkerParams, WorkerQueue};
 use super::{NetError, QUEUE_SIZE};
 use crate::rate_limiter::RateLimitConfig;
 use crate::virtio::{
-    ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+    run_worker_setup, ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice,
+    VirtioInterrupt, WorkerSetup,
 };
 
 /// Bytes of the configuration space the device serves: `mac`, `status`,
@@ -62,6 +63,7 @@ pub struct Net {
     queue_sizes: Vec<u16>,
     metrics: Arc<NetMetrics>,
     workers: Vec<WorkerHandle>,
+    worker_setup: Option<WorkerSetup>,
 }
 
 /// A random unicast, locally administered MAC.
@@ -127,6 +129,7 @@ impl Net {
             queue_sizes: vec![QUEUE_SIZE; queue_count],
             metrics: Arc::new(NetMetrics::default()),
             workers: Vec::new(),
+            worker_setup: None,
         })
     }
 
@@ -138,6 +141,12 @@ impl Net {
     /// The guest's MAC.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// Runs `setup` first in every queue-pair worker thread (the VMM's seccomp filter).
+    pub fn with_worker_setup(mut self, setup: WorkerSetup) -> Self {
+        self.worker_setup = Some(setup);
+        self
     }
 
     /// The device's counters, shared with its workers.
@@ -240,9 +249,14 @@ impl Net {
             .map_err(|e| ActivateError::Worker(io::Error::other(e)))?;
             let interrupt = interrupt.clone();
             let name = self.config.tap.clone();
+            let setup = self.worker_setup.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("netq{pair}"))
                 .spawn(move || {
+                    if !run_worker_setup(setup.as_ref(), &format!("{name} queue pair {pair}")) {
+                        interrupt.set_needs_reset();
+                        return;
+                    }
                     let run = std::panic::catch_unwind(AssertUnwindSafe(|| worker.run()));
                     if run.is_err() {
                         tracing::error!(tap = %name, pair, "net worker panicked; the device needs a reset");
