@@ -152,6 +152,25 @@ fn boot_with_vfio_on(
     run_crib(&args, DEADLINE)
 }
 
+/// Boots with `bdf` passed through, gives the device back to L1's nvme driver whatever
+/// happened, and checks that the guest command and crib succeeded.
+fn boot_and_give_back(
+    artifacts: &GuestArtifacts,
+    bdf: &str,
+    params: &str,
+    command: &str,
+) -> Result<RunOutput> {
+    let run = boot_with_vfio_on(artifacts, bdf, params, command, &[]);
+    let rebound = bind(bdf, "nvme");
+    let out = run?;
+    rebound?;
+    out.check(
+        out.stdout.contains("cradle: command exited with status 0") && out.code == Some(0),
+        "the guest command succeeds and crib exits 0",
+    )?;
+    Ok(out)
+}
+
 /// Binds L1's NVMe to vfio-pci; returns its BDF.
 fn nvme_to_vfio() -> Result<String> {
     if !lab_has_nvme() {
@@ -281,14 +300,7 @@ fn nvme_works_after_the_guest_moves_its_bar() -> Result<()> {
          echo {PATTERN} | dd of=/dev/nvme0n1 bs=4096 seek=1 count=1 conv=sync oflag=direct && echo moved-write-done"
     );
     // Debian's cloud kernel: the pod kernel has no /dev/mem.
-    let run = boot_with_vfio_on(&GuestArtifacts::find()?, &bdf, "", &command, &[]);
-    let rebound = bind(&bdf, "nvme");
-    let out = run?;
-    rebound?;
-    out.check(
-        out.stdout.contains("cradle: command exited with status 0") && out.code == Some(0),
-        "the guest command succeeds and crib exits 0",
-    )?;
+    let out = boot_and_give_back(&GuestArtifacts::find()?, &bdf, "", &command)?;
     let console = out.stdout.to_lowercase();
     let version = console
         .lines()
@@ -337,14 +349,7 @@ fn nvme_works_on_intx_without_msi() -> Result<()> {
         "echo {INTX_PATTERN} | dd of=/dev/nvme0n1 bs=4096 seek={BLOCK} count=1 conv=sync oflag=direct && \
          dd if=/dev/nvme0n1 of=/dev/null bs=4096 count=64 iflag=direct && grep nvme0q0 /proc/interrupts"
     );
-    let run = boot_with_vfio_on(&GuestArtifacts::pod()?, &bdf, "pci=nomsi", &command, &[]);
-    let rebound = bind(&bdf, "nvme");
-    let out = run?;
-    rebound?;
-    out.check(
-        out.stdout.contains("cradle: command exited with status 0") && out.code == Some(0),
-        "the guest command succeeds and crib exits 0",
-    )?;
+    let out = boot_and_give_back(&GuestArtifacts::pod()?, &bdf, "pci=nomsi", &command)?;
     let line = out
         .stdout
         .lines()

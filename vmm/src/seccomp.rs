@@ -311,26 +311,11 @@ const SOCKETS: &[i64] = &[
     libc::SYS_unlinkat,
 ];
 
-/// KVM_RUN and device emulation on the vCPU, plus what the block and vsock workers it
-/// starts need (io_uring or positioned I/O, discard/zeroes, flush, timers, sockets).
+/// KVM_RUN and device emulation and activation on the vCPU; with [`BLOCK_WORKER`] and
+/// [`SOCKETS`], what the workers it starts need (a worker's own filter only narrows it).
 const VCPU: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_io_uring_setup,
-    libc::SYS_io_uring_enter,
-    libc::SYS_io_uring_register,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_preadv2,
-    libc::SYS_pwritev2,
-    libc::SYS_fallocate,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_sync_file_range,
-    libc::SYS_timerfd_create,
-    libc::SYS_timerfd_settime,
-    libc::SYS_timerfd_gettime,
     libc::SYS_openat,
     // The block and net workers a vCPU starts stack their own, narrower filter; seccomp
     // can only add restrictions, never lift one.
@@ -375,7 +360,7 @@ const VMM: &[i64] = &[
 
 fn syscalls(kind: ThreadKind) -> Vec<i64> {
     let extra: &[&[i64]] = match kind {
-        ThreadKind::Vcpu => &[VCPU, SOCKETS],
+        ThreadKind::Vcpu => &[VCPU, BLOCK_WORKER, SOCKETS],
         ThreadKind::Api => &[SOCKETS],
         ThreadKind::DockerProxy => &[SOCKETS],
         ThreadKind::Vmm => &[VMM, SOCKETS],
