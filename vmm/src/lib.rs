@@ -426,7 +426,10 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
     }
     let mut vsock_metrics = None;
     if let Some(vsock_config) = &config.vsock {
-        let device = vsock::create(vsock_config).map_err(VmmError::Vsock)?;
+        let mut device = vsock::create(vsock_config).map_err(VmmError::Vsock)?;
+        if let Some(setup) = seccomp::worker_setup(&filters.vsock_worker) {
+            device = device.with_worker_setup(setup);
+        }
         vsock_metrics = Some(device.metrics());
         device_manager
             .add_virtio_pci(&vm, "vsock", Box::new(device))

@@ -7,7 +7,8 @@
 //! - **block** and **net** queue workers, which parse what the guest puts in its rings,
 //!   stack a narrower filter of their own on it when they start (the devices'
 //!   `WorkerSetup` hook): their I/O and timers, no `ioctl` (so no KVM or device control),
-//!   no sockets, no `open`.
+//!   no sockets, no `open`. The **vsock** worker stacks one too: Unix sockets, and
+//!   `ioctl` only as FIONBIO.
 //! - the **API** thread (and the blocking threads of its runtime);
 //! - the **docker proxy** listener and its per-connection threads;
 //! - the **main** thread, running the VMM event loop, applies its filter last, after
@@ -26,7 +27,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// crib's exit code when a thread made a system call its filter forbids.
 pub const SECCOMP_EXIT_CODE: i32 = 7;
@@ -46,6 +50,8 @@ pub enum ThreadKind {
     BlockWorker,
     /// A virtio-net queue-pair worker.
     NetWorker,
+    /// The virtio-vsock worker (guest packets to and from host Unix sockets).
+    VsockWorker,
 }
 
 /// Errors building or applying a filter.
@@ -86,8 +92,13 @@ fn compile(
     mismatch: SeccompAction,
     matched: SeccompAction,
 ) -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         calls.iter().map(|nr| (*nr, Vec::new())).collect();
+    if matched == SeccompAction::Allow {
+        for (nr, rule) in conditional_calls(kind).map_err(|e| SeccompError::Build(kind, e))? {
+            rules.entry(nr).or_default().push(rule);
+        }
+    }
     SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
         .map_err(|e| SeccompError::Build(kind, e))?
         .try_into()
@@ -144,6 +155,7 @@ pub struct Filters {
     pub vmm: Option<Filter>,
     pub block_worker: Option<Filter>,
     pub net_worker: Option<Filter>,
+    pub vsock_worker: Option<Filter>,
 }
 
 impl Filters {
@@ -162,6 +174,7 @@ impl Filters {
             vmm: Some(Filter::new(ThreadKind::Vmm)?),
             block_worker: Some(Filter::new(ThreadKind::BlockWorker)?),
             net_worker: Some(Filter::new(ThreadKind::NetWorker)?),
+            vsock_worker: Some(Filter::new(ThreadKind::VsockWorker)?),
         })
     }
 }
@@ -350,6 +363,25 @@ const NET_WORKER: &[i64] = &[
     libc::SYS_timerfd_gettime,
 ];
 
+/// Calls a kind may make only with certain arguments: the vsock worker's `ioctl` is
+/// FIONBIO alone (std's `set_nonblocking` on the host connections it accepts).
+fn conditional_calls(
+    kind: ThreadKind,
+) -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError> {
+    match kind {
+        ThreadKind::VsockWorker => {
+            let fionbio = SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::FIONBIO,
+            )?;
+            Ok(vec![(libc::SYS_ioctl, SeccompRule::new(vec![fionbio])?)])
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
 /// The event loop: terminal mode, timers, kicking vCPUs (tgkill, in COMMON).
 const VMM: &[i64] = &[
     libc::SYS_ioctl,
@@ -366,11 +398,14 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::Vmm => &[VMM, SOCKETS],
         ThreadKind::BlockWorker => &[BLOCK_WORKER],
         ThreadKind::NetWorker => &[NET_WORKER],
+        ThreadKind::VsockWorker => &[SOCKETS],
     };
     let mut all: Vec<i64> = COMMON
         .iter()
         .chain(extra.iter().copied().flatten())
         .copied()
+        // The vsock worker's ioctl is argument-checked (conditional_calls).
+        .filter(|nr| !(kind == ThreadKind::VsockWorker && *nr == libc::SYS_ioctl))
         .collect();
     all.sort_unstable();
     all.dedup();
@@ -390,6 +425,7 @@ mod tests {
             ThreadKind::Vmm,
             ThreadKind::BlockWorker,
             ThreadKind::NetWorker,
+            ThreadKind::VsockWorker,
         ] {
             assert_eq!(Filter::new(kind).unwrap().kind(), kind);
         }
@@ -442,10 +478,36 @@ mod tests {
         assert_eq!(read.as_deref(), Some(&b"Name:"[..]));
     }
 
+    /// The vsock worker may make its host connections non-blocking (ioctl FIONBIO).
+    #[test]
+    fn vsock_worker_may_set_sockets_nonblocking() {
+        let vcpu = Filter::new(ThreadKind::Vcpu).unwrap();
+        let worker = Filter::new(ThreadKind::VsockWorker).unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let set = std::thread::spawn(move || {
+            vcpu.apply().unwrap();
+            worker.apply().unwrap();
+            a.set_nonblocking(true).is_ok()
+        })
+        .join()
+        .unwrap();
+        assert!(set);
+    }
+
+    #[test]
+    fn other_ioctls_in_the_vsock_worker_exit_with_the_seccomp_code() {
+        forbidden_ioctl_exits(ThreadKind::VsockWorker);
+    }
+
     #[test]
     fn forbidden_ioctl_in_a_ring_worker_exits_with_the_seccomp_code() {
+        forbidden_ioctl_exits(ThreadKind::NetWorker);
+    }
+
+    /// A forked child under the vCPU filter and `kind`'s calls ioctl(FIONREAD): exit 7.
+    fn forbidden_ioctl_exits(kind: ThreadKind) {
         let vcpu = Filter::new(ThreadKind::Vcpu).unwrap();
-        let worker = Filter::new(ThreadKind::NetWorker).unwrap();
+        let worker = Filter::new(kind).unwrap();
         vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, handle_sigsys).unwrap();
         // SAFETY: the child only applies prebuilt filters and makes raw system calls (no
         // allocation, no locks another thread could hold) before it exits.

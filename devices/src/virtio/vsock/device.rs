@@ -26,7 +26,8 @@ use super::{
     VsockError, EVENT_QUEUE, MAX_GUEST_CID, MIN_GUEST_CID, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
 };
 use crate::virtio::{
-    ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+    run_worker_setup, ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice,
+    VirtioInterrupt, WorkerSetup,
 };
 
 /// Bytes of `struct virtio_vsock_config` (one le64, `guest_cid`).
@@ -57,6 +58,7 @@ pub struct Vsock {
     queue_sizes: [u16; 3],
     metrics: Arc<VsockMetrics>,
     worker: Option<WorkerHandle>,
+    worker_setup: Option<WorkerSetup>,
 }
 
 impl Vsock {
@@ -81,7 +83,14 @@ impl Vsock {
             queue_sizes: [QUEUE_SIZE; 3],
             metrics: Arc::new(VsockMetrics::default()),
             worker: None,
+            worker_setup: None,
         })
+    }
+
+    /// Runs `setup` first in the worker thread (the VMM's seccomp filter).
+    pub fn with_worker_setup(mut self, setup: WorkerSetup) -> Self {
+        self.worker_setup = Some(setup);
+        self
     }
 
     /// The configuration the device was built from.
@@ -160,9 +169,14 @@ impl Vsock {
         let worker = VsockWorker::new(params, mem, interrupt.clone(), rx, tx, muxer, events)
             .map_err(|e| ActivateError::Worker(io::Error::other(e)))?;
         let cid = self.config.guest_cid;
+        let setup = self.worker_setup.clone();
         let thread = std::thread::Builder::new()
             .name("vsock0".into())
             .spawn(move || {
+                if !run_worker_setup(setup.as_ref(), "vsock worker") {
+                    interrupt.set_needs_reset();
+                    return;
+                }
                 let run = std::panic::catch_unwind(AssertUnwindSafe(|| worker.run()));
                 if run.is_err() {
                     tracing::error!(cid, "vsock worker panicked; the device needs a reset");
