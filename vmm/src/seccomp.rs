@@ -370,12 +370,8 @@ fn conditional_calls(
 ) -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError> {
     match kind {
         ThreadKind::VsockWorker => {
-            let fionbio = SeccompCondition::new(
-                1,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                libc::FIONBIO,
-            )?;
+            let fionbio =
+                SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::FIONBIO)?;
             Ok(vec![(libc::SYS_ioctl, SeccompRule::new(vec![fionbio])?)])
         }
         _ => Ok(Vec::new()),
