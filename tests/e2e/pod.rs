@@ -212,8 +212,8 @@ fn runs_lists_and_stops_a_pod() -> Result<()> {
             Duration::from_secs(90),
         )?;
         stop.check(
-            stop.code == Some(0) && stop.stdout.contains("pod web stopped"),
-            "crib pod stop succeeds",
+            stop.code == Some(0) && stop.stdout.contains("pod web stopped (crib exited 0)"),
+            "crib pod stop succeeds and reports crib's exit code",
         )
     })?;
     let console = scratch.console("web");

@@ -419,6 +419,7 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let code = run_vm(prepared.config.clone(), start);
+    prepared.record_exit(code);
     prepared.remove_sockets();
     code
 }
@@ -435,8 +436,10 @@ fn pod_command(command: PodCommand, start: Instant) -> u8 {
             root,
         } => {
             let dir = pod::pod_dir(&pod::run_root(root.run_root.as_deref()), &name);
-            pod::stop(&dir, &name, Duration::from_secs(timeout), force)
-                .map(|()| println!("pod {name} stopped"))
+            pod::stop(&dir, &name, Duration::from_secs(timeout), force).map(|code| match code {
+                Some(code) => println!("pod {name} stopped (crib exited {code})"),
+                None => println!("pod {name} stopped (crib's exit code was not recorded)"),
+            })
         }
         PodCommand::Logs { name, follow, root } => {
             let dir = pod::pod_dir(&pod::run_root(root.run_root.as_deref()), &name);

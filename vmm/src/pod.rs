@@ -14,6 +14,7 @@
 //!   console.log   the serial console
 //!   spec.json     the pod spec handed to cradle
 //!   info.json     who runs the pod: pid, start time, the paths above
+//!   exit.json     crib's exit code once the pod has ended (`crib pod stop` reports it)
 //!   lock          held (flock) by the `crib pod run` of this pod
 //! ```
 //!
@@ -59,6 +60,10 @@ pub const SPEC_FILE: &str = "spec.json";
 pub const INFO_FILE: &str = "info.json";
 /// The lock file `crib pod run` holds while the pod runs.
 pub const LOCK_FILE: &str = "lock";
+/// Where `crib pod run` leaves crib's exit code when the pod ends.
+pub const EXIT_FILE: &str = "exit.json";
+/// How long `crib pod stop` waits for the exit code after the API went away.
+const EXIT_FILE_WAIT: Duration = Duration::from_secs(2);
 /// How long a client waits for crib's API to answer one call.
 pub const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
@@ -676,6 +681,7 @@ impl PreparedPod {
             VSOCK_SOCKET,
             CONSOLE_LOG,
             INFO_FILE,
+            EXIT_FILE,
         ] {
             let path = self.run_dir.join(stale);
             match std::fs::remove_file(&path) {
@@ -753,6 +759,22 @@ impl PreparedPod {
 
     /// Removes the sockets after the VM ended (best effort: `crib pod ls` skips dead
     /// sockets anyway).
+    /// Leaves crib's exit `code` for `crib pod stop` (written whole, then renamed in), before
+    /// the sockets go: a stop that sees the API gone finds it.
+    pub fn record_exit(&self, code: u8) {
+        let path = self.run_dir.join(EXIT_FILE);
+        let partial = self.run_dir.join(format!("{EXIT_FILE}.partial"));
+        let body = format!("{:#}\n", json!({ "code": code }));
+        let written =
+            std::fs::write(&partial, body).and_then(|()| std::fs::rename(&partial, &path));
+        if let Err(e) = written {
+            tracing::warn!(
+                "cannot record the pod's exit code in {}: {e}",
+                path.display()
+            );
+        }
+    }
+
     pub fn remove_sockets(&self) {
         for socket in [API_SOCKET, DOCKER_SOCKET, VSOCK_SOCKET] {
             let _ = std::fs::remove_file(self.run_dir.join(socket));
@@ -909,10 +931,32 @@ pub fn format_list(pods: &[PodStatus]) -> String {
     out
 }
 
+/// crib's exit code left in run directory `dir` by the pod's `crib pod run`, waiting up
+/// to `wait` for it; `None` if it never came (crib was killed, or the pod is older).
+pub fn exit_code(dir: &Path, wait: Duration) -> Option<u8> {
+    let start = std::time::Instant::now();
+    loop {
+        let code = std::fs::read_to_string(dir.join(EXIT_FILE))
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|value| value.get("code")?.as_u64())
+            .and_then(|code| u8::try_from(code).ok());
+        if code.is_some() || start.elapsed() >= wait {
+            return code;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `crib pod stop`: a graceful shutdown (cradle stops the processes and powers off;
 /// forced after `timeout`), or with `force` a forced stop; then waits until the pod's
-/// API is gone.
-pub fn stop(dir: &Path, name: &str, timeout: Duration, force: bool) -> Result<(), PodError> {
+/// API is gone. Returns crib's exit code if `crib pod run` recorded it.
+pub fn stop(
+    dir: &Path,
+    name: &str,
+    timeout: Duration,
+    force: bool,
+) -> Result<Option<u8>, PodError> {
     let socket = dir.join(API_SOCKET);
     let not_running = |e: PodError| match e {
         PodError::NotRunning { socket, source, .. } => PodError::NotRunning {
@@ -933,7 +977,7 @@ pub fn stop(dir: &Path, name: &str, timeout: Duration, force: bool) -> Result<()
     let start = std::time::Instant::now();
     while start.elapsed() < waited {
         if UnixStream::connect(&socket).is_err() {
-            return Ok(());
+            return Ok(exit_code(dir, EXIT_FILE_WAIT));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -1331,6 +1375,28 @@ mod tests {
         drop(lock);
         assert!(pod.create_run_dir(&root, &launch, Path::new("/g")).is_ok());
         assert!(list(&root).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn exit_code_is_recorded_read_back_and_cleared_by_the_next_run() {
+        let root = std::env::temp_dir().join(format!("crib-pod-exit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let launch = parse(r#"{"pod": {"name": "p"}}"#).unwrap();
+        let pod = launch.prepare(&root, Path::new("/g")).unwrap();
+        let dir = root.join("p");
+        let lock = pod.create_run_dir(&root, &launch, Path::new("/g")).unwrap();
+        assert_eq!(exit_code(&dir, Duration::ZERO), None);
+        pod.record_exit(3);
+        assert_eq!(exit_code(&dir, Duration::ZERO), Some(3));
+        assert!(!dir.join(format!("{EXIT_FILE}.partial")).exists());
+        // A new run of the pod starts without the old code.
+        drop(lock);
+        let _lock = pod.create_run_dir(&root, &launch, Path::new("/g")).unwrap();
+        assert_eq!(exit_code(&dir, Duration::from_millis(60)), None);
+        // Garbage is no code.
+        std::fs::write(dir.join(EXIT_FILE), "{\"code\": 300}").unwrap();
+        assert_eq!(exit_code(&dir, Duration::ZERO), None);
         let _ = std::fs::remove_dir_all(&root);
     }
 }
