@@ -418,8 +418,11 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    let recorder = prepared.exit_recorder();
     let code = run_vm(prepared.config.clone(), start);
-    prepared.record_exit(code);
+    if let Some(recorder) = recorder {
+        recorder.record(code);
+    }
     prepared.remove_sockets();
     code
 }

@@ -14,7 +14,8 @@
 //!   console.log   the serial console
 //!   spec.json     the pod spec handed to cradle
 //!   info.json     who runs the pod: pid, start time, the paths above
-//!   exit.json     crib's exit code once the pod has ended (`crib pod stop` reports it)
+//!   exit.json     crib's exit code once the pod has ended, empty until then (`crib pod
+//!                 stop` reports it)
 //!   lock          held (flock) by the `crib pod run` of this pod
 //! ```
 //!
@@ -759,25 +760,44 @@ impl PreparedPod {
 
     /// Removes the sockets after the VM ended (best effort: `crib pod ls` skips dead
     /// sockets anyway).
-    /// Leaves crib's exit `code` for `crib pod stop` (written whole, then renamed in), before
-    /// the sockets go: a stop that sees the API gone finds it.
-    pub fn record_exit(&self, code: u8) {
+    /// Creates the (empty) exit file now, while files may still be opened: once the VM
+    /// runs, the main thread's seccomp filter refuses `open`, so the code is written to
+    /// this descriptor when the pod ends. `None` (logged) if it cannot be created.
+    pub fn exit_recorder(&self) -> Option<ExitRecorder> {
         let path = self.run_dir.join(EXIT_FILE);
-        let partial = self.run_dir.join(format!("{EXIT_FILE}.partial"));
-        let body = format!("{:#}\n", json!({ "code": code }));
-        let written =
-            std::fs::write(&partial, body).and_then(|()| std::fs::rename(&partial, &path));
-        if let Err(e) = written {
-            tracing::warn!(
-                "cannot record the pod's exit code in {}: {e}",
-                path.display()
-            );
+        match std::fs::File::create(&path) {
+            Ok(file) => Some(ExitRecorder { file }),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot create {}: the pod's exit code will not be recorded: {e}",
+                    path.display()
+                );
+                None
+            }
         }
     }
 
     pub fn remove_sockets(&self) {
         for socket in [API_SOCKET, DOCKER_SOCKET, VSOCK_SOCKET] {
             let _ = std::fs::remove_file(self.run_dir.join(socket));
+        }
+    }
+}
+
+/// The run directory's exit file, open for the exit code (see
+/// [`PreparedPod::exit_recorder`]).
+pub struct ExitRecorder {
+    file: std::fs::File,
+}
+
+impl ExitRecorder {
+    /// Writes crib's exit `code` in one `write`: call it before the sockets go, so that a
+    /// `crib pod stop` that sees the API gone finds it. A reader that catches the file
+    /// empty or half written retries.
+    pub fn record(mut self, code: u8) {
+        let body = format!("{:#}\n", json!({ "code": code }));
+        if let Err(e) = self.file.write_all(body.as_bytes()) {
+            tracing::warn!("cannot record the pod's exit code: {e}");
         }
     }
 }
@@ -1387,9 +1407,11 @@ mod tests {
         let dir = root.join("p");
         let lock = pod.create_run_dir(&root, &launch, Path::new("/g")).unwrap();
         assert_eq!(exit_code(&dir, Duration::ZERO), None);
-        pod.record_exit(3);
+        let recorder = pod.exit_recorder().unwrap();
+        // Empty while the pod runs: no code yet.
+        assert_eq!(exit_code(&dir, Duration::ZERO), None);
+        recorder.record(3);
         assert_eq!(exit_code(&dir, Duration::ZERO), Some(3));
-        assert!(!dir.join(format!("{EXIT_FILE}.partial")).exists());
         // A new run of the pod starts without the old code.
         drop(lock);
         let _lock = pod.create_run_dir(&root, &launch, Path::new("/g")).unwrap();
