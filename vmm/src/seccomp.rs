@@ -86,18 +86,22 @@ pub struct Filter {
 /// `open`/`openat`, answered with `EACCES` for kinds that open no files.
 const OPEN: &[i64] = &[libc::SYS_open, libc::SYS_openat];
 
+/// `calls` match whatever their arguments; a call in `conditional` matches only when one
+/// of its rules does (even if `calls` lists it too).
 fn compile(
     kind: ThreadKind,
     calls: &[i64],
+    conditional: Vec<(i64, SeccompRule)>,
     mismatch: SeccompAction,
     matched: SeccompAction,
 ) -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         calls.iter().map(|nr| (*nr, Vec::new())).collect();
-    if matched == SeccompAction::Allow {
-        for (nr, rule) in conditional_calls(kind).map_err(|e| SeccompError::Build(kind, e))? {
-            rules.entry(nr).or_default().push(rule);
-        }
+    for (nr, _) in &conditional {
+        rules.remove(nr);
+    }
+    for (nr, rule) in conditional {
+        rules.entry(nr).or_default().push(rule);
     }
     SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
         .map_err(|e| SeccompError::Build(kind, e))?
@@ -114,15 +118,18 @@ impl Filter {
             programs.push(compile(
                 kind,
                 OPEN,
+                Vec::new(),
                 SeccompAction::Allow,
                 SeccompAction::Errno(libc::EACCES as u32),
             )?);
             // Allowed here so that the refusal above decides (the strictest answer wins).
             allowed.extend_from_slice(OPEN);
         }
+        let conditional = conditional_calls(kind).map_err(|e| SeccompError::Build(kind, e))?;
         programs.push(compile(
             kind,
             &allowed,
+            conditional,
             SeccompAction::Trap,
             SeccompAction::Allow,
         )?);
@@ -400,8 +407,6 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
         .iter()
         .chain(extra.iter().copied().flatten())
         .copied()
-        // The vsock worker's ioctl is argument-checked (conditional_calls).
-        .filter(|nr| !(kind == ThreadKind::VsockWorker && *nr == libc::SYS_ioctl))
         .collect();
     all.sort_unstable();
     all.dedup();
