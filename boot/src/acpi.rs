@@ -193,9 +193,10 @@ pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
     PCI_INTX_FIRST_GSI + (u32::from(slot) + u32::from(pin.saturating_sub(1))) % 4
 }
 
-/// `_PRT`: every slot's INTA..INTD straight to its GSI (no link devices, source 0).
-fn pci_routing_table() -> Vec<u8> {
-    let entries: Vec<(u32, u8, u32)> = (1..PCI_SLOTS)
+/// `_PRT` entries: every slot's INTA..INTD straight to its GSI (no link devices,
+/// source 0), as (address, pin from 0, GSI).
+fn pci_routing_entries() -> Vec<(u32, u8, u32)> {
+    (1..PCI_SLOTS)
         .flat_map(|slot| {
             (1..=4u8).map(move |pin| {
                 (
@@ -205,13 +206,7 @@ fn pci_routing_table() -> Vec<u8> {
                 )
             })
         })
-        .collect();
-    let packages: Vec<aml::Package> = entries
-        .iter()
-        .map(|(address, pin, gsi)| aml::Package::new(vec![address, pin, &aml::ZERO, gsi]))
-        .collect();
-    let children: Vec<&dyn Aml> = packages.iter().map(|p| p as &dyn Aml).collect();
-    bytes_of(&aml::Name::new("_PRT".into(), &aml::Package::new(children)))
+        .collect()
 }
 
 /// `\_SB_.PCI0`: a PCI Express root bridge (PNP0A08) for bus 0 with the config ports
@@ -253,20 +248,17 @@ fn pci_host_bridge(pci: &PciHostBridge) -> Vec<u8> {
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
     let resources = aml::Name::new("_CRS".into(), &crs);
-    let prt = RawAml(pci_routing_table());
+    let entries = pci_routing_entries();
+    let packages: Vec<aml::Package> = entries
+        .iter()
+        .map(|(address, pin, gsi)| aml::Package::new(vec![address, pin, &aml::ZERO, gsi]))
+        .collect();
+    let routes: Vec<&dyn Aml> = packages.iter().map(|p| p as &dyn Aml).collect();
+    let prt = aml::Name::new("_PRT".into(), &aml::Package::new(routes));
     bytes_of(&aml::Device::new(
         "_SB_.PCI0".into(),
         vec![&hid, &cid, &adr, &seg, &uid, &bbn, &resources, &prt],
     ))
-}
-
-/// AML bytes built elsewhere, as one child of a device.
-struct RawAml(Vec<u8>);
-
-impl Aml for RawAml {
-    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
-        sink.vec(&self.0);
-    }
 }
 
 fn mcfg(pci: &PciHostBridge) -> Vec<u8> {
