@@ -144,8 +144,7 @@ impl<'a> Ring<'a> {
                 flags |= VRING_DESC_F_NEXT as u16;
             }
             let index = head + i as u16;
-            let raw = RawDescriptor::from(SplitDescriptor::new(addr.0, len, flags, index + 1));
-            self.vq.desc_table().store(index, raw).unwrap();
+            self.store_raw(index, (addr.0, len, flags, index + 1));
         }
         self.post_head(head);
     }
