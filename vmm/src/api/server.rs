@@ -14,7 +14,6 @@
 //! the VMM's event loop; the runtime's thread keeps serving other connections meanwhile.
 
 use std::convert::Infallible;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,10 +44,8 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// Errors starting the API server.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
-    #[error(
-        "--api-socket {0}: the path exists and is not a socket; remove it or choose another path"
-    )]
-    NotASocket(PathBuf),
+    #[error("--api-socket: the path cannot be used")]
+    Claim(#[from] devices::socket_path::SocketPathError),
     #[error("--api-socket {path}: cannot listen")]
     Listen {
         path: PathBuf,
@@ -89,12 +86,7 @@ pub fn start(
 }
 
 fn listen(path: &Path) -> Result<StdUnixListener, ApiServerError> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(ApiServerError::NotASocket(path.to_path_buf()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
+    devices::socket_path::claim(path)?;
     StdUnixListener::bind(path).map_err(|source| ApiServerError::Listen {
         path: path.to_path_buf(),
         source,
@@ -380,8 +372,27 @@ mod tests {
 
         let err = start(&path, Arc::new(FakeVmm::default()), None).unwrap_err();
 
-        assert!(err.to_string().contains("remove it or choose another path"));
+        assert!(matches!(
+            err,
+            ApiServerError::Claim(devices::socket_path::SocketPathError::NotASocket { .. })
+        ));
         assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn live_socket_of_another_server_is_refused_and_kept() {
+        let path = socket("live");
+        let _ = std::fs::remove_file(&path);
+        let _other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+
+        let err = start(&path, Arc::new(FakeVmm::default()), None).unwrap_err();
+
+        assert!(matches!(
+            err,
+            ApiServerError::Claim(devices::socket_path::SocketPathError::InUse { .. })
+        ));
+        assert!(path.exists());
         std::fs::remove_file(&path).unwrap();
     }
 }
