@@ -604,13 +604,20 @@ impl Controller {
             config.iops_burst = limits.iops_burst;
         }
         tracing::info!(disk = id, "rate limit set to {limits:?}");
-        Ok(Reply::ok(json!({
-            "id": id,
-            "iops": limits.iops,
-            "bandwidth": limits.bandwidth,
-            "burst": limits.burst,
-            "iops_burst": limits.iops_burst,
-        })))
+        // Limits not set are left out (docs/api.yaml's RateLimitReply has no nulls).
+        let mut reply = serde_json::Map::new();
+        reply.insert("id".into(), json!(id));
+        for (name, value) in [
+            ("iops", limits.iops),
+            ("bandwidth", limits.bandwidth),
+            ("burst", limits.burst),
+            ("iops_burst", limits.iops_burst),
+        ] {
+            if let Some(value) = value {
+                reply.insert(name.into(), json!(value));
+            }
+        }
+        Ok(Reply::ok(serde_json::Value::Object(reply)))
     }
 
     fn drain_requests(&mut self) {

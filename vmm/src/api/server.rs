@@ -146,8 +146,12 @@ where
         let (vmm, exit_after) = (vmm.clone(), exit_after.clone());
         service_fn(move |request| respond(vmm.clone(), exit_after.clone(), request))
     };
+    // One request per connection: a client cannot park an idle keep-alive connection on a
+    // slot, and one that sends nothing loses it after HEADER_TIMEOUT, so MAX_CONNECTIONS
+    // idle clients cannot lock out a new one for longer than that.
     let result = http1::Builder::new()
         .timer(TokioTimer::new())
+        .keep_alive(false)
         .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(io, service)
         .await;
@@ -246,16 +250,19 @@ mod tests {
 
     /// Sends one raw request with `Connection: close` and returns the whole response.
     fn exchange(path: &Path, method: &str, uri: &str, body: &str) -> String {
-        let mut stream = UnixStream::connect(path).unwrap();
+        try_exchange(path, method, uri, body).unwrap()
+    }
+
+    fn try_exchange(path: &Path, method: &str, uri: &str, body: &str) -> std::io::Result<String> {
+        let mut stream = UnixStream::connect(path)?;
         write!(
             stream,
             "{method} {uri} HTTP/1.1\r\nHost: crib\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        )
-        .unwrap();
+        )?;
         let mut reply = String::new();
-        stream.read_to_string(&mut reply).unwrap();
-        reply
+        stream.read_to_string(&mut reply)?;
+        Ok(reply)
     }
 
     #[test]
@@ -394,5 +401,29 @@ mod tests {
         ));
         assert!(path.exists());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn idle_clients_holding_every_slot_do_not_lock_out_a_new_one() {
+        let (path, _vmm) = start_fake("idle");
+        let idle: Vec<_> = (0..=MAX_CONNECTIONS)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+            .collect();
+
+        // Their slots go after HEADER_TIMEOUT; keep asking until then and a little longer.
+        let deadline = std::time::Instant::now() + HEADER_TIMEOUT * 3;
+        let mut reply = String::new();
+        while std::time::Instant::now() < deadline {
+            // While the slots are taken the server closes a new connection at once.
+            reply = try_exchange(&path, "GET", "/api/v1/vm", "").unwrap_or_default();
+            if reply.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        drop(idle);
+        let _ = std::fs::remove_file(&path);
     }
 }
