@@ -16,6 +16,7 @@ packages=(
   socat             # vsock peer in the guest for the vsock e2e tests (chrooted)
   nvme-cli          # the VFIO test gives an SR-IOV VF of the lab's NVMe its resources
   libseccomp-dev libcap-ng-dev  # to build virtiofsd (scripts/install-virtiofsd.sh)
+  docker-registry skopeo  # images' pull tests: a loopback registry, pushing OCI layouts to it
   ca-certificates
 )
 missing=()
@@ -25,6 +26,8 @@ done
 # The docker CLI drives pods in the e2e tests (vdocker). These machines ship the client
 # (no engine); elsewhere Debian's docker.io provides it.
 command -v docker >/dev/null || missing+=(docker.io)
+# crib-bench pull measures `docker pull` against crib's: the engine, dockerd.
+command -v dockerd >/dev/null || missing+=(docker.io)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=""
