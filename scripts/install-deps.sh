@@ -16,7 +16,9 @@ packages=(
   socat             # vsock peer in the guest for the vsock e2e tests (chrooted)
   nvme-cli          # the VFIO test gives an SR-IOV VF of the lab's NVMe its resources
   libseccomp-dev libcap-ng-dev  # to build virtiofsd (scripts/install-virtiofsd.sh)
-  docker-registry skopeo  # images' pull tests: a loopback registry, pushing OCI layouts to it
+  erofs-utils       # mkfs.erofs: crib's image store converts each layer to an erofs image
+  skopeo            # the image store's tests make docker-save archives from OCI layouts
+  docker-registry   # images' pull tests and crib-bench pull: a loopback registry
   ca-certificates
 )
 missing=()
