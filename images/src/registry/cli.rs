@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use clap::Args;
 
 use super::{manifest::Platform, pull, PullError, PullOptions, DEFAULT_CONCURRENT_DOWNLOADS};
-use crate::{LineProgress, Progress, Store};
+use crate::{LineProgress, Store};
 
 /// `crib image pull`.
 #[derive(Debug, Clone, Args)]
@@ -32,12 +32,9 @@ pub fn run(store: &Store, args: &PullArgs) -> Result<(), PullError> {
         platform: args.platform.clone(),
         concurrent_downloads: args.concurrent_downloads,
     };
-    let progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
-        Box::new(LineProgress)
-    } else {
-        Box::new(LineProgress)
-    };
-    let pulled = pull(store, &args.reference, &options, progress.as_ref())?;
+    // The store's terminal progress replaces this once it lands.
+    let _terminal = std::io::stderr().is_terminal();
+    let pulled = pull(store, &args.reference, &options, &LineProgress)?;
     println!(
         "{} {}",
         pulled.record.name.as_deref().unwrap_or(&args.reference),

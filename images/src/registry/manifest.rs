@@ -169,7 +169,7 @@ fn check_image(manifest: &ImageManifest) -> Result<(), ManifestProblem> {
             media_type: config_type,
         });
     }
-    check_digest("config.digest", &config.digest().to_string())?;
+    check_digest("config.digest", config.digest().as_ref())?;
     for (i, layer) in manifest.layers().iter().enumerate() {
         check_layer(i, layer)?;
     }
@@ -192,7 +192,7 @@ fn check_layer(i: usize, layer: &Descriptor) -> Result<(), ManifestProblem> {
             media_type,
         });
     }
-    check_digest(&format!("layers[{i}].digest"), &layer.digest().to_string())
+    check_digest(&format!("layers[{i}].digest"), layer.digest().as_ref())
 }
 
 /// A platform as `--platform` gives it: `os/arch[/variant]`.
