@@ -5,7 +5,17 @@
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
 
-pub mod registry;
-mod store_stub;
-pub use registry::{ensure, EnsureOptions, PullError, PullOptions, PullPolicy};
-pub use store_stub::{ImageRecord, LineProgress, Progress, ResolvedImage, Store, StoreError};
+pub mod archive;
+pub mod convert;
+pub mod digest;
+pub mod layout;
+pub mod progress;
+pub mod reference;
+pub mod staging;
+pub mod store;
+pub mod unpack;
+
+pub use digest::Digest;
+pub use progress::Progress;
+pub use staging::Staging;
+pub use store::{ImageRecord, LayerRecord, ResolvedImage, ResolvedLayer, Store, StoreError};
