@@ -1,12 +1,10 @@
 //! `crib image pull REF [--insecure] [--platform OS/ARCH]`: the arguments and what the
 //! command prints. Wired into the store's `ImageCommand`.
 
-use std::io::IsTerminal;
-
 use clap::Args;
 
 use super::{manifest::Platform, pull, PullError, PullOptions, DEFAULT_CONCURRENT_DOWNLOADS};
-use crate::{LineProgress, Store};
+use crate::Store;
 
 /// `crib image pull`.
 #[derive(Debug, Clone, Args)]
@@ -32,12 +30,12 @@ pub fn run(store: &Store, args: &PullArgs) -> Result<(), PullError> {
         platform: args.platform.clone(),
         concurrent_downloads: args.concurrent_downloads,
     };
-    // The store's terminal progress replaces this once it lands.
-    let _terminal = std::io::stderr().is_terminal();
-    let pulled = pull(store, &args.reference, &options, &LineProgress)?;
+    let progress = crate::progress::for_stderr();
+    let pulled = pull(store, &args.reference, &options, progress.as_ref())?;
+    let name = pulled.record.names.first().map(String::as_str);
     println!(
         "{} {}",
-        pulled.record.name.as_deref().unwrap_or(&args.reference),
+        name.unwrap_or(&args.reference),
         pulled.manifest_digest
     );
     Ok(())

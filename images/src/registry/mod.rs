@@ -27,7 +27,7 @@ use oci_client::client::ClientConfig;
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::{Client, Reference, RegistryOperation};
 
-use crate::{ImageRecord, Progress, ResolvedImage, Store, StoreError};
+use crate::{Digest, ImageRecord, Progress, ResolvedImage, Store, StoreError};
 pub use manifest::Platform;
 use manifest::{Manifest, ManifestProblem};
 
@@ -349,6 +349,12 @@ async fn fetch_manifest(
     }
 }
 
+/// Whether the store holds the blob: the pull then neither downloads it nor puts it in
+/// the layout (the import takes the store's copy).
+fn store_has_blob(store: &Store, digest: &str) -> bool {
+    Digest::parse(digest).is_ok_and(|d| store.blob_path(&d).is_file())
+}
+
 fn blob_path(layout: &Path, digest: &str) -> PathBuf {
     layout
         .join("blobs/sha256")
@@ -427,8 +433,8 @@ pub fn pull(
             if !seen.insert(digest.clone()) {
                 continue;
             }
-            if store.has_blob(&digest) {
-                progress.message(&format!("{digest}: already in the store"));
+            if store_has_blob(store, &digest) {
+                progress.layer_done(&digest, "already in the store");
                 skipped.push(digest);
                 continue;
             }
@@ -455,7 +461,7 @@ pub fn pull(
                     reporter,
                 )
                 .await?;
-                progress.layer_done(&blob.digest);
+                progress.layer_done(&blob.digest, "downloaded");
                 downloaded_ref
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -512,16 +518,12 @@ pub fn ensure(
         source,
     };
     if options.policy == PullPolicy::IfMissing {
-        if let Some(image) = store.resolve(&name).map_err(store_error)? {
-            return Ok(image);
+        match store.resolve(&name) {
+            Ok(image) => return Ok(image),
+            Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(store_error(e)),
         }
     }
     let pulled = pull(store, reference, &options.pull, progress)?;
-    store
-        .resolve(&pulled.manifest_digest)
-        .map_err(store_error)?
-        .ok_or_else(|| PullError::ManifestUnknown {
-            reference: name.clone(),
-            registry: parsed.registry().to_owned(),
-        })
+    store.resolve(&pulled.manifest_digest).map_err(store_error)
 }
