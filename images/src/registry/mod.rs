@@ -17,6 +17,8 @@ pub mod cli;
 mod fetch;
 pub mod manifest;
 mod reference;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod test_registry;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
