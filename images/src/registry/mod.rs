@@ -23,6 +23,7 @@ pub mod test_registry;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, TryStreamExt};
 use oci_client::client::ClientConfig;
@@ -68,6 +69,10 @@ pub struct Pulled {
     pub downloaded: Vec<String>,
     /// Layers the store already had.
     pub skipped: Vec<String>,
+    /// Wall time from the first request to the last blob on disk.
+    pub fetch_time: Duration,
+    /// Wall time of the store's import (verification, conversion, commit).
+    pub import_time: Duration,
 }
 
 /// An error of a pull. Each names the reference and what to do.
@@ -412,6 +417,7 @@ pub fn pull(
         .enable_all()
         .build()
         .map_err(PullError::Runtime)?;
+    let fetch_start = Instant::now();
     // The downloads run on the runtime's workers; this future (progress calls and all)
     // stays on this thread, so `progress` needs to be neither Send nor Sync.
     let (manifest_digest, downloaded, skipped) = runtime.block_on(async {
@@ -477,6 +483,8 @@ pub fn pull(
         Ok::<_, PullError>((digest, downloaded, skipped))
     })?;
     drop(runtime);
+    let fetch_time = fetch_start.elapsed();
+    let import_start = Instant::now();
     let record = store
         .import_oci_layout(layout, Some(&reference.whole()), progress)
         .map_err(store_error)?;
@@ -485,6 +493,8 @@ pub fn pull(
         manifest_digest,
         downloaded,
         skipped,
+        fetch_time,
+        import_time: import_start.elapsed(),
     })
 }
 
