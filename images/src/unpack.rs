@@ -29,6 +29,8 @@ use rustix::io::Errno;
 
 /// Longest entry name accepted (Linux PATH_MAX).
 pub const MAX_PATH_BYTES: usize = 4096;
+/// Dangling symlinks followed while creating one entry's parents (the kernel's limit).
+const MAX_SYMLINK_HOPS: usize = 40;
 /// Deepest directory tree removed when an entry replaces a directory.
 const MAX_REMOVE_DEPTH: usize = 4096;
 /// The overlayfs xattr marking an opaque directory.
@@ -148,6 +150,16 @@ fn os(bytes: &[u8]) -> &std::ffi::OsStr {
     std::ffi::OsStr::from_bytes(bytes)
 }
 
+/// The outcome of one walk to a directory.
+enum Walk {
+    Opened(OwnedFd),
+    /// `parts[index]` is a symlink to `target`, which does not exist yet.
+    Dangling {
+        index: usize,
+        target: Vec<u8>,
+    },
+}
+
 struct Unpacker<'a> {
     root: &'a Path,
     root_fd: OwnedFd,
@@ -166,22 +178,58 @@ impl Unpacker<'_> {
     }
 
     /// Opens (creating missing components, 0755 root:root as Docker does) the directory
-    /// `parts`, resolved inside the root.
+    /// `parts`, resolved inside the root. A dangling symlink on the way is followed by
+    /// creating its target inside the root, as Docker's chrooted untar does.
     fn open_dir(&self, raw: &[u8], parts: &[Vec<u8>]) -> Result<OwnedFd, UnpackError> {
+        let mut parts = parts.to_vec();
+        for _ in 0..MAX_SYMLINK_HOPS {
+            match self.walk(raw, &parts)? {
+                Walk::Opened(fd) => return Ok(fd),
+                Walk::Dangling { index, target } => {
+                    let mut next = if target.starts_with(b"/") {
+                        Vec::new()
+                    } else {
+                        parts[..index].to_vec()
+                    };
+                    for part in target.split(|&b| b == b'/') {
+                        match part {
+                            b"" | b"." => {}
+                            // `..` at the root stays at the root, as RESOLVE_IN_ROOT does.
+                            b".." => {
+                                next.pop();
+                            }
+                            _ => next.push(part.to_vec()),
+                        }
+                    }
+                    next.extend_from_slice(&parts[index + 1..]);
+                    if join(&next).len() > MAX_PATH_BYTES {
+                        break;
+                    }
+                    parts = next;
+                }
+            }
+        }
+        Err(UnpackError::ParentNotDir {
+            path: String::from_utf8_lossy(raw).into_owned(),
+        })
+    }
+
+    fn walk(&self, raw: &[u8], parts: &[Vec<u8>]) -> Result<Walk, UnpackError> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+        let not_dir = || UnpackError::ParentNotDir {
+            path: String::from_utf8_lossy(raw).into_owned(),
+        };
         let full = join(parts);
         if parts.is_empty() {
-            return rustix::io::dup(&self.root_fd).map_err(|e| self.write_err(b"", e));
+            return rustix::io::dup(&self.root_fd)
+                .map(Walk::Opened)
+                .map_err(|e| self.write_err(b"", e));
         }
         match rustix::fs::openat2(&self.root_fd, os(&full), flags, Mode::empty(), resolve) {
-            Ok(fd) => return Ok(fd),
+            Ok(fd) => return Ok(Walk::Opened(fd)),
             Err(Errno::NOENT) => {}
-            Err(Errno::NOTDIR) => {
-                return Err(UnpackError::ParentNotDir {
-                    path: String::from_utf8_lossy(raw).into_owned(),
-                })
-            }
+            Err(Errno::NOTDIR) => return Err(not_dir()),
             Err(e) => return Err(self.write_err(&full, e)),
         }
         // Walk from the root, creating what is missing. Each step resolves the whole
@@ -189,35 +237,37 @@ impl Unpacker<'_> {
         let mut dir = rustix::io::dup(&self.root_fd).map_err(|e| self.write_err(b"", e))?;
         for i in 1..=parts.len() {
             let prefix = join(&parts[..i]);
+            let name = os(&parts[i - 1]);
             match rustix::fs::openat2(&self.root_fd, os(&prefix), flags, Mode::empty(), resolve) {
                 Ok(fd) => dir = fd,
                 Err(Errno::NOENT) => {
-                    match rustix::fs::mkdirat(&dir, os(&parts[i - 1]), Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
+                    match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)) {
+                        Ok(()) => {}
+                        Err(Errno::EXIST) => {
+                            let stat = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                                .map_err(|e| self.write_err(&prefix, e))?;
+                            if FileType::from_raw_mode(stat.st_mode) == FileType::Symlink {
+                                let target = rustix::fs::readlinkat(&dir, name, Vec::new())
+                                    .map_err(|e| self.write_err(&prefix, e))?;
+                                return Ok(Walk::Dangling {
+                                    index: i - 1,
+                                    target: target.into_bytes(),
+                                });
+                            }
+                        }
                         Err(e) => return Err(self.write_err(&prefix, e)),
                     }
-                    dir = rustix::fs::openat(
-                        &dir,
-                        os(&parts[i - 1]),
-                        flags | OFlags::NOFOLLOW,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| match e {
-                        Errno::NOTDIR | Errno::LOOP => UnpackError::ParentNotDir {
-                            path: String::from_utf8_lossy(raw).into_owned(),
-                        },
+                    dir = rustix::fs::openat(&dir, name, flags | OFlags::NOFOLLOW, Mode::empty())
+                        .map_err(|e| match e {
+                        Errno::NOTDIR | Errno::LOOP => not_dir(),
                         e => self.write_err(&prefix, e),
                     })?;
                 }
-                Err(Errno::NOTDIR) => {
-                    return Err(UnpackError::ParentNotDir {
-                        path: String::from_utf8_lossy(raw).into_owned(),
-                    })
-                }
+                Err(Errno::NOTDIR) => return Err(not_dir()),
                 Err(e) => return Err(self.write_err(&prefix, e)),
             }
         }
-        Ok(dir)
+        Ok(Walk::Opened(dir))
     }
 
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
@@ -552,12 +602,20 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    /// Sets the directories' mtimes, deepest last-created first.
+    /// Sets the directories' mtimes, last created first. A directory an entry later
+    /// replaced (by a file or a symlink) is skipped: it is reached without symlinks only.
     fn finish_dir_times(&mut self) -> Result<(), UnpackError> {
         let times = std::mem::take(&mut self.dir_times);
         for (rel, mtime) in times.iter().rev() {
-            let parts = normalize(rel)?;
-            let fd = self.open_dir(rel, &parts)?;
+            let Ok(fd) = rustix::fs::openat2(
+                &self.root_fd,
+                os(rel),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+            ) else {
+                continue;
+            };
             set_times_fd(&fd, *mtime).map_err(|e| self.write_err(rel, e))?;
         }
         Ok(())
