@@ -202,7 +202,7 @@ fn add_blob(layout: &Layout, rel: &str, oci: &Path) -> Result<(Digest, u64, Stri
         // link could follow a symlink in the archive out of it. Else copy.
         let mut source = layout.open_file(rel)?;
         let dest_dir = rustix::fs::open(
-            &blobs_dir(oci),
+            blobs_dir(oci),
             rustix::fs::OFlags::RDONLY
                 | rustix::fs::OFlags::DIRECTORY
                 | rustix::fs::OFlags::CLOEXEC,

@@ -116,7 +116,7 @@ pub fn parse_json<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, L
 }
 
 fn descriptor_digest(path: &Path, field: &str, d: &Descriptor) -> Result<Digest, LayoutError> {
-    Digest::parse(&d.digest().to_string()).map_err(|source| LayoutError::BadDigest {
+    Digest::parse(d.digest().as_ref()).map_err(|source| LayoutError::BadDigest {
         path: path.to_path_buf(),
         field: field.to_string(),
         source,

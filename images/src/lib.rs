@@ -6,6 +6,7 @@
 pub mod fixtures;
 
 pub mod archive;
+pub mod cli;
 pub mod convert;
 pub mod digest;
 pub mod layout;
