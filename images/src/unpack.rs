@@ -92,6 +92,15 @@ pub fn unpack<R: Read>(
     mode: UnpackMode,
 ) -> Result<(R, UnpackStats), UnpackError> {
     let root_fd = open_root(root)?;
+    if mode == UnpackMode::Layer {
+        // The image's `/` unless the layer has a "./" entry: 0755 root:root, as Docker's.
+        rustix::fs::fchmod(&root_fd, Mode::from_raw_mode(0o755)).map_err(|e| {
+            UnpackError::Write {
+                path: root.to_path_buf(),
+                source: e.into(),
+            }
+        })?;
+    }
     let mut unpacker = Unpacker {
         root,
         root_fd,
@@ -277,7 +286,17 @@ impl Unpacker<'_> {
         let entry_type = entry.header().entry_type();
         self.stats.entries += 1;
         let Some((name, parent_parts)) = parts.split_last() else {
-            // The root itself ("./"): its metadata is the store's, not the layer's.
+            // The root itself ("./"): a layer's sets the mode and owner of the image's root.
+            if self.mode == UnpackMode::Layer && entry.header().entry_type().is_dir() {
+                let header = entry.header();
+                let perm = header.mode().map_err(UnpackError::Read)? & 0o7777;
+                let uid = self.id(header.uid().map_err(UnpackError::Read)?, &shown)?;
+                let gid = self.id(header.gid().map_err(UnpackError::Read)?, &shown)?;
+                let root = rustix::io::dup(&self.root_fd).map_err(|e| self.write_err(b"", e))?;
+                self.set_fd_meta(&root, b"", Some((uid, gid)), perm)?;
+                self.dir_times
+                    .push((Vec::new(), header.mtime().unwrap_or(0)));
+            }
             return Ok(());
         };
         let parent = self.open_dir(&raw, parent_parts)?;
@@ -607,6 +626,10 @@ impl Unpacker<'_> {
     fn finish_dir_times(&mut self) -> Result<(), UnpackError> {
         let times = std::mem::take(&mut self.dir_times);
         for (rel, mtime) in times.iter().rev() {
+            if rel.is_empty() {
+                set_times_fd(&self.root_fd, *mtime).map_err(|e| self.write_err(rel, e))?;
+                continue;
+            }
             let Ok(fd) = rustix::fs::openat2(
                 &self.root_fd,
                 os(rel),

@@ -237,6 +237,8 @@ fn device_nodes_fifos_and_replacements_are_kept_in_the_image() {
     }
     let env = Env::new();
     let image = image(vec![
+        Entry::dir("./").mode(0o700).mtime(1),
+        Entry::dir(".").mode(0o755),
         Entry::char_dev("dev/null", 1, 3),
         Entry::block_dev("dev/sda", 8, 0),
         Entry::fifo("run/fifo"),
@@ -259,6 +261,7 @@ fn device_nodes_fifos_and_replacements_are_kept_in_the_image() {
     let resolved = env.store.resolve("nodes").unwrap();
     let mount = mount_erofs(&resolved.layers[0].path, &env.path("mnt"));
     let root = &mount.path;
+    assert_eq!(fs::metadata(root).unwrap().mode() & 0o7777, 0o755);
     let null = fs::symlink_metadata(root.join("dev/null")).unwrap();
     assert!(null.file_type().is_char_device());
     assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
