@@ -13,7 +13,7 @@ use std::time::Duration;
 use images::fixtures::{self, Compression, Entry, Image, Layer, Written};
 use images::registry::{pull, Pulled};
 use images::{ensure, Digest, EnsureOptions, Progress, PullError, PullOptions, Store};
-use support::registry::{free_port, Format, Registry};
+use support::registry::{free_port, Format, Registry, PASSWORD, USER};
 
 /// Records what the pull reported.
 #[derive(Default)]
@@ -584,4 +584,86 @@ fn ensure_pulls_once_then_answers_from_the_store() {
 
     assert_eq!(first.digest.to_string(), written.manifest_digest);
     assert_eq!(second.digest.to_string(), written.manifest_digest);
+}
+
+/// A docker config dir whose config.json has `user:password` for `registry`.
+fn docker_config(
+    dir: &Path,
+    registry: &Registry,
+    user: &str,
+    password: &str,
+) -> std::path::PathBuf {
+    use std::io::Write;
+    let config = dir.join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    // base64 of user:password, by the encoder every Debian has.
+    let mut base64 = Command::new("base64")
+        .arg("-w0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    write!(base64.stdin.take().unwrap(), "{user}:{password}").unwrap();
+    let encoded = String::from_utf8(base64.wait_with_output().unwrap().stdout).unwrap();
+    let text = serde_json::json!({"auths": {registry.host(): {"auth": encoded}}});
+    std::fs::write(config.join("config.json"), text.to_string()).unwrap();
+    config
+}
+
+#[test]
+fn pull_with_credentials_from_docker_config_succeeds() {
+    require_registry!();
+    let registry = Registry::start_with_password().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let written = push_image(
+        &registry,
+        dir.path(),
+        &image(vec![layer(vec![Entry::file("secret", "s")])]),
+        "private:t",
+        Format::Oci,
+    );
+    let options = PullOptions {
+        docker_config: Some(docker_config(dir.path(), &registry, USER, PASSWORD)),
+        ..PullOptions::default()
+    };
+
+    let pulled = pull(
+        &store(&dir),
+        &registry.reference("private:t"),
+        &options,
+        &Recorder::default(),
+    )
+    .unwrap();
+
+    assert_eq!(pulled.manifest_digest, written.manifest_digest);
+}
+
+#[test]
+fn pull_with_wrong_password_says_to_log_in() {
+    require_registry!();
+    let registry = Registry::start_with_password().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    push_image(
+        &registry,
+        dir.path(),
+        &image(vec![layer(vec![Entry::file("secret", "s")])]),
+        "private:t",
+        Format::Oci,
+    );
+    let options = PullOptions {
+        docker_config: Some(docker_config(dir.path(), &registry, USER, "wrong")),
+        ..PullOptions::default()
+    };
+
+    let error = pull(
+        &store(&dir),
+        &registry.reference("private:t"),
+        &options,
+        &Recorder::default(),
+    )
+    .unwrap_err();
+    eprintln!("error: {error}");
+
+    assert!(matches!(error, PullError::Unauthorized { .. }), "{error:?}");
+    assert!(error.to_string().contains("docker login"), "{error}");
 }

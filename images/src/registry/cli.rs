@@ -29,6 +29,7 @@ pub fn run(store: &Store, args: &PullArgs) -> Result<(), PullError> {
         insecure: args.insecure,
         platform: args.platform.clone(),
         concurrent_downloads: args.concurrent_downloads,
+        docker_config: None,
     };
     let progress = crate::progress::for_stderr();
     let pulled = pull(store, &args.reference, &options, progress.as_ref())?;

@@ -46,6 +46,9 @@ pub struct PullOptions {
     pub platform: Platform,
     /// Layers downloaded at once (at least 1).
     pub concurrent_downloads: usize,
+    /// Where config.json with the registry credentials is; default `$DOCKER_CONFIG`,
+    /// else `~/.docker`.
+    pub docker_config: Option<PathBuf>,
 }
 
 impl Default for PullOptions {
@@ -54,6 +57,7 @@ impl Default for PullOptions {
             insecure: false,
             platform: Platform::default(),
             concurrent_downloads: DEFAULT_CONCURRENT_DOWNLOADS,
+            docker_config: None,
         }
     }
 }
@@ -100,8 +104,12 @@ pub enum PullError {
         #[source]
         source: OciDistributionError,
     },
-    #[error("cannot read the credentials for {registry}: {reason}; fix ~/.docker/config.json (or $DOCKER_CONFIG) or log in again")]
-    Credentials { registry: String, reason: String },
+    #[error("cannot use the credentials for {registry} in {path}: {reason}; fix the file or log in again with `docker login {registry}`")]
+    Credentials {
+        registry: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("malformed manifest for {reference} from {registry}: {field}: {detail}")]
     MalformedManifest {
         reference: String,
@@ -277,7 +285,10 @@ async fn connect(reference: &Reference, options: &PullOptions) -> Result<Client,
         user_agent: concat!("crib/", env!("CARGO_PKG_VERSION")),
         ..ClientConfig::default()
     });
-    let auth = auth::credentials(reference.registry())?;
+    let auth = match &options.docker_config {
+        Some(dir) => auth::credentials_in(Some(dir), reference.registry())?,
+        None => auth::credentials(reference.registry())?,
+    };
     // Logging in first (GET /v2/, then the token realm if challenged) makes a refused
     // connection or bad credentials fail here, by name; oci-client would otherwise drop
     // the error and retry anonymously.

@@ -53,6 +53,7 @@ pub struct Registry {
     port: u16,
     storage: TempDir,
     log: PathBuf,
+    password: bool,
 }
 
 /// A directory under the system's temp dir, removed on drop.
@@ -84,9 +85,24 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// The user [`Registry::start_with_password`] accepts, and its password.
+pub const USER: &str = "alice";
+pub const PASSWORD: &str = "s3cret";
+/// bcrypt of [`PASSWORD`] at cost 4 (the registry checks it on every request).
+const PASSWORD_BCRYPT: &str = "$2b$04$IEHQhhJswbmZ2gfGYORKfO05zElD0R6gkQFWOi5./SaT2YNb4uQ3K";
+
 impl Registry {
     /// Starts a registry and waits until `/v2/` answers.
     pub fn start() -> Result<Registry> {
+        Registry::start_inner(false)
+    }
+
+    /// Starts a registry that wants HTTP basic auth as [`USER`] / [`PASSWORD`].
+    pub fn start_with_password() -> Result<Registry> {
+        Registry::start_inner(true)
+    }
+
+    fn start_inner(password: bool) -> Result<Registry> {
         let storage = TempDir::new()?;
         let port = free_port()?;
         let config = storage.path().join("config.yml");
@@ -101,6 +117,16 @@ impl Registry {
                 data.display()
             ),
         )?;
+        if password {
+            let htpasswd = storage.path().join("htpasswd");
+            fs::write(&htpasswd, format!("{USER}:{PASSWORD_BCRYPT}\n"))?;
+            let mut text = fs::read_to_string(&config)?;
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: crib-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+            fs::write(&config, text)?;
+        }
         let log = storage.path().join("registry.log");
         let out = fs::File::create(&log)?;
         let child = Command::new(REGISTRY_BIN)
@@ -116,6 +142,7 @@ impl Registry {
             port,
             storage,
             log,
+            password,
         };
         registry.wait_ready()?;
         Ok(registry)
@@ -131,7 +158,7 @@ impl Registry {
                 )));
             }
             if let Ok(status) = self.get_status("/v2/") {
-                if status == 200 {
+                if status == 200 || status == 401 {
                     return Ok(());
                 }
             }
@@ -220,6 +247,9 @@ impl Registry {
             "--quiet",
             "--dest-tls-verify=false",
         ]);
+        if self.password {
+            skopeo.args(["--dest-creds", &format!("{USER}:{PASSWORD}")]);
+        }
         if format == Format::DockerV2S2 {
             skopeo.args(["--format", "v2s2"]);
         }
