@@ -160,7 +160,20 @@ pub fn check_digest(field: &str, digest: &str) -> Result<(), ManifestProblem> {
     }
 }
 
+/// The most layers an image may have (Docker's overlay2 stops at 125): more is a hostile
+/// manifest asking for that many requests and disks.
+pub const MAX_LAYERS: usize = 256;
+
 fn check_image(manifest: &ImageManifest) -> Result<(), ManifestProblem> {
+    if manifest.layers().len() > MAX_LAYERS {
+        return Err(malformed(
+            "layers",
+            format!(
+                "{} layers; crib takes at most {MAX_LAYERS}",
+                manifest.layers().len()
+            ),
+        ));
+    }
     let config = manifest.config();
     let config_type = config.media_type().to_string();
     if config_type != OCI_CONFIG && config_type != DOCKER_CONFIG {
@@ -383,6 +396,19 @@ mod tests {
             parse(text.as_bytes(), None),
             Err(ManifestProblem::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn parse_too_many_layers_is_refused() {
+        let layer = format!(
+            r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{DIGEST_B}","size":3}}"#
+        );
+        let layers = vec![layer; MAX_LAYERS + 1].join(",");
+        let text = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"{OCI_CONFIG}","digest":"{DIGEST_A}","size":2}},"layers":[{layers}]}}"#
+        );
+        let problem = parse(text.as_bytes(), None).unwrap_err();
+        assert!(matches!(problem, ManifestProblem::Malformed { field, .. } if field == "layers"));
     }
 
     #[test]
