@@ -463,6 +463,7 @@ pub fn pull(
                 size: layer.size(),
             });
         }
+        let config_digest = &config.digest().to_string();
         let reporter = Reporter { progress };
         let reporter = &reporter;
         let client = &client;
@@ -471,7 +472,11 @@ pub fn pull(
         let downloaded_ref = &downloaded;
         stream::iter(wanted.into_iter().map(Ok))
             .try_for_each_concurrent(options.concurrent_downloads.max(1), |blob| async move {
-                progress.layer_started(&blob.digest, blob.size);
+                // The config is no layer: no bar for it.
+                let is_layer = blob.digest != *config_digest;
+                if is_layer {
+                    progress.layer_started(&blob.digest, blob.size);
+                }
                 fetch::fetch(
                     client,
                     reference,
@@ -480,7 +485,9 @@ pub fn pull(
                     reporter,
                 )
                 .await?;
-                progress.layer_done(&blob.digest, "downloaded");
+                if is_layer {
+                    progress.layer_done(&blob.digest, "downloaded");
+                }
                 downloaded_ref
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
