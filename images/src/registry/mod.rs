@@ -175,6 +175,8 @@ pub enum PullError {
         #[source]
         source: StoreError,
     },
+    #[error("the registry client failed on an answer from the registry for {reference}: the registry sent something invalid; nothing was stored")]
+    ClientPanic { reference: String },
     #[error("cannot start the pull's I/O runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -431,75 +433,83 @@ pub fn pull(
     let fetch_start = Instant::now();
     // The downloads run on the runtime's workers; this future (progress calls and all)
     // stays on this thread, so `progress` needs to be neither Send nor Sync.
-    let (manifest_digest, downloaded, skipped) = runtime.block_on(async {
-        let client = connect(&reference, options).await?;
-        let (image, bytes, media_type, digest) =
-            fetch_manifest(&client, &reference, options).await?;
-        let path = blob_path(layout, &digest);
-        std::fs::write(&path, &bytes).map_err(|source| PullError::Io { path, source })?;
-        write_layout(layout, &reference.whole(), media_type, &digest, bytes.len())?;
+    // oci-client can panic on some hostile answers (a token that is no valid header
+    // value); that must fail this pull, not the process.
+    let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(async {
+            let client = connect(&reference, options).await?;
+            let (image, bytes, media_type, digest) =
+                fetch_manifest(&client, &reference, options).await?;
+            let path = blob_path(layout, &digest);
+            std::fs::write(&path, &bytes).map_err(|source| PullError::Io { path, source })?;
+            write_layout(layout, &reference.whole(), media_type, &digest, bytes.len())?;
 
-        let config = image.config();
-        let mut wanted = vec![fetch::Blob {
-            media_type: config.media_type().to_string(),
-            digest: config.digest().to_string(),
-            size: config.size(),
-        }];
-        let mut skipped = vec![];
-        let mut seen = HashSet::new();
-        for layer in image.layers() {
-            let digest = layer.digest().to_string();
-            if !seen.insert(digest.clone()) {
-                continue;
-            }
-            if store_has_blob(store, &digest) {
-                progress.layer_done(&digest, "already in the store");
-                skipped.push(digest);
-                continue;
-            }
-            wanted.push(fetch::Blob {
-                media_type: layer.media_type().to_string(),
-                digest,
-                size: layer.size(),
-            });
-        }
-        let config_digest = &config.digest().to_string();
-        let reporter = Reporter { progress };
-        let reporter = &reporter;
-        let client = &client;
-        let reference = &reference;
-        let downloaded = Mutex::new(vec![]);
-        let downloaded_ref = &downloaded;
-        stream::iter(wanted.into_iter().map(Ok))
-            .try_for_each_concurrent(options.concurrent_downloads.max(1), |blob| async move {
-                // The config is no layer: no bar for it.
-                let is_layer = blob.digest != *config_digest;
-                if is_layer {
-                    progress.layer_started(&blob.digest, blob.size);
+            let config = image.config();
+            let mut wanted = vec![fetch::Blob {
+                media_type: config.media_type().to_string(),
+                digest: config.digest().to_string(),
+                size: config.size(),
+            }];
+            let mut skipped = vec![];
+            let mut seen = HashSet::new();
+            for layer in image.layers() {
+                let digest = layer.digest().to_string();
+                if !seen.insert(digest.clone()) {
+                    continue;
                 }
-                fetch::fetch(
-                    client,
-                    reference,
-                    &blob,
-                    &blob_path(layout, &blob.digest),
-                    reporter,
-                )
+                if store_has_blob(store, &digest) {
+                    progress.layer_done(&digest, "already in the store");
+                    skipped.push(digest);
+                    continue;
+                }
+                wanted.push(fetch::Blob {
+                    media_type: layer.media_type().to_string(),
+                    digest,
+                    size: layer.size(),
+                });
+            }
+            let config_digest = &config.digest().to_string();
+            let reporter = Reporter { progress };
+            let reporter = &reporter;
+            let client = &client;
+            let reference = &reference;
+            let downloaded = Mutex::new(vec![]);
+            let downloaded_ref = &downloaded;
+            stream::iter(wanted.into_iter().map(Ok))
+                .try_for_each_concurrent(options.concurrent_downloads.max(1), |blob| async move {
+                    // The config is no layer: no bar for it.
+                    let is_layer = blob.digest != *config_digest;
+                    if is_layer {
+                        progress.layer_started(&blob.digest, blob.size);
+                    }
+                    fetch::fetch(
+                        client,
+                        reference,
+                        &blob,
+                        &blob_path(layout, &blob.digest),
+                        reporter,
+                    )
+                    .await?;
+                    if is_layer {
+                        progress.layer_done(&blob.digest, "downloaded");
+                    }
+                    downloaded_ref
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .push(blob.digest);
+                    Ok::<(), PullError>(())
+                })
                 .await?;
-                if is_layer {
-                    progress.layer_done(&blob.digest, "downloaded");
-                }
-                downloaded_ref
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .push(blob.digest);
-                Ok::<(), PullError>(())
-            })
-            .await?;
-        let downloaded = downloaded
-            .into_inner()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        Ok::<_, PullError>((digest, downloaded, skipped))
-    })?;
+            let downloaded = downloaded
+                .into_inner()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            Ok::<_, PullError>((digest, downloaded, skipped))
+        })
+    }));
+    let (manifest_digest, downloaded, skipped) =
+        fetched.map_err(|_| PullError::ClientPanic {
+            reference: reference.whole(),
+        })??;
     drop(runtime);
     let fetch_time = fetch_start.elapsed();
     let import_start = Instant::now();
