@@ -254,58 +254,124 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
 }
 
-pub fn run(runs: usize) -> Result<()> {
-    if let Some(reason) = images::registry::test_registry::unavailable() {
-        bail!("cannot run: {reason}");
+/// CPU seconds (user + system, reaped children included) of `pid` and its descendants.
+fn tree_cpu(pid: u32) -> f64 {
+    let ticks = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    let mut pending = vec![pid];
+    let stats: Vec<(u32, u32, f64)> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let text = fs::read_to_string(e.path().join("stat")).ok()?;
+            // Fields after the command's closing parenthesis: state ppid ... utime(14)
+            // stime(15) cutime(16) cstime(17), numbered from 1 over the whole line.
+            let (head, rest) = text.rsplit_once(')')?;
+            let pid = head.split_whitespace().next()?.parse().ok()?;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ppid = f.get(1)?.parse().ok()?;
+            let cpu: f64 = f
+                .get(11..15)?
+                .iter()
+                .filter_map(|v| v.parse::<f64>().ok())
+                .sum();
+            Some((pid, ppid, cpu / ticks))
+        })
+        .collect();
+    while let Some(p) = pending.pop() {
+        for (pid, ppid, cpu) in &stats {
+            if *pid == p {
+                total += cpu;
+            }
+            if *ppid == p {
+                pending.push(*pid);
+            }
+        }
     }
-    let out = crib_tests::target_dir().join("bench-pull");
-    fs::create_dir_all(&out)?;
-    let layout = layout(&out)?;
-    let registry = Registry::start()?;
-    registry.push(&layout, "base", BASE, Format::Oci)?;
-    registry.push(&layout, "app", APP, Format::Oci)?;
-    let (base_ref, app_ref) = (registry.reference(BASE), registry.reference(APP));
-    let docker_root = out.join("docker");
+    total
+}
+
+/// Wall and CPU seconds of `f`, CPU counted over this process and the `also` process
+/// tree (a daemon doing the work).
+fn measured(also: Option<u32>, f: impl FnOnce() -> Result<()>) -> Result<(f64, f64)> {
+    let me = std::process::id();
+    let cpu = || tree_cpu(me) + also.map_or(0.0, tree_cpu);
+    let before = cpu();
+    let wall = timed(f)?;
+    Ok((wall, cpu() - before))
+}
+
+#[derive(Default)]
+struct Figures {
+    crib: Vec<(f64, f64)>,
+    crib_fetch: Vec<f64>,
+    crib_import: Vec<f64>,
+    crib_second: Vec<(f64, f64)>,
+    docker: Vec<(f64, f64)>,
+    docker_second: Vec<(f64, f64)>,
+    skopeo: Vec<(f64, f64)>,
+    skopeo_second: Vec<(f64, f64)>,
+}
+
+fn walls(v: &[(f64, f64)]) -> f64 {
+    median(&v.iter().map(|x| x.0).collect::<Vec<_>>())
+}
+
+fn cpus(v: &[(f64, f64)]) -> f64 {
+    median(&v.iter().map(|x| x.1).collect::<Vec<_>>())
+}
+
+/// `runs` interleaved pulls with crib's store, dockerd's data root and skopeo's OCI dir
+/// all under `place`.
+fn measure(runs: usize, place: &Path, base_ref: &str, app_ref: &str) -> Result<Figures> {
+    fs::create_dir_all(place)?;
+    let docker_root = place.join("docker");
     let _ = fs::remove_dir_all(&docker_root);
     let dockerd = Dockerd::start(&docker_root)?;
-    let crib_root = out.join("crib-store");
-    let skopeo_dir = out.join("skopeo-oci");
-
-    let (mut crib, mut crib_import, mut crib_fetch, mut crib_second) =
-        (vec![], vec![], vec![], vec![]);
-    let (mut docker, mut docker_second) = (vec![], vec![]);
-    let (mut skopeo, mut skopeo_second) = (vec![], vec![]);
+    let dockerd_pid = dockerd.child.id();
+    let crib_root = place.join("crib-store");
+    let skopeo_dir = place.join("skopeo-oci");
+    let mut f = Figures::default();
     let options = PullOptions::default();
     for run in 0..runs {
-        eprintln!("crib-bench pull: run {}/{runs}", run + 1);
+        eprintln!(
+            "crib-bench pull: {} run {}/{runs}",
+            place.display(),
+            run + 1
+        );
         let _ = fs::remove_dir_all(&crib_root);
         let store = Store::open(&crib_root)?;
         let mut pulled = None;
-        crib.push(timed(|| {
-            pulled = Some(pull(&store, &base_ref, &options, &NoProgress)?);
+        f.crib.push(measured(None, || {
+            pulled = Some(pull(&store, base_ref, &options, &NoProgress)?);
             Ok(())
         })?);
         let pulled = pulled.context("no pull")?;
-        crib_import.push(pulled.import_time.as_secs_f64());
-        crib_fetch.push(pulled.fetch_time.as_secs_f64());
-        crib_second.push(timed(|| {
-            pull(&store, &app_ref, &options, &NoProgress)?;
+        f.crib_import.push(pulled.import_time.as_secs_f64());
+        f.crib_fetch.push(pulled.fetch_time.as_secs_f64());
+        f.crib_second.push(measured(None, || {
+            pull(&store, app_ref, &options, &NoProgress)?;
             Ok(())
         })?);
         drop(store);
         let _ = fs::remove_dir_all(&crib_root);
 
         dockerd.clear()?;
-        docker.push(timed(|| dockerd.docker(&["pull", "--quiet", &base_ref]))?);
-        docker_second.push(timed(|| dockerd.docker(&["pull", "--quiet", &app_ref]))?);
+        f.docker.push(measured(Some(dockerd_pid), || {
+            dockerd.docker(&["pull", "--quiet", base_ref])
+        })?);
+        f.docker_second.push(measured(Some(dockerd_pid), || {
+            dockerd.docker(&["pull", "--quiet", app_ref])
+        })?);
         dockerd.clear()?;
 
         let _ = fs::remove_dir_all(&skopeo_dir);
         for (times, reference, tag) in [
-            (&mut skopeo, &base_ref, "base"),
-            (&mut skopeo_second, &app_ref, "app"),
+            (&mut f.skopeo, base_ref, "base"),
+            (&mut f.skopeo_second, app_ref, "app"),
         ] {
-            times.push(timed(|| {
+            times.push(measured(None, || {
                 let status = Command::new("skopeo")
                     .args([
                         "--insecure-policy",
@@ -326,6 +392,75 @@ pub fn run(runs: usize) -> Result<()> {
     }
     drop(dockerd);
     let _ = fs::remove_dir_all(&docker_root);
+    Ok(f)
+}
+
+fn print(title: &str, f: &Figures) {
+    let (c, d, s) = (walls(&f.crib), walls(&f.docker), walls(&f.skopeo));
+    let (c2, d2, s2) = (
+        walls(&f.crib_second),
+        walls(&f.docker_second),
+        walls(&f.skopeo_second),
+    );
+    println!("{title}\n");
+    println!("| pull | wall | crib / this | CPU (user + sys) |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| `crib image pull` (download, verify, convert to erofs, commit) | {c:.2} s | 1.00 | {:.2} s |",
+        cpus(&f.crib)
+    );
+    println!(
+        "| `docker pull` (Docker 20.10, overlay2; dockerd's CPU) | {d:.2} s | {:.2} | {:.2} s |",
+        c / d,
+        cpus(&f.docker)
+    );
+    println!(
+        "| `skopeo copy docker://… oci:DIR` (download only) | {s:.2} s | {:.2} | {:.2} s |",
+        c / s,
+        cpus(&f.skopeo)
+    );
+    println!(
+        "| crib: of which download | {:.2} s | | |",
+        median(&f.crib_fetch)
+    );
+    println!(
+        "| crib: of which import (verify + convert + commit) | {:.2} s ({:.0} %) | | |",
+        median(&f.crib_import),
+        100.0 * median(&f.crib_import) / c
+    );
+    println!(
+        "| second image (base layer already pulled): `crib image pull` | {c2:.2} s | 1.00 | {:.2} s |",
+        cpus(&f.crib_second)
+    );
+    println!(
+        "| second image: `docker pull` | {d2:.2} s | {:.2} | {:.2} s |",
+        c2 / d2,
+        cpus(&f.docker_second)
+    );
+    println!(
+        "| second image: `skopeo copy` (into the same OCI dir) | {s2:.2} s | {:.2} | {:.2} s |",
+        c2 / s2,
+        cpus(&f.skopeo_second)
+    );
+    println!();
+}
+
+pub fn run(runs: usize) -> Result<()> {
+    if let Some(reason) = images::registry::test_registry::unavailable() {
+        bail!("cannot run: {reason}");
+    }
+    let out = crib_tests::target_dir().join("bench-pull");
+    fs::create_dir_all(&out)?;
+    let layout = layout(&out)?;
+    let registry = Registry::start()?;
+    registry.push(&layout, "base", BASE, Format::Oci)?;
+    registry.push(&layout, "app", APP, Format::Oci)?;
+    let (base_ref, app_ref) = (registry.reference(BASE), registry.reference(APP));
+    let disk = measure(runs, &out.join("run"), &base_ref, &app_ref)?;
+    let shm = PathBuf::from(format!("/dev/shm/crib-bench-pull-{}", std::process::id()));
+    let memory = measure(runs, &shm, &base_ref, &app_ref);
+    let _ = fs::remove_dir_all(&shm);
+    let memory = memory?;
 
     let base_blob = fs::read_dir(layout.join("blobs/sha256"))?
         .filter_map(|e| e.ok())
@@ -334,12 +469,6 @@ pub fn run(runs: usize) -> Result<()> {
         .max()
         .unwrap_or(0);
     let rootfs = fs::metadata(out.join("debian-rootfs.tar"))?.len();
-    let (c, d, s) = (median(&crib), median(&docker), median(&skopeo));
-    let (c2, d2, s2) = (
-        median(&crib_second),
-        median(&docker_second),
-        median(&skopeo_second),
-    );
     println!(
         "Debian bookworm minbase: {:.0} MB tar, one gzip layer of {:.0} MB; second image: + one 8 MiB layer. \
          Loopback docker-registry 2.8, {runs} runs interleaved, medians. Machine: {}.\n",
@@ -347,36 +476,13 @@ pub fn run(runs: usize) -> Result<()> {
         base_blob as f64 / 1e6,
         machine()
     );
-    println!("| pull (cold) | time | crib / this |");
-    println!("| --- | --- | --- |");
-    println!(
-        "| `crib image pull` (download, verify, convert to erofs, commit) | {c:.2} s | 1.00 |"
+    print(
+        "Stores on the disk (target/, the machine's root filesystem):",
+        &disk,
     );
-    println!(
-        "| `docker pull` (Docker 20.10, overlay2) | {d:.2} s | {:.2} |",
-        c / d
-    );
-    println!(
-        "| `skopeo copy docker://… oci:DIR` (download only) | {s:.2} s | {:.2} |",
-        c / s
-    );
-    println!(
-        "| crib: of which download | {:.2} s | |",
-        median(&crib_fetch)
-    );
-    println!(
-        "| crib: of which import (verify + convert + commit) | {:.2} s ({:.0} %) | |",
-        median(&crib_import),
-        100.0 * median(&crib_import) / c
-    );
-    println!();
-    println!("| second image, base layer already pulled | time | crib / this |");
-    println!("| --- | --- | --- |");
-    println!("| `crib image pull` | {c2:.2} s | 1.00 |");
-    println!("| `docker pull` | {d2:.2} s | {:.2} |", c2 / d2);
-    println!(
-        "| `skopeo copy` (into the same OCI dir) | {s2:.2} s | {:.2} |",
-        c2 / s2
+    print(
+        "Stores on tmpfs (/dev/shm): crib's store, dockerd's data root, skopeo's OCI dir:",
+        &memory,
     );
     Ok(())
 }
