@@ -254,8 +254,9 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
 }
 
-/// CPU seconds (user + system, reaped children included) of `pid` and its descendants.
-fn tree_cpu(pid: u32) -> f64 {
+/// CPU seconds (user + system, reaped children included) of `pid` and, with `tree`, its
+/// descendants.
+fn cpu_of(pid: u32, tree: bool) -> f64 {
     let ticks = 100.0; // USER_HZ on Linux
     let mut total = 0.0;
     let mut pending = vec![pid];
@@ -284,7 +285,7 @@ fn tree_cpu(pid: u32) -> f64 {
             if *pid == p {
                 total += cpu;
             }
-            if *ppid == p {
+            if tree && *ppid == p {
                 pending.push(*pid);
             }
         }
@@ -292,11 +293,12 @@ fn tree_cpu(pid: u32) -> f64 {
     total
 }
 
-/// Wall and CPU seconds of `f`, CPU counted over this process and the `also` process
-/// tree (a daemon doing the work).
+/// Wall and CPU seconds of `f`, CPU counted over this process (with the children it
+/// reaped: mkfs.erofs, the docker CLI, skopeo; not the registry or dockerd, which it
+/// also started) and the `also` process tree (dockerd and its containerd).
 fn measured(also: Option<u32>, f: impl FnOnce() -> Result<()>) -> Result<(f64, f64)> {
     let me = std::process::id();
-    let cpu = || tree_cpu(me) + also.map_or(0.0, tree_cpu);
+    let cpu = || cpu_of(me, false) + also.map_or(0.0, |pid| cpu_of(pid, true));
     let before = cpu();
     let wall = timed(f)?;
     Ok((wall, cpu() - before))
