@@ -383,3 +383,108 @@ fn lookup_by_digest_prefix() {
     assert_eq!(record.digest.to_string(), written.manifest_digest);
     assert!(record.names.is_empty());
 }
+
+#[test]
+fn import_legacy_docker_archive_with_linked_layer_gzipped() {
+    if !root_or_skip("import_legacy_docker_archive_with_linked_layer_gzipped") {
+        return;
+    }
+    let env = Env::new();
+    // Old `docker save`: <id>/layer.tar, a repeated layer as a symlink to the first.
+    let layer = fixtures::layer_tar(&[Entry::file("hello", "world")]).unwrap();
+    let diff_id = fixtures::sha256_digest(&layer);
+    let config = serde_json::to_vec(&fixtures::config_json(
+        &fixtures::Config::default(),
+        &[diff_id.clone(), diff_id.clone()],
+    ))
+    .unwrap();
+    let manifest = serde_json::json!([{
+        "Config": "cfg.json",
+        "RepoTags": ["legacy:1"],
+        "Layers": ["l1/layer.tar", "l2/layer.tar"],
+    }]);
+    let archive = fixtures::layer_tar(&[
+        Entry::file("manifest.json", serde_json::to_vec(&manifest).unwrap()),
+        Entry::file("cfg.json", config),
+        Entry::dir("l1"),
+        Entry::file("l1/layer.tar", &layer),
+        Entry::dir("l2"),
+        Entry::symlink("l2/layer.tar", "../l1/layer.tar"),
+    ])
+    .unwrap();
+    let path = env.path("legacy.tar.gz");
+    fs::write(
+        &path,
+        fixtures::compress(&archive, Compression::Gzip).unwrap(),
+    )
+    .unwrap();
+
+    let records = env.store.import_path(&path, None, &NoProgress).unwrap();
+
+    assert_eq!(records[0].names, vec!["legacy:1".to_string()]);
+    let resolved = env.store.resolve("legacy:1").unwrap();
+    assert_eq!(resolved.layers.len(), 2);
+    assert_eq!(resolved.layers[0].path, resolved.layers[1].path);
+    assert_eq!(env.files("tmp"), Vec::<String>::new());
+}
+
+#[test]
+fn import_docker25_archive_uses_its_oci_index() {
+    if !root_or_skip("import_docker25_archive_uses_its_oci_index") {
+        return;
+    }
+    let env = Env::new();
+    let (dir, written) = env.layout("oci", &image(vec![Entry::file("f", "x")]));
+    // Docker 25+: the OCI layout plus a legacy manifest.json pointing into blobs/, and the
+    // name in index.json's containerd annotation.
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["annotations"] = serde_json::json!({
+        "io.containerd.image.name": "docker.io/library/modern:2",
+        "org.opencontainers.image.ref.name": "2",
+    });
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+    let manifest = serde_json::json!([{
+        "Config": format!("blobs/sha256/{}", hex(&written.config_digest)),
+        "RepoTags": ["modern:2"],
+        "Layers": [format!("blobs/sha256/{}", hex(&written.layer_digests[0]))],
+    }]);
+    fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let tar = env.path("docker25.tar");
+    fixtures::tar_directory(&dir, &tar).unwrap();
+
+    let records = env.store.import_path(&tar, None, &NoProgress).unwrap();
+
+    assert_eq!(records[0].digest.to_string(), written.manifest_digest);
+    assert_eq!(
+        records[0].names,
+        vec!["docker.io/library/modern:2".to_string()]
+    );
+    assert!(env.store.resolve("modern:2").is_ok());
+}
+
+#[test]
+fn archive_symlink_to_host_file_is_not_read() {
+    let env = Env::new();
+    let manifest = serde_json::json!([{"Config": "cfg.json", "RepoTags": [], "Layers": []}]);
+    let archive = fixtures::layer_tar(&[
+        Entry::file("manifest.json", serde_json::to_vec(&manifest).unwrap()),
+        Entry::symlink("cfg.json", "/etc/passwd"),
+    ])
+    .unwrap();
+    let path = env.path("evil.tar");
+    fs::write(&path, archive).unwrap();
+
+    let err = env.store.import_path(&path, None, &NoProgress).unwrap_err();
+
+    // Resolved inside the archive, /etc/passwd does not exist.
+    assert!(
+        matches!(err, StoreError::Layout(LayoutError::Read { .. })),
+        "{err}"
+    );
+}
