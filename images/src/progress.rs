@@ -9,7 +9,8 @@ use std::sync::Mutex;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// Receives progress of an import or pull. `digest` names the layer (`sha256:...`).
-pub trait Progress {
+/// `Send + Sync`: a pull may report from several download threads.
+pub trait Progress: Send + Sync {
     /// Work on a layer starts; `total_bytes` is its blob size (0 if unknown).
     fn layer_started(&self, digest: &str, total_bytes: u64);
     /// `bytes` more of the layer have been processed.

@@ -222,6 +222,11 @@ impl Store {
 
     /// Takes the store-wide writer lock (blocks until free).
     pub fn lock(&self) -> Result<StoreLock, StoreError> {
+        self.lock_reporting(&crate::progress::NoProgress)
+    }
+
+    /// [`Store::lock`], saying so on `progress` when another writer holds it.
+    pub fn lock_reporting(&self, progress: &dyn Progress) -> Result<StoreLock, StoreError> {
         let path = self.root.join("lock");
         let fd = rustix::fs::open(
             &path,
@@ -229,8 +234,14 @@ impl Store {
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| io_err(&path, "opening the lock")(e.into()))?;
-        rustix::fs::flock(&fd, FlockOperation::LockExclusive)
-            .map_err(|e| io_err(&path, "locking")(e.into()))?;
+        if rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive).is_err() {
+            progress.message(&format!(
+                "waiting for another import, rm or prune to release {}",
+                path.display()
+            ));
+            rustix::fs::flock(&fd, FlockOperation::LockExclusive)
+                .map_err(|e| io_err(&path, "locking")(e.into()))?;
+        }
         Ok(StoreLock { _fd: fd })
     }
 
@@ -465,7 +476,7 @@ impl Store {
                 .is_ok_and(|t| d.starts_with(t))
         });
 
-        let _lock = self.lock()?;
+        let _lock = self.lock_reporting(progress)?;
         let staging = self.staging_dir()?;
         // (staged file, destination) pairs renamed in at commit.
         let mut commit: Vec<(PathBuf, PathBuf)> = Vec::new();

@@ -64,7 +64,7 @@ fn random_hostile_layers_stay_inside_the_root() {
     fs::create_dir(&canary).unwrap();
     let canary_str = canary.to_str().unwrap().to_string();
     let config = ProptestConfig {
-        cases: 200,
+        cases: 128,
         failure_persistence: None,
         ..ProptestConfig::default()
     };
