@@ -490,6 +490,10 @@ impl Store {
                 blob_dest.clone()
             } else if movable {
                 let path = layout.verify_blob(&layer.digest, layer.size)?;
+                // Its writer may not have synced it; it must be durable before the rename.
+                File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err(&path, "syncing a blob"))?;
                 commit.push((path.clone(), blob_dest.clone()));
                 path
             } else {

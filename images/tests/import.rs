@@ -488,3 +488,26 @@ fn archive_symlink_to_host_file_is_not_read() {
         "{err}"
     );
 }
+
+#[test]
+fn import_from_store_staging_moves_blobs() {
+    if !root_or_skip("import_from_store_staging_moves_blobs") {
+        return;
+    }
+    let env = Env::new();
+    // What the registry pull does: write the layout in a staging dir, then import it.
+    let staging = env.store.staging_dir().unwrap();
+    let dir = staging.path().join("oci");
+    let written =
+        fixtures::write_oci_layout(&dir, &image(vec![Entry::file("pulled", "yes")])).unwrap();
+
+    env.import(&dir, Some("pulled")).unwrap();
+
+    assert!(
+        !Written::blob_path(&dir, &written.layer_digests[0]).exists(),
+        "renamed, not copied"
+    );
+    assert!(env.store.resolve("pulled").is_ok());
+    drop(staging);
+    assert_eq!(env.files("tmp"), Vec::<String>::new());
+}
