@@ -183,6 +183,16 @@ fn check_image(manifest: &ImageManifest) -> Result<(), ManifestProblem> {
         });
     }
     check_digest("config.digest", config.digest().as_ref())?;
+    if config.size() > crate::layout::MAX_CONFIG_BYTES {
+        return Err(malformed(
+            "config.size",
+            format!(
+                "{} bytes; the store reads configs of at most {}",
+                config.size(),
+                crate::layout::MAX_CONFIG_BYTES
+            ),
+        ));
+    }
     for (i, layer) in manifest.layers().iter().enumerate() {
         check_layer(i, layer)?;
     }
@@ -409,6 +419,16 @@ mod tests {
         );
         let problem = parse(text.as_bytes(), None).unwrap_err();
         assert!(matches!(problem, ManifestProblem::Malformed { field, .. } if field == "layers"));
+    }
+
+    #[test]
+    fn parse_huge_config_is_refused() {
+        let text = image("application/vnd.oci.image.layer.v1.tar")
+            .replace("\"size\":2", "\"size\":99999999999");
+        let problem = parse(text.as_bytes(), None).unwrap_err();
+        assert!(
+            matches!(problem, ManifestProblem::Malformed { field, .. } if field == "config.size")
+        );
     }
 
     #[test]

@@ -431,8 +431,8 @@ pub fn pull(
         .build()
         .map_err(PullError::Runtime)?;
     let fetch_start = Instant::now();
-    // The downloads run on the runtime's workers; this future (progress calls and all)
-    // stays on this thread, so `progress` needs to be neither Send nor Sync.
+    // This future (the downloads' hashing and writes, the progress calls) runs on this
+    // thread; the runtime's workers drive the connections.
     // oci-client can panic on some hostile answers (a token that is no valid header
     // value); that must fail this pull, not the process.
     let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -451,7 +451,8 @@ pub fn pull(
                 size: config.size(),
             }];
             let mut skipped = vec![];
-            let mut seen = HashSet::new();
+            // A layer listed twice (or with the config's digest) is fetched once.
+            let mut seen = HashSet::from([config.digest().to_string()]);
             for layer in image.layers() {
                 let digest = layer.digest().to_string();
                 if !seen.insert(digest.clone()) {
