@@ -220,9 +220,7 @@ fn pull_second_image_sharing_a_base_fetches_only_its_own_layer() {
     assert_eq!(registry.blob_gets(base_digest), 1);
 }
 
-#[test]
-fn pull_index_resolves_to_linux_amd64() {
-    require_registry!();
+fn pull_index_resolves_to_linux_amd64_as(format: Format) {
     let registry = Registry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("multi");
@@ -237,13 +235,36 @@ fn pull_index_resolves_to_linux_amd64() {
     )
     .unwrap();
     write_index(&layout, &[(&arm, "arm64"), (&amd, "amd64")]);
-    registry.push_index(&layout, "t", "multi:t").unwrap();
+    registry
+        .push_index(&layout, "t", "multi:t", format)
+        .unwrap();
     let store = store(&dir);
 
     let pulled = pull_quietly(&store, &registry.reference("multi:t")).unwrap();
 
-    assert_eq!(pulled.manifest_digest, amd.manifest_digest);
     assert_eq!(layer_digests(&pulled), amd.layer_digests);
+    let list_type = registry.manifest_media_type("multi:t").unwrap();
+    if format == Format::Oci {
+        assert_eq!(list_type, "application/vnd.oci.image.index.v1+json");
+        assert_eq!(pulled.manifest_digest, amd.manifest_digest);
+    } else {
+        assert_eq!(
+            list_type,
+            "application/vnd.docker.distribution.manifest.list.v2+json"
+        );
+    }
+}
+
+#[test]
+fn pull_oci_index_resolves_to_linux_amd64() {
+    require_registry!();
+    pull_index_resolves_to_linux_amd64_as(Format::Oci);
+}
+
+#[test]
+fn pull_docker_manifest_list_resolves_to_linux_amd64() {
+    require_registry!();
+    pull_index_resolves_to_linux_amd64_as(Format::DockerV2S2);
 }
 
 /// Makes `layout`'s index.json name one image index (tagged `t`) listing `images`, each a

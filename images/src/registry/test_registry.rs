@@ -228,15 +228,32 @@ impl Registry {
         )
     }
 
-    /// Pushes an image index (manifest list) in the OCI layout `dir`, tagged `tag`, with
-    /// every image it lists.
-    pub fn push_index(&self, dir: &Path, tag: &str, name_tag: &str) -> Result<()> {
+    /// Pushes an image index in the OCI layout `dir`, tagged `tag`, with every image it
+    /// lists; as a Docker manifest list of v2s2 manifests with [`Format::DockerV2S2`].
+    pub fn push_index(&self, dir: &Path, tag: &str, name_tag: &str, format: Format) -> Result<()> {
         self.skopeo_copy(
             &format!("oci:{}:{tag}", dir.display()),
             name_tag,
-            Format::Oci,
+            format,
             true,
         )
+    }
+
+    /// The manifest's `mediaType` the registry serves for `name_tag`, asking for any.
+    pub fn manifest_media_type(&self, name_tag: &str) -> Result<String> {
+        let output = Command::new("skopeo")
+            .args([
+                "--insecure-policy",
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+            ])
+            .arg(format!("docker://{}", self.reference(name_tag)))
+            .output()?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| fail(format!("skopeo inspect --raw: {e}: {text}")))?;
+        Ok(value["mediaType"].as_str().unwrap_or_default().to_owned())
     }
 
     fn skopeo_copy(&self, source: &str, name_tag: &str, format: Format, all: bool) -> Result<()> {
