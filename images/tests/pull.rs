@@ -688,3 +688,40 @@ fn pull_with_wrong_password_says_to_log_in() {
     assert!(matches!(error, PullError::Unauthorized { .. }), "{error:?}");
     assert!(error.to_string().contains("docker login"), "{error}");
 }
+
+/// `crib image pull` as the crib binary runs it: `images::cli::run` on parsed arguments.
+fn cli_pull(args: &[&str]) -> u8 {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: images::cli::ImageCommand,
+    }
+    let mut argv = vec!["image", "pull"];
+    argv.extend_from_slice(args);
+    images::cli::run(<Cli as clap::Parser>::try_parse_from(argv).unwrap().command)
+}
+
+#[test]
+fn cli_pull_stores_the_image_and_fails_with_1_on_an_unknown_one() {
+    require_registry!();
+    let registry = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let written = push_image(
+        &registry,
+        dir.path(),
+        &image(vec![layer(vec![Entry::file("cli", "pulled")])]),
+        "cli/app:v1",
+        Format::Oci,
+    );
+    let root = dir.path().join("store");
+    let root_arg = root.to_str().unwrap();
+
+    let pulled = cli_pull(&[&registry.reference("cli/app:v1"), "--state-dir", root_arg]);
+    let unknown = cli_pull(&[&registry.reference("cli/app:v2"), "--state-dir", root_arg]);
+
+    assert_eq!(pulled, 0);
+    assert_eq!(unknown, 1);
+    let store = Store::open(&root).unwrap();
+    let record = store.record(&registry.reference("cli/app:v1")).unwrap();
+    assert_eq!(record.digest.to_string(), written.manifest_digest);
+}
