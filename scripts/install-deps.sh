@@ -18,6 +18,7 @@ packages=(
   libseccomp-dev libcap-ng-dev  # to build virtiofsd (scripts/install-virtiofsd.sh)
   erofs-utils       # mkfs.erofs: crib's image store converts each layer to an erofs image
   skopeo            # the image store's tests make docker-save archives from OCI layouts
+  docker-registry   # images' pull tests and crib-bench pull: a loopback registry
   ca-certificates
 )
 missing=()
@@ -27,6 +28,8 @@ done
 # The docker CLI drives pods in the e2e tests (vdocker). These machines ship the client
 # (no engine); elsewhere Debian's docker.io provides it.
 command -v docker >/dev/null || missing+=(docker.io)
+# crib-bench pull measures `docker pull` against crib's: the engine, dockerd.
+command -v dockerd >/dev/null || missing+=(docker.io)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=""

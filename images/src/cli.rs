@@ -64,6 +64,15 @@ pub enum ImageCommand {
         #[command(flatten)]
         state: StateDirArg,
     },
+    /// Pull an image from a registry into the store (docs/IMAGES.md, "Pulling"):
+    /// Docker Hub by default, linux/amd64 out of a multi-platform image, credentials from
+    /// ~/.docker/config.json. Converts each new layer to an erofs image (needs root).
+    Pull {
+        #[command(flatten)]
+        args: crate::registry::cli::PullArgs,
+        #[command(flatten)]
+        state: StateDirArg,
+    },
     /// Delete the blobs and layer files no image uses.
     Prune {
         #[command(flatten)]
@@ -74,10 +83,17 @@ pub enum ImageCommand {
 /// Runs an image command; returns the process exit code (0 success, 1 error). Errors are
 /// printed to stderr with their causes.
 pub fn run(command: ImageCommand) -> u8 {
-    match run_command(command) {
+    let result: Result<(), Box<dyn std::error::Error>> = match command {
+        ImageCommand::Pull { args, state } => state
+            .open()
+            .map_err(Into::into)
+            .and_then(|store| crate::registry::cli::run(&store, &args).map_err(Into::into)),
+        command => run_command(command).map_err(Into::into),
+    };
+    match result {
         Ok(()) => 0,
         Err(e) => {
-            report(&e);
+            report(e.as_ref());
             1
         }
     }
@@ -103,6 +119,8 @@ fn run_command(command: ImageCommand) -> Result<(), StoreError> {
                 let _ = writeln!(out, "{}", record.digest);
             }
         }
+        // Its own error type: handled in run.
+        ImageCommand::Pull { .. } => {}
         ImageCommand::Ls { state } => {
             let _ = write!(out, "{}", format_list(&state.open()?.list()?));
         }

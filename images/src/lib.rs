@@ -20,3 +20,6 @@ pub use digest::Digest;
 pub use progress::Progress;
 pub use staging::Staging;
 pub use store::{ImageRecord, LayerRecord, ResolvedImage, ResolvedLayer, Store, StoreError};
+
+pub mod registry;
+pub use registry::{ensure, EnsureOptions, PullError, PullOptions, PullPolicy};

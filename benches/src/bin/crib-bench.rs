@@ -44,6 +44,10 @@
 //!   `docker ps`, crib's RSS outside guest memory per VM (RssAnon + RssFile) and the guest
 //!   memory it touched (RssShmem), medians over the N cribs, then `crib pod stop` each.
 //!
+//! - `crib-bench pull [--runs N]` (default 3): `crib image pull` of a Debian image from a
+//!   loopback registry against `docker pull` and `skopeo copy`, cold and for a second
+//!   image sharing the base layer (`src/pull_bench.rs`). Host only, root.
+//!
 //! Build crib with `cargo build --release -p vmm` first; results are Markdown on stdout.
 
 use std::io::{BufRead, BufReader};
@@ -58,6 +62,9 @@ use crib_tests::{
     can_boot_linux, fio_image, host_tool, micro, repo_root, strip_ansi, target_dir, tool_image,
     vsock_connect, GuestArtifacts,
 };
+
+#[path = "../pull_bench.rs"]
+mod pull_bench;
 
 const READY_LINE: &str = "cradle: ready";
 const BOOT_DEADLINE: Duration = Duration::from_secs(120);
@@ -1701,6 +1708,11 @@ fn main() -> Result<()> {
                 .context("--queues takes a number")?
                 .unwrap_or(1),
         ),
+        Some("pull") => pull_bench::run(if args.iter().any(|a| a == "--runs") {
+            runs
+        } else {
+            3
+        }),
         Some("density") => {
             let pods = args
                 .iter()
@@ -1713,7 +1725,7 @@ fn main() -> Result<()> {
             density(pods)
         }
         _ => bail!(
-            "usage: crib-bench host | boot [--runs N] | io [--runs N] | vsock [--runs N] | fs [--runs N] | vfio [--runs N] | net [--runs N] [--no-vhost] [--queues N] | density [--pods N]"
+            "usage: crib-bench host | boot [--runs N] | io [--runs N] | vsock [--runs N] | fs [--runs N] | vfio [--runs N] | net [--runs N] [--no-vhost] [--queues N] | density [--pods N] | pull [--runs N]"
         ),
     }
 }
