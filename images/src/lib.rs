@@ -15,6 +15,7 @@ pub mod reference;
 pub mod staging;
 pub mod store;
 pub mod unpack;
+pub mod unpack_area;
 
 pub use digest::Digest;
 pub use progress::Progress;

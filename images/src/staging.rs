@@ -78,12 +78,20 @@ pub fn create(tmp: &Path, tmp_lock: &Path) -> io::Result<Staging> {
 
 /// Removes the staging directories in `tmp` whose owner is gone. Returns how many.
 pub fn clean_stale(tmp: &Path, tmp_lock: &Path) -> io::Result<usize> {
+    clean_stale_except(tmp, tmp_lock, &[])
+}
+
+/// [`clean_stale`], keeping the files named in `keep` (a lock file inside `tmp`).
+pub fn clean_stale_except(tmp: &Path, tmp_lock: &Path, keep: &[&str]) -> io::Result<usize> {
     let guard = open_lock_file(tmp_lock)?;
     rustix::fs::flock(&guard, FlockOperation::LockExclusive)?;
     let mut removed = 0;
     for entry in fs::read_dir(tmp)? {
         let entry = entry?;
         let path = entry.path();
+        if keep.iter().any(|k| entry.file_name() == *k) {
+            continue;
+        }
         if !entry.file_type()?.is_dir() {
             fs::remove_file(&path)?;
             removed += 1;

@@ -31,6 +31,7 @@ use crate::layout::{self, CopyError, Layout, LayoutError};
 use crate::progress::Progress;
 use crate::reference;
 use crate::staging::{self, Staging};
+use crate::unpack_area;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +182,7 @@ impl Store {
         let tmp = store.tmp_dir();
         staging::clean_stale(&tmp, &root.join("tmp.lock"))
             .map_err(io_err(&tmp, "removing stale staging directories"))?;
+        unpack_area::clean_stale();
         Ok(store)
     }
 
@@ -518,21 +520,35 @@ impl Store {
                 // The same layer twice in one image.
                 fs::metadata(staged).map(|m| m.len()).unwrap_or(0)
             } else {
-                let tree = staging.path().join(format!("tree-{i}"));
-                rustix::fs::mkdir(&tree, Mode::from_raw_mode(0o700))
-                    .map_err(|e| io_err(&tree, "creating a staging tree")(e.into()))?;
                 let out = staging.path().join(format!("layer-{i}.erofs"));
-                let converted = convert::convert_layer(
-                    &staged_blob,
-                    &layer.digest,
-                    &layer.media_type,
-                    &layer.diff_id,
-                    &tree,
-                    &out,
-                    progress,
-                );
-                // Free the tree's space before anything else.
-                let _ = fs::remove_dir_all(&tree);
+                let convert = |tree: &Path| {
+                    convert::convert_layer(
+                        &staged_blob,
+                        &layer.digest,
+                        &layer.media_type,
+                        &layer.diff_id,
+                        tree,
+                        &out,
+                        progress,
+                    )
+                };
+                // Unpack in RAM when it has room (src/unpack_area.rs); a layer that fills
+                // it anyway is converted again on disk.
+                let in_ram = unpack_area::ram_tree(layer.size).map(|tree| {
+                    let converted = convert(tree.path());
+                    drop(tree);
+                    converted
+                });
+                let converted = match in_ram {
+                    Some(Err(e)) if out_of_space(&e) => {
+                        progress.message(&format!(
+                            "{shown}: the layer does not fit in RAM; unpacking it on disk"
+                        ));
+                        convert_on_disk(staging.path(), i, &convert)
+                    }
+                    None => convert_on_disk(staging.path(), i, &convert),
+                    Some(done) => done.map_err(StoreError::from),
+                };
                 let converted = converted?;
                 progress.layer_done(
                     &shown,
@@ -606,6 +622,36 @@ impl Store {
         progress.message(&format!("imported {} {}", record.digest, names.join(" ")));
         self.read_record(&record.digest, &self.refs()?)
     }
+}
+
+/// Converts with the unpack tree in the store's staging directory (on disk).
+fn convert_on_disk(
+    staging: &Path,
+    i: usize,
+    convert: &dyn Fn(&Path) -> Result<convert::ConvertedLayer, ConvertError>,
+) -> Result<convert::ConvertedLayer, StoreError> {
+    let tree = staging.join(format!("tree-{i}"));
+    rustix::fs::mkdir(&tree, Mode::from_raw_mode(0o700))
+        .map_err(|e| io_err(&tree, "creating a staging tree")(e.into()))?;
+    let converted = convert(&tree);
+    // Free the tree's space before anything else.
+    let _ = fs::remove_dir_all(&tree);
+    Ok(converted?)
+}
+
+/// Whether `error` came from a full filesystem (ENOSPC or EDQUOT anywhere in its chain).
+fn out_of_space(error: &ConvertError) -> bool {
+    let full = [rustix::io::Errno::NOSPC, rustix::io::Errno::DQUOT].map(|e| Some(e.raw_os_error()));
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<io::Error>()
+            .is_some_and(|io| full.contains(&io.raw_os_error()))
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 fn commit_find<'a>(

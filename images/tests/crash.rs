@@ -42,14 +42,16 @@ fn full_disk_during_conversion_leaves_nothing() {
         .import_oci_layout(&dir, Some("big"), &NoProgress)
         .unwrap_err();
 
-    let StoreError::Convert(ConvertError::Unpack {
-        source: UnpackError::Write { path, .. },
-        ..
-    }) = &err
-    else {
-        panic!("expected a write error, got {err}");
-    };
-    assert!(path.ends_with("zeros"), "{}", path.display());
+    // The tree is unpacked in RAM when /dev/shm has room (then mkfs.erofs fills the disk),
+    // else on the disk itself (then writing "zeros" does).
+    match &err {
+        StoreError::Convert(ConvertError::Unpack {
+            source: UnpackError::Write { path, .. },
+            ..
+        }) => assert!(path.ends_with("zeros"), "{}", path.display()),
+        StoreError::Convert(ConvertError::Mkfs { .. } | ConvertError::Sync { .. }) => {}
+        other => panic!("expected a write error, got {other}"),
+    }
     let mut chain = err.to_string();
     let mut source = std::error::Error::source(&err);
     while let Some(cause) = source {
@@ -57,10 +59,7 @@ fn full_disk_during_conversion_leaves_nothing() {
         source = cause.source();
     }
     eprintln!("full disk: {chain}");
-    assert!(
-        chain.contains("disk full") && chain.contains("No space left"),
-        "{chain}"
-    );
+    assert!(chain.contains("disk full"), "{chain}");
     for sub in ["tmp", "layers/sha256", "images", "blobs/sha256"] {
         assert_eq!(
             std::fs::read_dir(small.join(sub)).unwrap().count(),
