@@ -99,6 +99,20 @@ enum PodCommand {
         #[command(flatten)]
         root: RunRootArg,
     },
+    /// Remove the networks that pods killed with `kill -9` left (taps, nft chains,
+    /// address leases); `crib pod run` does it too.
+    NetSweep {
+        #[command(flatten)]
+        root: RunRootArg,
+    },
+    /// Internal: spawned by `crib pod run`, removes the pod's network once crib ends.
+    #[command(hide = true)]
+    NetKeeper {
+        #[arg(value_name = "LEASE")]
+        lease: PathBuf,
+        #[command(flatten)]
+        root: RunRootArg,
+    },
 }
 
 #[derive(Args)]
@@ -404,9 +418,11 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
             }
         }
         let lock = prepared.create_run_dir(&root, &launch, &guest_dir)?;
-        Ok((prepared, lock))
+        let mut prepared = prepared;
+        let network = vmm::pod_net::attach(&mut prepared, &launch, &root, lock.raw_fd())?;
+        Ok((prepared, lock, network))
     });
-    let (prepared, _lock) = match prepared {
+    let (prepared, _lock, network) = match prepared {
         Ok(prepared) => prepared,
         Err(e) => {
             report(&e);
@@ -415,6 +431,18 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
     };
     for line in prepared.socket_lines() {
         println!("{line}");
+    }
+    if let Some(net) = &network {
+        let s = &net.state;
+        let v6 = s.address6.map(|a| format!(" {a}")).unwrap_or_default();
+        let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
+        println!(
+            "network: {}{v6} on {} (tap {}, ports [{}])",
+            s.address,
+            s.bridge,
+            s.tap,
+            ports.join(", ")
+        );
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -430,6 +458,21 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
 fn pod_command(command: PodCommand, start: Instant) -> u8 {
     let result = match command {
         PodCommand::Run { file, root } => return pod_run(&file, root.run_root.as_deref(), start),
+        PodCommand::NetSweep { root } => {
+            podnet::setup::sweep(&pod::run_root(root.run_root.as_deref()))
+                .map(|pods| {
+                    for pod in pods {
+                        println!("removed the network of pod {pod}");
+                    }
+                })
+                .map_err(|source| pod::PodError::Network {
+                    name: "(sweep)".into(),
+                    source,
+                })
+        }
+        PodCommand::NetKeeper { lease, root } => {
+            vmm::pod_net::keep(&pod::run_root(root.run_root.as_deref()), &lease)
+        }
         PodCommand::Ls { root } => pod::list(&pod::run_root(root.run_root.as_deref()))
             .map(|pods| print!("{}", pod::format_list(&pods))),
         PodCommand::Stop {
