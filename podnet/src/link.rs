@@ -129,3 +129,16 @@ pub fn delete(name: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_that_is_not_a_bridge_is_refused() {
+        // Every network namespace has lo; no privilege is needed to look at it.
+        let err = check_bridge("lo").unwrap_err();
+        assert!(matches!(err, PodNetError::NotABridge { .. }), "{err}");
+        assert!(check_bridge("crib-no-such").is_ok());
+    }
+}
