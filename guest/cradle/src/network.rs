@@ -212,10 +212,8 @@ impl Netlink {
         loop {
             let n = self.socket.recv(&mut &mut reply[..], 0).map_err(refused)?;
             let mut offset = 0;
-            while offset < n {
-                let Ok(answer) =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[offset..n])
-                else {
+            while let Some(rest) = reply.get(offset..n).filter(|r| !r.is_empty()) {
+                let Ok(answer) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest) else {
                     return Err(refused(std::io::Error::other("unreadable netlink reply")));
                 };
                 let len = answer.header.length as usize;
