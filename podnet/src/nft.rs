@@ -132,7 +132,17 @@ pub fn ensure_table() -> Result<(), PodNetError> {
     if run(&["list", "table", "inet", TABLE], None).is_ok() {
         return Ok(());
     }
-    run(&["-f", "-"], Some(&base_script())).map(drop)
+    run(&["-f", "-"], Some(&base_script())).map(drop).map_err(|e| match e {
+        PodNetError::Command { command, stderr } if stderr.contains("No such file or directory") => {
+            PodNetError::Command {
+                command,
+                stderr: format!(
+                    "{stderr}\n(the kernel lacks an nftables module: modprobe nft_chain_nat nft_nat nft_masq nft_ct nft_fib_inet)"
+                ),
+            }
+        }
+        other => other,
+    })
 }
 
 /// Whether chain `name` exists in the table.

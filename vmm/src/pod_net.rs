@@ -85,6 +85,16 @@ pub fn attach(
         queues: 1,
         bandwidth: None,
         ops: None,
+        addresses: [
+            Some(format!("{}/{}", state.address, state.prefix_len)),
+            state
+                .address6
+                .zip(state.prefix6_len)
+                .map(|(a, l)| format!("{a}/{l}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     }];
     let write = |path: PathBuf, value: &Value| {
         std::fs::write(&path, format!("{value:#}\n"))

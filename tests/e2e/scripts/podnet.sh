@@ -46,9 +46,10 @@ launch() { # name, launch json
   "$CRIB" pod run "$work/$1.json" --run-root "$root" > "$work/$1.out" 2>&1 &
   pids+=($!)
 }
-stop() { "$CRIB" pod stop "$1" --timeout 20 --run-root "$root" >/dev/null 2>&1; }
+stop() { timeout 60 "$CRIB" pod stop "$1" --timeout 20 --run-root "$root" >/dev/null 2>&1; }
+say() { echo "podnet: $*"; }
 
-for m in bridge tun veth nf_tables nft_nat nft_fib_inet nft_chain_nat; do modprobe -q "$m" 2>/dev/null; done
+for m in bridge tun veth nf_tables nf_conntrack nf_nat nft_chain_nat nft_nat nft_masq nft_ct nft_fib nft_fib_inet nft_fib_ipv4 nft_fib_ipv6; do modprobe -q "$m" 2>/dev/null; done
 ip link set lo up
 
 # --- the world around the pods --------------------------------------------------
@@ -77,6 +78,7 @@ ip addr add 10.88.0.1/16 dev crib0 && ip link set crib0 up
 dnsmasq --conf-file=/dev/null --user=root --listen-address=10.88.0.1 --bind-interfaces \
   --no-resolv --no-hosts --address=/example.test/10.9.8.7 --pid-file="$work/dnsmasq.pid"
 
+say "launching pods web and peer"
 # --- two pods ------------------------------------------------------------------
 client='exec >/dev/console 2>&1
 try() { n=0; while [ $n -lt 60 ]; do r=$(wget -q -T 3 -O - "$2" 2>/dev/null) && { echo "$1 $r"; return; }; n=$((n+1)); sleep 1; done; echo "$1 FAILED"; }
@@ -104,6 +106,7 @@ launch peer '{"pod": {"name": "peer", "lifetime": "until-shutdown", "processes":
   "memory": "256M", "network": {"address": "10.88.0.51"}}'
 
 if wait_listed web 180 && wait_listed peer 180; then pass "two pods run"; else fail "two pods run" "$(cat "$work"/web.out "$work"/peer.out)"; fi
+say "waiting for web's client"
 wait_console "$root/web/console.log" 240 CLIENT-DONE || fail "web client finished" "no CLIENT-DONE"
 wait_console "$root/peer/console.log" 120 "PEER " || true
 console=$(tr -d '\r' < "$root/web/console.log")
@@ -143,17 +146,23 @@ stop web
 cp "$root/web/console.log" "$out/podnet-web-console.log" 2>/dev/null
 cp "$root/peer/console.log" "$out/podnet-peer-console.log" 2>/dev/null
 
+say "launching ten pods"
 # --- ten pods at once ------------------------------------------------------------
 for i in $(seq 0 9); do
   launch "p$i" '{"pod": {"name": "p'"$i"'", "lifetime": "until-shutdown", "processes": [
     {"name": "idle", "argv": ["/bin/sh", "-c", "while true; do sleep 10; done"]}]}, "memory": "128M"}'
 done
 up=0
-for i in $(seq 0 9); do wait_listed "p$i" 300 && up=$((up + 1)); done
+deadline=$((SECONDS + 400))
+for i in $(seq 0 9); do wait_listed "p$i" $((deadline > SECONDS ? deadline - SECONDS : 1)) && up=$((up + 1)); done
 addrs=$("$CRIB" pod ls --run-root "$root" | awk '$1 ~ /^p[0-9]$/ {print $4}' | sort -u | wc -l)
 if [[ $up == 10 && $addrs == 10 ]]; then pass "ten pods at once get ten addresses"; else fail "ten pods at once get ten addresses" "$up up, $addrs distinct: $("$CRIB" pod ls --run-root "$root")"; fi
+say "stopping ten pods"
 for i in $(seq 0 9); do stop "p$i" & done
-wait "${pids[@]}" 2>/dev/null
+for pid in "${pids[@]}"; do
+  for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  kill -0 "$pid" 2>/dev/null && { fail "pod ended" "crib pid $pid still runs"; kill -9 "$pid"; }
+done
 
 # --- nothing left ----------------------------------------------------------------
 sleep 1
