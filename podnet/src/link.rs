@@ -62,6 +62,7 @@ pub fn ensure_bridge(state: &PodNetState) -> Result<(), PodNetError> {
     let bridge = state.bridge.as_str();
     check_bridge(bridge)?;
     if !exists(bridge) {
+        modprobe(&["bridge", "tun"]);
         ip(&["link", "add", "name", bridge, "type", "bridge"])?;
     }
     let wanted = format!("{}/{}", state.gateway, state.prefix_len);
@@ -119,6 +120,18 @@ pub fn create_tap(state: &PodNetState) -> Result<(), PodNetError> {
         "up",
     ])
     .map(drop)
+}
+
+/// Loads kernel `modules` with `modprobe -q -a`, best effort: a module built into the
+/// kernel, or a host without modprobe, is not an error here (the step that needs the
+/// module says so).
+pub fn modprobe(modules: &[&str]) {
+    let _ = Command::new("modprobe")
+        .args(["-q", "-a"])
+        .args(modules)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
 }
 
 /// Deletes interface `name` if it exists (logged if that fails).

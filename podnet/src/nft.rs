@@ -19,6 +19,18 @@ use std::process::{Command, Stdio};
 
 use crate::{PodNetError, PodNetState};
 
+/// The kernel modules table `inet crib` needs (absent ones are fine: built in).
+const NFT_MODULES: &[&str] = &[
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_ct",
+    "nft_fib_inet",
+    "nft_fib_ipv4",
+    "nft_fib_ipv6",
+];
+
 /// The table, in family `inet` (IPv4 and IPv6).
 pub const TABLE: &str = "crib";
 
@@ -132,6 +144,9 @@ pub fn ensure_table() -> Result<(), PodNetError> {
     if run(&["list", "table", "inet", TABLE], None).is_ok() {
         return Ok(());
     }
+    // The kernel loads these on demand, but only if its modprobe helper can find them
+    // (not from a chroot or a container, for example): load them first.
+    crate::link::modprobe(NFT_MODULES);
     run(&["-f", "-"], Some(&base_script())).map(drop).map_err(|e| match e {
         PodNetError::Command { command, stderr } if stderr.contains("No such file or directory") => {
             PodNetError::Command {

@@ -1386,6 +1386,36 @@ mod tests {
     }
 
     #[test]
+    fn network_defaults_on_and_none_turns_it_off() {
+        let launch = parse(r#"{"pod": {"name": "p"}}"#).unwrap();
+        let plan = launch.network.unwrap();
+        assert_eq!((plan.bridge.as_str(), plan.mtu), ("crib0", 1500));
+        let launch = parse(r#"{"pod": {"name": "p"}, "network": "none"}"#).unwrap();
+        assert_eq!(launch.network, None);
+    }
+
+    #[test]
+    fn bad_network_names_the_field() {
+        let err =
+            parse(r#"{"pod": {"name": "p"}, "network": {"subnet": "10.0.0.0/33"}}"#).unwrap_err();
+        assert!(err.to_string().contains("network.subnet"), "{err}");
+        let err = parse(r#"{"pod": {"name": "p"}, "network": {"ports": ["http"]}}"#).unwrap_err();
+        assert!(err.to_string().contains("network.ports[0]"), "{err}");
+    }
+
+    #[test]
+    fn spec_network_with_host_networking_is_refused() {
+        let err =
+            parse(r#"{"pod": {"name": "p", "network": {"address": "10.0.0.2/8"}}}"#).unwrap_err();
+        assert!(matches!(err, PodError::SpecNetwork { .. }), "{err}");
+        // With "none" the spec's own network is the caller's business (a tap of its own).
+        assert!(parse(
+            r#"{"pod": {"name": "p", "network": {"address": "10.0.0.2/8"}}, "network": "none"}"#
+        )
+        .is_ok());
+    }
+
+    #[test]
     fn long_run_dir_is_refused() {
         let launch = parse(r#"{"pod": {"name": "p"}}"#).unwrap();
         let root = PathBuf::from(format!("/{}", "r".repeat(100)));

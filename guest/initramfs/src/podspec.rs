@@ -1442,4 +1442,51 @@ mod tests {
         assert_eq!(Filesystem::default(), Filesystem::Ext4);
         assert_eq!(Filesystem::Xfs.to_string(), "xfs");
     }
+
+    #[test]
+    fn network_parses_and_gives_addresses() {
+        let spec = parse(
+            r#"{"name": "p", "network": {"address": "10.88.0.2/16", "gateway": "10.88.0.1",
+                "address6": "fd63:7269:6200::2/64", "mtu": 1400, "nameservers": ["10.88.0.1"]}}"#,
+        )
+        .unwrap();
+        let net = spec.network.unwrap();
+        assert_eq!(net.ipv4(), Some(("10.88.0.2".parse().unwrap(), 16)));
+        assert_eq!(net.ipv6().map(|(_, l)| l), Some(64));
+    }
+
+    #[test]
+    fn network_bad_values_name_the_field() {
+        for (json, field) in [
+            (r#"{"address": "10.88.0.2"}"#, "network.address"),
+            (r#"{"address": "10.88.0.2/33"}"#, "network.address"),
+            (
+                r#"{"address": "10.0.0.2/8", "gateway": "x"}"#,
+                "network.gateway",
+            ),
+            (
+                r#"{"address": "10.0.0.2/8", "address6": "fd00::2"}"#,
+                "network.address6",
+            ),
+            (
+                r#"{"address": "10.0.0.2/8", "gateway6": "10.0.0.1"}"#,
+                "network.gateway6",
+            ),
+            (r#"{"address": "10.0.0.2/8", "mtu": 100}"#, "network.mtu"),
+            (
+                r#"{"address": "10.0.0.2/8", "nameservers": ["a"]}"#,
+                "network.nameservers[0]",
+            ),
+            (
+                r#"{"address": "10.0.0.2/8", "search": ["a b"]}"#,
+                "network.search[0]",
+            ),
+        ] {
+            let error = parse(&format!(r#"{{"name": "p", "network": {json}}}"#)).unwrap_err();
+            assert!(
+                matches!(&error, PodSpecError::InvalidNetwork { field: f, .. } if f == field),
+                "{json}: {error}"
+            );
+        }
+    }
 }
