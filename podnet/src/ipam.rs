@@ -1,6 +1,6 @@
-//! Address leases: one file per leased IPv4 address under `<run root>/.net/leases/`,
+//! Address leases: one file per leased IPv4 address under `<net dir>/leases/`,
 //! holding the pod's whole [`PodNetState`]. Every change happens under an exclusive
-//! `flock` of `<run root>/.net/lock`, so concurrent launches never get the same address
+//! `flock` of `<net dir>/lock`, so concurrent launches never get the same address
 //! or host port. A pod's IPv6 address has the same host number as its IPv4 one.
 //!
 //! A lease outlives a `crib pod run` killed with `kill -9`; the caller's `reclaim`
@@ -196,9 +196,9 @@ impl Ipam {
             pod: pod.to_string(),
             run_dir: run_dir.to_path_buf(),
             bridge: plan.bridge.clone(),
-            tap: ident::tap_name(pod),
-            chain: ident::chain_name(pod),
-            mac: ident::format_mac(ident::mac(pod)),
+            tap: ident::tap_name(run_dir),
+            chain: ident::chain_name(pod, run_dir),
+            mac: ident::format_mac(ident::mac(run_dir)),
             mtu: plan.mtu,
             subnet: subnet.to_string(),
             address,

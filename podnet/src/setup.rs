@@ -11,29 +11,40 @@ use crate::config::host_nameservers;
 use crate::ipam::Ipam;
 use crate::{link, nft, NetPlan, PodNetError, PodNetState};
 
-/// The IPAM's directory under the run root (no pod name starts with a dot).
-pub const NET_DIR: &str = ".net";
+/// Overrides the IPAM's directory.
+pub const NET_DIR_ENV: &str = "CRIB_NET_DIR";
+/// The IPAM's directory: one per host, whatever the run root, as the bridge and the
+/// nft table are (pod names never start with a dot).
+pub const DEFAULT_NET_DIR: &str = "/run/crib/.net";
 /// The lock file in a pod's run directory that its `crib pod run` holds (vmm's
 /// `pod::LOCK_FILE`).
 pub const OWNER_LOCK_FILE: &str = "lock";
 /// Where the host's nameservers are read.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
-/// The IPAM of run root `root`.
-pub fn ipam(root: &Path) -> Ipam {
-    Ipam::new(&root.join(NET_DIR))
+/// The IPAM's directory: `$CRIB_NET_DIR`, else [`DEFAULT_NET_DIR`].
+pub fn net_dir() -> PathBuf {
+    std::env::var_os(NET_DIR_ENV)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_NET_DIR))
+}
+
+/// The IPAM kept in `net_dir`.
+pub fn ipam(net_dir: &Path) -> Ipam {
+    Ipam::new(net_dir)
 }
 
 /// Builds pod `pod`'s network: leases its addresses, makes sure the bridge and the
 /// table exist, creates its tap and its nft chain. Everything is undone on error.
 pub fn up(
-    root: &Path,
+    net_dir: &Path,
     pod: &str,
     run_dir: &Path,
     plan: &NetPlan,
 ) -> Result<PodNetState, PodNetError> {
     link::check_bridge(&plan.bridge)?;
-    let ipam = ipam(root);
+    let ipam = ipam(net_dir);
     let lock = ipam.lock()?;
     let nameservers = match &plan.dns {
         Some(list) => list.clone(),
@@ -58,9 +69,9 @@ pub fn up(
 }
 
 /// Removes pod `state`'s network: chain and map elements, tap, lease.
-pub fn down(root: &Path, state: &PodNetState) {
+pub fn down(net_dir: &Path, state: &PodNetState) {
     teardown(state);
-    ipam(root).release(state);
+    ipam(net_dir).release(state);
 }
 
 /// Removes the chain and the tap; missing ones are fine.
@@ -73,9 +84,10 @@ fn teardown(state: &PodNetState) {
     link::delete(&state.tap);
 }
 
-/// Tears down every stale lease under `root` (see [`up`]); returns the pods swept.
-pub fn sweep(root: &Path) -> Result<Vec<String>, PodNetError> {
-    let ipam = ipam(root);
+/// Tears down every stale lease in `root`, the IPAM's directory (see [`up`]); returns
+/// the pods swept.
+pub fn sweep(net_dir: &Path) -> Result<Vec<String>, PodNetError> {
+    let ipam = ipam(net_dir);
     let lock = ipam.lock()?;
     let mut swept = Vec::new();
     for lease in ipam.leases(&lock)? {

@@ -101,17 +101,15 @@ enum PodCommand {
     },
     /// Remove the networks that pods killed with `kill -9` left (taps, nft chains,
     /// address leases); `crib pod run` does it too.
-    NetSweep {
-        #[command(flatten)]
-        root: RunRootArg,
-    },
+    NetSweep,
     /// Internal: spawned by `crib pod run`, removes the pod's network once crib ends.
     #[command(hide = true)]
     NetKeeper {
         #[arg(value_name = "LEASE")]
         lease: PathBuf,
-        #[command(flatten)]
-        root: RunRootArg,
+        /// The IPAM's directory.
+        #[arg(value_name = "NET_DIR")]
+        net_dir: PathBuf,
     },
 }
 
@@ -419,7 +417,7 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
         }
         let lock = prepared.create_run_dir(&root, &launch, &guest_dir)?;
         let mut prepared = prepared;
-        let network = vmm::pod_net::attach(&mut prepared, &launch, &root, lock.raw_fd())?;
+        let network = vmm::pod_net::attach(&mut prepared, &launch, lock.raw_fd())?;
         Ok((prepared, lock, network))
     });
     let (prepared, _lock, network) = match prepared {
@@ -458,21 +456,17 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
 fn pod_command(command: PodCommand, start: Instant) -> u8 {
     let result = match command {
         PodCommand::Run { file, root } => return pod_run(&file, root.run_root.as_deref(), start),
-        PodCommand::NetSweep { root } => {
-            podnet::setup::sweep(&pod::run_root(root.run_root.as_deref()))
-                .map(|pods| {
-                    for pod in pods {
-                        println!("removed the network of pod {pod}");
-                    }
-                })
-                .map_err(|source| pod::PodError::Network {
-                    name: "(sweep)".into(),
-                    source,
-                })
-        }
-        PodCommand::NetKeeper { lease, root } => {
-            vmm::pod_net::keep(&pod::run_root(root.run_root.as_deref()), &lease)
-        }
+        PodCommand::NetSweep => podnet::setup::sweep(&podnet::setup::net_dir())
+            .map(|pods| {
+                for pod in pods {
+                    println!("removed the network of pod {pod}");
+                }
+            })
+            .map_err(|source| pod::PodError::Network {
+                name: "(sweep)".into(),
+                source,
+            }),
+        PodCommand::NetKeeper { lease, net_dir } => vmm::pod_net::keep(&net_dir, &lease),
         PodCommand::Ls { root } => pod::list(&pod::run_root(root.run_root.as_deref()))
             .map(|pods| print!("{}", pod::format_list(&pods))),
         PodCommand::Stop {

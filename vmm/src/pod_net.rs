@@ -54,12 +54,13 @@ pub fn guest_network(state: &PodNetState) -> Value {
 pub fn attach(
     prepared: &mut PreparedPod,
     launch: &Launch,
-    root: &Path,
     lock_fd: RawFd,
 ) -> Result<Option<PodNetwork>, PodError> {
     let Some(plan) = &launch.network else {
         return Ok(None);
     };
+    let net_dir = podnet::setup::net_dir();
+    let root = net_dir.as_path(); // the IPAM's directory
     let state =
         podnet::setup::up(root, &prepared.name, &prepared.run_dir, plan).map_err(|source| {
             PodError::Network {
@@ -123,9 +124,8 @@ fn spawn_keeper(root: &Path, lease: &Path, lock_fd: RawFd) -> std::io::Result<Ch
     command
         .arg("pod")
         .arg("net-keeper")
-        .arg("--run-root")
-        .arg(root)
         .arg(lease)
+        .arg(root)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .process_group(0);
@@ -143,7 +143,7 @@ fn spawn_keeper(root: &Path, lease: &Path, lock_fd: RawFd) -> std::io::Result<Ch
     command.spawn()
 }
 
-/// `crib pod net-keeper LEASE`: waits until standard input closes (crib ended), then
+/// `crib pod net-keeper LEASE NET_DIR`: waits until standard input closes (crib ended), then
 /// removes the network of the lease.
 pub fn keep(root: &Path, lease: &Path) -> Result<(), PodError> {
     let read_err = |source| PodError::ReadFile {

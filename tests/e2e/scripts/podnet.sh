@@ -11,6 +11,7 @@ set -uo pipefail
 CRIB=${CRIB:-$(cd "$(dirname "$0")/../../.." && pwd)/target/debug/crib}
 work=$(mktemp -d /tmp/podnet.XXXXXX)
 root=$work/run
+netdir=${CRIB_NET_DIR:-/run/crib/.net}
 out=${LAB_OUT:-$work}
 failed=0
 pids=()
@@ -140,8 +141,9 @@ peer_tap=$(sed -n 's/.*"tap": "\([^"]*\)".*/\1/p' "$root/peer/info.json" | head 
 kill -9 "$crib_pid"
 for i in $(seq 50); do ip link show "$peer_tap" >/dev/null 2>&1 || break; sleep 0.2; done
 if ip link show "$peer_tap" >/dev/null 2>&1; then fail "kill -9: tap removed" "$peer_tap is still there"; else pass "kill -9: tap removed"; fi
-if [[ -e $root/.net/leases/10.88.0.51.json ]]; then fail "kill -9: lease released" "10.88.0.51 still leased"; else pass "kill -9: lease released"; fi
+if [[ -e $netdir/leases/10.88.0.51.json ]]; then fail "kill -9: lease released" "10.88.0.51 still leased"; else pass "kill -9: lease released"; fi
 
+web_tap=$(sed -n 's/.*"tap": "\([^"]*\)".*/\1/p' "$root/web/info.json" | head -1)
 stop web
 cp "$root/web/console.log" "$out/podnet-web-console.log" 2>/dev/null
 cp "$root/peer/console.log" "$out/podnet-peer-console.log" 2>/dev/null
@@ -166,12 +168,16 @@ done
 
 # --- nothing left ----------------------------------------------------------------
 sleep 1
-taps=$(ip -o link | grep -c ': crib[0-9a-f]\{8\}')
-chains=$(nft list table inet crib | grep -c 'chain pod-')
-elements=$(nft list map inet crib ports | grep -c 'jump')
-leases=$(ls "$root/.net/leases" | wc -l)
+# Only this test's pods: other tests may run pods meanwhile.
+taps=0
+for tap in "$web_tap" $(cat "$root"/p*/info.json | sed -n 's/.*"tap": "\([^"]*\)".*/\1/p'); do
+  ip link show "$tap" >/dev/null 2>&1 && taps=$((taps + 1))
+done
+chains=$(nft list table inet crib | grep -cE 'chain pod-(web|peer|p[0-9])-[0-9a-f]{8} ')
+elements=$(nft list map inet crib ports | grep -c 'tcp . 8080')
+leases=$(grep -l "$root" "$netdir"/leases/*.json 2>/dev/null | wc -l)
 if [[ $taps == 0 && $chains == 0 && $elements == 0 && $leases == 0 ]]; then pass "teardown leaves no tap, rule or lease"
-else fail "teardown leaves no tap, rule or lease" "taps $taps chains $chains elements $elements leases $leases: $(ip -o link; nft list table inet crib; ls $root/.net/leases)"; fi
+else fail "teardown leaves no tap, rule or lease" "taps $taps chains $chains elements $elements leases $leases: $(ip -o link; nft list table inet crib; ls "$netdir"/leases)"; fi
 
 if [[ $failed != 0 ]]; then
   echo "--- web console"; tail -40 "$root/web/console.log"
