@@ -53,7 +53,7 @@ pub enum PodNetError {
         found: String,
         wanted: String,
     },
-    #[error("cannot use the address leases in {path}")]
+    #[error("cannot use the address leases in {path}: pod networking needs root (or set $CRIB_NET_DIR to a directory you can write, with CAP_NET_ADMIN), or set \"network\": \"none\" in the launch file")]
     Lease {
         path: PathBuf,
         #[source]
