@@ -169,3 +169,44 @@ pub fn keep(root: &Path, lease: &Path) -> Result<(), PodError> {
     podnet::setup::down(root, &state);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use initramfs::podspec::PodSpec;
+
+    fn state() -> PodNetState {
+        PodNetState {
+            pod: "web".into(),
+            run_dir: "/run/crib/web".into(),
+            bridge: "crib0".into(),
+            tap: "crib00000001".into(),
+            chain: "pod-web-00000001".into(),
+            mac: "02:00:00:00:00:01".into(),
+            mtu: 1400,
+            subnet: "10.88.0.0/16".into(),
+            address: "10.88.0.2".parse().unwrap(),
+            prefix_len: 16,
+            gateway: "10.88.0.1".parse().unwrap(),
+            subnet6: Some("fd63:7269:6200::/64".into()),
+            address6: Some("fd63:7269:6200::2".parse().unwrap()),
+            prefix6_len: Some(64),
+            gateway6: Some("fd63:7269:6200::1".parse().unwrap()),
+            ports: vec![],
+            nameservers: vec!["192.0.2.53".parse().unwrap()],
+            search: vec![],
+        }
+    }
+
+    #[test]
+    fn guest_network_is_a_valid_spec_network() {
+        let mut spec = json!({"name": "web"});
+        spec["network"] = guest_network(&state());
+        let spec = PodSpec::from_json(spec.to_string().as_bytes()).unwrap();
+        let net = spec.network.unwrap();
+        assert_eq!(net.address, "10.88.0.2/16");
+        assert_eq!(net.address6.as_deref(), Some("fd63:7269:6200::2/64"));
+        assert_eq!(net.gateway6.as_deref(), Some("fd63:7269:6200::1"));
+        assert_eq!((net.mtu, net.nameservers.len()), (Some(1400), 1));
+    }
+}
