@@ -14,7 +14,7 @@ runs=${RUNS:-5}
 for m in bridge tun veth nf_tables nf_conntrack nf_nat nft_chain_nat nft_nat nft_masq nft_ct nft_fib nft_fib_inet nft_fib_ipv4 nft_fib_ipv6; do modprobe -q "$m" 2>/dev/null; done
 ip link set lo up
 
-wait_http() { for _ in $(seq 300); do busybox wget -q -T 2 -O /dev/null "$1" 2>/dev/null && return 0; sleep 0.5; done; return 1; }
+wait_http() { for _ in $(seq 300); do timeout 5 busybox wget -q -O /dev/null "$1" 2>/dev/null && return 0; sleep 0.5; done; return 1; }
 wrk_line() { # label url
   local out
   out=$(wrk -t2 -c16 -d10s --latency "$2" 2>&1)

@@ -24,7 +24,7 @@ check() { # name, expected substring, command...
   got=$("$@" 2>&1)
   if [[ $got == *"$want"* ]]; then pass "$name"; else fail "$name" "wanted '$want', got: ${got:0:300}"; fi
 }
-fetch() { busybox wget -q -T 5 -O - "$1"; }
+fetch() { timeout 10 busybox wget -q -O - "$1"; }
 # Waits up to $2 s for console $1 to contain $3.
 wait_console() {
   local i
@@ -82,7 +82,7 @@ dnsmasq --conf-file=/dev/null --user=root --listen-address=10.88.0.1 --bind-inte
 say "launching pods web and peer"
 # --- two pods ------------------------------------------------------------------
 client='exec >/dev/console 2>&1
-try() { n=0; while [ $n -lt 60 ]; do r=$(wget -q -T 3 -O - "$2" 2>/dev/null) && { echo "$1 $r"; return; }; n=$((n+1)); sleep 1; done; echo "$1 FAILED"; }
+try() { n=0; while [ $n -lt 60 ]; do r=$(timeout 10 wget -q -O - "$2" 2>/dev/null) && { echo "$1 $r"; return; }; n=$((n+1)); sleep 1; done; echo "$1 FAILED"; }
 '
 web_client="$client"'try POD-TO-HOST http://10.88.0.1:9000/
 try POD-TO-REMOTE http://10.200.0.2:9000/
@@ -121,8 +121,8 @@ check "host -> pod address" hello-from-web fetch http://10.88.0.50/
 check "host -> pod IPv6 address" hello-from-web fetch "http://[fd63:7269:6200::50]/"
 check "host -> published port on 127.0.0.1" hello-from-web fetch http://127.0.0.1:8080/
 check "host -> published port on its own address" hello-from-web fetch http://10.201.0.1:8080/
-check "other host -> published port" hello-from-web ip netns exec other busybox wget -q -T 5 -O - http://10.201.0.1:8080/
-check "other host -> published port over IPv6" hello-from-web ip netns exec other busybox wget -q -T 5 -O - "http://[fd00:201::1]:8080/"
+check "other host -> published port" hello-from-web ip netns exec other timeout 10 busybox wget -q -O - http://10.201.0.1:8080/
+check "other host -> published port over IPv6" hello-from-web ip netns exec other timeout 10 busybox wget -q -O - "http://[fd00:201::1]:8080/"
 check "pod -> host" "POD-TO-HOST hello-from-host" con
 check "pod -> remote through NAT" "POD-TO-REMOTE hello-from-remote" con
 check "pod -> host over IPv6" "POD6-TO-HOST hello-from-host" con
