@@ -15,12 +15,25 @@ use crib_tests::{crib_bin, repo_root, GuestArtifacts};
 use crate::TestFn;
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
-    vec![("linux_net_pod_end_to_end", end_to_end)]
+    vec![
+        ("linux_net_pod_end_to_end", end_to_end),
+        ("linux_net_pod_host_side", host_side),
+    ]
 }
 
 fn end_to_end() -> Result<()> {
     GuestArtifacts::pod()?;
-    let script = repo_root().join("tests/e2e/scripts/podnet.sh");
+    run_script("tests/e2e/scripts/podnet.sh")
+}
+
+/// The host side alone, a network namespace standing in for the pod (no KVM needed, but
+/// root): tests/e2e/scripts/podnet-host.sh.
+fn host_side() -> Result<()> {
+    run_script("tests/e2e/scripts/podnet-host.sh")
+}
+
+fn run_script(path: &str) -> Result<()> {
+    let script = repo_root().join(path);
     let out = Command::new("bash")
         .arg(&script)
         .env("CRIB", crib_bin())
