@@ -132,8 +132,9 @@ check "hosts lists the pod and its processes" "10.88.0.50	web httpd client" con
 check "MTU from the launch file" "MTU 1400" con
 check "hostname is the pod's name" "HOSTNAME web" con
 check "pod -> pod by address" "PEER hello-from-web" printf '%s\n' "$peer_console"
+echo '{"pod": {"name": "thief"}, "network": {"ports": ["8080:81"]}}' > "$work/thief.json"
 check "the published port of a running pod is refused" "already published by pod web" \
-  "$CRIB" pod run <(echo '{"pod": {"name": "thief"}, "network": {"ports": ["8080:81"]}}') --run-root "$root"
+  "$CRIB" pod run "$work/thief.json" --run-root "$root"
 
 # --- kill -9: the keeper removes the network --------------------------------------
 crib_pid=$(sed -n 's/.*"pid": \([0-9]*\).*/\1/p' "$root/peer/info.json" | head -1)
