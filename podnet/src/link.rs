@@ -93,23 +93,6 @@ pub fn ensure_bridge(state: &PodNetState) -> Result<(), PodNetError> {
         }
         write_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
     }
-    // With multicast snooping the bridge forwards IPv6 neighbour solicitations only to
-    // ports that reported the solicited-node group; a guest's report can be missed
-    // (the lab saw the host's first IPv6 connection to a pod fail with "no route to
-    // host"). Pods are few per bridge: flood multicast.
-    let details = ip(&["-j", "-d", "link", "show", "dev", bridge])?;
-    if details.contains("\"mcast_snooping\":1") {
-        ip(&[
-            "link",
-            "set",
-            "dev",
-            bridge,
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
-    }
     ip(&["link", "set", "dev", bridge, "up"])?;
     write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
     write_sysctl(

@@ -118,7 +118,9 @@ check "crib pod ls shows the address" "10.88.0.50" "$CRIB" pod ls --run-root "$r
 check "info.json has the network" '"address": "10.88.0.50"' cat "$root/web/info.json"
 for i in $(seq 60); do fetch http://10.88.0.50/ >/dev/null 2>&1 && break; sleep 1; done
 check "host -> pod address" hello-from-web fetch http://10.88.0.50/
-check "host -> pod IPv6 address" hello-from-web fetch "http://[fd63:7269:6200::50]/"
+# 10.88.0.50 is host number 50 = 0x32 of the /16, so ::32 of the /64.
+check "info.json has the IPv6 address" '"address6": "fd63:7269:6200::32"' cat "$root/web/info.json"
+check "host -> pod IPv6 address" hello-from-web fetch "http://[fd63:7269:6200::32]/"
 check "host -> published port on 127.0.0.1" hello-from-web fetch http://127.0.0.1:8080/
 check "host -> published port on its own address" hello-from-web fetch http://10.201.0.1:8080/
 check "other host -> published port" hello-from-web ip netns exec other timeout 10 busybox wget -q -O - http://10.201.0.1:8080/
