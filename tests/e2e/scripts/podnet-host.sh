@@ -54,11 +54,11 @@ ip link add fpv0 type veth peer name fpv1 && ip link set fpv1 netns $pod && ip l
 in_ns $pod sh -c 'ip link set lo up; ip link set fpv1 up; ip addr add 10.88.0.2/16 dev fpv1
   ip -6 addr add fd63:7269:6200::2/64 dev fpv1 nodad; ip route add default via 10.88.0.1
   ip -6 route add default via fd63:7269:6200::1'
-in_ns $pod busybox httpd -p 80 -h "$work/www"
+nsenter -t $pod -n busybox httpd -f -p 80 -h "$work/www" & httpd1=$!
 ip link add rv0 type veth peer name rv1 && ip link set rv1 netns $remote
 ip addr add 10.200.0.1/24 dev rv0 && ip link set rv0 up
 in_ns $remote sh -c 'ip link set lo up; ip link set rv1 up; ip addr add 10.200.0.2/24 dev rv1'
-in_ns $remote busybox httpd -p 10.200.0.2:9000 -h "$work/wwwr"
+nsenter -t $remote -n busybox httpd -f -p 10.200.0.2:9000 -h "$work/wwwr" & httpd2=$!
 ip link add ov0 type veth peer name ov1 && ip link set ov1 netns $other
 ip addr add 10.201.0.1/24 dev ov0 && ip -6 addr add fd00:201::1/64 dev ov0 nodad && ip link set ov0 up
 in_ns $other sh -c 'ip link set lo up; ip link set ov1 up; ip addr add 10.201.0.2/24 dev ov1
@@ -99,6 +99,6 @@ taps=$(ip -o link | grep -c ': crib[0-9a-f]\{8\}')
 chains=$(nft list table inet crib | grep -c 'chain pod-')
 leases=$(ls "$CRIB_NET_DIR/leases" | wc -l)
 if [[ $taps == 0 && $chains == 0 && $leases == 0 ]]; then pass "nothing left"; else fail "nothing left" "taps $taps chains $chains leases $leases"; fi
-kill $pod $remote $other 2>/dev/null
+kill $httpd1 $httpd2 $pod $remote $other 2>/dev/null
 rm -rf "$work"
 exit $failed
