@@ -13,6 +13,9 @@ packages=(
   debootstrap       # scripts/build-marketplace-image.sh (the marketplace VM image)
   acpica-tools      # iasl: a unit test disassembles crib's DSDT
   iperf3            # crib-bench net: TCP throughput host <-> marketplace guest
+  iproute2 nftables # pod networking (podnet/): bridge, taps, NAT and published ports
+  dnsmasq-base      # the pod-network e2e test's DNS server
+  wrk               # docs/BENCHMARKS.md: HTTP req/s against a pod
   socat             # vsock peer in the guest for the vsock e2e tests (chrooted)
   nvme-cli          # the VFIO test gives an SR-IOV VF of the lab's NVMe its resources
   libseccomp-dev libcap-ng-dev  # to build virtiofsd (scripts/install-virtiofsd.sh)

@@ -52,6 +52,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             pod_volume_without_disk_is_refused,
         ),
         (
+            "cli_pod_bad_network_names_the_field",
+            pod_bad_network_names_the_field,
+        ),
+        (
             "cli_pod_launch_file_unknown_field_is_named",
             pod_launch_file_unknown_field_is_named,
         ),
@@ -290,6 +294,32 @@ fn pod_volume_without_disk_is_refused() -> Result<()> {
         &out,
         r#"pod.volumes[0] 'data' has no disk: add "disks": {"data": {"path": "IMAGE"}}"#,
     )
+}
+
+/// Bad network settings are refused before anything is set up (no root needed).
+fn pod_bad_network_names_the_field() -> Result<()> {
+    for (launch, message) in [
+        (
+            r#"{"pod": {"name": "web"}, "network": {"subnet": "10.88.0.0/33"}}"#,
+            "network.subnet",
+        ),
+        (
+            r#"{"pod": {"name": "web"}, "network": {"address": "192.0.2.9"}}"#,
+            "pick a host address of network.subnet 10.88.0.0/16",
+        ),
+        (
+            r#"{"pod": {"name": "web"}, "network": {"ports": ["8080:80/sctp"]}}"#,
+            "network.ports[0]",
+        ),
+        (
+            r#"{"pod": {"name": "web"}, "network": {"bridge": "a/b"}}"#,
+            "network.bridge",
+        ),
+    ] {
+        let out = pod_run("pod-bad-network.json", launch)?;
+        expect_error(&out, message)?;
+    }
+    Ok(())
 }
 
 fn pod_launch_file_unknown_field_is_named() -> Result<()> {

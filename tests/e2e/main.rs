@@ -18,6 +18,7 @@ mod marketplace;
 mod micro;
 mod net;
 mod pod;
+mod podnet;
 mod vfio;
 mod vsock;
 
@@ -228,6 +229,7 @@ fn main() {
         .chain(docker::tests())
         .chain(fs::tests())
         .chain(pod::tests())
+        .chain(podnet::tests())
         .chain(api::tests())
         .map(|(n, f)| trial(n, f))
         .collect();

@@ -159,6 +159,10 @@ pub struct NetConfig {
         deserialize_with = "de_optional_size"
     )]
     pub ops: Option<u64>,
+    /// The guest's addresses, shown by `GET /api/v1/vm` (`crib pod run` sets them from
+    /// the pod's address lease); informational, the device does not use them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
 }
 
 impl NetConfig {
@@ -984,6 +988,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
         queues: 1,
         bandwidth: None,
         ops: None,
+        addresses: Vec::new(),
     };
     let number = |key: &str, value: &str| {
         parse_size(value).ok_or_else(|| {

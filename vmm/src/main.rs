@@ -103,6 +103,18 @@ enum PodCommand {
         #[command(flatten)]
         root: RunRootArg,
     },
+    /// Remove the networks that pods killed with `kill -9` left (taps, nft chains,
+    /// address leases); `crib pod run` does it too.
+    NetSweep,
+    /// Internal: spawned by `crib pod run`, removes the pod's network once crib ends.
+    #[command(hide = true)]
+    NetKeeper {
+        #[arg(value_name = "LEASE")]
+        lease: PathBuf,
+        /// The IPAM's directory.
+        #[arg(value_name = "NET_DIR")]
+        net_dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -442,9 +454,11 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
             }
         }
         let lock = prepared.create_run_dir(&root, &launch, &guest_dir)?;
-        Ok((prepared, lock))
+        let mut prepared = prepared;
+        let network = vmm::pod_net::attach(&mut prepared, &launch, lock.raw_fd())?;
+        Ok((prepared, lock, network))
     });
-    let (prepared, _lock) = match prepared {
+    let (prepared, _lock, network) = match prepared {
         Ok(prepared) => prepared,
         Err(e) => {
             report(&e);
@@ -453,6 +467,18 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
     };
     for line in prepared.socket_lines() {
         print_stdout(&format!("{line}\n"));
+    }
+    if let Some(net) = &network {
+        let s = &net.state;
+        let v6 = s.address6.map(|a| format!(" {a}")).unwrap_or_default();
+        let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
+        print_stdout(&format!(
+            "network: {}{v6} on {} (tap {}, ports [{}])\n",
+            s.address,
+            s.bridge,
+            s.tap,
+            ports.join(", ")
+        ));
     }
     let recorder = prepared.exit_recorder();
     let code = run_vm(prepared.config.clone(), start);
@@ -466,6 +492,17 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
 fn pod_command(command: PodCommand, start: Instant) -> u8 {
     let result = match command {
         PodCommand::Run { file, root } => return pod_run(&file, root.run_root.as_deref(), start),
+        PodCommand::NetSweep => podnet::setup::sweep(&podnet::setup::net_dir())
+            .map(|pods| {
+                for pod in pods {
+                    print_stdout(&format!("removed the network of pod {pod}\n"));
+                }
+            })
+            .map_err(|source| pod::PodError::Network {
+                name: "(sweep)".into(),
+                source,
+            }),
+        PodCommand::NetKeeper { lease, net_dir } => vmm::pod_net::keep(&net_dir, &lease),
         PodCommand::Ls { root } => pod::list(&pod::run_root(root.run_root.as_deref()))
             .map(|pods| print_stdout(&pod::format_list(&pods))),
         PodCommand::Stop {

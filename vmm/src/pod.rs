@@ -146,6 +146,10 @@ pub struct LaunchFile {
     /// Default: `<run root>/<pod name>`.
     #[serde(default)]
     pub run_dir: Option<PathBuf>,
+    /// The pod's network (docs/NETWORK.md): `"none"`, or bridge, subnets, addresses,
+    /// ports, MTU, DNS; absent: every default.
+    #[serde(default)]
+    pub network: Option<Value>,
 }
 
 fn de_some_console<'de, D: serde::Deserializer<'de>>(
@@ -162,6 +166,8 @@ pub struct Launch {
     /// The spec exactly as given (fields this crib does not know are cradle's business).
     pub spec_json: Value,
     pub launch: LaunchFile,
+    /// The checked `network`; `None` for `"none"`.
+    pub network: Option<podnet::NetPlan>,
 }
 
 /// What a pod run uses: the VM and the run directory's paths.
@@ -307,6 +313,19 @@ pub enum PodError {
     },
     #[error("pod {name} did not stop within {waited:?} (its API still answers): try `crib pod stop {name} --force`")]
     StillRunning { name: String, waited: Duration },
+    #[error("launch file {path}: {source}")]
+    NetworkField {
+        path: PathBuf,
+        source: podnet::PodNetError,
+    },
+    #[error("launch file {path}: pod.network is cradle's, filled in by crib from the launch file's network: move the settings to the top-level \"network\" (docs/NETWORK.md)")]
+    SpecNetwork { path: PathBuf },
+    #[error("pod {name}: cannot set up its network")]
+    Network {
+        name: String,
+        #[source]
+        source: podnet::PodNetError,
+    },
 }
 
 fn where_in_json(field: &str) -> String {
@@ -433,6 +452,16 @@ impl LaunchFile {
                 .map_err(|problem| field_err(format!("shares.{tag}"), problem))?;
         }
 
+        let network = podnet::NetPlan::from_json(launch.network.as_ref()).map_err(|source| {
+            PodError::NetworkField {
+                path: file.clone(),
+                source,
+            }
+        })?;
+        if network.is_some() && launch.pod.get("network").is_some() {
+            return Err(PodError::SpecNetwork { path: file.clone() });
+        }
+
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() && !p.as_os_str().is_empty() {
@@ -461,6 +490,7 @@ impl LaunchFile {
             spec,
             spec_json: launch.pod.clone(),
             launch,
+            network,
         })
     }
 }
@@ -654,7 +684,33 @@ fn claim_run_dir(dir: &Path) -> Result<(), PodError> {
 /// A held `flock` on a run directory's lock file: released when crib exits.
 #[derive(Debug)]
 pub struct RunLock {
-    _file: std::fs::File,
+    file: std::fs::File,
+}
+
+impl RunLock {
+    /// The lock's descriptor (the network keeper inherits it).
+    pub fn raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+/// How long `crib pod run` waits for the lock that the pod's last network keeper
+/// holds while it removes the last run's network.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Takes `file`'s flock, waiting up to `wait`; false if someone else holds it.
+fn try_lock(file: &std::fs::File, wait: Duration) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        // SAFETY: flock on a descriptor `file` owns; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return true;
+        }
+        if start.elapsed() >= wait {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 impl PreparedPod {
@@ -702,10 +758,9 @@ impl PreparedPod {
             .write(true)
             .open(&lock_path)
             .map_err(write_err(&lock_path))?;
-        // SAFETY: flock on a descriptor this function owns; no memory is passed.
-        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if locked != 0 {
-            // Another `crib pod run` of this pod holds it (still starting up).
+        if !try_lock(&lock, LOCK_WAIT) {
+            // Another `crib pod run` of this pod holds it (still starting up), or its
+            // network keeper is stuck.
             return Err(PodError::AlreadyRunning {
                 name: self.name.clone(),
                 socket: api,
@@ -732,7 +787,7 @@ impl PreparedPod {
         let info_path = self.run_dir.join(INFO_FILE);
         let info = self.info(launch, guest_dir_note);
         std::fs::write(&info_path, format!("{info:#}\n")).map_err(write_err(&info_path))?;
-        Ok(RunLock { _file: lock })
+        Ok(RunLock { file: lock })
     }
 
     /// The state file's contents.
@@ -916,6 +971,20 @@ pub struct PodStatus {
     pub state: String,
     pub uptime_ms: u64,
     pub run_dir: PathBuf,
+    /// The pod's addresses (`10.88.0.2 fd63:7269:6200::2`), if it has a network.
+    pub addresses: Option<String>,
+}
+
+/// The addresses `info.json` in run directory `dir` records, space-separated.
+pub fn addresses(dir: &Path) -> Option<String> {
+    let info: Value = serde_json::from_slice(&std::fs::read(dir.join(INFO_FILE)).ok()?).ok()?;
+    let net = info.get("network")?;
+    let mut out = net.get("address")?.as_str()?.to_string();
+    if let Some(a6) = net.get("address6").and_then(Value::as_str) {
+        out.push(' ');
+        out.push_str(a6);
+    }
+    Some(out)
 }
 
 /// The pods under `root` whose API answers, by name.
@@ -948,6 +1017,7 @@ pub fn list(root: &Path) -> Result<Vec<PodStatus>, PodError> {
                 .unwrap_or("unknown")
                 .to_string(),
             uptime_ms: info.get("uptime_ms").and_then(Value::as_u64).unwrap_or(0),
+            addresses: addresses(&dir),
             run_dir: dir,
         });
     }
@@ -971,15 +1041,16 @@ pub fn format_uptime(ms: u64) -> String {
 /// The `crib pod ls` table.
 pub fn format_list(pods: &[PodStatus]) -> String {
     let mut out = format!(
-        "{:<24} {:<14} {:>10}  {}\n",
-        "NAME", "STATE", "UPTIME", "RUN DIR"
+        "{:<24} {:<14} {:>10}  {:<40} {}\n",
+        "NAME", "STATE", "UPTIME", "ADDRESSES", "RUN DIR"
     );
     for pod in pods {
         out.push_str(&format!(
-            "{:<24} {:<14} {:>10}  {}\n",
+            "{:<24} {:<14} {:>10}  {:<40} {}\n",
             pod.name,
             pod.state,
             format_uptime(pod.uptime_ms),
+            pod.addresses.as_deref().unwrap_or("-"),
             pod.run_dir.display()
         ));
     }
@@ -1032,7 +1103,12 @@ pub fn stop(
     let start = std::time::Instant::now();
     while start.elapsed() < waited {
         if UnixStream::connect(&socket).is_err() {
-            return Ok(exit_code(dir, EXIT_FILE_WAIT));
+            let code = exit_code(dir, EXIT_FILE_WAIT);
+            // The network keeper holds the lock until the pod's network is gone.
+            if let Ok(lock) = std::fs::File::open(dir.join(LOCK_FILE)) {
+                try_lock(&lock, EXIT_FILE_WAIT);
+            }
+            return Ok(code);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -1342,6 +1418,36 @@ mod tests {
             "{}",
             chain(&err)
         );
+    }
+
+    #[test]
+    fn network_defaults_on_and_none_turns_it_off() {
+        let launch = parse(r#"{"pod": {"name": "p"}}"#).unwrap();
+        let plan = launch.network.unwrap();
+        assert_eq!((plan.bridge.as_str(), plan.mtu), ("crib0", 1500));
+        let launch = parse(r#"{"pod": {"name": "p"}, "network": "none"}"#).unwrap();
+        assert_eq!(launch.network, None);
+    }
+
+    #[test]
+    fn bad_network_names_the_field() {
+        let err =
+            parse(r#"{"pod": {"name": "p"}, "network": {"subnet": "10.0.0.0/33"}}"#).unwrap_err();
+        assert!(err.to_string().contains("network.subnet"), "{err}");
+        let err = parse(r#"{"pod": {"name": "p"}, "network": {"ports": ["http"]}}"#).unwrap_err();
+        assert!(err.to_string().contains("network.ports[0]"), "{err}");
+    }
+
+    #[test]
+    fn spec_network_with_host_networking_is_refused() {
+        let err =
+            parse(r#"{"pod": {"name": "p", "network": {"address": "10.0.0.2/8"}}}"#).unwrap_err();
+        assert!(matches!(err, PodError::SpecNetwork { .. }), "{err}");
+        // With "none" the spec's own network is the caller's business (a tap of its own).
+        assert!(parse(
+            r#"{"pod": {"name": "p", "network": {"address": "10.0.0.2/8"}}, "network": "none"}"#
+        )
+        .is_ok());
     }
 
     #[test]

@@ -39,6 +39,7 @@ mod filesystems;
 mod module_dep;
 mod module_load;
 mod mounts;
+mod network;
 mod pod;
 mod power;
 mod power_button;
@@ -183,6 +184,16 @@ fn boot(
         filesystems::mount_all(&spec.filesystems, volumes)?;
         steps.mark("filesystems");
     }
+    if let Err(error) = network::configure(spec.as_ref()) {
+        // Not fatal: the processes may not need the network; the console says why.
+        say!("network: {error}");
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            say!("  caused by: {cause}");
+            source = cause.source();
+        }
+    }
+    steps.mark("network");
     if flags.debug {
         steps.print();
     }

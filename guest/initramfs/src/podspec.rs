@@ -131,6 +131,12 @@ pub enum PodSpecError {
         "{field}: {value:?} is not NAME=VALUE with a non-empty NAME; write it like \"HOME=/root\""
     )]
     InvalidEnv { field: String, value: String },
+    #[error("{field}: {value:?} is not valid; {fix}")]
+    InvalidNetwork {
+        field: String,
+        value: String,
+        fix: String,
+    },
 }
 
 /// A pod: its volumes, its shared filesystems and its processes.
@@ -153,6 +159,113 @@ pub struct PodSpec {
     /// only on the shutdown call of cradle's Docker API.
     #[serde(default, skip_serializing_if = "PodLifetime::is_default")]
     pub lifetime: PodLifetime,
+    /// eth0's configuration; `crib pod run` fills it in from the launch file's
+    /// `network`. Absent: only lo is brought up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
+}
+
+/// The pod's network as cradle configures it (docs/NETWORK.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// eth0's IPv4 address with its prefix length, like `10.88.0.2/16`.
+    pub address: String,
+    /// The IPv4 default gateway (the host's bridge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// eth0's IPv6 address with its prefix length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<String>,
+    /// The IPv6 default gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<String>,
+    /// eth0's MTU; absent: the device's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// `/etc/resolv.conf`'s nameservers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    /// `/etc/resolv.conf`'s search domains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+}
+
+/// Smallest MTU cradle accepts (IPv6's minimum link MTU).
+pub const MIN_MTU: u32 = 1280;
+/// Largest MTU cradle accepts.
+pub const MAX_MTU: u32 = 65_535;
+
+impl NetworkSpec {
+    /// eth0's IPv4 address and prefix length.
+    pub fn ipv4(&self) -> Option<(std::net::Ipv4Addr, u8)> {
+        let (a, l) = self.address.split_once('/')?;
+        Some((a.parse().ok()?, l.parse().ok().filter(|l| *l <= 32)?))
+    }
+
+    /// eth0's IPv6 address and prefix length, if it has one.
+    pub fn ipv6(&self) -> Option<(std::net::Ipv6Addr, u8)> {
+        let (a, l) = self.address6.as_deref()?.split_once('/')?;
+        Some((a.parse().ok()?, l.parse().ok().filter(|l| *l <= 128)?))
+    }
+
+    fn validate(&self) -> Result<(), PodSpecError> {
+        let bad = |field: &str, value: &str, fix: &str| PodSpecError::InvalidNetwork {
+            field: format!("network.{field}"),
+            value: value.to_string(),
+            fix: fix.to_string(),
+        };
+        if self.ipv4().is_none() {
+            return Err(bad("address", &self.address, "write it like 10.88.0.2/16"));
+        }
+        if let Some(gw) = &self.gateway {
+            gw.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| bad("gateway", gw, "write an IPv4 address like 10.88.0.1"))?;
+        }
+        if let Some(a6) = &self.address6 {
+            if self.ipv6().is_none() {
+                return Err(bad("address6", a6, "write it like fd63:7269:6200::2/64"));
+            }
+        }
+        if let Some(gw) = &self.gateway6 {
+            gw.parse::<std::net::Ipv6Addr>().map_err(|_| {
+                bad(
+                    "gateway6",
+                    gw,
+                    "write an IPv6 address like fd63:7269:6200::1",
+                )
+            })?;
+        }
+        if let Some(mtu) = self.mtu {
+            if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+                return Err(bad("mtu", &mtu.to_string(), "use 1280 to 65535"));
+            }
+        }
+        for (i, ns) in self.nameservers.iter().enumerate() {
+            ns.parse::<std::net::IpAddr>().map_err(|_| {
+                bad(
+                    &format!("nameservers[{i}]"),
+                    ns,
+                    "write an IP address like 192.0.2.53",
+                )
+            })?;
+        }
+        for (i, domain) in self.search.iter().enumerate() {
+            let ok = !domain.is_empty()
+                && domain.len() <= 253
+                && domain
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !ok {
+                return Err(bad(
+                    &format!("search[{i}]"),
+                    domain,
+                    "write a domain like example.com",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// When cradle powers a pod's VM off.
@@ -324,6 +437,9 @@ impl PodSpec {
     /// found is returned.
     pub fn validate(&self) -> Result<(), PodSpecError> {
         check_name("name", &self.name, MAX_NAME_BYTES)?;
+        if let Some(network) = &self.network {
+            network.validate()?;
+        }
 
         let mut names = HashMap::new();
         let mut paths: Vec<(&str, String)> = Vec::new();
@@ -1325,5 +1441,52 @@ mod tests {
     fn filesystem_default_is_ext4_and_displays_its_mount_name() {
         assert_eq!(Filesystem::default(), Filesystem::Ext4);
         assert_eq!(Filesystem::Xfs.to_string(), "xfs");
+    }
+
+    #[test]
+    fn network_parses_and_gives_addresses() {
+        let spec = parse(
+            r#"{"name": "p", "network": {"address": "10.88.0.2/16", "gateway": "10.88.0.1",
+                "address6": "fd63:7269:6200::2/64", "mtu": 1400, "nameservers": ["10.88.0.1"]}}"#,
+        )
+        .unwrap();
+        let net = spec.network.unwrap();
+        assert_eq!(net.ipv4(), Some(("10.88.0.2".parse().unwrap(), 16)));
+        assert_eq!(net.ipv6().map(|(_, l)| l), Some(64));
+    }
+
+    #[test]
+    fn network_bad_values_name_the_field() {
+        for (json, field) in [
+            (r#"{"address": "10.88.0.2"}"#, "network.address"),
+            (r#"{"address": "10.88.0.2/33"}"#, "network.address"),
+            (
+                r#"{"address": "10.0.0.2/8", "gateway": "x"}"#,
+                "network.gateway",
+            ),
+            (
+                r#"{"address": "10.0.0.2/8", "address6": "fd00::2"}"#,
+                "network.address6",
+            ),
+            (
+                r#"{"address": "10.0.0.2/8", "gateway6": "10.0.0.1"}"#,
+                "network.gateway6",
+            ),
+            (r#"{"address": "10.0.0.2/8", "mtu": 100}"#, "network.mtu"),
+            (
+                r#"{"address": "10.0.0.2/8", "nameservers": ["a"]}"#,
+                "network.nameservers[0]",
+            ),
+            (
+                r#"{"address": "10.0.0.2/8", "search": ["a b"]}"#,
+                "network.search[0]",
+            ),
+        ] {
+            let error = parse(&format!(r#"{{"name": "p", "network": {json}}}"#)).unwrap_err();
+            assert!(
+                matches!(&error, PodSpecError::InvalidNetwork { field: f, .. } if f == field),
+                "{json}: {error}"
+            );
+        }
     }
 }

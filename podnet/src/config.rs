@@ -1,0 +1,384 @@
+//! The launch file's `network` field (docs/POD_SPEC.md, "Network"): `"none"`, or an
+//! object whose every key has a default. [`NetPlan::from_json`] checks it all before
+//! anything on the host is touched.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::cidr::{Cidr4, Cidr6};
+use crate::ports::PortMap;
+use crate::PodNetError;
+
+/// The bridge pods join unless the launch file names another.
+pub const DEFAULT_BRIDGE: &str = "crib0";
+/// The pods' IPv4 subnet; the bridge has its first address.
+pub const DEFAULT_SUBNET: &str = "10.88.0.0/16";
+/// The pods' IPv6 ULA prefix ("crib" in its global ID); the bridge has `::1`.
+pub const DEFAULT_SUBNET6: &str = "fd63:7269:6200::/64";
+/// The pod's MTU unless given.
+pub const DEFAULT_MTU: u16 = 1500;
+/// Smallest MTU: IPv6 needs 1280.
+pub const MIN_MTU: u16 = 1280;
+/// Largest MTU: a jumbo frame.
+pub const MAX_MTU: u16 = 9000;
+
+/// The launch file's `network` object as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkField {
+    bridge: Option<String>,
+    subnet: Option<String>,
+    /// `null`: no IPv6.
+    #[serde(default = "default_subnet6")]
+    subnet6: Option<String>,
+    address: Option<String>,
+    address6: Option<String>,
+    #[serde(default)]
+    ports: Vec<String>,
+    mtu: Option<u16>,
+    dns: Option<Vec<String>>,
+    #[serde(default)]
+    search: Vec<String>,
+}
+
+fn default_subnet6() -> Option<String> {
+    Some(DEFAULT_SUBNET6.to_string())
+}
+
+/// A checked `network`: what [`crate::setup::up`] builds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetPlan {
+    pub bridge: String,
+    pub subnet: Cidr4,
+    pub subnet6: Option<Cidr6>,
+    /// A static address, else one is leased.
+    pub address: Option<Ipv4Addr>,
+    pub address6: Option<Ipv6Addr>,
+    pub ports: Vec<PortMap>,
+    pub mtu: u16,
+    /// `None`: the host's nameservers that a pod can reach.
+    pub dns: Option<Vec<IpAddr>>,
+    pub search: Vec<String>,
+}
+
+fn field(field: &str, value: impl ToString, fix: impl ToString) -> PodNetError {
+    PodNetError::Field {
+        field: format!("network.{field}"),
+        value: value.to_string(),
+        fix: fix.to_string(),
+    }
+}
+
+/// A Linux interface name: 1 to 15 bytes, no '/', ':' or whitespace.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+impl NetPlan {
+    /// `None` for `"none"`; the plan for an object (or an absent field: `null`).
+    pub fn from_json(value: Option<&Value>) -> Result<Option<Self>, PodNetError> {
+        let written: NetworkField = match value {
+            None | Some(Value::Null) => NetworkField {
+                subnet6: default_subnet6(),
+                ..Default::default()
+            },
+            Some(Value::String(s)) if s == "none" => return Ok(None),
+            Some(Value::String(s)) => {
+                return Err(field(
+                    "",
+                    s,
+                    "write \"none\" or an object like {\"ports\": [\"8080:80\"]}",
+                )
+                .retitle("network"))
+            }
+            Some(v) => {
+                serde_json::from_value(v.clone()).map_err(|e| PodNetError::Json { source: e })?
+            }
+        };
+        let bridge = written.bridge.unwrap_or_else(|| DEFAULT_BRIDGE.into());
+        if !valid_ifname(&bridge) {
+            return Err(field(
+                "bridge",
+                &bridge,
+                "use 1 to 15 characters without '/', ':' or spaces",
+            ));
+        }
+        let subnet_text = written.subnet.unwrap_or_else(|| DEFAULT_SUBNET.into());
+        let subnet: Cidr4 = subnet_text.parse().map_err(|e| {
+            field(
+                "subnet",
+                &subnet_text,
+                format!("{e}; write it like \"10.88.0.0/16\""),
+            )
+        })?;
+        let subnet6 = match &written.subnet6 {
+            None => None,
+            Some(text) => Some(text.parse::<Cidr6>().map_err(|e| {
+                field(
+                    "subnet6",
+                    text,
+                    format!("{e}; write it like \"{DEFAULT_SUBNET6}\" or null for no IPv6"),
+                )
+            })?),
+        };
+        let address = match &written.address {
+            None => None,
+            Some(text) => {
+                let addr: Ipv4Addr = text
+                    .parse()
+                    .map_err(|_| field("address", text, "write an IPv4 address like 10.88.0.10"))?;
+                let n = subnet.host_number(addr);
+                if !subnet.contains(addr) || n <= 1 || n == subnet.last_host_number() {
+                    return Err(field(
+                        "address",
+                        text,
+                        format!("pick a host address of network.subnet {subnet} other than its first (the bridge's) and last"),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        let address6 = match &written.address6 {
+            None => None,
+            Some(text) => {
+                let addr: Ipv6Addr = text.parse().map_err(|_| {
+                    field(
+                        "address6",
+                        text,
+                        "write an IPv6 address like fd63:7269:6200::10",
+                    )
+                })?;
+                match subnet6 {
+                    Some(net) if net.contains(addr) && Some(addr) != net.host(0) && Some(addr) != net.host(1) => {}
+                    Some(net) => {
+                        return Err(field(
+                            "address6",
+                            text,
+                            format!("pick an address of network.subnet6 {net} other than ::0 and ::1 (the bridge's)"),
+                        ))
+                    }
+                    None => return Err(field("address6", text, "set network.subnet6 too, or remove address6")),
+                }
+                Some(addr)
+            }
+        };
+        let mut ports: Vec<PortMap> = Vec::new();
+        for (i, text) in written.ports.iter().enumerate() {
+            let port: PortMap = text
+                .parse()
+                .map_err(|e| field(&format!("ports[{i}]"), text, e))?;
+            if let Some(other) = ports
+                .iter()
+                .find(|p| p.host == port.host && p.protocol == port.protocol)
+            {
+                return Err(field(
+                    &format!("ports[{i}]"),
+                    text,
+                    format!("host port {}/{} is already published as {other}; publish each host port once", port.host, port.protocol.as_str()),
+                ));
+            }
+            ports.push(port);
+        }
+        let mtu = written.mtu.unwrap_or(DEFAULT_MTU);
+        if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+            return Err(field("mtu", mtu, format!("use {MIN_MTU} to {MAX_MTU}")));
+        }
+        let dns = match written.dns {
+            None => None,
+            Some(list) => {
+                let mut out = Vec::new();
+                for (i, text) in list.iter().enumerate() {
+                    out.push(text.parse::<IpAddr>().map_err(|_| {
+                        field(
+                            &format!("dns[{i}]"),
+                            text,
+                            "write a nameserver's IP address like 192.0.2.53",
+                        )
+                    })?);
+                }
+                Some(out)
+            }
+        };
+        for (i, domain) in written.search.iter().enumerate() {
+            let ok = !domain.is_empty()
+                && domain.len() <= 253
+                && domain
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !ok {
+                return Err(field(
+                    &format!("search[{i}]"),
+                    domain,
+                    "write a domain like example.com",
+                ));
+            }
+        }
+        Ok(Some(Self {
+            bridge,
+            subnet,
+            subnet6,
+            address,
+            address6,
+            ports,
+            mtu,
+            dns,
+            search: written.search,
+        }))
+    }
+}
+
+impl PodNetError {
+    fn retitle(self, name: &str) -> Self {
+        match self {
+            Self::Field { value, fix, .. } => Self::Field {
+                field: name.to_string(),
+                value,
+                fix,
+            },
+            other => other,
+        }
+    }
+}
+
+/// The host's nameservers from resolv.conf text, less loopback ones (systemd-resolved's
+/// 127.0.0.53 and the like), which a pod cannot reach.
+pub fn host_nameservers(resolv_conf: &str) -> Vec<IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next()? == "nameserver").then_some(())?;
+            words.next()?.parse::<IpAddr>().ok()
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn plan(v: Value) -> Result<Option<NetPlan>, PodNetError> {
+        NetPlan::from_json(Some(&v))
+    }
+
+    #[test]
+    fn absent_field_gets_every_default() {
+        let p = NetPlan::from_json(None).unwrap().unwrap();
+        assert_eq!(p.bridge, "crib0");
+        assert_eq!(p.subnet.to_string(), "10.88.0.0/16");
+        assert_eq!(p.subnet6.unwrap().to_string(), DEFAULT_SUBNET6);
+        assert_eq!((p.mtu, p.address, p.dns.clone()), (1500, None, None));
+    }
+
+    #[test]
+    fn none_turns_networking_off() {
+        assert_eq!(plan(json!("none")).unwrap(), None);
+        let err = plan(json!("host")).unwrap_err().to_string();
+        assert!(err.contains("network: \"host\""), "{err}");
+    }
+
+    #[test]
+    fn invalid_cidr_names_the_field_and_fix() {
+        let err = plan(json!({"subnet": "10.88.0.0/33"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("network.subnet"), "{err}");
+        assert!(err.contains("10.88.0.0/16"), "{err}");
+        let err = plan(json!({"subnet6": "fd00::1/64"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("network.subnet6") && err.contains("fd00::/64"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn address_outside_the_subnet_is_refused() {
+        let err = plan(json!({"address": "10.99.0.5"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("network.address") && err.contains("10.88.0.0/16"),
+            "{err}"
+        );
+        let err = plan(json!({"address": "10.88.0.1"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the bridge's"), "{err}");
+        let err = plan(json!({"address": "not-an-ip"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("network.address"), "{err}");
+        let err = plan(json!({"address6": "fd00::5"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("network.address6"), "{err}");
+    }
+
+    #[test]
+    fn static_addresses_and_ports_parse() {
+        let p = plan(
+            json!({"address": "10.88.3.4", "address6": "fd63:7269:6200::3:4",
+            "ports": ["8080:80/tcp", "5353:53/udp"], "mtu": 1400, "dns": ["192.0.2.53"],
+            "search": ["example.com"]}),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(p.address, Some("10.88.3.4".parse().unwrap()));
+        assert_eq!(p.ports.len(), 2);
+        assert_eq!(p.mtu, 1400);
+        assert_eq!(p.dns, Some(vec!["192.0.2.53".parse().unwrap()]));
+    }
+
+    #[test]
+    fn bad_port_and_duplicate_port_name_the_entry() {
+        let err = plan(json!({"ports": ["80", "8080:99999"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("network.ports[1]"), "{err}");
+        let err = plan(json!({"ports": ["80", "80:81"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("network.ports[1]") && err.contains("once"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_bridge_mtu_dns_are_refused() {
+        assert!(plan(json!({"bridge": "a/b"})).is_err());
+        assert!(plan(json!({"bridge": "sixteen-chars-xx"})).is_err());
+        assert!(plan(json!({"mtu": 500}))
+            .unwrap_err()
+            .to_string()
+            .contains("network.mtu"));
+        assert!(plan(json!({"dns": ["x"]}))
+            .unwrap_err()
+            .to_string()
+            .contains("network.dns[0]"));
+        let err = plan(json!({"speed": 1})).unwrap_err();
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("speed"), "{cause}");
+    }
+
+    #[test]
+    fn loopback_nameservers_are_dropped() {
+        let text = "# x\nnameserver 127.0.0.53\nnameserver 192.0.2.1\nnameserver ::1\nsearch lan\n";
+        assert_eq!(
+            host_nameservers(text),
+            vec!["192.0.2.1".parse::<IpAddr>().unwrap()]
+        );
+    }
+}

@@ -1,0 +1,51 @@
+//! Pod networking end to end (docs/NETWORK.md): `tests/e2e/scripts/podnet.sh` in L1
+//! runs pods on crib's bridge and checks HTTP from L1 at the pod's address and at a
+//! published port (127.0.0.1, L1's own address, another "host" namespace, IPv4 and
+//! IPv6), pod to L1 and to a "remote" namespace through NAT, pod to pod, DNS against a
+//! dnsmasq of its own, resolv.conf/hosts/MTU/hostname in the pod, a refused published
+//! port, `kill -9` cleanup, ten pods at once with ten addresses, and that nothing (tap,
+//! nft chain or map element, lease) is left afterwards. One script, so one set of pods
+//! serves every check.
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use crib_tests::{crib_bin, repo_root, GuestArtifacts};
+
+use crate::TestFn;
+
+pub fn tests() -> Vec<(&'static str, TestFn)> {
+    vec![
+        ("linux_net_pod_end_to_end", end_to_end),
+        ("linux_net_pod_host_side", host_side),
+    ]
+}
+
+fn end_to_end() -> Result<()> {
+    GuestArtifacts::pod()?;
+    run_script("tests/e2e/scripts/podnet.sh")
+}
+
+/// The host side alone, a network namespace standing in for the pod (no KVM needed, but
+/// root): tests/e2e/scripts/podnet-host.sh.
+fn host_side() -> Result<()> {
+    run_script("tests/e2e/scripts/podnet-host.sh")
+}
+
+fn run_script(path: &str) -> Result<()> {
+    let script = repo_root().join(path);
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("CRIB", crib_bin())
+        .output()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    anyhow::ensure!(
+        out.status.success() && !stdout.contains("FAIL "),
+        "{} failed:\n{stdout}{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
