@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use arbitrary::Arbitrary;
+use arbitrary::{Arbitrary, Unstructured};
 use crib_fuzz::json::{AnyJson, Damage, Field, Number, Text};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
@@ -78,12 +78,6 @@ struct Launch {
     shares: Vec<HostShare>,
     vfio: Option<Vec<Text>>,
     extra: Option<(Text, AnyJson)>,
-}
-
-#[derive(Arbitrary, Debug)]
-enum Input {
-    Bytes(Vec<u8>),
-    Structured(Box<Launch>, Damage),
 }
 
 fn document(l: Launch) -> Value {
@@ -157,10 +151,15 @@ fn document(l: Launch) -> Value {
     Value::Object(m)
 }
 
-fuzz_target!(|input: Input| {
-    let bytes = match input {
-        Input::Bytes(bytes) => bytes,
-        Input::Structured(launch, damage) => damage.apply(&document(*launch)),
+fuzz_target!(|data: &[u8]| {
+    // The first byte chooses: even, the rest is the file as is; odd, a structured document.
+    let bytes = match data.split_first() {
+        Some((mode, rest)) if mode % 2 == 0 => rest.to_vec(),
+        Some((_, rest)) => match <(Launch, Damage)>::arbitrary_take_rest(Unstructured::new(rest)) {
+            Ok((doc, damage)) => damage.apply(&document(doc)),
+            Err(_) => return,
+        },
+        None => return,
     };
     let Ok(launch) = LaunchFile::from_json(&bytes, Path::new("/fuzz/pod.json")) else {
         return;

@@ -9,7 +9,7 @@
 
 #![no_main]
 
-use arbitrary::Arbitrary;
+use arbitrary::{Arbitrary, Unstructured};
 use crib_fuzz::json::{AnyJson, Damage, Field, Number, Text};
 use initramfs::podspec::PodSpec;
 use libfuzzer_sys::fuzz_target;
@@ -48,12 +48,6 @@ struct Spec {
     processes: Option<Vec<Process>>,
     lifetime: Field<Text>,
     extra: Option<(Text, AnyJson)>,
-}
-
-#[derive(Arbitrary, Debug)]
-enum Input {
-    Bytes(Vec<u8>),
-    Structured(Spec, Damage),
 }
 
 fn strings(list: Option<Vec<Text>>, map: &mut Map<String, Value>, key: &str) {
@@ -109,10 +103,15 @@ fn document(spec: Spec) -> Value {
     Value::Object(m)
 }
 
-fuzz_target!(|input: Input| {
-    let bytes = match input {
-        Input::Bytes(bytes) => bytes,
-        Input::Structured(spec, damage) => damage.apply(&document(spec)),
+fuzz_target!(|data: &[u8]| {
+    // The first byte chooses: even, the rest is the file as is; odd, a structured document.
+    let bytes = match data.split_first() {
+        Some((mode, rest)) if mode % 2 == 0 => rest.to_vec(),
+        Some((_, rest)) => match <(Spec, Damage)>::arbitrary_take_rest(Unstructured::new(rest)) {
+            Ok((doc, damage)) => damage.apply(&document(doc)),
+            Err(_) => return,
+        },
+        None => return,
     };
     let Ok(spec) = PodSpec::from_json(&bytes) else {
         return;

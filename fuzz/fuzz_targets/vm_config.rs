@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use arbitrary::Arbitrary;
+use arbitrary::{Arbitrary, Unstructured};
 use crib_fuzz::json::{AnyJson, Damage, Field, Number, Text};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
@@ -76,12 +76,6 @@ struct Config {
     api_socket: Field<Text>,
     seccomp: Field<bool>,
     extra: Option<(Text, AnyJson)>,
-}
-
-#[derive(Arbitrary, Debug)]
-enum Input {
-    Bytes(Vec<u8>),
-    Structured(Box<Config>, Damage),
 }
 
 fn disk(d: Disk) -> Value {
@@ -157,10 +151,15 @@ fn document(c: Config) -> Value {
     Value::Object(m)
 }
 
-fuzz_target!(|input: Input| {
-    let bytes = match input {
-        Input::Bytes(bytes) => bytes,
-        Input::Structured(config, damage) => damage.apply(&document(*config)),
+fuzz_target!(|data: &[u8]| {
+    // The first byte chooses: even, the rest is the file as is; odd, a structured document.
+    let bytes = match data.split_first() {
+        Some((mode, rest)) if mode % 2 == 0 => rest.to_vec(),
+        Some((_, rest)) => match <(Config, Damage)>::arbitrary_take_rest(Unstructured::new(rest)) {
+            Ok((doc, damage)) => damage.apply(&document(doc)),
+            Err(_) => return,
+        },
+        None => return,
     };
     let path = Path::new("/fuzz/vm.json");
     let Ok(config) = VmConfig::from_json(&bytes, path) else {
