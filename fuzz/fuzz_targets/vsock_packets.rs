@@ -4,20 +4,25 @@
 //! garbage; all run through the device's worker and muxer
 //! (`devices::virtio::vsock::fuzzing::run`).
 //!
-//! Packets are structured and mostly valid (the guest's and host's CIDs, known ops and
-//! types, ports from a small set so a REQUEST, the data after it and the SHUTDOWN meet one
-//! connection, a length matching the data); any field can be anything, and descriptors can
-//! be raw, to hit the rejection paths. Invariants: no input panics; the worker either
+//! Packets are structured and mostly valid (the guest's and host's CIDs, known ops, stream
+//! type, ports from two small sets so a REQUEST, the data after it and the SHUTDOWN meet one
+//! connection, a length matching the data), queued before the device starts or in answer
+//! to what it sent, between turns; any field can be anything, and descriptors can be raw,
+//! to hit the rejection paths. Invariants: no input panics; the worker either
 //! reports a queue broken or returns every TX chain; every packet the device writes to an
 //! RX buffer goes to this guest's CID, comes from the host's CID unless it is an RST, and
-//! has a used length of its header and exactly `len` bytes of data.
+//! has a used length of its header and exactly `len` bytes of data; the device's packet
+//! counters match the used rings.
 
 #![no_main]
 
 use arbitrary::Arbitrary;
 use crib_fuzz::ring::{RawDesc, Ring, RING_AREA_BYTES};
-use devices::virtio::vsock::fuzzing::{run, GUEST_CID, LISTENING_PORT};
-use devices::virtio::vsock::{HOST_CID, MAX_PKT_DATA_BYTES, TYPE_STREAM};
+use devices::virtio::vsock::fuzzing::{run, FIRST_HOST_PORT, GUEST_CID, LISTENING_PORT};
+use devices::virtio::vsock::{
+    HOST_CID, MAX_PKT_DATA_BYTES, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
+    OP_RST, OP_RW, OP_SHUTDOWN, TYPE_STREAM,
+};
 use devices::virtio::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE};
@@ -32,39 +37,50 @@ const TX_SLOT: u64 = 0x4000;
 const RX_BUFFERS: u64 = 0x10_0000;
 const RX_SLOT: u64 = 0x1100;
 const RX_DATA_BYTES: u32 = 4096;
-/// Ports the guest uses, so packets meet: its own, the listening one, a closed one.
-const PORTS: &[u32] = &[49152, LISTENING_PORT, 5000, 80, 0, u32::MAX];
+/// Guest ports: an ephemeral one and the one a host `CONNECT` asks for.
+const GUEST_PORTS: &[u32] = &[49152, 5000];
+/// Host ports: the listening one, another with no listener, the first a host-initiated
+/// connection gets.
+const HOST_PORTS: &[u32] = &[LISTENING_PORT, 6000, FIRST_HOST_PORT];
 
 #[derive(Arbitrary, Debug)]
-enum Cid {
-    Guest,
-    Host,
-    Any(u64),
+enum Op {
+    Request,
+    Response,
+    Rst,
+    Shutdown,
+    Rw,
+    CreditUpdate,
+    CreditRequest,
 }
 
+/// The fields a well-behaved driver gets right, anything.
 #[derive(Arbitrary, Debug)]
-enum Len {
-    OfData,
-    Any(u32),
+struct Weird {
+    src_cid: Option<u64>,
+    dst_cid: Option<u64>,
+    ports: Option<(u32, u32)>,
+    len: Option<u32>,
+    type_: Option<u16>,
+    op: Option<u16>,
+    raw_header: Option<RawParts>,
+    /// Header and data in one descriptor (virtio-vsock 0.12 wants two).
+    one_descriptor: bool,
 }
 
 #[derive(Arbitrary, Debug)]
 struct Packet {
-    src_cid: Cid,
-    dst_cid: Cid,
-    src_port: u8,
-    dst_port: u8,
-    any_ports: Option<(u32, u32)>,
-    len: Len,
-    any_type: Option<u16>,
-    op: u8,
+    op: Op,
+    guest_port: u8,
+    host_port: u8,
     flags: u8,
-    buf_alloc: u32,
+    /// The guest's credit; `None`: 256 KiB.
+    buf_alloc: Option<u32>,
     fwd_cnt: u32,
     data: Vec<u8>,
-    /// Header and data in one descriptor, or two.
-    one_descriptor: bool,
-    raw_header: Option<RawParts>,
+    /// Queued before the device starts (0), or before turn 1 or 2, answering it.
+    batch: u8,
+    weird: Option<Weird>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -104,40 +120,79 @@ struct Input {
     turns: u8,
 }
 
-fn cid(c: &Cid) -> u64 {
-    match *c {
-        Cid::Guest => GUEST_CID,
-        Cid::Host => HOST_CID,
-        Cid::Any(x) => x,
-    }
-}
-
 fn raw(p: &RawParts) -> (RawDesc, bool) {
     let addr = p.addr % (MEM_BYTES as u64 + 0x1000);
     ((addr, p.len, p.flags, p.next), true)
 }
 
 fn header(p: &Packet) -> [u8; HEADER_BYTES] {
-    let (src_port, dst_port) = p.any_ports.unwrap_or((
-        PORTS[usize::from(p.src_port) % PORTS.len()],
-        PORTS[usize::from(p.dst_port) % PORTS.len()],
-    ));
-    let len = match p.len {
-        Len::OfData => p.data.len() as u32,
-        Len::Any(n) => n,
+    let none = Weird {
+        src_cid: None,
+        dst_cid: None,
+        ports: None,
+        len: None,
+        type_: None,
+        op: None,
+        raw_header: None,
+        one_descriptor: false,
     };
+    let w = p.weird.as_ref().unwrap_or(&none);
+    let (src_port, dst_port) = w.ports.unwrap_or((
+        GUEST_PORTS[usize::from(p.guest_port) % GUEST_PORTS.len()],
+        HOST_PORTS[usize::from(p.host_port) % HOST_PORTS.len()],
+    ));
+    let op = match p.op {
+        Op::Request => OP_REQUEST,
+        Op::Response => OP_RESPONSE,
+        Op::Rst => OP_RST,
+        Op::Shutdown => OP_SHUTDOWN,
+        Op::Rw => OP_RW,
+        Op::CreditUpdate => OP_CREDIT_UPDATE,
+        Op::CreditRequest => OP_CREDIT_REQUEST,
+    };
+    // Only RW carries data.
+    let data_len = if op == OP_RW { p.data.len() as u32 } else { 0 };
     let mut h = [0u8; HEADER_BYTES];
-    h[0..8].copy_from_slice(&cid(&p.src_cid).to_le_bytes());
-    h[8..16].copy_from_slice(&cid(&p.dst_cid).to_le_bytes());
+    h[0..8].copy_from_slice(&w.src_cid.unwrap_or(GUEST_CID).to_le_bytes());
+    h[8..16].copy_from_slice(&w.dst_cid.unwrap_or(HOST_CID).to_le_bytes());
     h[16..20].copy_from_slice(&src_port.to_le_bytes());
     h[20..24].copy_from_slice(&dst_port.to_le_bytes());
-    h[24..28].copy_from_slice(&len.to_le_bytes());
-    h[28..30].copy_from_slice(&p.any_type.unwrap_or(TYPE_STREAM).to_le_bytes());
-    h[30..32].copy_from_slice(&u16::from(p.op % 9).to_le_bytes());
+    h[24..28].copy_from_slice(&w.len.unwrap_or(data_len).to_le_bytes());
+    h[28..30].copy_from_slice(&w.type_.unwrap_or(TYPE_STREAM).to_le_bytes());
+    h[30..32].copy_from_slice(&w.op.unwrap_or(op).to_le_bytes());
     h[32..36].copy_from_slice(&u32::from(p.flags % 4).to_le_bytes());
-    h[36..40].copy_from_slice(&p.buf_alloc.to_le_bytes());
+    h[36..40].copy_from_slice(&p.buf_alloc.unwrap_or(256 << 10).to_le_bytes());
     h[40..44].copy_from_slice(&p.fwd_cnt.to_le_bytes());
     h
+}
+
+/// Queues packet `i` of `p` as a TX chain.
+fn send(mem: &GuestMemoryMmap, tx: &mut Ring, i: usize, p: &Packet) {
+    let addr = TX_BUFFERS + i as u64 * TX_SLOT;
+    let data = if matches!(p.op, Op::Rw) || p.weird.is_some() {
+        &p.data[..p.data.len().min((TX_SLOT as usize) - 64)]
+    } else {
+        &[]
+    };
+    let one_descriptor = p.weird.as_ref().is_some_and(|w| w.one_descriptor);
+    let _ = mem.write_slice(&header(p), GuestAddress(addr));
+    let data_addr = addr
+        + if one_descriptor {
+            HEADER_BYTES as u64
+        } else {
+            64
+        };
+    let _ = mem.write_slice(data, GuestAddress(data_addr));
+    let head = match p.weird.as_ref().and_then(|w| w.raw_header.as_ref()) {
+        Some(r) => raw(r),
+        None if one_descriptor => ((addr, (HEADER_BYTES + data.len()) as u32, 0, 0), false),
+        None => ((addr, HEADER_BYTES as u32, 0, 0), false),
+    };
+    let mut descs = vec![head];
+    if !one_descriptor && !data.is_empty() {
+        descs.push(((data_addr, data.len() as u32, 0, 0), false));
+    }
+    let _ = tx.post(mem, &descs);
 }
 
 fuzz_target!(|input: Input| {
@@ -146,27 +201,11 @@ fuzz_target!(|input: Input| {
     let mut rx = Ring::new(&mem, 0, size);
     let mut tx = Ring::new(&mem, RING_AREA_BYTES, size);
 
-    for (i, p) in input.packets.iter().enumerate().take(32) {
-        let addr = TX_BUFFERS + i as u64 * TX_SLOT;
-        let data = &p.data[..p.data.len().min((TX_SLOT as usize) - 64)];
-        let _ = mem.write_slice(&header(p), GuestAddress(addr));
-        let data_addr = addr
-            + if p.one_descriptor {
-                HEADER_BYTES as u64
-            } else {
-                64
-            };
-        let _ = mem.write_slice(data, GuestAddress(data_addr));
-        let head = match &p.raw_header {
-            Some(r) => raw(r),
-            None if p.one_descriptor => ((addr, (HEADER_BYTES + data.len()) as u32, 0, 0), false),
-            None => ((addr, HEADER_BYTES as u32, 0, 0), false),
-        };
-        let mut descs = vec![head];
-        if !p.one_descriptor && !data.is_empty() {
-            descs.push(((data_addr, data.len() as u32, 0, 0), false));
+    let packets: Vec<&Packet> = input.packets.iter().take(32).collect();
+    for (i, p) in packets.iter().enumerate() {
+        if p.batch % 3 == 0 {
+            send(&mem, &mut tx, i, p);
         }
-        let _ = tx.post(&mem, &descs);
     }
     let write = VRING_DESC_F_WRITE as u16;
     for (i, chain) in input.rx.iter().enumerate().take(64) {
@@ -195,12 +234,17 @@ fuzz_target!(|input: Input| {
         .iter()
         .take(4)
         .map(|w| match w {
-            HostWrite::Connect(port) => {
-                format!("CONNECT {}\n", PORTS[usize::from(*port) % PORTS.len()]).into_bytes()
-            }
+            HostWrite::Connect(port) => format!(
+                "CONNECT {}\n",
+                GUEST_PORTS[usize::from(*port) % GUEST_PORTS.len()]
+            )
+            .into_bytes(),
             HostWrite::ConnectThen(port, data) => {
-                let mut b =
-                    format!("CONNECT {}\n", PORTS[usize::from(*port) % PORTS.len()]).into_bytes();
+                let mut b = format!(
+                    "CONNECT {}\n",
+                    GUEST_PORTS[usize::from(*port) % GUEST_PORTS.len()]
+                )
+                .into_bytes();
                 b.extend_from_slice(&data[..data.len().min(4096)]);
                 b
             }
@@ -208,19 +252,41 @@ fuzz_target!(|input: Input| {
         })
         .collect();
 
+    let rx_queue = rx.queue(input.event_idx);
+    let tx_queue = tx.queue(input.event_idx);
     let out = run(
         &mem,
-        rx.queue(input.event_idx),
-        tx.queue(input.event_idx),
+        rx_queue,
+        tx_queue,
         &host,
-        1 + input.turns % 4,
+        3 + input.turns % 3,
+        &mut |turn| {
+            for (i, p) in packets.iter().enumerate() {
+                if turn > 0 && p.batch % 3 == turn {
+                    send(&mem, &mut tx, i, p);
+                }
+            }
+        },
     );
 
     let tx_used = tx.take_used(&mem);
     if !out.broken {
         assert_eq!(tx_used.len(), usize::from(tx.available()), "TX chains lost");
     }
-    for (head, len) in rx.take_used(&mem) {
+    let rx_used = rx.take_used(&mem);
+    if !out.broken {
+        let delivered = rx_used.iter().filter(|(_, len)| *len > 0).count();
+        assert_eq!(
+            tx_used.len() as u64,
+            out.metrics.tx_packets,
+            "TX chains not counted"
+        );
+        assert_eq!(
+            delivered as u64, out.metrics.rx_packets,
+            "RX packets not counted"
+        );
+    }
+    for (head, len) in rx_used {
         assert!(head < u32::from(size), "RX used head {head}");
         if (len as usize) < HEADER_BYTES {
             continue;
@@ -240,7 +306,7 @@ fuzz_target!(|input: Input| {
         let pkt_len = u32::from_le_bytes(h[24..28].try_into().expect("4 bytes"));
         let op = u16::from_le_bytes([h[30], h[31]]);
         assert_eq!(dst_cid, GUEST_CID, "a packet for another guest");
-        assert!(src_cid == HOST_CID || op == 3, "src {src_cid} op {op}");
+        assert!(src_cid == HOST_CID || op == OP_RST, "src {src_cid} op {op}");
         assert!(pkt_len <= MAX_PKT_DATA_BYTES);
         assert_eq!(len as usize, HEADER_BYTES + pkt_len as usize, "used length");
     }

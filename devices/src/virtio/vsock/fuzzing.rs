@@ -13,7 +13,7 @@ use std::time::Duration;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::metrics::VsockMetrics;
+use super::metrics::{VsockMetrics, VsockMetricsSnapshot};
 use super::muxer::Muxer;
 use super::worker::{VsockWorker, WorkerEvents, WorkerParams};
 use crate::virtio::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
@@ -29,6 +29,8 @@ pub const LISTENING_PORT: u32 = 1024;
 pub struct VsockOutcome {
     /// The worker found a queue broken (it would set DEVICE_NEEDS_RESET).
     pub broken: bool,
+    /// The device's counters at the end.
+    pub metrics: VsockMetricsSnapshot,
 }
 
 #[derive(Default)]
@@ -57,16 +59,21 @@ impl Drop for Paths {
     }
 }
 
+/// The first host port the device gives a host-initiated connection.
+pub const FIRST_HOST_PORT: u32 = super::muxer::FIRST_EPHEMERAL_PORT;
+
 /// Runs a worker on `rx` and `tx` (set up by the caller over `mem`): starts it, connects
 /// one host socket per entry of `host_writes` and writes that entry to it (a `CONNECT
 /// <port>\n` line, data, or anything), then runs `turns` turns as if both queues were
-/// kicked each time.
+/// kicked each time, calling `before_turn(n)` before turn `n` (the driver may queue more
+/// chains there, answering what the device sent).
 pub fn run(
     mem: &GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
     host_writes: &[Vec<u8>],
     turns: u8,
+    before_turn: &mut dyn FnMut(u8),
 ) -> VsockOutcome {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -94,12 +101,15 @@ pub fn run(
     };
     let params = WorkerParams {
         guest_cid: GUEST_CID,
-        metrics,
+        metrics: metrics.clone(),
     };
     let interrupt = Arc::new(NoInterrupt::default());
     let Ok(mut worker) = VsockWorker::new(params, mem.clone(), interrupt, rx, tx, muxer, events)
     else {
-        return VsockOutcome { broken: true };
+        return VsockOutcome {
+            broken: true,
+            metrics: metrics.snapshot(),
+        };
     };
     let mut result = worker.start();
     let mut hosts: Vec<UnixStream> = Vec::new();
@@ -110,15 +120,17 @@ pub fn run(
             hosts.push(stream);
         }
     }
-    for _ in 0..turns {
+    for turn in 0..turns {
         if result.is_err() {
             break;
         }
+        before_turn(turn);
         let _ = rx_kick.write(1);
         let _ = tx_kick.write(1);
         result = worker.turn(Some(Duration::ZERO)).map(|_| ());
     }
     VsockOutcome {
         broken: result.is_err(),
+        metrics: metrics.snapshot(),
     }
 }
