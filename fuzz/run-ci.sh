@@ -28,7 +28,7 @@ targets=${FUZZ_TARGETS:-$(awk '/^\[\[bin\]\]/ { bin = 1 } bin && /^name *=/ { gs
 start=$(date +%s)
 # --target keeps build scripts and proc macros uninstrumented.
 cargo build --quiet --bins --target "$triple"
-echo "fuzz: built $(echo $targets | wc -w) targets in $(($(date +%s) - start)) s; ${seconds} s each"
+echo "fuzz: built in $(($(date +%s) - start)) s; $(echo $targets | wc -w) targets, ${seconds} s each"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -49,7 +49,7 @@ for target in $targets; do
     "$bin" "$corpus" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -len_control=0 \
         -print_final_stats=1 -artifact_prefix="$work/$target.artifacts/" >"$log" 2>&1 || status=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-    cov=$(grep -Eo 'cov: [0-9]+' "$log" | tail -1 | cut -d' ' -f2)
+    cov=$( (grep -Eo 'cov: [0-9]+' "$log" || true) | tail -1 | cut -d' ' -f2)
     if [ "$status" -eq 0 ]; then
         passed=$((passed + 1))
         echo "fuzz $target ... ok (${execs:-0} executions, ${cov:-0} coverage points)"
@@ -57,7 +57,8 @@ for target in $targets; do
         failed=$((failed + 1))
         written=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
         echo "fuzz $target ... FAILED (exit $status)"
-        grep -E "panicked at|^thread '|SUMMARY|ERROR: libFuzzer" "$log" | head -5 | sed 's/^/    /'
+        { grep -A1 "panicked at" "$log" || true; grep "SUMMARY: libFuzzer" "$log" || true; } |
+            head -5 | sed 's/^/    /'
         if [ -n "$written" ] && [ -f "$written" ]; then
             mkdir -p "$artifacts/$target"
             crash="$artifacts/$target/$(basename "$written")"
