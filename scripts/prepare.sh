@@ -10,6 +10,7 @@ cd "$root"
 
 scripts/install-deps.sh
 scripts/install-virtiofsd.sh
+scripts/install-schemathesis.sh
 apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q Candidate: || apt-get update -qq
 guest/kernel/fetch-debian-kernel.sh cloud >/dev/null
 guest/kernel/build-pod-kernel.sh >/dev/null

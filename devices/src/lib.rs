@@ -5,6 +5,7 @@ pub mod bus;
 pub mod legacy;
 pub mod pci;
 pub mod rate_limiter;
+pub mod socket_path;
 pub mod vfio;
 pub mod virtio;
 pub mod vm_exit;

@@ -604,13 +604,20 @@ impl Controller {
             config.iops_burst = limits.iops_burst;
         }
         tracing::info!(disk = id, "rate limit set to {limits:?}");
-        Ok(Reply::ok(json!({
-            "id": id,
-            "iops": limits.iops,
-            "bandwidth": limits.bandwidth,
-            "burst": limits.burst,
-            "iops_burst": limits.iops_burst,
-        })))
+        // Limits not set are left out (docs/api.yaml's RateLimitReply has no nulls).
+        let mut reply = serde_json::Map::new();
+        reply.insert("id".into(), json!(id));
+        for (name, value) in [
+            ("iops", limits.iops),
+            ("bandwidth", limits.bandwidth),
+            ("burst", limits.burst),
+            ("iops_burst", limits.iops_burst),
+        ] {
+            if let Some(value) = value {
+                reply.insert(name.into(), json!(value));
+            }
+        }
+        Ok(Reply::ok(serde_json::Value::Object(reply)))
     }
 
     fn drain_requests(&mut self) {
@@ -654,6 +661,15 @@ impl Controller {
         }
     }
 
+    /// The eventfd counts the signals that arrived since its last read: each one counts, so
+    /// two in quick succession start the graceful shutdown and then stop the guest.
+    fn on_signal_event(&mut self) {
+        let count = self.signal.read().unwrap_or(1).max(1);
+        for _ in 0..count.min(2) {
+            self.on_signal();
+        }
+    }
+
     fn on_signal(&mut self) {
         if self.shared.state() == VmState::ShuttingDown {
             tracing::warn!("second SIGTERM/SIGINT: stopping the guest now");
@@ -694,10 +710,7 @@ impl MutEventSubscriber for Controller {
                 let _ = self.wake.read();
                 self.drain_requests();
             }
-            EVENT_SIGNAL => {
-                let _ = self.signal.read();
-                self.on_signal();
-            }
+            EVENT_SIGNAL => self.on_signal_event(),
             EVENT_TIMER => {
                 let _ = self.timer.wait();
                 self.on_timer();
@@ -1018,6 +1031,23 @@ mod tests {
         control.on_signal();
 
         assert_eq!(after_first, None);
+        assert_eq!(
+            control.outcome(),
+            Some(RunOutcome::Stopped(StopCause::Requested))
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn two_signals_read_at_once_stop_at_once() {
+        let path = temp("cradle-two-signals");
+        let _cradle = fake_cradle(&path, "HTTP/1.1 202 Accepted\r\n\r\n");
+        let mut control = controller(Some(path.clone()));
+        control.signal.write(1).unwrap();
+        control.signal.write(1).unwrap();
+
+        control.on_signal_event();
+
         assert_eq!(
             control.outcome(),
             Some(RunOutcome::Stopped(StopCause::Requested))

@@ -11,7 +11,6 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,8 +23,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors setting up the docker socket.
 #[derive(Debug, thiserror::Error)]
 pub enum DockerProxyError {
-    #[error("--docker-socket {0}: the path exists and is not a socket; remove it or choose another path")]
-    NotASocket(PathBuf),
+    #[error("--docker-socket: the path cannot be used")]
+    Claim(#[from] devices::socket_path::SocketPathError),
     #[error("--docker-socket {path}: cannot listen")]
     Listen {
         path: PathBuf,
@@ -84,12 +83,7 @@ pub fn start(
 
 /// Binds `path`, replacing a stale socket file but nothing else.
 fn listen(path: &Path) -> Result<UnixListener, DockerProxyError> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(DockerProxyError::NotASocket(path.to_path_buf()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
+    devices::socket_path::claim(path)?;
     UnixListener::bind(path).map_err(|source| DockerProxyError::Listen {
         path: path.to_path_buf(),
         source,
@@ -298,8 +292,10 @@ mod tests {
 
         let err = start(&path, Path::new("/nonexistent"), None).unwrap_err();
 
-        assert!(matches!(err, DockerProxyError::NotASocket(_)));
-        assert!(err.to_string().contains("remove it or choose another path"));
+        assert!(matches!(
+            err,
+            DockerProxyError::Claim(devices::socket_path::SocketPathError::NotASocket { .. })
+        ));
         assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
         std::fs::remove_file(&path).unwrap();
     }

@@ -23,6 +23,7 @@ pub mod vm;
 pub mod vsock;
 
 use std::fs::File;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -60,6 +61,12 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{what} {path} is not a regular file: give a file (a FIFO or device cannot be loaded)"
+    )]
+    NotAFile { what: &'static str, path: PathBuf },
+    #[error("memory={bytes} bytes is more than this host has ({host} bytes of RAM and swap): give a smaller --memory")]
+    MemoryBeyondHost { bytes: u64, host: u64 },
     #[error("cannot load kernel {path}")]
     Kernel {
         path: PathBuf,
@@ -134,12 +141,51 @@ pub enum VmmError {
     Seccomp(#[source] seccomp::SeccompError),
 }
 
+/// Opens an input file (kernel, initrd, pod spec). Only a regular file: a FIFO would block
+/// the open (or the read) forever, a device would read without end.
 fn open(what: &'static str, path: &Path) -> Result<File, VmmError> {
-    File::open(path).map_err(|source| VmmError::Open {
+    let open_error = |source| VmmError::Open {
         what,
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let meta = std::fs::metadata(path).map_err(open_error)?;
+    if !meta.is_file() {
+        return Err(VmmError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    File::open(path).map_err(open_error)
+}
+
+/// Refuses guest RAM larger than the host's RAM and swap together: such a VM would only
+/// run until the guest touched enough of it for the OOM killer to end crib.
+fn check_host_memory(bytes: u64) -> Result<(), VmmError> {
+    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
+        return Ok(());
+    };
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib.saturating_mul(1024))
+    };
+    let (Some(ram), swap) = (field("MemTotal:"), field("SwapTotal:").unwrap_or(0)) else {
+        return Ok(());
+    };
+    let host = ram.saturating_add(swap);
+    if bytes > host {
+        return Err(VmmError::MemoryBeyondHost { bytes, host });
+    }
+    Ok(())
 }
 
 fn console_sink(config: &ConsoleConfig) -> Result<ConsoleSink, VmmError> {
@@ -193,11 +239,14 @@ fn load_guest(
 
     let pod_archive = match &config.pod {
         Some(path) => {
-            let spec = std::fs::read(path).map_err(|source| VmmError::Open {
-                what: "pod spec",
-                path: path.clone(),
-                source,
-            })?;
+            let mut spec = Vec::new();
+            open("pod spec", path)?
+                .read_to_end(&mut spec)
+                .map_err(|source| VmmError::Open {
+                    what: "pod spec",
+                    path: path.clone(),
+                    source,
+                })?;
             let archive = initramfs::pod_archive(&spec).map_err(|source| VmmError::Pod {
                 path: path.clone(),
                 source,
@@ -303,7 +352,7 @@ fn add_legacy_devices(
     boot_times: &Arc<BootTimes>,
 ) -> Result<LegacyDevices, VmmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-    let out = ConsoleOutput::new(console_sink(&config.console)?, exit.clone());
+    let out = ConsoleOutput::new(console_sink(&config.console)?);
     let serial = Arc::new(Mutex::new(Serial::new(
         serial_irq.try_clone().map_err(VmmError::EventFd)?,
         out,
@@ -387,6 +436,7 @@ pub fn process_cpu_time() -> std::time::Duration {
 pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
     let filters = seccomp::Filters::new(config.seccomp).map_err(VmmError::Seccomp)?;
     vcpu::install_kick_handler().map_err(VmmError::Vcpu)?;
+    check_host_memory(config.memory_bytes)?;
     let ranges: Vec<_> = boot::memory_map::ram_ranges(config.memory_bytes);
     let mem = memory::create_guest_memory(&ranges).map_err(VmmError::Memory)?;
     let vm = Vm::new(mem).map_err(VmmError::Vm)?;

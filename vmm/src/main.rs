@@ -1,6 +1,7 @@
 //! `crib`: the command line of the VMM.
 
 use std::fmt;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -53,6 +54,9 @@ enum Command {
     /// Run and manage pods: one launch file per pod, sockets in a run directory.
     #[command(subcommand)]
     Pod(PodCommand),
+    /// Manage the host image store: import, list, inspect, remove, prune (docs/IMAGES.md).
+    #[command(subcommand)]
+    Image(images::cli::ImageCommand),
 }
 
 /// `crib pod ...` (README.md, "Pods: crib pod").
@@ -267,9 +271,30 @@ where
             event.metadata().level(),
             self.id
         )?;
-        ctx.format_fields(writer.by_ref(), event)?;
+        // Messages carry text from outside (paths, ids, API paths, guest output): a control
+        // character in it must not forge a log line or reach the terminal raw.
+        let mut message = String::new();
+        ctx.format_fields(Writer::new(&mut message), event)?;
+        writer.write_str(&escape_control(&message))?;
         writeln!(writer)
     }
+}
+
+/// `text` with every control character escaped (`\n`, `\u{1b}`), so one log event stays
+/// one line of printable text.
+fn escape_control(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
 }
 
 fn init_logging(id: &str) {
@@ -295,7 +320,20 @@ fn report(error: &dyn std::error::Error) {
         text.push_str(&format!("\n  caused by: {cause}"));
         source = cause.source();
     }
-    eprintln!("{text}");
+    text.push('\n');
+    print_stderr(&text);
+}
+
+/// Writes `text` to stdout and flushes it. A closed or full stdout loses the text but never
+/// panics, as `println!` would: crib's work (a running VM) matters more than its chatter.
+fn print_stdout(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// [`print_stdout`] for stderr.
+fn print_stderr(text: &str) {
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
 fn run(args: RunArgs, start: Instant) -> u8 {
@@ -364,7 +402,7 @@ fn run_vm(mut config: VmConfig, start: Instant) -> u8 {
 fn print_config(args: ConfigArgs) -> u8 {
     match args.run.into_config().and_then(|c| c.to_json_pretty()) {
         Ok(json) => {
-            println!("{json}");
+            print_stdout(&format!("{json}\n"));
             exit_code::GUEST_EXITED
         }
         Err(e) => {
@@ -414,10 +452,8 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
         }
     };
     for line in prepared.socket_lines() {
-        println!("{line}");
+        print_stdout(&format!("{line}\n"));
     }
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
     let recorder = prepared.exit_recorder();
     let code = run_vm(prepared.config.clone(), start);
     if let Some(recorder) = recorder {
@@ -431,7 +467,7 @@ fn pod_command(command: PodCommand, start: Instant) -> u8 {
     let result = match command {
         PodCommand::Run { file, root } => return pod_run(&file, root.run_root.as_deref(), start),
         PodCommand::Ls { root } => pod::list(&pod::run_root(root.run_root.as_deref()))
-            .map(|pods| print!("{}", pod::format_list(&pods))),
+            .map(|pods| print_stdout(&pod::format_list(&pods))),
         PodCommand::Stop {
             name,
             timeout,
@@ -440,8 +476,10 @@ fn pod_command(command: PodCommand, start: Instant) -> u8 {
         } => {
             let dir = pod::pod_dir(&pod::run_root(root.run_root.as_deref()), &name);
             pod::stop(&dir, &name, Duration::from_secs(timeout), force).map(|code| match code {
-                Some(code) => println!("pod {name} stopped (crib exited {code})"),
-                None => println!("pod {name} stopped (crib's exit code was not recorded)"),
+                Some(code) => print_stdout(&format!("pod {name} stopped (crib exited {code})\n")),
+                None => print_stdout(&format!(
+                    "pod {name} stopped (crib's exit code was not recorded)\n"
+                )),
             })
         }
         PodCommand::Logs { name, follow, root } => {
@@ -465,9 +503,32 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args, start),
         Command::Config(args) => print_config(args),
         Command::Pod(command) => pod_command(command, start),
+        Command::Image(command) => images::cli::run(command),
     };
     // vCPU threads may still sit in KVM_RUN: end the process rather than join them.
-    use std::io::Write;
     let _ = std::io::stdout().flush();
     std::process::exit(i32::from(code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_control_keeps_plain_text_borrowed() {
+        assert!(matches!(
+            escape_control("api: GET /api/v1/vm"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn escape_control_turns_a_forged_line_into_one_line() {
+        let escaped = escape_control("GET /x\n2026-01-01 ERROR vm_id=other forged\u{1b}[31m");
+
+        assert_eq!(
+            escaped,
+            "GET /x\\n2026-01-01 ERROR vm_id=other forged\\u{1b}[31m"
+        );
+    }
 }

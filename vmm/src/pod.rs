@@ -261,6 +261,8 @@ pub enum PodError {
     },
     #[error("run root {path} belongs to uid {owner}, not to you (uid {uid}): set --run-root or ${RUN_ROOT_ENV} to a directory of your own")]
     RunRootNotOurs { path: PathBuf, owner: u32, uid: u32 },
+    #[error("run directory {0} exists, is not empty and was not made by crib: crib would delete files in it; set \"run_dir\" to a new or empty directory")]
+    RunDirNotOurs(PathBuf),
     #[error("pod {name} is already running (its API answers on {socket}): stop it with `crib pod stop {name}` or pick another pod name")]
     AlreadyRunning { name: String, socket: PathBuf },
     #[error("cannot write {path}")]
@@ -616,6 +618,39 @@ fn create_private_dir(dir: &Path) -> Result<(), PodError> {
         })
 }
 
+/// The file that marks a run directory as crib's: crib deletes files only in directories
+/// that have it, so a `run_dir` naming someone else's directory loses nothing.
+pub const OWNER_MARK: &str = ".crib-run-dir";
+
+/// Creates `dir` as a run directory, or takes over one crib made before (it has
+/// [`OWNER_MARK`]) or an empty one. A directory with other files in it and no mark is
+/// refused: crib would delete files in it.
+fn claim_run_dir(dir: &Path) -> Result<(), PodError> {
+    let mark = dir.join(OWNER_MARK);
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if !mark.exists() && entries.next().is_some() {
+                return Err(PodError::RunDirNotOurs(dir.to_path_buf()));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_private_dir(dir)?,
+        Err(source) => {
+            return Err(PodError::CreateRunDir {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    }
+    std::fs::write(
+        &mark,
+        b"a crib pod's run directory: crib may delete files here\n",
+    )
+    .map_err(|source| PodError::WriteFile {
+        path: mark.clone(),
+        source,
+    })
+}
+
 /// A held `flock` on a run directory's lock file: released when crib exits.
 #[derive(Debug)]
 pub struct RunLock {
@@ -655,7 +690,7 @@ impl PreparedPod {
                 });
             }
         }
-        create_private_dir(&self.run_dir)?;
+        claim_run_dir(&self.run_dir)?;
         let write_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| PodError::WriteFile { path, source }
@@ -1419,6 +1454,32 @@ mod tests {
         // Garbage is no code.
         std::fs::write(dir.join(EXIT_FILE), "{\"code\": 300}").unwrap();
         assert_eq!(exit_code(&dir, Duration::ZERO), None);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn run_dir_of_someone_else_is_refused_and_kept() {
+        let root = std::env::temp_dir().join(format!("crib-pod-foreign-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let foreign = root.join("home");
+        std::fs::create_dir_all(&foreign).unwrap();
+        std::fs::write(foreign.join(CONSOLE_LOG), "precious").unwrap();
+        let launch = parse(&format!(
+            r#"{{"pod": {{"name": "p"}}, "run_dir": "{}"}}"#,
+            foreign.display()
+        ))
+        .unwrap();
+        let pod = launch.prepare(&root, Path::new("/g")).unwrap();
+
+        let err = pod
+            .create_run_dir(&root, &launch, Path::new("/g"))
+            .unwrap_err();
+
+        assert!(matches!(err, PodError::RunDirNotOurs(_)), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(foreign.join(CONSOLE_LOG)).unwrap(),
+            "precious"
+        );
         let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -1,20 +1,19 @@
 //! The 16550 UART at COM1 (0x3f8, IRQ 4), from vm-superio, wired to crib's console and to
 //! an eventfd that the VMM registers as an irqfd.
 //!
-//! The console output also watches for the kernel's panic banner: a kernel that panics
-//! before its pvpanic driver is loaded (say, no init found) still prints it, and crib then
-//! reports a panic rather than the reboot that follows (`panic=-1`).
+//! What the guest prints is data: a pod process's output reaches this console too, so no
+//! text on it may change crib's state or exit code. A guest kernel panic is reported only
+//! by the pvpanic device (the kernel's own panic notifier); a kernel that panics before
+//! its pvpanic driver is bound ends as the reboot that `panic=-1` makes.
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::Arc;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{read_byte_register, BusDevice};
-use crate::vm_exit::{ExitReason, VmExit};
 
 /// COM1's base port.
 pub const COM1_PORT_BASE: u16 = 0x3f8;
@@ -22,9 +21,6 @@ pub const COM1_PORT_BASE: u16 = 0x3f8;
 pub const COM1_PORT_LEN: u16 = 8;
 /// COM1's ISA IRQ (an IO-APIC pin).
 pub const COM1_IRQ: u32 = 4;
-
-/// What Linux prints first when it panics.
-const PANIC_BANNER: &[u8] = b"Kernel panic - not syncing";
 
 /// Raises the serial interrupt by writing an eventfd (an irqfd in the VMM).
 pub struct EventFdTrigger(EventFd);
@@ -50,43 +46,19 @@ pub enum ConsoleSink {
     Off,
 }
 
-/// The serial's output: the console sink plus the panic-banner watch.
+/// The serial's output: where the console goes.
 pub struct ConsoleOutput {
     sink: ConsoleSink,
-    exit: Arc<VmExit>,
-    /// How many bytes of [`PANIC_BANNER`] the recent output matched.
-    matched: usize,
 }
 
 impl ConsoleOutput {
-    pub fn new(sink: ConsoleSink, exit: Arc<VmExit>) -> Self {
-        Self {
-            sink,
-            exit,
-            matched: 0,
-        }
-    }
-
-    fn watch(&mut self, byte: u8) {
-        if byte == PANIC_BANNER[self.matched] {
-            self.matched += 1;
-            if self.matched == PANIC_BANNER.len() {
-                self.matched = 0;
-                tracing::error!("guest kernel panicked (console)");
-                self.exit.request(ExitReason::Panic);
-            }
-        } else {
-            // The banner has no repeated prefix, so restarting the match is exact.
-            self.matched = usize::from(byte == PANIC_BANNER[0]);
-        }
+    pub fn new(sink: ConsoleSink) -> Self {
+        Self { sink }
     }
 }
 
 impl Write for ConsoleOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        for &b in buf {
-            self.watch(b);
-        }
         match &mut self.sink {
             ConsoleSink::Stdout => io::stdout().write(buf),
             ConsoleSink::File(file) => file.write(buf),
@@ -159,43 +131,27 @@ impl BusDevice for Serial {
 mod tests {
     use super::*;
 
-    fn output(exit: &Arc<VmExit>) -> ConsoleOutput {
-        ConsoleOutput::new(ConsoleSink::Off, exit.clone())
+    fn output() -> ConsoleOutput {
+        ConsoleOutput::new(ConsoleSink::Off)
     }
 
     #[test]
-    fn panic_banner_requests_panic_exit() {
-        let exit = Arc::new(VmExit::new().unwrap());
-        let mut out = output(&exit);
-        out.write_all(b"[ 1.0] Kernel panic - not syncing: No working init found.")
-            .unwrap();
-        assert_eq!(exit.reason(), Some(ExitReason::Panic));
-    }
+    fn panic_text_from_the_guest_is_only_data() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut serial = Serial::new(irq, output());
 
-    #[test]
-    fn banner_split_across_writes_is_seen() {
-        let exit = Arc::new(VmExit::new().unwrap());
-        let mut out = output(&exit);
-        for b in b"KKernel panic - not syncing" {
-            out.write_all(&[*b]).unwrap();
+        for &b in b"[ 1.0] Kernel panic - not syncing: forged by a pod process\n" {
+            serial.write(0, &[b]);
         }
-        assert_eq!(exit.reason(), Some(ExitReason::Panic));
-    }
 
-    #[test]
-    fn ordinary_output_is_not_a_panic() {
-        let exit = Arc::new(VmExit::new().unwrap());
-        let mut out = output(&exit);
-        out.write_all(b"Kernel panic test passed; not syncing anything")
-            .unwrap();
-        assert_eq!(exit.reason(), None);
+        // Nothing to assert on an exit: the console has no way to request one.
+        assert_eq!(serial.input_room(), serial.inner.fifo_capacity());
     }
 
     #[test]
     fn transmitted_byte_raises_interrupt_when_enabled() {
-        let exit = Arc::new(VmExit::new().unwrap());
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut serial = Serial::new(irq.try_clone().unwrap(), output(&exit));
+        let mut serial = Serial::new(irq.try_clone().unwrap(), output());
         serial.write(1, &[0x02]); // IER: THR empty interrupt
         serial.write(0, b"x");
         assert!(irq.read().unwrap() >= 1);
@@ -203,9 +159,8 @@ mod tests {
 
     #[test]
     fn input_is_readable_by_guest() {
-        let exit = Arc::new(VmExit::new().unwrap());
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut serial = Serial::new(irq, output(&exit));
+        let mut serial = Serial::new(irq, output());
         assert_eq!(serial.enqueue_input(b"ab"), 2);
         let mut data = [0u8; 1];
         serial.read(0, &mut data);

@@ -229,14 +229,21 @@ pub struct RateLimitBody {
 }
 
 /// Parses a JSON body; an empty body is `{}`. Errors name the field and what it takes.
+/// Only an object is a body: serde would also take a struct's fields from an array.
 fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     let body = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}".as_slice()
     } else {
         body
     };
-    let mut json = serde_json::Deserializer::from_slice(body);
-    let value: T = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(
+            "invalid JSON body: it must be a JSON object ({...}), as docs/api.yaml says".into(),
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         ApiError::BadRequest(if path == "." {
@@ -244,10 +251,7 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> 
         } else {
             format!("invalid JSON body: field {path}: {inner}")
         })
-    })?;
-    json.end()
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
-    Ok(value)
+    })
 }
 
 /// Serves one request: `route` with its `body`. Blocks on the VMM for changes.
@@ -408,6 +412,19 @@ pub(crate) mod tests {
             *vmm.requests.lock().unwrap(),
             vec![Request::Pause, Request::Pause]
         );
+    }
+
+    #[test]
+    fn array_where_an_object_belongs_is_400_and_reaches_nothing() {
+        let vmm = FakeVmm::default();
+
+        let shutdown = call(&vmm, "PUT", "/api/v1/vm/shutdown", "[5]").unwrap_err();
+        let limit = call(&vmm, "PUT", "/api/v1/disks/data/rate-limit", "[1, 2]").unwrap_err();
+
+        assert_eq!(shutdown.status(), 400);
+        assert!(shutdown.to_string().contains("JSON object"), "{shutdown}");
+        assert_eq!(limit.status(), 400);
+        assert!(vmm.requests.lock().unwrap().is_empty());
     }
 
     #[test]

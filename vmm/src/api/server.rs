@@ -14,7 +14,6 @@
 //! the VMM's event loop; the runtime's thread keeps serving other connections meanwhile.
 
 use std::convert::Infallible;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,10 +44,8 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// Errors starting the API server.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
-    #[error(
-        "--api-socket {0}: the path exists and is not a socket; remove it or choose another path"
-    )]
-    NotASocket(PathBuf),
+    #[error("--api-socket: the path cannot be used")]
+    Claim(#[from] devices::socket_path::SocketPathError),
     #[error("--api-socket {path}: cannot listen")]
     Listen {
         path: PathBuf,
@@ -89,12 +86,7 @@ pub fn start(
 }
 
 fn listen(path: &Path) -> Result<StdUnixListener, ApiServerError> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(ApiServerError::NotASocket(path.to_path_buf()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
+    devices::socket_path::claim(path)?;
     StdUnixListener::bind(path).map_err(|source| ApiServerError::Listen {
         path: path.to_path_buf(),
         source,
@@ -154,8 +146,12 @@ where
         let (vmm, exit_after) = (vmm.clone(), exit_after.clone());
         service_fn(move |request| respond(vmm.clone(), exit_after.clone(), request))
     };
+    // One request per connection: a client cannot park an idle keep-alive connection on a
+    // slot, and one that sends nothing loses it after HEADER_TIMEOUT, so MAX_CONNECTIONS
+    // idle clients cannot lock out a new one for longer than that.
     let result = http1::Builder::new()
         .timer(TokioTimer::new())
+        .keep_alive(false)
         .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(io, service)
         .await;
@@ -254,16 +250,19 @@ mod tests {
 
     /// Sends one raw request with `Connection: close` and returns the whole response.
     fn exchange(path: &Path, method: &str, uri: &str, body: &str) -> String {
-        let mut stream = UnixStream::connect(path).unwrap();
+        try_exchange(path, method, uri, body).unwrap()
+    }
+
+    fn try_exchange(path: &Path, method: &str, uri: &str, body: &str) -> std::io::Result<String> {
+        let mut stream = UnixStream::connect(path)?;
         write!(
             stream,
             "{method} {uri} HTTP/1.1\r\nHost: crib\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        )
-        .unwrap();
+        )?;
         let mut reply = String::new();
-        stream.read_to_string(&mut reply).unwrap();
-        reply
+        stream.read_to_string(&mut reply)?;
+        Ok(reply)
     }
 
     #[test]
@@ -380,8 +379,51 @@ mod tests {
 
         let err = start(&path, Arc::new(FakeVmm::default()), None).unwrap_err();
 
-        assert!(err.to_string().contains("remove it or choose another path"));
+        assert!(matches!(
+            err,
+            ApiServerError::Claim(devices::socket_path::SocketPathError::NotASocket { .. })
+        ));
         assert_eq!(std::fs::read(&path).unwrap(), b"keep");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn live_socket_of_another_server_is_refused_and_kept() {
+        let path = socket("live");
+        let _ = std::fs::remove_file(&path);
+        let _other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+
+        let err = start(&path, Arc::new(FakeVmm::default()), None).unwrap_err();
+
+        assert!(matches!(
+            err,
+            ApiServerError::Claim(devices::socket_path::SocketPathError::InUse { .. })
+        ));
+        assert!(path.exists());
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn idle_clients_holding_every_slot_do_not_lock_out_a_new_one() {
+        let (path, _vmm) = start_fake("idle");
+        let idle: Vec<_> = (0..=MAX_CONNECTIONS)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+            .collect();
+
+        // Their slots go after HEADER_TIMEOUT; keep asking until then and a little longer.
+        let deadline = std::time::Instant::now() + HEADER_TIMEOUT * 3;
+        let mut reply = String::new();
+        while std::time::Instant::now() < deadline {
+            // While the slots are taken the server closes a new connection at once.
+            reply = try_exchange(&path, "GET", "/api/v1/vm", "").unwrap_or_default();
+            if reply.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        drop(idle);
+        let _ = std::fs::remove_file(&path);
     }
 }

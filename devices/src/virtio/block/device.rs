@@ -558,6 +558,21 @@ fn features(readonly: bool) -> u64 {
 }
 
 fn open_disk(config: &BlockConfig) -> Result<File, BlockError> {
+    // Check the kind before opening: opening a FIFO would block until a writer comes.
+    if let Ok(meta) = std::fs::metadata(&config.path) {
+        let kind = meta.file_type();
+        if !kind.is_file() && !kind.is_block_device() && !kind.is_dir() {
+            return Err(BlockError::NotADisk {
+                path: config.path.clone(),
+            });
+        }
+    }
+    let file = open_disk_file(config)?;
+    super::lock::lock_disk(&file, &config.path, config.readonly)?;
+    Ok(file)
+}
+
+fn open_disk_file(config: &BlockConfig) -> Result<File, BlockError> {
     let mut options = OpenOptions::new();
     options.read(true).write(!config.readonly);
     if config.direct {

@@ -27,6 +27,7 @@ pub mod device;
 mod engine;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod lock;
 pub mod metrics;
 mod request;
 #[cfg(test)]
@@ -73,6 +74,21 @@ pub enum BlockError {
     },
     #[error("cannot read the size of disk image {path}")]
     Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "disk image {path} is in use: another VM holds a lock that excludes {mode} access \
+         ({holders}); stop it, or give both readonly=on to share the image"
+    )]
+    Locked {
+        path: PathBuf,
+        mode: &'static str,
+        holders: String,
+    },
+    #[error("cannot lock disk image {path}")]
+    Lock {
         path: PathBuf,
         #[source]
         source: io::Error,

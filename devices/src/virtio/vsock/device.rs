@@ -5,7 +5,7 @@
 //! closes every host connection. No queue work happens here.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -20,11 +20,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::metrics::VsockMetrics;
 use super::muxer::Muxer;
-use super::unix::connect_nonblocking;
 use super::worker::{VsockWorker, WorkerEvents, WorkerParams};
 use super::{
     VsockError, EVENT_QUEUE, MAX_GUEST_CID, MIN_GUEST_CID, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
 };
+use crate::socket_path::SocketPathError;
 use crate::virtio::{
     run_worker_setup, ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice,
     VirtioInterrupt, WorkerSetup,
@@ -262,36 +262,12 @@ impl Drop for Vsock {
 
 /// Binds a non-blocking listener at `path`, replacing a socket file nobody listens on.
 fn listen(path: &Path) -> Result<UnixListener, VsockError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            // A listener answers (or is too busy to: a full backlog); a stale file refuses.
-            let live = match connect_nonblocking(path) {
-                Ok(_) => true,
-                Err(e) => e.kind() == io::ErrorKind::WouldBlock,
-            };
-            if live {
-                return Err(VsockError::InUse {
-                    path: path.to_path_buf(),
-                });
-            }
-            std::fs::remove_file(path).map_err(|source| VsockError::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        }
-        Ok(_) => {
-            return Err(VsockError::NotASocket {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(VsockError::Inspect {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    }
+    crate::socket_path::claim(path).map_err(|e| match e {
+        SocketPathError::NotASocket { path } => VsockError::NotASocket { path },
+        SocketPathError::InUse { path } => VsockError::InUse { path },
+        SocketPathError::Inspect { path, source } => VsockError::Inspect { path, source },
+        SocketPathError::RemoveStale { path, source } => VsockError::RemoveStale { path, source },
+    })?;
     let bind_error = |source| VsockError::Bind {
         path: path.to_path_buf(),
         source,

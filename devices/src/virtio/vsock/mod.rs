@@ -43,7 +43,7 @@ mod muxer;
 mod packet;
 #[cfg(test)]
 pub(crate) mod test_utils;
-mod unix;
+pub(crate) mod unix;
 mod worker;
 
 use std::io;
