@@ -13,6 +13,8 @@ use crate::pci::msix::{MSIX_CAPABILITY_ID, MSIX_TABLE_ENTRY_BYTES};
 use crate::pci::{BarMove, PciDevice};
 
 mod extended;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub use extended::ExtendedConfig;
 
 /// BARs of a type-0 function.

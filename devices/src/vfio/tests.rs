@@ -1,5 +1,6 @@
 use std::sync::{Arc, Mutex};
 
+use super::fuzzing::FuzzDevice;
 use super::*;
 
 /// A device: 256 bytes of configuration space and a 16 KiB BAR 0 (64-bit), with MSI-X
@@ -550,54 +551,6 @@ impl Rng {
     }
 }
 
-/// Regions that hold the device model to VfioRegions' contract: every access stays inside
-/// its region (a stray one panics the test).
-struct StrictRegions {
-    config: Mutex<Vec<u8>>,
-    bars: Vec<Mutex<Vec<u8>>>,
-}
-
-impl StrictRegions {
-    fn check(what: &str, len: usize, offset: u64, data_len: usize) -> usize {
-        let at = usize::try_from(offset).unwrap();
-        assert!(
-            at + data_len <= len,
-            "{what} access of {data_len} bytes at {offset:#x} is outside its {len} bytes"
-        );
-        at
-    }
-}
-
-impl VfioRegions for StrictRegions {
-    fn config_size(&self) -> u64 {
-        self.config.lock().unwrap().len() as u64
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config.lock().unwrap();
-        let at = Self::check("config", config.len(), offset, data.len());
-        data.copy_from_slice(&config[at..at + data.len()]);
-    }
-
-    fn write_config(&self, offset: u64, data: &[u8]) {
-        let mut config = self.config.lock().unwrap();
-        let at = Self::check("config", config.len(), offset, data.len());
-        config[at..at + data.len()].copy_from_slice(data);
-    }
-
-    fn read_bar(&self, bar: usize, offset: u64, data: &mut [u8]) {
-        let mem = self.bars[bar].lock().unwrap();
-        let at = Self::check("BAR", mem.len(), offset, data.len());
-        data.copy_from_slice(&mem[at..at + data.len()]);
-    }
-
-    fn write_bar(&self, bar: usize, offset: u64, data: &[u8]) {
-        let mut mem = self.bars[bar].lock().unwrap();
-        let at = Self::check("BAR", mem.len(), offset, data.len());
-        mem[at..at + data.len()].copy_from_slice(data);
-    }
-}
-
 /// Random configuration spaces (garbage capability lists, loops, pointers off the end) and
 /// random guest accesses of every size to config space, extended space and BARs: the
 /// model never panics, never steps outside a VFIO region, and never connects an MSI-X
@@ -622,42 +575,19 @@ fn random_devices_and_guest_accesses_stay_in_bounds() {
                 config[msix + 8..msix + 12].copy_from_slice(&0x3000u32.to_le_bytes());
             }
         }
-        let sizes: Vec<u64> = (0..NUM_BARS)
-            .map(|_| rng.pick(&[0u64, 0x20, 0x1000, 0x3000, 0x4000, 0x10000]))
-            .collect();
-        let regions = StrictRegions {
-            config: Mutex::new(config),
-            bars: sizes
-                .iter()
-                .map(|s| Mutex::new(vec![0; *s as usize]))
-                .collect(),
-        };
-        let (bars, _) = probe_bars(&regions, |i| sizes[i]);
-        let cap = find_msix(&regions);
-        let control = FakeControl::default();
-        let mut next = 0xc000_0000u64;
-        let placed: Vec<_> = bars
-            .iter()
-            .map(|b| {
-                let addr = next.next_multiple_of(b.size);
-                next = addr + b.size;
-                (*b, addr)
-            })
-            .collect();
-        let msix = cap.map(|c| (c, MsixTable::new(c.vectors, Box::new(control.clone()))));
-        let Ok(mut device) = VfioPciDevice::new("random".into(), Box::new(regions), &placed, msix)
-        else {
+        let mut sizes = [0u64; NUM_BARS];
+        for size in &mut sizes {
+            *size = rng.pick(&[0u64, 0x20, 0x1000, 0x3000, 0x4000, 0x10000]);
+        }
+        let Some(fuzz) = FuzzDevice::build(config, sizes, rng.below(2) == 0) else {
             continue;
         };
         devices_built += 1;
-        let with_intx = rng.below(2) == 0;
-        if with_intx {
-            device.set_intx(Box::new(control.clone()));
-        }
         for _ in 0..400 {
             let len = rng.pick(&[1usize, 2, 3, 4, 8]);
             let mut data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
             let offset = rng.below(8);
+            let mut device = fuzz.device.lock().unwrap();
             match rng.below(5) {
                 0 => {
                     device.read_config_register(rng.below(80) as usize);
@@ -687,22 +617,7 @@ fn random_devices_and_guest_accesses_stay_in_bounds() {
                 }
             }
         }
-        if let Some((cap, table)) = &device.msix {
-            let delivering = device.msix_control & MSIX_ENABLE != 0
-                && device.msix_control & MSIX_FUNCTION_MASK == 0;
-            for vector in 0..usize::from(cap.vectors) {
-                assert!(!table.is_connected(vector) || delivering);
-            }
-        }
-        // INTx is connected exactly while MSI-X is off.
-        if with_intx {
-            let calls = control.calls.lock().unwrap();
-            let intx_on = calls.iter().rev().find_map(|c| match c {
-                Call::Intx(on) => Some(*on),
-                _ => None,
-            });
-            assert_eq!(intx_on, Some(device.msix_control & MSIX_ENABLE == 0));
-        }
+        fuzz.check();
     }
     assert!(devices_built > 50, "only {devices_built} devices built");
 }

@@ -25,6 +25,8 @@
 //!   frame waits (the tap queues behind it), nothing is dropped.
 
 pub mod device;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod metrics;
 pub mod tap;
 

@@ -37,6 +37,8 @@ pub mod device;
 pub mod metrics;
 
 mod connection;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod muxer;
 mod packet;
 #[cfg(test)]
