@@ -388,7 +388,16 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
     let filters = seccomp::Filters::new(config.seccomp).map_err(VmmError::Seccomp)?;
     vcpu::install_kick_handler().map_err(VmmError::Vcpu)?;
     let ranges: Vec<_> = boot::memory_map::ram_ranges(config.memory_bytes);
-    let mem = memory::create_guest_memory(&ranges).map_err(VmmError::Memory)?;
+    // virtio-fs is the only vhost-user device: its daemon maps guest RAM.
+    let backing = memory::RamBacking::for_vm(config.fs.len());
+    let mem = memory::create_guest_memory(&ranges, backing).map_err(VmmError::Memory)?;
+    match memory::check_huge_pages(backing) {
+        Ok(huge) => tracing::info!("guest RAM: {backing:?}, huge pages: {huge}"),
+        Err(why) => {
+            tracing::info!("guest RAM: {backing:?}, huge pages: none");
+            tracing::warn!("guest RAM gets no huge pages: {why}");
+        }
+    }
     let vm = Vm::new(mem).map_err(VmmError::Vm)?;
     let cpuid = vcpu::supported_cpuid(&vm).map_err(VmmError::Vcpu)?;
     let mmio64 =
