@@ -166,6 +166,27 @@ struct BootEntry {
     pml4: u64,
 }
 
+/// A boot RNG seed from the host's getrandom (never blocks once the host pool is ready).
+fn host_random_seed() -> std::io::Result<[u8; boot::zero_page::RNG_SEED_BYTES]> {
+    let mut seed = [0u8; boot::zero_page::RNG_SEED_BYTES];
+    let mut filled = 0;
+    while filled < seed.len() {
+        let rest = &mut seed[filled..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes for the call.
+        let ret = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(ret) {
+            Ok(n) => filled += n,
+            Err(_) => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+    Ok(seed)
+}
+
 /// Loads kernel, initrd, command line and the boot tables into `mem`.
 fn load_guest(
     config: &VmConfig,
@@ -266,12 +287,22 @@ fn load_guest(
     )
     .map_err(VmmError::Acpi)?;
 
+    // A seed from the host's pool: the guest's crng is ready before its first user, so
+    // nothing in the guest (cradle formatting a volume) waits for entropy.
+    let setup_data = match host_random_seed() {
+        Ok(seed) => Some(boot::zero_page::write_rng_seed(mem, &seed).map_err(VmmError::ZeroPage)?),
+        Err(e) => {
+            tracing::warn!("no RNG seed for the guest: getrandom failed: {e}");
+            None
+        }
+    };
     let params = boot::zero_page::build(&boot::zero_page::ZeroPage {
         setup_header: kernel.setup_header,
         cmdline_len,
         initrd,
         mem_bytes: config.memory_bytes,
         rsdp: Some(rsdp),
+        setup_data,
     })
     .map_err(VmmError::ZeroPage)?;
     boot::zero_page::write(mem, &params).map_err(VmmError::ZeroPage)?;

@@ -1613,7 +1613,11 @@ fn mem_available_kib() -> Result<u64> {
 fn guest_ram_rss_kib(pid: u32, ram_kib: u64) -> Result<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let field = |line: &str, key: &str| -> Option<u64> {
-        line.strip_prefix(key)?.split_whitespace().next()?.parse().ok()
+        line.strip_prefix(key)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     };
     let (mut in_guest, mut total) = (false, 0);
     for line in smaps.lines() {
