@@ -78,6 +78,8 @@ pub enum VmmError {
     Cmdline(#[source] boot::cmdline::CmdlineError),
     #[error("cannot create guest memory")]
     Memory(#[source] memory::MemoryError),
+    #[error("cannot create the entropy device (--rng)")]
+    Rng(#[source] devices::rate_limiter::RateLimiterError),
     #[error("cannot write the boot page tables")]
     Paging(#[source] boot::paging::PagingError),
     #[error("cannot write the boot GDT")]
@@ -501,6 +503,29 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
         net_metrics.push((tap.clone(), device.metrics()));
         device_manager
             .add_virtio_pci(&vm, &format!("net {tap}"), Box::new(device))
+            .map_err(VmmError::Device)?;
+    }
+    if let Some(options) = &config.rng {
+        let limit = match options.bandwidth {
+            Some(0) => None,
+            bytes => Some(devices::rate_limiter::TokenBucketConfig {
+                size: bytes.unwrap_or(devices::virtio::rng::DEFAULT_BYTES_PER_SEC),
+                one_time_burst: 0,
+                refill_time_ms: 1000,
+            }),
+        };
+        let mut device = devices::virtio::rng::Rng::new(devices::virtio::rng::RngConfig {
+            rate_limit: devices::rate_limiter::RateLimitConfig {
+                bandwidth: limit,
+                ops: None,
+            },
+        })
+        .map_err(VmmError::Rng)?;
+        if let Some(setup) = seccomp::worker_setup(&filters.rng_worker) {
+            device = device.with_worker_setup(setup);
+        }
+        device_manager
+            .add_virtio_pci(&vm, "rng", Box::new(device))
             .map_err(VmmError::Device)?;
     }
     if !fs_daemons.is_empty() {
