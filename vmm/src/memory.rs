@@ -67,8 +67,10 @@ pub enum RamBacking {
 
 impl RamBacking {
     /// The backing a VM needs: shared when a vhost-user device must map guest RAM.
+    /// `CRIB_RAM_BACKING=shared` forces the memfd (to compare the two in benchmarks).
     pub fn for_vm(vhost_user_devices: usize) -> Self {
-        if vhost_user_devices > 0 {
+        let forced = std::env::var("CRIB_RAM_BACKING").is_ok_and(|v| v == "shared");
+        if vhost_user_devices > 0 || forced {
             Self::SharedMemfd
         } else {
             Self::Anonymous
