@@ -505,6 +505,26 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
             .add_virtio_pci(&vm, &format!("net {tap}"), Box::new(device))
             .map_err(VmmError::Device)?;
     }
+    if !fs_daemons.is_empty() {
+        tracing::debug!("started {} virtiofsd processes", fs_daemons.len());
+    }
+    // Passed-through devices: one container for all, guest RAM DMA-mapped once; dropped
+    // (devices reset) when `run` returns.
+    let _vfio = if config.vfio.is_empty() {
+        None
+    } else {
+        let mut host =
+            vfio::VfioHost::new(vm.fd().clone(), &config.vfio).map_err(VmmError::Vfio)?;
+        for bdf in &config.vfio {
+            device_manager
+                .add_vfio(&mut host, bdf)
+                .map_err(VmmError::Device)?;
+        }
+        host.map_guest_memory(vm.memory(), filters.vmm.clone(), exit.clone())
+            .map_err(VmmError::Vfio)?;
+        Some(host)
+    };
+    // Last on the bus: every other device keeps the PCI slot it had before virtio-rng.
     if let Some(options) = &config.rng {
         let limit = match options.bandwidth {
             Some(0) => None,
@@ -528,25 +548,6 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
             .add_virtio_pci(&vm, "rng", Box::new(device))
             .map_err(VmmError::Device)?;
     }
-    if !fs_daemons.is_empty() {
-        tracing::debug!("started {} virtiofsd processes", fs_daemons.len());
-    }
-    // Passed-through devices: one container for all, guest RAM DMA-mapped once; dropped
-    // (devices reset) when `run` returns.
-    let _vfio = if config.vfio.is_empty() {
-        None
-    } else {
-        let mut host =
-            vfio::VfioHost::new(vm.fd().clone(), &config.vfio).map_err(VmmError::Vfio)?;
-        for bdf in &config.vfio {
-            device_manager
-                .add_vfio(&mut host, bdf)
-                .map_err(VmmError::Device)?;
-        }
-        host.map_guest_memory(vm.memory(), filters.vmm.clone(), exit.clone())
-            .map_err(VmmError::Vfio)?;
-        Some(host)
-    };
     let mmio = device_manager.finish(&mut pio).map_err(VmmError::Device)?;
     let buses = VcpuBuses {
         pio: Arc::new(pio),
