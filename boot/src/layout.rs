@@ -4,6 +4,7 @@
 //! 0x0000_0500  boot GDT              0x0000_7000  zero page (boot_params)
 //! 0x0000_0520  boot IDT (empty)      0x0000_9000  PML4, then PDPT and 4 PDs
 //! 0x0000_8ff0  boot stack top        0x0002_0000  kernel command line
+//! 0x0001_0000  setup_data chain (the RNG seed)
 //! 0x0009_fc00  EBDA .. 1 MiB: reserved; ACPI tables live at 0x000e_0000
 //! 0x0010_0000  high RAM: the kernel, then the initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole: PCI BARs (512 MiB), ECAM at 0xe000_0000 (1 MiB),
@@ -25,6 +26,9 @@ pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 pub const ZERO_PAGE_START: GuestAddress = GuestAddress(0x7000);
 /// Level-4 page table; the PDPT and the page directories follow it page by page.
 pub const PML4_START: GuestAddress = GuestAddress(0x9000);
+/// The `setup_data` chain the zero page points to (after the page tables, below the
+/// command line): the RNG seed.
+pub const SETUP_DATA_START: GuestAddress = GuestAddress(0x1_0000);
 /// The kernel command line.
 pub const CMDLINE_START: GuestAddress = GuestAddress(0x20000);
 /// Linux's x86 `COMMAND_LINE_SIZE`, including the terminating NUL; used when the kernel

@@ -74,7 +74,17 @@ fn boot_with_disks_on(cpus: u8, disks: &[String], command: &str) -> Result<RunOu
 /// Boots the test initramfs with `cpus` vCPUs, an optional pod spec and `disks`, then runs
 /// `command` through cradle's test hook.
 fn boot_pod(cpus: u8, pod: Option<&Path>, disks: &[String], command: &str) -> Result<RunOutput> {
-    let artifacts = GuestArtifacts::find()?;
+    boot_pod_on(&GuestArtifacts::find()?, cpus, pod, disks, command)
+}
+
+/// [`boot_pod`] with the kernel and initramfs of `artifacts`.
+fn boot_pod_on(
+    artifacts: &GuestArtifacts,
+    cpus: u8,
+    pod: Option<&Path>,
+    disks: &[String],
+    command: &str,
+) -> Result<RunOutput> {
     let mut args: Vec<String> = vec![
         "run".into(),
         "--cpus".into(),
@@ -368,10 +378,56 @@ fn multiqueue_block_device_backing() -> Result<()> {
 }
 
 pub fn pod_tests() -> Vec<(&'static str, TestFn)> {
-    vec![(
-        "linux_pod_volumes_mounted_by_name",
-        pod_volumes_mounted_by_name,
-    )]
+    vec![
+        (
+            "linux_pod_volumes_mounted_by_name",
+            pod_volumes_mounted_by_name,
+        ),
+        (
+            "linux_pod_kernel_formats_a_volume_without_waiting_for_entropy",
+            pod_kernel_formats_a_volume_without_waiting_for_entropy,
+        ),
+    ]
+}
+
+/// What cradle says when mkfs had to wait for the kernel's random pool.
+const ENTROPY_WAIT: &str = "for the kernel's random pool";
+
+/// The pod kernel formats a blank volume at once: crib seeds the random pool at boot
+/// (setup_data) and serves virtio-rng, which the kernel has built in.
+fn pod_kernel_formats_a_volume_without_waiting_for_entropy() -> Result<()> {
+    let dir = scratch("pod-entropy")?;
+    let data = backing_file(&dir, "data.img", 64 * MIB)?;
+    let spec_path = dir.join("pod.json");
+    std::fs::write(
+        &spec_path,
+        r#"{"name": "entropy", "volumes": [{"name": "data", "path": "/data"}],
+            "processes": [{"name": "writer", "argv": ["/bin/sh", "-c", "echo pod-data > /data/hello && sync"]}]}"#,
+    )?;
+    let command = "echo rng=$(cat /sys/class/misc/hw_random/rng_current)";
+    let disks = [format!("path={},id=data", data.display())];
+    let out = boot_pod_on(
+        &GuestArtifacts::pod()?,
+        1,
+        Some(&spec_path),
+        &disks,
+        command,
+    )?;
+    expect_status(&out, 0)?;
+    out.check(
+        out.stdout.contains("process writer exited with status 0"),
+        "the pod process wrote to the formatted volume",
+    )?;
+    out.check(
+        !out.stdout.contains(ENTROPY_WAIT),
+        "formatting did not wait for entropy",
+    )?;
+    out.check(
+        out.stdout.contains("rng=virtio_rng"),
+        "the guest's hardware RNG is crib's virtio-rng",
+    )?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }
 
 /// A pod with three volumes: a blank file (formatted, read-write), a blank block device
@@ -396,7 +452,8 @@ fn pod_volumes_mounted_by_name() -> Result<()> {
     let spec_path = dir.join("pod.json");
     std::fs::write(&spec_path, spec)?;
 
-    let command = "cat /ro/motd; touch /ro/new 2>/dev/null && echo ro-write-ok || echo ro-write-failed; ls /dev/volumes";
+    let command = "cat /ro/motd; touch /ro/new 2>/dev/null && echo ro-write-ok || echo ro-write-failed; ls /dev/volumes; \
+        echo rng=$(cat /sys/class/misc/hw_random/rng_current)";
     let disks = [
         format!("path={},id=data", data.display()),
         format!("path={device},id=lv"),
@@ -419,6 +476,14 @@ fn pod_volumes_mounted_by_name() -> Result<()> {
     out.check(
         out.stdout.contains("ro-write-failed"),
         "writing the read-only volume fails",
+    )?;
+    out.check(
+        !out.stdout.contains(ENTROPY_WAIT),
+        "formatting did not wait for entropy (boot seed, virtio_rng module)",
+    )?;
+    out.check(
+        out.stdout.contains("rng=virtio_rng"),
+        "Debian's kernel uses crib's virtio-rng (module loaded by cradle)",
     )?;
     let data_arg = data.display().to_string();
     let on_data = host_tool("debugfs", &["-R", "cat /hello", &data_arg])?;

@@ -208,6 +208,7 @@ fn pod_kernel_boots_with_everything_built_in() -> Result<()> {
         "virtiofs",
         "virtio-pci",
         "nvme",
+        "virtio_rng",
     ] {
         out.check(
             out.stdout.contains(&format!(" {driver} ")),

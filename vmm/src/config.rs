@@ -244,6 +244,57 @@ pub struct VmConfig {
     /// Seccomp filters per thread kind; off only for debugging.
     #[serde(default = "default_true")]
     pub seccomp: bool,
+    /// The virtio-rng entropy device (`--rng`); on unless `null` (`--rng off`).
+    #[serde(default = "default_rng")]
+    pub rng: Option<RngOptions>,
+}
+
+/// The entropy device (`--rng`): virtio-rng fed by the host's getrandom, rate-limited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngOptions {
+    /// Bytes per second the guest may take; absent: 1 MiB/s; 0: no limit.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "de_optional_size"
+    )]
+    pub bandwidth: Option<u64>,
+}
+
+fn default_rng() -> Option<RngOptions> {
+    Some(RngOptions::default())
+}
+
+/// Parses `--rng on|off|bandwidth=BYTES_PER_S`.
+pub fn parse_rng(text: &str) -> Result<Option<RngOptions>, ConfigError> {
+    let err = |problem: String| ConfigError::Rng {
+        rng: format!("--rng '{text}'"),
+        problem,
+    };
+    match text {
+        "on" => return Ok(default_rng()),
+        "off" => return Ok(None),
+        _ => {}
+    }
+    let mut rng = RngOptions::default();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some(("bandwidth", value)) => {
+                rng.bandwidth = Some(parse_size(value).ok_or_else(|| {
+                    err(format!(
+                        "bandwidth={value} is not a number (K/M/G suffixes allowed)"
+                    ))
+                })?)
+            }
+            _ => {
+                return Err(err(format!(
+                    "'{part}' is not valid: use on, off or bandwidth=BYTES_PER_S"
+                )))
+            }
+        }
+    }
+    Ok(Some(rng))
 }
 
 impl VmConfig {
@@ -266,6 +317,7 @@ impl VmConfig {
             pod: None,
             api_socket: None,
             seccomp: true,
+            rng: default_rng(),
         }
     }
 
@@ -589,6 +641,8 @@ pub enum ConfigError {
     Fs { fs: String, problem: String },
     #[error("{net}: {problem}")]
     Net { net: String, problem: String },
+    #[error("{rng}: {problem}")]
+    Rng { rng: String, problem: String },
     #[error("{field} '{tag}' is used by two file systems: give each --fs its own tag")]
     DuplicateFsTag { field: String, tag: String },
     #[error(
@@ -1706,5 +1760,40 @@ mod tests {
             err.to_string(),
             "cannot read config file /nonexistent/vm.json"
         );
+    }
+
+    #[test]
+    fn rng_is_on_by_default() {
+        assert_eq!(VmConfig::new("/k").rng, Some(RngOptions::default()));
+    }
+
+    #[test]
+    fn rng_off_has_no_device() {
+        assert_eq!(parse_rng("off").unwrap(), None);
+    }
+
+    #[test]
+    fn rng_bandwidth_takes_a_size() {
+        assert_eq!(
+            parse_rng("bandwidth=64K").unwrap(),
+            Some(RngOptions {
+                bandwidth: Some(64 << 10)
+            })
+        );
+    }
+
+    #[test]
+    fn rng_unknown_key_names_the_choices() {
+        let err = parse_rng("speed=1").unwrap_err().to_string();
+        assert!(
+            err.contains("use on, off or bandwidth=BYTES_PER_S"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rng_null_in_file_is_off() {
+        let config = from_json(r#"{"kernel": "/k", "rng": null}"#).unwrap();
+        assert_eq!(config.rng, None);
     }
 }

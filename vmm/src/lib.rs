@@ -86,6 +86,8 @@ pub enum VmmError {
     Cmdline(#[source] boot::cmdline::CmdlineError),
     #[error("cannot create guest memory")]
     Memory(#[source] memory::MemoryError),
+    #[error("cannot create the entropy device (--rng)")]
+    Rng(#[source] devices::rate_limiter::RateLimiterError),
     #[error("cannot write the boot page tables")]
     Paging(#[source] boot::paging::PagingError),
     #[error("cannot write the boot GDT")]
@@ -213,6 +215,27 @@ struct BootEntry {
     pml4: u64,
 }
 
+/// A boot RNG seed from the host's getrandom (never blocks once the host pool is ready).
+fn host_random_seed() -> std::io::Result<[u8; boot::zero_page::RNG_SEED_BYTES]> {
+    let mut seed = [0u8; boot::zero_page::RNG_SEED_BYTES];
+    let mut filled = 0;
+    while filled < seed.len() {
+        let rest = &mut seed[filled..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes for the call.
+        let ret = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(ret) {
+            Ok(n) => filled += n,
+            Err(_) => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+    Ok(seed)
+}
+
 /// Loads kernel, initrd, command line and the boot tables into `mem`.
 fn load_guest(
     config: &VmConfig,
@@ -316,12 +339,22 @@ fn load_guest(
     )
     .map_err(VmmError::Acpi)?;
 
+    // A seed from the host's pool: the guest's crng is ready before its first user, so
+    // nothing in the guest (cradle formatting a volume) waits for entropy.
+    let setup_data = match host_random_seed() {
+        Ok(seed) => Some(boot::zero_page::write_rng_seed(mem, &seed).map_err(VmmError::ZeroPage)?),
+        Err(e) => {
+            tracing::warn!("no RNG seed for the guest: getrandom failed: {e}");
+            None
+        }
+    };
     let params = boot::zero_page::build(&boot::zero_page::ZeroPage {
         setup_header: kernel.setup_header,
         cmdline_len,
         initrd,
         mem_bytes: config.memory_bytes,
         rsdp: Some(rsdp),
+        setup_data,
     })
     .map_err(VmmError::ZeroPage)?;
     boot::zero_page::write(mem, &params).map_err(VmmError::ZeroPage)?;
@@ -439,7 +472,16 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
     vcpu::install_kick_handler().map_err(VmmError::Vcpu)?;
     check_host_memory(config.memory_bytes)?;
     let ranges: Vec<_> = boot::memory_map::ram_ranges(config.memory_bytes);
-    let mem = memory::create_guest_memory(&ranges).map_err(VmmError::Memory)?;
+    // virtio-fs is the only vhost-user device: its daemon maps guest RAM.
+    let backing = memory::RamBacking::for_vm(config.fs.len());
+    let mem = memory::create_guest_memory(&ranges, backing).map_err(VmmError::Memory)?;
+    match memory::check_huge_pages(backing) {
+        Ok(huge) => tracing::info!("guest RAM: {backing:?}, huge pages: {huge}"),
+        Err(why) => {
+            tracing::info!("guest RAM: {backing:?}, huge pages: none");
+            tracing::warn!("guest RAM gets no huge pages: {why}");
+        }
+    }
     let vm = Vm::new(mem).map_err(VmmError::Vm)?;
     let cpuid = vcpu::supported_cpuid(&vm).map_err(VmmError::Vcpu)?;
     let mmio64 =
@@ -533,6 +575,30 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
             .map_err(VmmError::Vfio)?;
         Some(host)
     };
+    // Last on the bus: every other device keeps the PCI slot it had before virtio-rng.
+    if let Some(options) = &config.rng {
+        let limit = match options.bandwidth {
+            Some(0) => None,
+            bytes => Some(devices::rate_limiter::TokenBucketConfig {
+                size: bytes.unwrap_or(devices::virtio::rng::DEFAULT_BYTES_PER_SEC),
+                one_time_burst: 0,
+                refill_time_ms: 1000,
+            }),
+        };
+        let mut device = devices::virtio::rng::Rng::new(devices::virtio::rng::RngConfig {
+            rate_limit: devices::rate_limiter::RateLimitConfig {
+                bandwidth: limit,
+                ops: None,
+            },
+        })
+        .map_err(VmmError::Rng)?;
+        if let Some(setup) = seccomp::worker_setup(&filters.rng_worker) {
+            device = device.with_worker_setup(setup);
+        }
+        device_manager
+            .add_virtio_pci(&vm, "rng", Box::new(device))
+            .map_err(VmmError::Device)?;
+    }
     let mmio = device_manager.finish(&mut pio).map_err(VmmError::Device)?;
     let buses = VcpuBuses {
         pio: Arc::new(pio),

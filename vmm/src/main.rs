@@ -149,7 +149,7 @@ struct RunArgs {
     /// --print` writes one). No other run flag may be given with it.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpus", "memory", "console", "disk", "vsock", "fs", "net",
-        "vfio", "docker_socket", "pod", "api_socket", "id", "seccomp",
+        "vfio", "docker_socket", "pod", "api_socket", "id", "seccomp", "rng",
     ])]
     config: Option<PathBuf>,
     /// Guest kernel: an uncompressed ELF vmlinux or a bzImage.
@@ -210,6 +210,10 @@ struct RunArgs {
     /// Seccomp filters per thread; `off` only to debug a filter (logs a warning).
     #[arg(long, value_name = "on|off", default_value = "on")]
     seccomp: Switch,
+    /// The virtio-rng entropy device, fed by the host's getrandom: on, off or
+    /// bandwidth=BYTES_PER_S (default 1M; 0 for no limit).
+    #[arg(long, value_name = "SPEC", default_value = "on")]
+    rng: String,
 }
 
 impl RunArgs {
@@ -255,6 +259,7 @@ impl RunArgs {
             pod: self.pod,
             api_socket: self.api_socket,
             seccomp: self.seccomp == Switch::On,
+            rng: config::parse_rng(&self.rng)?,
         };
         config.validate(origin)
     }

@@ -52,6 +52,7 @@ pub enum ThreadKind {
     NetWorker,
     /// The virtio-vsock worker (guest packets to and from host Unix sockets).
     VsockWorker,
+    RngWorker,
 }
 
 /// Errors building or applying a filter.
@@ -163,6 +164,7 @@ pub struct Filters {
     pub block_worker: Option<Filter>,
     pub net_worker: Option<Filter>,
     pub vsock_worker: Option<Filter>,
+    pub rng_worker: Option<Filter>,
 }
 
 impl Filters {
@@ -182,6 +184,7 @@ impl Filters {
             block_worker: Some(Filter::new(ThreadKind::BlockWorker)?),
             net_worker: Some(Filter::new(ThreadKind::NetWorker)?),
             vsock_worker: Some(Filter::new(ThreadKind::VsockWorker)?),
+            rng_worker: Some(Filter::new(ThreadKind::RngWorker)?),
         })
     }
 }
@@ -370,6 +373,9 @@ const NET_WORKER: &[i64] = &[
     libc::SYS_timerfd_gettime,
 ];
 
+/// The entropy worker: getrandom (in COMMON), poll, eventfds and the rate limiter's timer.
+const RNG_WORKER: &[i64] = &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime];
+
 /// Calls a kind may make only with certain arguments: the vsock worker's `ioctl` is
 /// FIONBIO alone (std's `set_nonblocking` on the host connections it accepts).
 fn conditional_calls(
@@ -402,6 +408,7 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::BlockWorker => &[BLOCK_WORKER],
         ThreadKind::NetWorker => &[NET_WORKER],
         ThreadKind::VsockWorker => &[SOCKETS],
+        ThreadKind::RngWorker => &[RNG_WORKER],
     };
     let mut all: Vec<i64> = COMMON
         .iter()
@@ -427,6 +434,7 @@ mod tests {
             ThreadKind::BlockWorker,
             ThreadKind::NetWorker,
             ThreadKind::VsockWorker,
+            ThreadKind::RngWorker,
         ] {
             assert_eq!(Filter::new(kind).unwrap().kind(), kind);
         }

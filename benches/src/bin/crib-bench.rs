@@ -3,10 +3,12 @@
 //! - `crib-bench host`: on the host's /dev/kvm, crib's process start to the first
 //!   `KVM_RUN` (wall and CPU time, as crib logs them) and its RSS outside guest memory,
 //!   with a micro guest that halts so nothing but crib itself is measured.
-//! - `crib-bench boot [--runs N]`: boot to init (crib's log), to cradle's ready line and
-//!   to a pod process's first line, crib against `qemu-system-x86_64 -M microvm,rtc=on`
-//!   on the same ELF kernel, initramfs and pod, for crib's pod kernel and Debian's cloud
-//!   kernel, N runs each, interleaved, medians and ratios, and crib's exits per boot. Runs inside the lab when the host has no
+//! - `crib-bench boot [--runs N]`: boot to init, guest uptime at init (cradle.debug), to
+//!   cradle's ready line and to a pod process's first line, crib against
+//!   `qemu-system-x86_64 -M microvm,rtc=on` on the same kernel (ELF and bzImage),
+//!   initramfs and pod, for crib's pod kernel and Debian's cloud kernel, on a stock host
+//!   (shmem THP `never`) and a tuned one (`advise`) in the same lab boot, N runs each,
+//!   interleaved, medians and ratios, crib's guest RAM backing and exits per boot. Runs inside the lab when the host has no
 //!   VT-x/AMD-V, so both VMMs are measured in the same L1 boot.
 //!
 //! - `crib-bench io [--runs N]`: 4 KiB random reads at queue depth 32 (fio, io_uring)
@@ -41,8 +43,8 @@
 //!
 //! - `crib-bench density [--pods N]`: N pods (default 10) started at once with `crib pod
 //!   run` (128 MiB, crib's pod kernel, one idle process): the time until all answer
-//!   `docker ps`, crib's RSS outside guest memory per VM (RssAnon + RssFile) and the guest
-//!   memory it touched (RssShmem), medians over the N cribs, then `crib pod stop` each.
+//!   `docker ps`, crib's RSS outside guest memory per VM and the guest memory it touched
+//!   (the guest RAM mapping's Rss in /proc/PID/smaps), medians over the N cribs, then `crib pod stop` each.
 //!
 //! - `crib-bench pull [--runs N]` (default 3): `crib image pull` of a Debian image from a
 //!   loopback registry against `docker pull` and `skopeo copy`, cold and for a second
@@ -200,6 +202,7 @@ fn qemu_microvm(machine: &str, guest: &GuestArtifacts, cmdline: &str) -> Command
 struct BootRun {
     ready: f64,
     process: f64,
+    stdout: String,
     stderr: String,
 }
 
@@ -222,6 +225,7 @@ fn time_boot(cmd: &mut Command) -> Result<BootRun> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let (mut ready, mut process) = (None, None);
+        let mut text = String::new();
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if ready.is_none() && line.contains(READY_LINE) {
                 ready = Some(start.elapsed());
@@ -229,8 +233,10 @@ fn time_boot(cmd: &mut Command) -> Result<BootRun> {
             if process.is_none() && line.contains(POD_LINE) {
                 process = Some(start.elapsed());
             }
+            text.push_str(&line);
+            text.push('\n');
         }
-        let _ = tx.send((ready, process));
+        let _ = tx.send((ready, process, text));
     });
     let err_reader = std::thread::spawn(move || {
         let mut text = String::new();
@@ -241,8 +247,9 @@ fn time_boot(cmd: &mut Command) -> Result<BootRun> {
     let _ = child.kill();
     let _ = child.wait();
     let stderr = err_reader.join().unwrap_or_default();
-    let (ready, process) = times.context("the VMM did not exit before the deadline")?;
+    let (ready, process, stdout) = times.context("the VMM did not exit before the deadline")?;
     Ok(BootRun {
+        stdout,
         ready: ready.context("no ready line")?.as_secs_f64(),
         process: process
             .context("no line from the pod process")?
@@ -294,18 +301,103 @@ fn logged_number(text: &str, key: &str) -> Option<f64> {
     digits.parse().ok()
 }
 
+/// The host's shmem THP policy file: the one knob that tells a stock host from a tuned one.
+const SHMEM_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// Seconds of guest uptime at init, from cradle's `debug: init started X ms after boot`.
+fn uptime_at_init(console: &str) -> Option<f64> {
+    logged_number(console, "debug: init started").map(|ms| ms / 1000.0)
+}
+
+/// Seconds cradle spent from its start to its ready line: the `debug: <step> X ms` lines up
+/// to and including `modules` (cradle prints them with `cradle.debug`).
+fn cradle_to_ready(console: &str) -> Option<f64> {
+    let mut total = 0.0;
+    for step in ["mounts", "cmdline", "modules"] {
+        let key = format!("debug: {step} ");
+        let rest = &console[console.find(&key)? + key.len()..];
+        let number: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        total += number.parse::<f64>().ok()?;
+    }
+    Some(total / 1000.0)
+}
+
+/// One VMM's runs of one kernel form on one host setting.
+#[derive(Default)]
+struct BootSeries {
+    /// Boot to init: crib's marker; for QEMU (no marker) the ready line minus cradle's
+    /// own time to ready.
+    init: Vec<f64>,
+    uptime: Vec<f64>,
+    ready: Vec<f64>,
+    process: Vec<f64>,
+    backing: String,
+}
+
+impl BootSeries {
+    fn add(&mut self, run: &BootRun, crib: bool) {
+        let uptime = uptime_at_init(&run.stdout);
+        let init = if crib {
+            logged_number(&run.stderr, "guest boot to init:").map(|ms| ms / 1000.0)
+        } else {
+            cradle_to_ready(&run.stdout).map(|c| run.ready - c)
+        };
+        self.init.extend(init);
+        self.uptime.extend(uptime);
+        self.ready.push(run.ready);
+        self.process.push(run.process);
+        if crib && self.backing.is_empty() {
+            self.backing = run
+                .stderr
+                .lines()
+                .find_map(|l| {
+                    l.split_once("guest RAM: ")
+                        .map(|(_, b)| b.trim().to_owned())
+                })
+                .unwrap_or_else(|| "?".into());
+        }
+    }
+
+    fn medians(&mut self) -> [f64; 4] {
+        [
+            median(&mut self.init),
+            median(&mut self.uptime),
+            median(&mut self.ready),
+            median(&mut self.process),
+        ]
+    }
+}
+
 fn boot(runs: usize) -> Result<()> {
     if in_lab_instead("boot", runs)? {
         return Ok(());
     }
-    let cmdline = "console=ttyS0 panic=-1 quiet";
+    // cradle.debug: cradle prints its uptime at init and its step times.
+    let cmdline = "console=ttyS0 panic=-1 quiet cradle.debug";
     let dir = std::env::temp_dir().join(format!("crib-bench-boot-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let spec = dir.join("pod.json");
     std::fs::write(&spec, POD_SPEC)?;
-    println!("| kernel | VMM | boot to init | boot to cradle ready | boot to pod process |");
-    println!("| --- | --- | --- | --- | --- |");
+    let original_policy = std::fs::read_to_string(SHMEM_ENABLED).ok();
+    // stock: Debian's default; tuned: shmem THP on madvise. Skipped if not writable.
+    let hosts: Vec<(&str, &str)> = [("stock", "never"), ("tuned", "advise")]
+        .into_iter()
+        .filter(|(_, policy)| std::fs::write(SHMEM_ENABLED, policy).is_ok())
+        .collect();
+    let hosts = if hosts.is_empty() {
+        vec![("as is", "")]
+    } else {
+        hosts
+    };
+    println!(
+        "| kernel | form | host (shmem THP) | VMM | guest RAM | boot to init | guest uptime at init | VMM's share | boot to cradle ready | boot to pod process |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut summary = Vec::new();
+    let ms = |v: f64| format!("{:.0} ms", v * 1000.0);
     for (label, guest) in [
         ("pod kernel", GuestArtifacts::pod()?),
         ("Debian cloud", GuestArtifacts::find()?),
@@ -316,60 +408,84 @@ fn boot(runs: usize) -> Result<()> {
         initrd.extend(initramfs::pod_archive(POD_SPEC.as_bytes())?);
         let qemu_initrd = dir.join(format!("initrd-{}", label.replace(' ', "-")));
         std::fs::write(&qemu_initrd, initrd)?;
-        let qemu_guest = GuestArtifacts {
-            initramfs: qemu_initrd,
-            ..guest.clone()
-        };
-        let (mut crib, mut qemu) = (vec![], vec![]);
-        for _ in 0..runs {
-            let mut vm = crib_vm(&guest, cmdline);
-            vm.arg("--pod").arg(&spec);
-            crib.push(time_boot(&mut vm)?);
-            qemu.push(time_boot(&mut qemu_microvm(
-                "microvm,rtc=on",
-                &qemu_guest,
-                cmdline,
-            ))?);
+        for (form, kernel) in [("ELF", &guest.vmlinux), ("bzImage", &guest.bzimage)] {
+            let crib_guest = GuestArtifacts {
+                vmlinux: kernel.clone(),
+                ..guest.clone()
+            };
+            let qemu_guest = GuestArtifacts {
+                vmlinux: kernel.clone(),
+                initramfs: qemu_initrd.clone(),
+                ..guest.clone()
+            };
+            for &(host, policy) in &hosts {
+                if !policy.is_empty() {
+                    std::fs::write(SHMEM_ENABLED, policy)?;
+                }
+                let (mut crib, mut qemu) = (BootSeries::default(), BootSeries::default());
+                let mut exits = String::from("?");
+                for _ in 0..runs {
+                    let mut vm = crib_vm(&crib_guest, cmdline);
+                    vm.arg("--pod").arg(&spec);
+                    let run = time_boot(&mut vm)?;
+                    crib.add(&run, true);
+                    if let Some(line) = run
+                        .stderr
+                        .lines()
+                        .find(|l| l.contains("vCPU exits to crib"))
+                    {
+                        exits = line
+                            .split("vCPU exits to crib:")
+                            .nth(1)
+                            .unwrap_or("?")
+                            .trim()
+                            .into();
+                    }
+                    let run = time_boot(&mut qemu_microvm("microvm,rtc=on", &qemu_guest, cmdline))?;
+                    qemu.add(&run, false);
+                }
+                let c = crib.medians();
+                let q = qemu.medians();
+                for (vmm, m, backing) in [
+                    ("crib", c, crib.backing.as_str()),
+                    ("QEMU `-M microvm,rtc=on`", q, "anonymous, THP"),
+                ] {
+                    println!(
+                        "| {label} | {form} | {host} | {vmm} | {backing} | {} | {} | {} | {} | {} |",
+                        ms(m[0]),
+                        ms(m[1]),
+                        ms(m[0] - m[1]),
+                        ms(m[2]),
+                        ms(m[3])
+                    );
+                }
+                summary.push(format!(
+                    "{label}, {form}, {host}: crib/QEMU to init {:.2}, to ready {:.2}, to pod process {:.2}; \
+                     uptime at init crib/QEMU {:.2}; crib's share {} vs QEMU's {}; crib exits: {exits}; \
+                     runs (init, s): crib {:.3?}, qemu {:.3?}",
+                    c[0] / q[0],
+                    c[2] / q[2],
+                    c[3] / q[3],
+                    c[1] / q[1],
+                    ms(c[0] - c[1]),
+                    ms(q[0] - q[1]),
+                    crib.init,
+                    qemu.init,
+                ));
+            }
         }
-        let mut init: Vec<f64> = crib
-            .iter()
-            .filter_map(|r| logged_number(&r.stderr, "guest boot to init:"))
-            .collect();
-        let exits = crib
-            .last()
-            .and_then(|r| r.stderr.lines().find(|l| l.contains("vCPU exits to crib")))
-            .and_then(|l| l.split("vCPU exits to crib:").nth(1))
-            .unwrap_or("?")
-            .trim()
-            .to_owned();
-        let (mut c_ready, mut c_proc): (Vec<f64>, Vec<f64>) =
-            crib.iter().map(|r| (r.ready, r.process)).unzip();
-        let (mut q_ready, mut q_proc): (Vec<f64>, Vec<f64>) =
-            qemu.iter().map(|r| (r.ready, r.process)).unzip();
-        let (cr, cp, qr, qp) = (
-            median(&mut c_ready),
-            median(&mut c_proc),
-            median(&mut q_ready),
-            median(&mut q_proc),
-        );
-        println!(
-            "| {label} | crib | {:.0} ms | {:.0} ms | {:.0} ms |",
-            median(&mut init),
-            cr * 1000.0,
-            cp * 1000.0
-        );
-        println!(
-            "| {label} | QEMU `-M microvm,rtc=on` | | {:.0} ms | {:.0} ms |",
-            qr * 1000.0,
-            qp * 1000.0
-        );
-        summary.push(format!(
-            "{label}: crib/QEMU to ready {:.2}, to pod process {:.2}; crib exits per boot: {exits}; \
-             runs (ready, s): crib {c_ready:.3?}, qemu {q_ready:.3?}",
-            cr / qr,
-            cp / qp
-        ));
     }
+    if let Some(policy) = original_policy.as_deref().and_then(|t| {
+        let start = t.find('[')? + 1;
+        Some(&t[start..start + t[start..].find(']')?])
+    }) {
+        let _ = std::fs::write(SHMEM_ENABLED, policy);
+    }
+    println!();
+    println!(
+        "QEMU's boot to init is its ready line minus cradle's own steps to ready (no marker); \
+         the VMM's share is boot to init minus guest uptime at init."
+    );
     println!();
     for line in summary {
         println!("- {line}");
@@ -1615,6 +1731,28 @@ fn mem_available_kib() -> Result<u64> {
         .context("MemAvailable is not a number")
 }
 
+/// Resident KiB of the process's guest RAM: its mappings of exactly `ram_kib`
+/// (/proc/PID/smaps), anonymous or the shared memfd.
+fn guest_ram_rss_kib(pid: u32, ram_kib: u64) -> Result<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let field = |line: &str, key: &str| -> Option<u64> {
+        line.strip_prefix(key)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let (mut in_guest, mut total) = (false, 0);
+    for line in smaps.lines() {
+        if let Some(size) = field(line, "Size:") {
+            in_guest = size == ram_kib;
+        } else if let Some(rss) = field(line, "Rss:").filter(|_| in_guest) {
+            total += rss;
+        }
+    }
+    Ok(total)
+}
+
 fn density(pods: usize) -> Result<()> {
     if in_lab_with(&["density", "--pods", &pods.to_string()])? {
         return Ok(());
@@ -1629,10 +1767,16 @@ fn density(pods: usize) -> Result<()> {
     let (mut outside, mut anon, mut shmem, mut ready) = (vec![], vec![], vec![], vec![]);
     for pod in &fleet.pods {
         let pid = pod.child.id();
-        let (a, f) = (status_kib(pid, "RssAnon:")?, status_kib(pid, "RssFile:")?);
-        outside.push((a + f) as f64);
-        anon.push(a as f64);
-        shmem.push(status_kib(pid, "RssShmem:")? as f64);
+        let (a, f, s) = (
+            status_kib(pid, "RssAnon:")?,
+            status_kib(pid, "RssFile:")?,
+            status_kib(pid, "RssShmem:")?,
+        );
+        // Guest RAM is anonymous (no virtio-fs) or a shared memfd: count its mapping apart.
+        let guest = guest_ram_rss_kib(pid, 128 * 1024)?;
+        outside.push((a + f + s).saturating_sub(guest) as f64);
+        anon.push(a.saturating_sub(guest) as f64);
+        shmem.push(guest as f64);
         ready.push(pod.ready_after.map_or(f64::NAN, |d| d.as_secs_f64()));
     }
     let stop_start = Instant::now();
@@ -1657,15 +1801,15 @@ fn density(pods: usize) -> Result<()> {
         median(&mut ready)
     );
     println!(
-        "| crib RSS outside guest memory per VM (RssAnon + RssFile), median | {:.0} KiB |",
+        "| crib RSS outside guest memory per VM (RssAnon + RssFile + RssShmem - guest RAM), median | {:.0} KiB |",
         median(&mut outside)
     );
     println!(
-        "| of which anonymous (RssAnon), median | {:.0} KiB |",
+        "| of which anonymous (RssAnon - guest RAM), median | {:.0} KiB |",
         median(&mut anon)
     );
     println!(
-        "| guest memory touched per VM (RssShmem), median | {:.0} KiB |",
+        "| guest memory touched per VM (Rss of the guest RAM mapping), median | {:.0} KiB |",
         median(&mut shmem)
     );
     println!(

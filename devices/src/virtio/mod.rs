@@ -8,6 +8,7 @@
 pub mod block;
 pub mod fs;
 pub mod net;
+pub mod rng;
 pub mod transport;
 pub mod vsock;
 

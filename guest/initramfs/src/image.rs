@@ -39,6 +39,7 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "virtiofs",
     "overlay",
     "pvpanic_mmio",
+    "virtio_rng",
 ];
 
 /// `/dev/console`: character device 5:1.

@@ -31,7 +31,7 @@ struct Args {
     kernel: Option<PathBuf>,
     /// Kernel modules to ship, with their dependencies ('-' or '_'; empty for
     /// none). Default: virtio_pci, virtio_blk, virtio_net,
-    /// vmw_vsock_virtio_transport, virtiofs, overlay, pvpanic_mmio.
+    /// vmw_vsock_virtio_transport, virtiofs, overlay, pvpanic_mmio, virtio_rng.
     #[arg(long, value_name = "a,b,c", value_delimiter = ',')]
     modules: Option<Vec<String>>,
     /// A static busybox, installed as /bin/busybox with a symlink per applet.

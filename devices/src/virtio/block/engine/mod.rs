@@ -103,6 +103,12 @@ pub(crate) trait BlockEngine: Send {
     /// Readable when completions are ready; `None` when they are ready right after `submit`.
     fn completion_fd(&self) -> Option<RawFd>;
 
+    /// Whether finished operations wait to be reaped, checked without a system call (the
+    /// worker polls this before it sleeps). Engines without such a view say false.
+    fn completions_ready(&mut self) -> bool {
+        false
+    }
+
     /// Operations queued or running, not yet reaped.
     fn in_flight(&self) -> usize;
 

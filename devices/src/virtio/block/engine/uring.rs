@@ -306,6 +306,11 @@ impl BlockEngine for UringEngine {
         Some(self.eventfd.as_raw_fd())
     }
 
+    fn completions_ready(&mut self) -> bool {
+        // The completion ring's tail, read from shared memory.
+        !self.ring.completion().is_empty()
+    }
+
     fn in_flight(&self) -> usize {
         self.in_flight
     }
