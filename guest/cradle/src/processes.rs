@@ -135,6 +135,7 @@ mod tests {
             argv: argv.iter().map(|s| (*s).to_owned()).collect(),
             env: env.iter().map(|s| (*s).to_owned()).collect(),
             cwd: cwd.map(str::to_owned),
+            ..ProcessSpec::default()
         }
     }
 

@@ -521,6 +521,7 @@ pub fn exec_command(
             .filter(|dir| !dir.is_empty())
             .map(str::to_owned)
             .or_else(|| container.spec.cwd.clone()),
+        ..ProcessSpec::default()
     };
     processes::build_command(&spec)
 }
@@ -577,6 +578,7 @@ mod tests {
             argv: vec!["/nonexistent/cradle-test".to_owned()],
             env: Vec::new(),
             cwd: None,
+            ..ProcessSpec::default()
         }]);
 
         registry.start_all();

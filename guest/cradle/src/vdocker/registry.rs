@@ -337,6 +337,7 @@ pub mod testing {
             argv: vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()],
             env: Vec::new(),
             cwd: None,
+            ..ProcessSpec::default()
         }
     }
 
