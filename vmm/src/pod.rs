@@ -475,6 +475,7 @@ fn disk_config(name: &str, disk: &PodDisk) -> DiskConfig {
         bandwidth: disk.bandwidth,
         burst: disk.burst,
         iops_burst: disk.iops_burst,
+        composite: Vec::new(),
     }
 }
 
