@@ -53,6 +53,9 @@ enum Command {
     /// Run and manage pods: one launch file per pod, sockets in a run directory.
     #[command(subcommand)]
     Pod(PodCommand),
+    /// Manage the host image store: import, list, inspect, remove, prune (docs/IMAGES.md).
+    #[command(subcommand)]
+    Image(images::cli::ImageCommand),
 }
 
 /// `crib pod ...` (README.md, "Pods: crib pod").
@@ -465,6 +468,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args, start),
         Command::Config(args) => print_config(args),
         Command::Pod(command) => pod_command(command, start),
+        Command::Image(command) => images::cli::run(command),
     };
     // vCPU threads may still sit in KVM_RUN: end the process rather than join them.
     use std::io::Write;
