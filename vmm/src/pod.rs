@@ -12,8 +12,8 @@
 //!   docker.sock   the pod's Docker API (cradle's vdocker, through vsock port 1)
 //!   vsock.sock    the hybrid vsock socket (`CONNECT <port>`)
 //!   console.log   the serial console
-//!   spec.json     the pod spec handed to cradle
-//!   info.json     who runs the pod: pid, start time, the paths above
+//!   spec.json     the pod spec handed to cradle (with the `resolved` images, if any)
+//!   info.json     who runs the pod: pid, start time, the paths above, image digests
 //!   exit.json     crib's exit code once the pod has ended, empty until then (`crib pod
 //!                 stop` reports it)
 //!   lock          held (flock) by the `crib pod run` of this pod
@@ -35,6 +35,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::{self, ConsoleConfig, DiskConfig, FsConfig, Origin, VmConfig, VsockConfig};
+use crate::pod_images::{PodImageError, PodImages};
 
 /// The guest CID of every pod: with hybrid vsock each VM has its own Unix socket, so the
 /// CID only has to be valid, not unique.
@@ -146,6 +147,10 @@ pub struct LaunchFile {
     /// Default: `<run root>/<pod name>`.
     #[serde(default)]
     pub run_dir: Option<PathBuf>,
+    /// The image store processes' `image` references are resolved in; default: crib's
+    /// (`CRIB_STATE_DIR`, else /var/lib/crib for root, else ~/.local/share/crib).
+    #[serde(default)]
+    pub image_store: Option<PathBuf>,
 }
 
 fn de_some_console<'de, D: serde::Deserializer<'de>>(
@@ -170,11 +175,19 @@ pub struct PreparedPod {
     pub name: String,
     pub run_dir: PathBuf,
     pub config: VmConfig,
+    /// The processes' images, resolved (docs/CONTAINERS.md).
+    pub images: PodImages,
 }
 
 /// Errors of `crib pod`, each naming the file or field and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
+    #[error("launch file {path}: cannot prepare the pod's images")]
+    Images {
+        path: PathBuf,
+        #[source]
+        source: PodImageError,
+    },
     #[error("cannot read launch file {path}")]
     ReadFile {
         path: PathBuf,
@@ -437,9 +450,14 @@ impl LaunchFile {
                 *p = base.join(&*p);
             }
         };
-        for p in [&mut launch.kernel, &mut launch.initrd, &mut launch.run_dir]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut launch.kernel,
+            &mut launch.initrd,
+            &mut launch.run_dir,
+            &mut launch.image_store,
+        ]
+        .into_iter()
+        .flatten()
         {
             resolve(p);
         }
@@ -591,6 +609,13 @@ impl Launch {
         config.docker_socket = Some(run_dir.join(DOCKER_SOCKET));
         config.api_socket = Some(run_dir.join(API_SOCKET));
         config.pod = Some(run_dir.join(SPEC_FILE));
+        let images = PodImages::resolve(&self.spec, self.launch.image_store.as_deref()).map_err(
+            |source| PodError::Images {
+                path: self.file.clone(),
+                source,
+            },
+        )?;
+        config.disks.extend(images.layer_disk(&run_dir));
         let config = config
             .validate(Origin::File)
             .map_err(|source| PodError::Config {
@@ -601,6 +626,7 @@ impl Launch {
             name,
             run_dir,
             config,
+            images,
         })
     }
 }
@@ -693,7 +719,9 @@ impl PreparedPod {
             }
         }
         let spec_path = self.run_dir.join(SPEC_FILE);
-        let spec = serde_json::to_vec_pretty(&launch.spec_json).unwrap_or_default();
+        let mut spec_json = launch.spec_json.clone();
+        self.images.add_to_spec(&mut spec_json);
+        let spec = serde_json::to_vec_pretty(&spec_json).unwrap_or_default();
         std::fs::write(&spec_path, spec).map_err(write_err(&spec_path))?;
         let info_path = self.run_dir.join(INFO_FILE);
         let info = self.info(launch, guest_dir_note);
@@ -719,6 +747,7 @@ impl PreparedPod {
             "docker_socket": path(&self.config.docker_socket),
             "vsock_socket": self.config.vsock.as_ref().map(|v| v.socket.display().to_string()),
             "console": self.config.console.to_string(),
+            "images": self.images.digests(),
             "config": serde_json::to_value(&self.config).unwrap_or(Value::Null),
         })
     }

@@ -26,11 +26,17 @@ pub const MAX_IMAGE_LAYERS: usize = 128;
 /// resolved images of a spec.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ContainerSpecError {
-    #[error("{field}: the image sets no Entrypoint or Cmd and the process gives no argv; add argv")]
+    #[error(
+        "{field}: the image sets no Entrypoint or Cmd and the process gives no argv; add argv"
+    )]
     NoCommand { field: String },
-    #[error("{field}: image {image:?} was not resolved by the host; run the pod with crib pod run")]
+    #[error(
+        "{field}: image {image:?} was not resolved by the host; run the pod with crib pod run"
+    )]
     Unresolved { field: String, image: String },
-    #[error("{field}: layer {diff_id} is not in the pod's layer table; the host's spec is inconsistent")]
+    #[error(
+        "{field}: layer {diff_id} is not in the pod's layer table; the host's spec is inconsistent"
+    )]
     UnknownLayer { field: String, diff_id: String },
     #[error("{field}: layer {diff_id} at offset {offset} is not aligned to {LAYER_ALIGN} bytes or overlaps the one before it")]
     BadLayerOffset {
@@ -154,7 +160,10 @@ impl ResolvedImages {
 /// `sha256:` and 64 lowercase hex digits.
 fn check_digest(field: &str, value: &str) -> Result<(), ContainerSpecError> {
     let ok = value.strip_prefix("sha256:").is_some_and(|hex| {
-        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     });
     if ok {
         Ok(())
@@ -297,7 +306,15 @@ mod tests {
     #[test]
     fn argv_replaces_cmd_and_keeps_entrypoint() {
         let argv = strings(&["--debug"]);
-        let eff = effective_command("p", &image(), Overrides { argv: &argv, ..none() }).unwrap();
+        let eff = effective_command(
+            "p",
+            &image(),
+            Overrides {
+                argv: &argv,
+                ..none()
+            },
+        )
+        .unwrap();
         assert_eq!(eff.argv, ["/entry", "--debug"]);
     }
 
@@ -347,7 +364,15 @@ mod tests {
     #[test]
     fn env_merges_by_name_spec_wins_and_path_defaults() {
         let env = strings(&["B=spec", "C=3"]);
-        let eff = effective_command("p", &image(), Overrides { env: &env, ..none() }).unwrap();
+        let eff = effective_command(
+            "p",
+            &image(),
+            Overrides {
+                env: &env,
+                ..none()
+            },
+        )
+        .unwrap();
         assert_eq!(eff.env, ["PATH=/img/bin", "A=1", "B=spec", "C=3"]);
 
         let bare = ImageConfig {
@@ -428,7 +453,10 @@ mod tests {
         let mut r = resolved();
         r.layers.pop();
         let err = r.validate("resolved").unwrap_err();
-        assert!(matches!(err, ContainerSpecError::UnknownLayer { .. }), "{err}");
+        assert!(
+            matches!(err, ContainerSpecError::UnknownLayer { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -436,6 +464,9 @@ mod tests {
         let mut r = resolved();
         r.layers[0].diff_id = "sha256:XYZ".into();
         let err = r.validate("resolved").unwrap_err();
-        assert!(err.to_string().starts_with("resolved.layers[0].diff_id"), "{err}");
+        assert!(
+            err.to_string().starts_with("resolved.layers[0].diff_id"),
+            "{err}"
+        );
     }
 }
