@@ -186,7 +186,7 @@ pub enum PodError {
     Images {
         path: PathBuf,
         #[source]
-        source: PodImageError,
+        source: Box<PodImageError>,
     },
     #[error("cannot read launch file {path}")]
     ReadFile {
@@ -612,7 +612,7 @@ impl Launch {
         let images = PodImages::resolve(&self.spec, self.launch.image_store.as_deref()).map_err(
             |source| PodError::Images {
                 path: self.file.clone(),
-                source,
+                source: Box::new(source),
             },
         )?;
         config.disks.extend(images.layer_disk(&run_dir));
