@@ -27,14 +27,14 @@ pub enum PodImageError {
     Store {
         root: PathBuf,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("processes[{index}].image: cannot resolve {reference:?}")]
     Resolve {
         index: usize,
         reference: String,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("image {reference:?} has no layers; import it again")]
     NoLayers { reference: String },
@@ -67,7 +67,7 @@ impl PodImages {
         let root = store_root.map_or_else(Store::default_root, Path::to_path_buf);
         let store = Store::open(&root).map_err(|source| PodImageError::Store {
             root: root.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let mut images = BTreeMap::new();
         for (index, reference) in wanted {
@@ -79,7 +79,7 @@ impl PodImages {
                 .map_err(|source| PodImageError::Resolve {
                     index,
                     reference: reference.to_owned(),
-                    source,
+                    source: Box::new(source),
                 })?;
             images.insert(reference.to_owned(), image);
         }
