@@ -10,6 +10,7 @@
 
 mod api;
 mod cli;
+mod containers;
 mod disk;
 mod docker;
 mod fs;
@@ -228,6 +229,7 @@ fn main() {
         .chain(docker::tests())
         .chain(fs::tests())
         .chain(pod::tests())
+        .chain(containers::tests())
         .chain(api::tests())
         .map(|(n, f)| trial(n, f))
         .collect();

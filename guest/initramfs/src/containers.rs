@@ -178,7 +178,10 @@ fn check_digest(field: &str, value: &str) -> Result<(), ContainerSpecError> {
 /// What a process of an image runs with, after Docker's rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EffectiveCommand {
+    /// `entrypoint` followed by `cmd`.
     pub argv: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
     /// `NAME=VALUE`, image first, names unique.
     pub env: Vec<String>,
     pub cwd: String,
@@ -246,6 +249,8 @@ pub fn effective_command(
         .unwrap_or_else(|| "0".to_owned());
     Ok(EffectiveCommand {
         argv,
+        entrypoint: entrypoint.to_vec(),
+        cmd: cmd.to_vec(),
         env,
         cwd,
         user,

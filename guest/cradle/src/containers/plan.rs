@@ -25,6 +25,9 @@ pub struct ContainerPlan {
     /// Holds `upper/`, `work/`, `root/` (the overlay) and `pid` (the container's PID 1).
     pub dir: PathBuf,
     pub argv: Vec<String>,
+    /// How argv came about, for `docker inspect`.
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
     pub env: Vec<String>,
     pub cwd: String,
     pub user: String,
@@ -70,6 +73,8 @@ impl ContainerPlan {
             lower,
             dir: Path::new(RUN_DIR).join("c").join(&process.name),
             argv: effective.argv,
+            entrypoint: effective.entrypoint,
+            cmd: effective.cmd,
             env: effective.env,
             cwd: effective.cwd,
             user: effective.user,

@@ -1,0 +1,300 @@
+//! Pods that run images (docs/CONTAINERS.md): images are built with the image store's
+//! fixtures (busybox-static), imported with `crib image import` into a store in a temp
+//! dir, and run by `crib pod run`; what each container sees is read from the console.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use crib_tests::{run_crib, GuestArtifacts, RunOutput};
+use images::fixtures::{self, Config, Entry, Image, Layer};
+
+use crate::TestFn;
+
+const DEADLINE: Duration = Duration::from_secs(300);
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn tests() -> Vec<(&'static str, TestFn)> {
+    vec![
+        (
+            "linux_containers_image_config_overrides_and_whiteouts",
+            image_config_overrides_and_whiteouts,
+        ),
+        (
+            "linux_containers_many_layers_and_shared_layer_files",
+            many_layers_and_shared_layer_files,
+        ),
+    ]
+}
+
+/// A temp dir with an image store.
+struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    fn new(name: &str) -> Result<Self> {
+        let dir =
+            std::env::temp_dir().join(format!("crib-containers-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Writes `image` as an OCI layout and imports it as `name`.
+    fn import(&self, name: &str, image: &Image) -> Result<String> {
+        let layout = self
+            .dir
+            .join(format!("layout-{}", name.replace([':', '/'], "-")));
+        fixtures::write_oci_layout(&layout, image).context("writing the OCI layout")?;
+        let state = self.state();
+        let out = run_crib(
+            &[
+                "image",
+                "import",
+                &layout.display().to_string(),
+                "--name",
+                name,
+                "--state-dir",
+                &state.display().to_string(),
+            ],
+            CALL_TIMEOUT,
+        )?;
+        out.check(out.code == Some(0), &format!("crib image import {name}"))?;
+        Ok(out.stdout.trim().to_owned())
+    }
+
+    /// Runs the pod `spec` (JSON) with this store; returns crib's output and the console.
+    fn run_pod(&self, name: &str, spec: &str) -> Result<(RunOutput, String, PathBuf)> {
+        let run_dir = self.dir.join("run").join(name);
+        let launch = self.dir.join(format!("{name}.json"));
+        std::fs::write(
+            &launch,
+            format!(
+                r#"{{"pod": {spec}, "cpus": 2, "memory": "512M", "image_store": "{}", "run_dir": "{}"}}"#,
+                self.state().display(),
+                run_dir.display()
+            ),
+        )?;
+        let out = run_crib(&["pod", "run", &launch.display().to_string()], DEADLINE)?;
+        let console = std::fs::read_to_string(run_dir.join("console.log"))
+            .unwrap_or_default()
+            .replace('\r', "");
+        Ok((out, console, run_dir))
+    }
+}
+
+/// busybox, then a layer that adds a user and a group, deletes a file of the lower layer
+/// and makes /data opaque.
+fn app_image() -> Result<Image> {
+    let mut base = fixtures::busybox_layer()?;
+    base.entries.extend([
+        Entry::dir("etc/old"),
+        Entry::file("etc/old/gone", "deleted above"),
+        Entry::file("etc/old/kept", "kept"),
+        Entry::dir("data"),
+        Entry::file("data/a", "a"),
+        Entry::file("data/b", "b"),
+        Entry::file("secret-of-layer-1", "x"),
+    ]);
+    let top = Layer::new(vec![
+        Entry::file(
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:App:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        ),
+        Entry::file("etc/group", "root:x:0:\napp:x:1000:\nextra:x:2000:app\nnogroup:x:65534:\n"),
+        Entry::whiteout("etc/old/gone"),
+        Entry::opaque("data"),
+        Entry::file("data/c", "c"),
+        Entry::dir("home"),
+        Entry::dir("home/app").owner(1000, 1000),
+        Entry::dir("srv").mode(0o777),
+    ]);
+    Ok(Image {
+        layers: vec![base, top],
+        config: Config {
+            entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
+            cmd: Some(vec!["echo IMAGE-CMD-RAN FOO=$FOO".into()]),
+            env: vec![
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                "FOO=image".into(),
+                "BAR=image".into(),
+            ],
+            working_dir: Some("/srv/work".into()),
+            user: Some("app".into()),
+        },
+        tag: None,
+        ..Image::default()
+    })
+}
+
+/// What a container prints about itself, on one line.
+const PROBE: &str = "echo PROBE-$HOSTNAME uid=$(id -u) gid=$(id -g) groups=$(id -G | tr ' ' ,) pwd=$(pwd) FOO=$FOO BAR=$BAR HOME=$HOME pid=$$ gone=$(test -e /etc/old/gone && echo present || echo absent) kept=$(cat /etc/old/kept) data=$(ls /data | tr '\\n' ,) cradle=$(test -e /init && echo visible || echo hidden) run=$(test -e /run/cradle && echo visible || echo hidden) hostname=$(cat /etc/hostname) procs=$(ls /proc | grep -c '^[0-9]') dev=$(ls /dev | tr '\\n' ,) sys=$(grep -c '^sysfs /sys sysfs ro' /proc/mounts) hosts=$(grep -c localhost /etc/hosts)";
+
+fn image_config_overrides_and_whiteouts() -> Result<()> {
+    GuestArtifacts::pod()?;
+    let store = Store::new("config")?;
+    let digest = store.import("app:1", &app_image()?)?;
+    let spec = format!(
+        r#"{{"name": "imgcfg", "processes": [
+            {{"name": "defaults", "image": "app:1", "argv": ["{PROBE}"]}},
+            {{"name": "override", "image": "app:1", "entrypoint": ["/bin/busybox", "sh", "-c"],
+              "argv": ["{PROBE}"], "env": ["BAR=spec"], "cwd": "/tmp", "user": "nobody"}},
+            {{"name": "cmd", "image": "app:1"}},
+            {{"name": "baduser", "image": "app:1", "user": "ghost", "argv": ["echo never"]}},
+            {{"name": "plain", "argv": ["/bin/sh", "-c", "echo PLAIN-RAN"]}}
+        ]}}"#
+    );
+    let (out, console, run_dir) = store.run_pod("imgcfg", &spec)?;
+    let has = |needle: &str| console.contains(needle);
+    let line = |name: &str| {
+        console
+            .lines()
+            .find(|l| l.contains(&format!("PROBE-{name} ")))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let defaults = line("defaults");
+    let want = [
+        "uid=1000 gid=1000 groups=1000,2000 pwd=/srv/work FOO=image BAR=image HOME=/home/app pid=1",
+        "gone=absent kept=kept data=c, cradle=hidden run=hidden hostname=defaults",
+        "sys=1 hosts=",
+    ];
+    for part in want {
+        out.check(
+            defaults.contains(part),
+            &format!("the image's defaults apply in its container ({part}); line: {defaults}\nconsole:\n{console}"),
+        )?;
+    }
+    out.check(
+        defaults.contains("dev=console,") || defaults.contains("dev=fd,"),
+        &format!("the container has its own /dev: {defaults}"),
+    )?;
+    for node in [
+        "null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "ptmx",
+    ] {
+        out.check(
+            defaults.contains(&format!("{node},")),
+            &format!("/dev/{node} is in the container: {defaults}"),
+        )?;
+    }
+    let procs: u32 = defaults
+        .split("procs=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(99);
+    out.check(
+        procs <= 4,
+        &format!("the container's /proc shows only its own processes ({procs}): {defaults}"),
+    )?;
+    let over = line("override");
+    out.check(
+        over.contains("uid=65534 gid=65534") && over.contains("pwd=/tmp FOO=image BAR=spec"),
+        &format!("the spec's entrypoint, user, cwd and env override the image's: {over}\nconsole:\n{console}"),
+    )?;
+    out.check(
+        has("IMAGE-CMD-RAN FOO=image"),
+        &format!("without argv the image's Entrypoint and Cmd run:\n{console}"),
+    )?;
+    out.check(
+        has("user \"ghost\" is not in the image's /etc/passwd"),
+        &format!("an unknown user is a clear error:\n{console}"),
+    )?;
+    out.check(
+        has("process baduser exited with status 126"),
+        &format!("the bad-user container exits 126:\n{console}"),
+    )?;
+    out.check(
+        has("PLAIN-RAN"),
+        &format!("a process without image runs as before:\n{console}"),
+    )?;
+    out.check(
+        out.code == Some(0),
+        &format!("the pod ends when its processes have:\n{console}"),
+    )?;
+    let info = std::fs::read_to_string(run_dir.join("info.json"))?;
+    out.check(
+        info.contains(&digest) && info.contains("app:1"),
+        &format!("info.json records the image's digest {digest}: {info}"),
+    )?;
+    Ok(())
+}
+
+/// A 12-layer image: busybox and 11 layers of one file each.
+fn layered_image(tag: &str, marker: &str) -> Result<Image> {
+    let mut layers = vec![fixtures::busybox_layer()?];
+    for i in 1..12 {
+        layers.push(Layer::new(vec![
+            Entry::dir("layers"),
+            Entry::file(format!("layers/{tag}-{i}"), format!("{marker}{i}")),
+        ]));
+    }
+    Ok(Image {
+        layers,
+        config: Config {
+            cmd: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo LAYERS-$HOSTNAME=$(ls /layers | wc -l)".into(),
+            ]),
+            env: vec!["PATH=/bin".into()],
+            ..Config::default()
+        },
+        ..Image::default()
+    })
+}
+
+fn many_layers_and_shared_layer_files() -> Result<()> {
+    GuestArtifacts::pod()?;
+    let store = Store::new("layers")?;
+    store.import("twelve-a:1", &layered_image("a", "A")?)?;
+    store.import("twelve-b:1", &layered_image("b", "B")?)?;
+    store.import("twelve-c:1", &layered_image("c", "C")?)?;
+    // Three images share the busybox layer: the store keeps one file for it.
+    let layers_dir = store.state().join("layers");
+    let files = count_files(&layers_dir);
+    let spec = r#"{"name": "twelve", "processes": [
+        {"name": "one", "image": "twelve-a:1"},
+        {"name": "two", "image": "twelve-b:1"},
+        {"name": "three", "image": "twelve-c:1"}
+    ]}"#;
+    let (out, console, _) = store.run_pod("twelve", spec)?;
+    for name in ["one", "two", "three"] {
+        out.check(
+            console.contains(&format!("LAYERS-{name}=11")),
+            &format!("container {name} sees its 11 upper layers ({files} layer files in the store):\n{console}"),
+        )?;
+    }
+    out.check(
+        files == 34,
+        &format!("34 layer files for 3 images of 12 layers sharing one: {files}"),
+    )?;
+    out.check(
+        console.contains("layers: 34 mounted"),
+        &format!("the pod's layer disk holds each distinct layer once:\n{console}"),
+    )?;
+    Ok(())
+}
+
+/// erofs layer files under `dir`, recursively.
+fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                count_files(&path)
+            } else {
+                usize::from(path.extension().is_some_and(|e| e == "erofs"))
+            }
+        })
+        .sum()
+}
