@@ -22,6 +22,75 @@ pub const DEFAULT_IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/
 /// Most layers one image may have (overlayfs stacks at most 500 lower layers; Docker 125).
 pub const MAX_IMAGE_LAYERS: usize = 128;
 
+/// Most CPUs a container may be limited to (`cpus`).
+pub const MAX_CPUS: f64 = 1024.0;
+/// Smallest memory limit: below this the kernel's own charges make it meaningless.
+pub const MIN_MEMORY_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A container's `cpus` limit, stored in thousandths of a CPU (`0.5` is 500), so the spec
+/// types keep `Eq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MilliCpus(pub u32);
+
+impl Serialize for MilliCpus {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(f64::from(self.0) / 1000.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for MilliCpus {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let cpus = f64::deserialize(deserializer)?;
+        if !(0.001..=MAX_CPUS).contains(&cpus) {
+            return Err(serde::de::Error::custom(format!(
+                "{cpus} CPUs is out of range; use 0.001 to {MAX_CPUS}, like 0.5"
+            )));
+        }
+        let millis = (cpus * 1000.0).round();
+        // In range: 1..=1_024_000.
+        Ok(Self(millis as u32))
+    }
+}
+
+/// A memory limit in bytes, written as a number of bytes or a string with a K, M or G
+/// suffix (`"256M"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct MemoryBytes(pub u64);
+
+impl<'de> Deserialize<'de> for MemoryBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        let bytes = match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Some(n),
+            Raw::Text(text) => parse_size(&text),
+        };
+        match bytes {
+            Some(b) if b >= MIN_MEMORY_BYTES => Ok(Self(b)),
+            _ => Err(serde::de::Error::custom(format!(
+                "not a memory size of at least {MIN_MEMORY_BYTES} bytes; write bytes or a K, M or G suffix, like \"256M\""
+            ))),
+        }
+    }
+}
+
+/// `"256M"`, `"1G"`, `"4096"`, `"512k"`.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last()? {
+        (i, 'k' | 'K') => (&text[..i], 10),
+        (i, 'm' | 'M') => (&text[..i], 20),
+        (i, 'g' | 'G') => (&text[..i], 30),
+        _ => (text, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1u64 << shift)
+}
+
 /// Errors of combining an image's config with a process's settings, and of checking the
 /// resolved images of a spec.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::containers::{ContainerSpecError, ResolvedImages};
+use crate::containers::{ContainerSpecError, MemoryBytes, MilliCpus, ResolvedImages};
 
 /// Where the spec is in the guest; the pod archive puts it there.
 pub const POD_SPEC_GUEST_PATH: &str = "/etc/cradle/pod.json";
@@ -273,6 +273,13 @@ pub struct ProcessSpec {
     /// /etc/group; default: the image's User, else root. Only with `image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// CPU limit of the container's cgroup (`cpu.max`), in CPUs (`0.5`). Only with `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<MilliCpus>,
+    /// Memory limit of the container's cgroup (`memory.max`): bytes or `"256M"`; beyond it
+    /// the kernel OOM-kills inside the container. Only with `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryBytes>,
 }
 
 /// `"<field>: "`, or nothing for the top level.
@@ -429,6 +436,8 @@ fn check_image_process(
         for (field, set) in [
             ("entrypoint", process.entrypoint.is_some()),
             ("user", process.user.is_some()),
+            ("cpus", process.cpus.is_some()),
+            ("memory", process.memory.is_some()),
         ] {
             if set {
                 return Err(PodSpecError::NeedsImage {
@@ -1452,5 +1461,19 @@ mod tests {
     fn bad_image_reference_is_named() {
         let err = parse(&with_process(r#""image": "-rm""#)).unwrap_err();
         assert!(matches!(err, PodSpecError::InvalidImage { .. }), "{err}");
+    }
+
+    #[test]
+    fn limits_parse_and_bad_ones_name_the_field() {
+        let spec = parse(&with_process(
+            r#""image": "a", "cpus": 0.5, "memory": "64M""#,
+        ))
+        .unwrap();
+        assert_eq!(spec.processes[0].cpus, Some(MilliCpus(500)));
+        assert_eq!(spec.processes[0].memory, Some(MemoryBytes(64 << 20)));
+        let err = parse(&with_process(r#""image": "a", "memory": "lots""#)).unwrap_err();
+        assert!(err.to_string().starts_with("processes[0].memory"), "{err}");
+        let err = parse(&with_process(r#""image": "a", "cpus": 0""#)).unwrap_err();
+        assert!(err.to_string().starts_with("processes[0].cpus"), "{err}");
     }
 }

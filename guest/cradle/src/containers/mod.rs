@@ -11,11 +11,13 @@
 //!   /sys, /dev, pivot_root, user, exec) and stay as its shim, forwarding signals and
 //!   exiting as it does.
 //! - [`user`]: the image's /etc/passwd and /etc/group.
+//! - [`cgroup`]: a cgroup v2 per container with `cpus` or `memory`.
 //!
 //! The core is not tied to boot: [`Containers::create`] makes a container from a process
 //! spec and the pod's resolved images at any time, and [`command`] gives the command that
 //! starts it, which the registry (vdocker) spawns, restarts and signals like any process.
 
+pub mod cgroup;
 pub mod layers;
 pub mod loopdev;
 pub mod plan;
@@ -74,6 +76,12 @@ pub enum ContainerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot set up the cgroup {}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Spec(#[from] ContainerSpecError),
     #[error("processes[{index}]: image {image:?} is not among the images the host resolved")]
@@ -119,8 +127,9 @@ impl Containers {
         process: &ProcessSpec,
         spec: &PodSpec,
     ) -> Result<(), ContainerError> {
-        let plan = ContainerPlan::new(index, process, &spec.resolved, &self.layers)?;
+        let mut plan = ContainerPlan::new(index, process, &spec.resolved, &self.layers)?;
         plan.make_dirs()?;
+        plan.cgroup = cgroup::create(&process.name, process.cpus, process.memory)?;
         self.plans
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

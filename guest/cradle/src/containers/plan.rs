@@ -31,6 +31,9 @@ pub struct ContainerPlan {
     pub env: Vec<String>,
     pub cwd: String,
     pub user: String,
+    /// The container's cgroup, if it has limits.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 impl ContainerPlan {
@@ -78,6 +81,7 @@ impl ContainerPlan {
             env: effective.env,
             cwd: effective.cwd,
             user: effective.user,
+            cgroup: None,
         })
     }
 

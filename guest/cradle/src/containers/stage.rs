@@ -54,6 +54,16 @@ pub fn main(json: &str) -> ! {
         Ok(plan) => plan,
         Err(error) => fail("?", EXIT_SETUP, &format!("bad container plan: {error}")),
     };
+    if let Some(cgroup) = &plan.cgroup {
+        // The shim and everything it starts.
+        if let Err(error) = fs::write(cgroup.join("cgroup.procs"), "0") {
+            fail(
+                &plan.name,
+                EXIT_SETUP,
+                &format!("cannot enter the cgroup {}: {error}", cgroup.display()),
+            );
+        }
+    }
     // SAFETY: no FILES flag: the descriptor table is not unshared. This process was just
     // exec'ed and has one thread.
     let unshared = unsafe {
@@ -61,7 +71,8 @@ pub fn main(json: &str) -> ! {
             UnshareFlags::NEWNS
                 | UnshareFlags::NEWUTS
                 | UnshareFlags::NEWIPC
-                | UnshareFlags::NEWPID,
+                | UnshareFlags::NEWPID
+                | UnshareFlags::NEWCGROUP,
         )
     };
     if let Err(error) = unshared {
@@ -210,6 +221,19 @@ fn set_up_and_exec(
     // From here on every path, symlinks in the image included, resolves inside the
     // container's root.
     mount_system(Path::new("/"))?;
+    if plan.cgroup.is_some() {
+        // Its own cgroup as the root (cgroup namespace), read-only: limits visible.
+        rustix_context(
+            "cannot mount /sys/fs/cgroup",
+            mount(
+                "cgroup2",
+                "/sys/fs/cgroup",
+                "cgroup2",
+                MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                None,
+            ),
+        )?;
+    }
     write_etc(Path::new("/"), &plan.name, resolv.as_deref())?;
     rustix_context(
         "cannot set the hostname",
