@@ -146,6 +146,8 @@ fn image_config_overrides_and_whiteouts() -> Result<()> {
               "argv": ["{PROBE}"], "env": ["BAR=spec"], "cwd": "/tmp", "user": "nobody"}},
             {{"name": "cmd", "image": "app:1"}},
             {{"name": "baduser", "image": "app:1", "user": "ghost", "argv": ["echo never"]}},
+            {{"name": "hog", "image": "app:1", "user": "0", "memory": "32M", "cpus": 0.5,
+              "argv": ["echo LIMITS $(cat /sys/fs/cgroup/memory.max) $(cat /sys/fs/cgroup/cpu.max); x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo HOG-SURVIVED"]}},
             {{"name": "plain", "argv": ["/bin/sh", "-c", "echo PLAIN-RAN"]}}
         ]}}"#
     );
@@ -208,6 +210,15 @@ fn image_config_overrides_and_whiteouts() -> Result<()> {
     out.check(
         has("process baduser exited with status 126"),
         &format!("the bad-user container exits 126:\n{console}"),
+    )?;
+    out.check(
+        has("LIMITS 33554432 50000 100000"),
+        &format!("the container sees its cgroup's limits:\n{console}"),
+    )?;
+    out.check(
+        !has("HOG-SURVIVED")
+            && (has("process hog killed by signal 9") || has("process hog exited with status 137")),
+        &format!("the memory hog is OOM-killed in its cgroup:\n{console}"),
     )?;
     out.check(
         has("PLAIN-RAN"),
