@@ -98,8 +98,16 @@ pub enum CradleError {
 fn main() {
     // cradle re-executed to set up a container (containers::stage), not PID 1.
     let mut args = std::env::args();
-    if args.nth(1).as_deref() == Some(containers::STAGE_ARG) && std::process::id() != 1 {
-        containers::stage::main(&args.next().unwrap_or_default());
+    if std::process::id() != 1 {
+        match args.nth(1).as_deref() {
+            Some(containers::STAGE_ARG) => {
+                containers::stage::main(&args.next().unwrap_or_default())
+            }
+            Some(containers::EXEC_ARG) => {
+                containers::stage::exec_main(&args.next().unwrap_or_default())
+            }
+            _ => {}
+        }
     }
     // First thing: tell the VMM that init is running.
     let marker = match BootMarker::open() {

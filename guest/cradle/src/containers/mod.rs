@@ -42,6 +42,8 @@ use crate::disks::DiskError;
 pub const RUN_DIR: &str = "/run/cradle";
 /// The first argument that makes cradle the container set-up stage.
 pub const STAGE_ARG: &str = "--container-init";
+/// The first argument that makes cradle run a `docker exec` in a container.
+pub const EXEC_ARG: &str = "--container-exec";
 
 /// Errors of setting up the pod's layers and containers.
 #[derive(Debug, Error)]
@@ -159,5 +161,36 @@ pub fn command(spec: &ProcessSpec) -> Option<Command> {
     let json = serde_json::to_string(&plan).ok()?;
     let mut command = Command::new("/proc/self/exe");
     command.arg(STAGE_ARG).arg(json).env_clear();
+    Some(command)
+}
+
+/// The command that runs `argv` in the running container of `plan` (`docker exec`): with
+/// the container's env plus `env`, in `cwd` (else the container's), as `user` (else the
+/// container's).
+pub fn exec_command(
+    plan: &ContainerPlan,
+    argv: &[String],
+    env: &[String],
+    cwd: Option<&str>,
+    user: Option<&str>,
+) -> Option<Command> {
+    let exec = stage::ExecPlan {
+        name: plan.name.clone(),
+        pid_file: plan.pid_file(),
+        cgroup: plan.cgroup.clone(),
+        argv: argv.to_vec(),
+        env: initramfs::containers::merge_env(&plan.env, env),
+        cwd: cwd
+            .filter(|d| !d.is_empty())
+            .unwrap_or(&plan.cwd)
+            .to_owned(),
+        user: user
+            .filter(|u| !u.is_empty())
+            .unwrap_or(&plan.user)
+            .to_owned(),
+    };
+    let json = serde_json::to_string(&exec).ok()?;
+    let mut command = Command::new("/proc/self/exe");
+    command.arg(EXEC_ARG).arg(json).env_clear();
     Some(command)
 }

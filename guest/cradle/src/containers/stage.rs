@@ -29,6 +29,9 @@ use rustix::mount::{
     mount, mount_change, unmount, MountFlags, MountPropagationFlags, UnmountFlags,
 };
 use rustix::process::{pivot_root, set_parent_process_death_signal, Signal};
+use std::os::fd::AsFd;
+
+use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use rustix::thread::{set_thread_gid, set_thread_groups, set_thread_uid, Gid, Uid, UnshareFlags};
 
 use super::plan::ContainerPlan;
@@ -240,36 +243,47 @@ fn set_up_and_exec(
         rustix::system::sethostname(plan.name.as_bytes()),
     )?;
 
+    become_user_and_exec(
+        &plan.name, &plan.argv, &plan.env, &plan.cwd, &plan.user, blocked,
+    )
+}
+
+/// In the container's root: resolves `user` in its /etc/passwd and /etc/group, drops to
+/// it, enters `cwd` and execs `argv` with `env` (plus HOSTNAME and HOME). Returns only on
+/// failure.
+fn become_user_and_exec(
+    name: &str,
+    argv: &[String],
+    plan_env: &[String],
+    cwd: &str,
+    user_spec: &str,
+    blocked: &libc::sigset_t,
+) -> io::Result<std::convert::Infallible> {
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = fs::read_to_string("/etc/group").unwrap_or_default();
-    let who = user::resolve(&plan.user, &passwd, &group)
+    let who = user::resolve(user_spec, &passwd, &group)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     // Docker creates a missing WorkingDir.
-    let _ = fs::create_dir_all(&plan.cwd);
+    let _ = fs::create_dir_all(cwd);
     let groups: Vec<Gid> = who.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     rustix_context("cannot set the groups", set_thread_groups(&groups))?;
     rustix_context("cannot set the gid", set_thread_gid(Gid::from_raw(who.gid)))?;
     rustix_context("cannot set the uid", set_thread_uid(Uid::from_raw(who.uid)))?;
     context(
-        format!("cannot enter the working directory {}", plan.cwd),
-        std::env::set_current_dir(&plan.cwd),
+        format!("cannot enter the working directory {cwd}"),
+        std::env::set_current_dir(cwd),
     )?;
 
-    let mut env: Vec<(String, String)> = plan
-        .env
+    let mut env: Vec<(String, String)> = plan_env
         .iter()
         .filter_map(|e| e.split_once('=').map(|(n, v)| (n.to_owned(), v.to_owned())))
         .collect();
-    for (name, value) in [
-        ("HOSTNAME", plan.name.as_str()),
-        ("HOME", who.home.as_str()),
-    ] {
-        if !env.iter().any(|(n, _)| n == name) {
-            env.push((name.to_owned(), value.to_owned()));
+    for (key, value) in [("HOSTNAME", name), ("HOME", who.home.as_str())] {
+        if !env.iter().any(|(n, _)| n == key) {
+            env.push((key.to_owned(), value.to_owned()));
         }
     }
-    let (program, args) = plan
-        .argv
+    let (program, args) = argv
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
     // SAFETY: the set is live; the process has one thread.
@@ -404,6 +418,97 @@ fn write_etc(root: &Path, hostname: &str, resolv: Option<&[u8]>) -> io::Result<(
         let path = etc.join("resolv.conf");
         let _ = fs::remove_file(&path);
         context("cannot write /etc/resolv.conf", fs::write(&path, resolv))?;
+    }
+    Ok(())
+}
+
+/// What `docker exec` runs in a container.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExecPlan {
+    pub name: String,
+    /// Holds the container's PID 1 (as cradle sees it).
+    pub pid_file: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub user: String,
+}
+
+/// `docker exec` in a container: joins the container's cgroup and namespaces (`setns`,
+/// mount last), forks into its PID namespace and runs the command as the container does
+/// (its user, env, cwd), this process staying as the shim. Never returns.
+pub fn exec_main(json: &str) -> ! {
+    let plan: ExecPlan = match serde_json::from_str(json) {
+        Ok(plan) => plan,
+        Err(error) => fail("?", EXIT_SETUP, &format!("bad exec plan: {error}")),
+    };
+    if let Err(error) = enter(&plan) {
+        fail(
+            &plan.name,
+            EXIT_SETUP,
+            &format!("cannot enter the container: {error}"),
+        );
+    }
+    let all = block_all_signals();
+    // SAFETY: one thread (fresh exec): the child may run any code.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => fail(
+            &plan.name,
+            EXIT_SETUP,
+            &format!("cannot fork: {}", io::Error::last_os_error()),
+        ),
+        0 => {
+            let _ = set_parent_process_death_signal(Some(Signal::KILL));
+            let error = match become_user_and_exec(
+                &plan.name, &plan.argv, &plan.env, &plan.cwd, &plan.user, &all,
+            ) {
+                Ok(never) => match never {},
+                Err(error) => error,
+            };
+            let code = if error.kind() == io::ErrorKind::NotFound {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_SETUP
+            };
+            fail(&plan.name, code, &error.to_string())
+        }
+        child => shim(child, &all),
+    }
+}
+
+/// Joins the container of `plan`: its cgroup, then its namespaces.
+fn enter(plan: &ExecPlan) -> io::Result<()> {
+    let pid = context(
+        "the container is not running",
+        fs::read_to_string(&plan.pid_file),
+    )?;
+    let pid = pid.trim();
+    if let Some(cgroup) = &plan.cgroup {
+        context(
+            "cannot join its cgroup",
+            fs::write(cgroup.join("cgroup.procs"), "0"),
+        )?;
+    }
+    // Open them all first: after the mount namespace /proc is the container's.
+    let mut links = Vec::new();
+    for (ns, kind) in [
+        ("cgroup", LinkNameSpaceType::ControlGroup),
+        ("ipc", LinkNameSpaceType::InterProcessCommunication),
+        ("uts", LinkNameSpaceType::HostNameAndNISDomainName),
+        ("pid", LinkNameSpaceType::ProcessID),
+        ("mnt", LinkNameSpaceType::Mount),
+    ] {
+        let path = format!("/proc/{pid}/ns/{ns}");
+        let file = context(format!("cannot open {path}"), fs::File::open(&path))?;
+        links.push((file, kind, path));
+    }
+    for (file, kind, path) in links {
+        rustix_context(
+            format!("cannot join {path}"),
+            move_into_link_name_space(file.as_fd(), Some(kind)),
+        )?;
     }
     Ok(())
 }

@@ -506,13 +506,19 @@ impl Container {
 }
 
 /// The command to exec `argv` in `container` with extra `env` and `cwd`:
-/// the container's environment and directory unless overridden.
+/// the container's environment and directory unless overridden. `user`
+/// applies to containers of images only (others run as root).
 pub fn exec_command(
     container: &Container,
     argv: &[String],
     env: &[String],
     cwd: Option<&str>,
+    user: Option<&str>,
 ) -> Option<Command> {
+    if let Some(plan) = crate::containers::get().and_then(|c| c.plan(&container.name)) {
+        // An image process: the command runs inside its container.
+        return crate::containers::exec_command(&plan, argv, env, cwd, user);
+    }
     let spec = ProcessSpec {
         name: container.name.clone(),
         argv: argv.to_vec(),
