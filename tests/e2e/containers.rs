@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use crib_tests::{run_crib, GuestArtifacts, RunOutput};
+use crib_tests::{run_crib, run_crib_while, GuestArtifacts, RunOutput};
 use images::fixtures::{self, Config, Entry, Image, Layer};
 
 use crate::TestFn;
@@ -23,6 +23,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
         (
             "linux_containers_many_layers_and_shared_layer_files",
             many_layers_and_shared_layer_files,
+        ),
+        (
+            "linux_containers_docker_ps_inspect_and_exec",
+            docker_ps_inspect_and_exec,
         ),
     ]
 }
@@ -308,4 +312,111 @@ fn count_files(dir: &Path) -> usize {
             }
         })
         .sum()
+}
+
+/// `docker` on the pod's socket; stdout, or the error with stderr.
+fn docker(socket: &Path, config: &Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("docker")
+        .arg("-H")
+        .arg(format!("unix://{}", socket.display()))
+        .args(args)
+        .env("DOCKER_CONFIG", config)
+        .env_remove("DOCKER_HOST")
+        .env_remove("DOCKER_CONTEXT")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("cannot run the docker CLI")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "docker {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn docker_ps_inspect_and_exec() -> Result<()> {
+    GuestArtifacts::pod()?;
+    let store = Store::new("docker")?;
+    store.import("app:1", &app_image()?)?;
+    let name = "imgdocker";
+    let run_dir = store.dir.join("run").join(name);
+    let config = store.dir.join("docker-config");
+    std::fs::create_dir_all(&config)?;
+    let launch = store.dir.join("docker.json");
+    std::fs::write(
+        &launch,
+        format!(
+            r#"{{"pod": {{"name": "{name}", "lifetime": "until-shutdown", "processes": [
+                   {{"name": "web", "image": "app:1", "argv": ["echo WEB-UP; exec sleep 1000"]}}]}},
+                 "cpus": 2, "memory": "512M", "image_store": "{}", "run_dir": "{}"}}"#,
+            store.state().display(),
+            run_dir.display()
+        ),
+    )?;
+    let socket = run_dir.join("docker.sock");
+    let mut seen = String::new();
+    let out = run_crib_while(
+        &["pod", "run", &launch.display().to_string()],
+        DEADLINE,
+        || {
+            let start = std::time::Instant::now();
+            loop {
+                let console =
+                    std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+                if console.contains("WEB-UP") {
+                    break;
+                }
+                anyhow::ensure!(
+                    start.elapsed() < Duration::from_secs(150),
+                    "the container did not start:\n{console}"
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let ps = docker(
+                &socket,
+                &config,
+                &["ps", "--format", "{{.Names}} {{.Image}}"],
+            )?;
+            let inspect = docker(
+            &socket,
+            &config,
+            &["inspect", "--format", "{{.Config.Image}} {{.Config.User}} {{.Config.WorkingDir}} {{json .Config.Entrypoint}} {{.Image}}", "web"],
+        )?;
+            let exec = docker(
+            &socket,
+            &config,
+            &["exec", "web", "sh", "-c", "echo EXEC uid=$(id -u) pwd=$(pwd) FOO=$FOO host=$(hostname) cradle=$(test -e /run/cradle && echo visible || echo hidden) gone=$(test -e /etc/old/gone && echo present || echo absent) sleep=$(pidof sleep)"],
+        )?;
+            let exec_root = docker(&socket, &config, &["exec", "-u", "0", "web", "id", "-u"])?;
+            seen = format!("ps: {ps}\ninspect: {inspect}\nexec: {exec}\nexec -u 0: {exec_root}");
+            anyhow::ensure!(
+                ps.contains("web app:1"),
+                "docker ps shows the image: {seen}"
+            );
+            anyhow::ensure!(
+                inspect.starts_with("app:1 app /srv/work [\"/bin/sh\",\"-c\"] sha256:"),
+                "docker inspect shows the image's config: {seen}"
+            );
+            anyhow::ensure!(
+            exec.contains("EXEC uid=1000 pwd=/srv/work FOO=image host=web cradle=hidden gone=absent sleep=1"),
+            "docker exec runs inside the container as its user: {seen}"
+        );
+            anyhow::ensure!(
+                exec_root.trim() == "0",
+                "docker exec -u 0 runs as root: {seen}"
+            );
+            let stop = run_crib(
+                &["pod", "stop", &run_dir.display().to_string()],
+                CALL_TIMEOUT,
+            )?;
+            stop.check(stop.code == Some(0), "crib pod stop")?;
+            Ok(())
+        },
+    )?;
+    out.check(
+        out.code == Some(0),
+        &format!("the pod stops cleanly; {seen}"),
+    )?;
+    Ok(())
 }
