@@ -14,6 +14,20 @@ use crate::TestFn;
 const DEADLINE: Duration = Duration::from_secs(300);
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Bad input caught on the host before the guest runs (no lab needed).
+pub fn cli_tests() -> Vec<(&'static str, TestFn)> {
+    vec![
+        (
+            "cli_containers_missing_or_truncated_layer_is_a_clear_error",
+            missing_or_truncated_layer_is_a_clear_error,
+        ),
+        (
+            "cli_containers_unknown_image_is_a_clear_error",
+            unknown_image_is_a_clear_error,
+        ),
+    ]
+}
+
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![
         (
@@ -417,6 +431,63 @@ fn docker_ps_inspect_and_exec() -> Result<()> {
     out.check(
         out.code == Some(0),
         &format!("the pod stops cleanly; {seen}"),
+    )?;
+    Ok(())
+}
+
+/// The erofs files of the store at `state`.
+fn layer_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(layer_files(&path));
+        } else if path.extension().is_some_and(|e| e == "erofs") {
+            files.push(path);
+        }
+    }
+    files
+}
+
+fn missing_or_truncated_layer_is_a_clear_error() -> Result<()> {
+    let store = Store::new("badlayer")?;
+    store.import("app:1", &app_image()?)?;
+    let spec = r#"{"name": "badlayer", "processes": [{"name": "m", "image": "app:1"}]}"#;
+    let files = layer_files(&store.state().join("layers"));
+    let first = files.first().context("the store has no layer file")?;
+    let len = std::fs::metadata(first)?.len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(first)?
+        .set_len(len / 2)?;
+    let (out, _, _) = store.run_pod("badlayer", spec)?;
+    out.check(
+        out.code == Some(1) && out.stderr.contains("truncated") && out.stderr.contains("re-import"),
+        "a truncated layer file is refused before boot, naming the file and the fix",
+    )?;
+    std::fs::remove_file(first)?;
+    let (out, _, _) = store.run_pod("badlayer", spec)?;
+    out.check(
+        out.code == Some(1) && out.stderr.contains("missing") && out.stderr.contains("import"),
+        "a missing layer file is refused before boot",
+    )?;
+    Ok(())
+}
+
+fn unknown_image_is_a_clear_error() -> Result<()> {
+    let store = Store::new("noimage")?;
+    let spec = r#"{"name": "noimage", "processes": [{"name": "m", "argv": ["x"]}, {"name": "n", "image": "nope:1"}]}"#;
+    let (out, _, _) = store.run_pod("noimage", spec)?;
+    out.check(
+        out.code == Some(1)
+            && out
+                .stderr
+                .contains("processes[1].image: cannot resolve \"nope:1\"")
+            && out.stderr.contains("crib image pull"),
+        "an image the store does not have is refused before boot, naming the process",
     )?;
     Ok(())
 }

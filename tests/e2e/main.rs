@@ -210,6 +210,7 @@ fn main() {
     let mut trials: Vec<Trial> = cli::tests()
         .into_iter()
         .chain(vfio::cli_tests())
+        .chain(containers::cli_tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     trials.extend(
