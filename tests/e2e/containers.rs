@@ -88,12 +88,22 @@ impl Store {
 
     /// Runs the pod `spec` (JSON) with this store; returns crib's output and the console.
     fn run_pod(&self, name: &str, spec: &str) -> Result<(RunOutput, String, PathBuf)> {
+        self.run_pod_with(name, spec, "")
+    }
+
+    /// [`Self::run_pod`] with `extra` launch file members (`, "disks": {...}`).
+    fn run_pod_with(
+        &self,
+        name: &str,
+        spec: &str,
+        extra: &str,
+    ) -> Result<(RunOutput, String, PathBuf)> {
         let run_dir = self.dir.join("run").join(name);
         let launch = self.dir.join(format!("{name}.json"));
         std::fs::write(
             &launch,
             format!(
-                r#"{{"pod": {spec}, "cpus": 2, "memory": "512M", "image_store": "{}", "run_dir": "{}"}}"#,
+                r#"{{"pod": {spec}, "cpus": 2, "memory": "512M", "image_store": "{}", "run_dir": "{}"{extra}}}"#,
                 self.state().display(),
                 run_dir.display()
             ),
@@ -158,7 +168,10 @@ fn image_config_overrides_and_whiteouts() -> Result<()> {
     let store = Store::new("config")?;
     let digest = store.import("app:1", &app_image()?)?;
     let spec = format!(
-        r#"{{"name": "imgcfg", "processes": [
+        r#"{{"name": "imgcfg", "volumes": [{{"name": "data", "path": "/data"}}], "processes": [
+            {{"name": "mounter", "image": "app:1", "user": "0",
+              "mounts": [{{"source": "data", "path": "/mnt/vol"}}, {{"source": "data", "path": "/mnt/ro", "readonly": true}}],
+              "argv": ["echo hello > /mnt/vol/f; echo MOUNT $(cat /mnt/ro/f) ro=$(touch /mnt/ro/x 2>&1 | grep -c Read-only)"]}},
             {{"name": "defaults", "image": "app:1", "argv": ["{PROBE}"]}},
             {{"name": "override", "image": "app:1", "entrypoint": ["/bin/busybox", "sh", "-c"],
               "argv": ["{PROBE}"], "env": ["BAR=spec"], "cwd": "/tmp", "user": "nobody"}},
@@ -169,7 +182,13 @@ fn image_config_overrides_and_whiteouts() -> Result<()> {
             {{"name": "plain", "argv": ["/bin/sh", "-c", "echo PLAIN-RAN"]}}
         ]}}"#
     );
-    let (out, console, run_dir) = store.run_pod("imgcfg", &spec)?;
+    let disk = store.dir.join("data.img");
+    std::fs::File::create(&disk)?.set_len(64 << 20)?;
+    let (out, console, run_dir) = store.run_pod_with(
+        "imgcfg",
+        &spec,
+        &format!(r#", "disks": {{"data": {{"path": "{}"}}}}"#, disk.display()),
+    )?;
     let has = |needle: &str| console.contains(needle);
     let line = |name: &str| {
         console
@@ -228,6 +247,12 @@ fn image_config_overrides_and_whiteouts() -> Result<()> {
     out.check(
         has("process baduser exited with status 126"),
         &format!("the bad-user container exits 126:\n{console}"),
+    )?;
+    out.check(
+        has("MOUNT hello ro=1"),
+        &format!(
+            "a volume is bind-mounted into the container, read-write and read-only:\n{console}"
+        ),
     )?;
     out.check(
         has("LIMITS 33554432 50000 100000"),

@@ -121,6 +121,22 @@ pub enum ContainerSpecError {
     NoLayers { field: String },
 }
 
+/// A volume or virtio-fs filesystem of the pod bind-mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountSpec {
+    /// The name of a volume with a `path`, or the tag of a filesystem.
+    pub source: String,
+    /// Absolute path in the container; not `/` nor inside /proc, /sys or /dev.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub readonly: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
 /// One layer on the layer disk: bytes `offset..offset+size` are the layer's erofs image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -14,7 +14,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::containers::{ContainerSpecError, MemoryBytes, MilliCpus, ResolvedImages};
+use crate::containers::{ContainerSpecError, MemoryBytes, MilliCpus, MountSpec, ResolvedImages};
 
 /// Where the spec is in the guest; the pod archive puts it there.
 pub const POD_SPEC_GUEST_PATH: &str = "/etc/cradle/pod.json";
@@ -139,6 +139,8 @@ pub enum PodSpecError {
     InvalidImage { field: String, value: String },
     #[error("{field}: {value:?} is not a user; write a name or uid, optionally :group or :gid, like \"app\" or \"1000:1000\"")]
     InvalidUser { field: String, value: String },
+    #[error("{field}: {value:?} is neither a volume with a path nor a filesystem tag of this pod; name one of them")]
+    UnknownMountSource { field: String, value: String },
     #[error(transparent)]
     Resolved(#[from] ContainerSpecError),
 }
@@ -280,6 +282,10 @@ pub struct ProcessSpec {
     /// the kernel OOM-kills inside the container. Only with `image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryBytes>,
+    /// The pod's volumes and filesystems bind-mounted into the container, in order. Only
+    /// with `image`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountSpec>,
 }
 
 /// `"<field>: "`, or nothing for the top level.
@@ -417,11 +423,48 @@ impl PodSpec {
             check_unique(&mut names, &process.name, field)?;
             check_process(&at, process)?;
             check_image_process(&at, process, &self.resolved)?;
+            self.check_mounts(&at, process)?;
         }
         if !self.resolved.is_empty() {
             self.resolved.validate("resolved")?;
         }
         Ok(())
+    }
+}
+
+impl PodSpec {
+    /// A process's `mounts`: each source a mounted volume or a filesystem, each path a
+    /// clean absolute path the container does not mount itself, no path twice.
+    fn check_mounts(&self, at: &str, process: &ProcessSpec) -> Result<(), PodSpecError> {
+        let mut seen: Vec<(&str, String)> = Vec::new();
+        for (index, mount) in process.mounts.iter().enumerate() {
+            let field = format!("{at}.mounts[{index}]");
+            if self.mount_source(&mount.source).is_none() {
+                return Err(PodSpecError::UnknownMountSource {
+                    field: format!("{field}.source"),
+                    value: mount.source.clone(),
+                });
+            }
+            let path_field = format!("{field}.path");
+            check_mount_path(&path_field, &mount.path)?;
+            check_path_order(&seen, &path_field, &mount.path)?;
+            seen.push((&mount.path, path_field));
+        }
+        Ok(())
+    }
+
+    /// Where the volume or filesystem `source` is mounted in cradle.
+    pub fn mount_source(&self, source: &str) -> Option<&str> {
+        self.volumes
+            .iter()
+            .find(|v| v.name == source)
+            .and_then(|v| v.path.as_deref())
+            .or_else(|| {
+                self.filesystems
+                    .iter()
+                    .find(|f| f.tag == source)
+                    .map(|f| f.path.as_str())
+            })
     }
 }
 
@@ -438,6 +481,7 @@ fn check_image_process(
             ("user", process.user.is_some()),
             ("cpus", process.cpus.is_some()),
             ("memory", process.memory.is_some()),
+            ("mounts", !process.mounts.is_empty()),
         ] {
             if set {
                 return Err(PodSpecError::NeedsImage {
@@ -1475,5 +1519,26 @@ mod tests {
         assert!(err.to_string().starts_with("processes[0].memory"), "{err}");
         let err = parse(&with_process(r#""image": "a", "cpus": 0""#)).unwrap_err();
         assert!(err.to_string().starts_with("processes[0].cpus"), "{err}");
+    }
+
+    #[test]
+    fn mounts_name_a_volume_and_a_clean_path_outside_proc() {
+        let ok = r#"{"name": "p", "volumes": [{"name": "data", "path": "/data"}],
+            "processes": [{"name": "m", "image": "a", "mounts": [{"source": "data", "path": "/var/lib/db", "readonly": true}]}]}"#;
+        parse(ok).unwrap();
+        let in_proc = ok.replace("/var/lib/db", "/proc/sys");
+        let err = parse(&in_proc).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "processes[0].mounts[0].path: \"/proc/sys\" is / or inside /dev, /proc or /sys"
+            ),
+            "{err}"
+        );
+        let unknown = ok.replace("\"source\": \"data\"", "\"source\": \"nope\"");
+        let err = parse(&unknown).unwrap_err();
+        assert!(
+            err.to_string().starts_with("processes[0].mounts[0].source"),
+            "{err}"
+        );
     }
 }

@@ -132,6 +132,15 @@ impl Containers {
         let mut plan = ContainerPlan::new(index, process, &spec.resolved, &self.layers)?;
         plan.make_dirs()?;
         plan.cgroup = cgroup::create(&process.name, process.cpus, process.memory)?;
+        // Validated: every source is a volume with a path or a filesystem.
+        plan.mounts = process
+            .mounts
+            .iter()
+            .filter_map(|m| {
+                let source = spec.mount_source(&m.source)?;
+                Some((PathBuf::from(source), m.path.clone(), m.readonly))
+            })
+            .collect();
         self.plans
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -34,6 +34,9 @@ pub struct ContainerPlan {
     /// The container's cgroup, if it has limits.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// Bind mounts: cradle's directory, the path in the container, read-only.
+    #[serde(default)]
+    pub mounts: Vec<(PathBuf, String, bool)>,
 }
 
 impl ContainerPlan {
@@ -82,6 +85,7 @@ impl ContainerPlan {
             cwd: effective.cwd,
             user: effective.user,
             cgroup: None,
+            mounts: Vec::new(),
         })
     }
 

@@ -26,10 +26,11 @@ use std::process::Command;
 
 use rustix::fs::{makedev, mknodat, FileType, Mode, CWD};
 use rustix::mount::{
-    mount, mount_change, unmount, MountFlags, MountPropagationFlags, UnmountFlags,
+    mount, mount_bind, mount_change, mount_remount, unmount, MountFlags, MountPropagationFlags,
+    UnmountFlags,
 };
 use rustix::process::{pivot_root, set_parent_process_death_signal, Signal};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use rustix::thread::{set_thread_gid, set_thread_groups, set_thread_uid, Gid, Uid, UnshareFlags};
@@ -214,6 +215,16 @@ fn set_up_and_exec(
         ),
     )?;
     let resolv = fs::read("/etc/resolv.conf").ok();
+    // Opened now, bound after the pivot through /proc/self/fd: the target path then
+    // resolves inside the container, whatever symlinks the image has.
+    let mut sources = Vec::with_capacity(plan.mounts.len());
+    for (source, path, readonly) in &plan.mounts {
+        let dir = context(
+            format!("cannot open {} for {path}", source.display()),
+            fs::File::open(source),
+        )?;
+        sources.push((dir, path.as_str(), *readonly));
+    }
     context("cannot enter the root", std::env::set_current_dir(&root))?;
     rustix_context("cannot pivot_root", pivot_root(".", "."))?;
     rustix_context(
@@ -238,6 +249,21 @@ fn set_up_and_exec(
         )?;
     }
     write_etc(Path::new("/"), &plan.name, resolv.as_deref())?;
+    for (dir, path, readonly) in &sources {
+        context(format!("cannot create {path}"), fs::create_dir_all(path))?;
+        let fd = format!("/proc/self/fd/{}", dir.as_raw_fd());
+        rustix_context(
+            format!("cannot bind-mount onto {path}"),
+            mount_bind(&fd, *path),
+        )?;
+        if *readonly {
+            rustix_context(
+                format!("cannot make {path} read-only"),
+                mount_remount(*path, MountFlags::BIND | MountFlags::RDONLY, ""),
+            )?;
+        }
+    }
+    drop(sources);
     rustix_context(
         "cannot set the hostname",
         rustix::system::sethostname(plan.name.as_bytes()),
