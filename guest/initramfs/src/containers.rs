@@ -121,6 +121,71 @@ pub enum ContainerSpecError {
     NoLayers { field: String },
 }
 
+/// When cradle starts a process again after it exits (Docker's `--restart`). A process
+/// stopped or killed through the Docker API, or by the pod's shutdown, is not restarted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// `"no"`: never (the default).
+    #[default]
+    No,
+    /// `"on-failure"` or `"on-failure:N"`: after a non-zero exit, at most N times.
+    OnFailure { max: Option<u32> },
+    /// `"always"`: after every exit.
+    Always,
+}
+
+impl RestartPolicy {
+    /// Whether a process that exited with Docker exit code `code` after `restarts`
+    /// restarts is started again.
+    pub fn restarts(self, code: i32, restarts: u32) -> bool {
+        match self {
+            Self::No => false,
+            Self::Always => true,
+            Self::OnFailure { max } => code != 0 && max.is_none_or(|max| restarts < max),
+        }
+    }
+
+    /// Docker's name and maximum retry count, for `docker inspect`.
+    pub fn docker(self) -> (&'static str, u32) {
+        match self {
+            Self::No => ("no", 0),
+            Self::OnFailure { max } => ("on-failure", max.unwrap_or(0)),
+            Self::Always => ("always", 0),
+        }
+    }
+}
+
+impl Serialize for RestartPolicy {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::OnFailure { max: Some(max) } => {
+                serializer.serialize_str(&format!("on-failure:{max}"))
+            }
+            other => serializer.serialize_str(other.docker().0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RestartPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.as_str() {
+            "no" => Ok(Self::No),
+            "always" => Ok(Self::Always),
+            "on-failure" => Ok(Self::OnFailure { max: None }),
+            other => other
+                .strip_prefix("on-failure:")
+                .and_then(|n| n.parse().ok())
+                .map(|max| Self::OnFailure { max: Some(max) })
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "{other:?} is not a restart policy; use \"no\", \"on-failure\", \"on-failure:N\" or \"always\""
+                    ))
+                }),
+        }
+    }
+}
+
 /// A volume or virtio-fs filesystem of the pod bind-mounted into a container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -558,5 +623,24 @@ mod tests {
             err.to_string().starts_with("resolved.layers[0].diff_id"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn restart_policies_follow_docker() {
+        let parse = |t: &str| serde_json::from_str::<RestartPolicy>(t);
+        assert_eq!(
+            parse("\"on-failure:2\"").unwrap(),
+            RestartPolicy::OnFailure { max: Some(2) }
+        );
+        assert!(parse("\"sometimes\"")
+            .unwrap_err()
+            .to_string()
+            .contains("on-failure:N"));
+        let twice = RestartPolicy::OnFailure { max: Some(2) };
+        assert!(twice.restarts(1, 0) && twice.restarts(1, 1) && !twice.restarts(1, 2));
+        assert!(!twice.restarts(0, 0));
+        assert!(RestartPolicy::Always.restarts(0, 99));
+        assert!(!RestartPolicy::No.restarts(1, 0));
+        assert_eq!(serde_json::to_string(&twice).unwrap(), "\"on-failure:2\"");
     }
 }

@@ -14,7 +14,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::containers::{ContainerSpecError, MemoryBytes, MilliCpus, MountSpec, ResolvedImages};
+use crate::containers::{
+    ContainerSpecError, MemoryBytes, MilliCpus, MountSpec, ResolvedImages, RestartPolicy,
+};
 
 /// Where the spec is in the guest; the pod archive puts it there.
 pub const POD_SPEC_GUEST_PATH: &str = "/etc/cradle/pod.json";
@@ -141,6 +143,8 @@ pub enum PodSpecError {
     InvalidUser { field: String, value: String },
     #[error("{field}: {value:?} is neither a volume with a path nor a filesystem tag of this pod; name one of them")]
     UnknownMountSource { field: String, value: String },
+    #[error("{field}: an init process must end before the others start; use \"on-failure\" or \"no\", not \"always\"")]
+    InitAlways { field: String },
     #[error(transparent)]
     Resolved(#[from] ContainerSpecError),
 }
@@ -286,6 +290,21 @@ pub struct ProcessSpec {
     /// with `image`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<MountSpec>,
+    /// Start it again when it exits (Docker's `--restart`): `"no"` (default),
+    /// `"on-failure"`, `"on-failure:N"`, `"always"`.
+    #[serde(default, skip_serializing_if = "is_default_restart")]
+    pub restart: RestartPolicy,
+    /// Milliseconds between an exit and the restart; default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_delay_ms: Option<u64>,
+    /// An init process: the init processes run one after the other, in spec order, each
+    /// to a zero exit, before the other processes start.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub init: bool,
+}
+
+fn is_default_restart(policy: &RestartPolicy) -> bool {
+    *policy == RestartPolicy::No
 }
 
 /// `"<field>: "`, or nothing for the top level.
@@ -436,6 +455,11 @@ impl PodSpec {
     /// A process's `mounts`: each source a mounted volume or a filesystem, each path a
     /// clean absolute path the container does not mount itself, no path twice.
     fn check_mounts(&self, at: &str, process: &ProcessSpec) -> Result<(), PodSpecError> {
+        if process.init && process.restart == RestartPolicy::Always {
+            return Err(PodSpecError::InitAlways {
+                field: format!("{at}.restart"),
+            });
+        }
         let mut seen: Vec<(&str, String)> = Vec::new();
         for (index, mount) in process.mounts.iter().enumerate() {
             let field = format!("{at}.mounts[{index}]");

@@ -319,6 +319,8 @@ fn inspect(container: &Container) -> Value {
     let running = run.is_some_and(Run::is_running);
     let image = image_of(container);
     let argv = image.as_ref().map_or(&container.spec.argv, |i| &i.argv);
+    let (restart_count, restarting) = container.restarts();
+    let policy = container.spec.restart.docker();
     let (path, args) = argv
         .split_first()
         .map(|(program, rest)| (program.clone(), rest.to_vec()))
@@ -332,7 +334,7 @@ fn inspect(container: &Container) -> Value {
             "Status": status_name(run),
             "Running": running,
             "Paused": false,
-            "Restarting": false,
+            "Restarting": restarting,
             "OOMKilled": false,
             "Dead": false,
             "Pid": run.filter(|r| r.is_running()).and_then(|r| r.pid).unwrap_or(0),
@@ -345,7 +347,7 @@ fn inspect(container: &Container) -> Value {
         },
         "Image": image.as_ref().map_or(IMAGE, |i| i.digest.as_str()),
         "Name": format!("/{}", container.name),
-        "RestartCount": 0,
+        "RestartCount": restart_count,
         "Driver": "",
         "Platform": "linux",
         "MountLabel": "",
@@ -354,7 +356,7 @@ fn inspect(container: &Container) -> Value {
         "HostConfig": {
             "NetworkMode": "host",
             "AutoRemove": false,
-            "RestartPolicy": { "Name": "no", "MaximumRetryCount": 0 },
+            "RestartPolicy": { "Name": policy.0, "MaximumRetryCount": policy.1 },
         },
         "Mounts": [],
         "Config": {
