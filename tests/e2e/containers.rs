@@ -179,6 +179,8 @@ fn image_config_overrides_and_whiteouts() -> Result<()> {
             {{"name": "baduser", "image": "app:1", "user": "ghost", "argv": ["echo never"]}},
             {{"name": "hog", "image": "app:1", "user": "0", "memory": "32M", "cpus": 0.5,
               "argv": ["echo LIMITS $(cat /sys/fs/cgroup/memory.max) $(cat /sys/fs/cgroup/cpu.max); x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo HOG-SURVIVED"]}},
+            {{"name": "setup", "init": true, "image": "app:1", "argv": ["echo INIT-RAN"]}},
+            {{"name": "flaky", "argv": ["/bin/sh", "-c", "echo FLAKY-TRY; exit 3"], "restart": "on-failure:2", "restart_delay_ms": 10}},
             {{"name": "plain", "argv": ["/bin/sh", "-c", "echo PLAIN-RAN"]}}
         ]}}"#
     );
@@ -247,6 +249,15 @@ fn image_config_overrides_and_whiteouts() -> Result<()> {
     out.check(
         has("process baduser exited with status 126"),
         &format!("the bad-user container exits 126:\n{console}"),
+    )?;
+    let at = |needle: &str| console.find(needle).unwrap_or(usize::MAX);
+    out.check(
+        at("INIT-RAN") < at("PLAIN-RAN") && at("INIT-RAN") < at("PROBE-defaults"),
+        &format!("the init process runs before the others:\n{console}"),
+    )?;
+    out.check(
+        console.matches("FLAKY-TRY").count() == 3,
+        &format!("on-failure:2 runs the process 3 times:\n{console}"),
     )?;
     out.check(
         has("MOUNT hello ro=1"),
