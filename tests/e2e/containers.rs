@@ -42,6 +42,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             "linux_containers_docker_ps_inspect_and_exec",
             docker_ps_inspect_and_exec,
         ),
+        (
+            "linux_containers_bench_first_log_line",
+            bench_first_log_line,
+        ),
     ]
 }
 
@@ -525,5 +529,100 @@ fn unknown_image_is_a_clear_error() -> Result<()> {
             && out.stderr.contains("crib image pull"),
         "an image the store does not have is refused before boot, naming the process",
     )?;
+    Ok(())
+}
+
+/// docs/BENCHMARKS.md: `crib pod run` to the container's first console line, for a pod
+/// without image, a busybox image and a ~150 MB image (warm: each run after a first
+/// one). Prints the figures (and writes them to $LAB_OUT/containers-bench.txt); asserts
+/// no timing.
+fn bench_first_log_line() -> Result<()> {
+    GuestArtifacts::pod()?;
+    let store = Store::new("bench")?;
+    store.import("small:1", &app_image()?)?;
+    let mut big = vec![0u8; 150 << 20];
+    // Not all zeroes, so the layer is what its size says.
+    for (i, b) in big.iter_mut().enumerate().step_by(4096) {
+        *b = (i / 4096) as u8;
+    }
+    let big_image = Image {
+        layers: vec![
+            fixtures::busybox_layer()?,
+            Layer::new(vec![Entry::dir("opt"), Entry::file("opt/blob", big)]),
+        ],
+        config: Config {
+            env: vec!["PATH=/bin".into()],
+            ..Config::default()
+        },
+        ..Image::default()
+    };
+    store.import("big:1", &big_image)?;
+    let cases = [
+        (
+            "no image",
+            r#"{"name": "PODNAME", "processes": [{"name": "m", "argv": ["/bin/sh", "-c", "echo FIRST-LINE"]}]}"#,
+        ),
+        (
+            "busybox image (2 layers)",
+            r#"{"name": "PODNAME", "processes": [{"name": "m", "image": "small:1", "entrypoint": ["/bin/sh", "-c"], "argv": ["echo FIRST-LINE"]}]}"#,
+        ),
+        (
+            "150 MB image",
+            r#"{"name": "PODNAME", "processes": [{"name": "m", "image": "big:1", "argv": ["/bin/sh", "-c", "echo FIRST-LINE"]}]}"#,
+        ),
+    ];
+    let mut report =
+        String::from("crib pod run -> first console line of the process (ms), runs 2..4 (warm)\n");
+    for (label, spec) in cases {
+        let mut times = Vec::new();
+        for run in 0..4 {
+            let name = format!("bench{run}");
+            let run_dir = store.dir.join("run").join(&name);
+            let launch = store.dir.join(format!("{name}.json"));
+            std::fs::write(
+                &launch,
+                format!(
+                    r#"{{"pod": {}, "cpus": 1, "memory": "256M", "image_store": "{}", "run_dir": "{}"}}"#,
+                    spec.replace("PODNAME", &name),
+                    store.state().display(),
+                    run_dir.display()
+                ),
+            )?;
+            let start = std::time::Instant::now();
+            let mut took = None;
+            let out = run_crib_while(
+                &["pod", "run", &launch.display().to_string()],
+                DEADLINE,
+                || {
+                    while start.elapsed() < Duration::from_secs(120) {
+                        let console = std::fs::read_to_string(run_dir.join("console.log"))
+                            .unwrap_or_default();
+                        if console.contains("FIRST-LINE") {
+                            took = Some(start.elapsed());
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Ok(())
+                },
+            )?;
+            let took = took.context("the first line never came")?;
+            out.check(out.code == Some(0), label)?;
+            if run > 0 {
+                times.push(took.as_secs_f64() * 1000.0);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        report.push_str(&format!(
+            "{label:<28} median {:>7.1}  min {:>7.1}  max {:>7.1}\n",
+            times[times.len() / 2],
+            times[0],
+            times[times.len() - 1]
+        ));
+    }
+    println!("{report}");
+    if let Some(dir) = std::env::var_os("LAB_OUT") {
+        let _ = std::fs::write(Path::new(&dir).join("containers-bench.txt"), &report);
+    }
     Ok(())
 }
