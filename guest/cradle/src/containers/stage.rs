@@ -6,7 +6,8 @@
 //! 2. The child mounts the overlay root (the image's layers and the container's writable
 //!    layer), a fresh /proc, a read-only /sys, a /dev tmpfs with the standard nodes bound
 //!    from cradle's, /dev/pts (a new instance), /dev/shm, writes /etc/hostname,
-//!    /etc/hosts and /etc/resolv.conf, sets the hostname, `pivot_root`s into the root,
+//!    /etc/hosts and /etc/resolv.conf, sets the hostname, moves the root over / and chroots into it (cradle runs from the
+//!    initramfs, where pivot_root is refused),
 //!    resolves the user in the image's /etc/passwd, drops to it and `exec`s the argv.
 //! 3. The parent stays as the container's shim: it forwards every signal it gets to the
 //!    child and exits as the child does (a signal death is re-raised), so the registry
@@ -26,13 +27,15 @@ use std::process::Command;
 
 use rustix::fs::{makedev, mknodat, FileType, Mode, CWD};
 use rustix::mount::{
-    mount, mount_bind, mount_change, mount_remount, unmount, MountFlags, MountPropagationFlags,
-    UnmountFlags,
+    mount, mount_bind, mount_change, mount_move, mount_remount, MountFlags, MountPropagationFlags,
 };
-use rustix::process::{pivot_root, set_parent_process_death_signal, Signal};
+use rustix::process::{chroot, fchdir, set_parent_process_death_signal, Signal};
 use std::os::fd::{AsFd, AsRawFd};
 
-use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+use rustix::thread::{
+    move_into_link_name_space, remove_capability_from_bounding_set, CapabilitySet,
+    LinkNameSpaceType,
+};
 use rustix::thread::{set_thread_gid, set_thread_groups, set_thread_uid, Gid, Uid, UnshareFlags};
 
 use super::plan::ContainerPlan;
@@ -225,12 +228,13 @@ fn set_up_and_exec(
         )?;
         sources.push((dir, path.as_str(), *readonly));
     }
+    // cradle runs from the initramfs (rootfs), where pivot_root is refused (EINVAL): the
+    // overlay is moved over / in this mount namespace and becomes the root by chroot,
+    // as runc's no-pivot mode does. CAP_SYS_CHROOT leaves the bounding set before exec,
+    // so the process cannot chroot its way back out.
     context("cannot enter the root", std::env::set_current_dir(&root))?;
-    rustix_context("cannot pivot_root", pivot_root(".", "."))?;
-    rustix_context(
-        "cannot detach the old root",
-        unmount(".", UnmountFlags::DETACH),
-    )?;
+    rustix_context("cannot move the root over /", mount_move(".", "/"))?;
+    rustix_context("cannot chroot", chroot("."))?;
     context("cannot enter /", std::env::set_current_dir("/"))?;
     // From here on every path, symlinks in the image included, resolves inside the
     // container's root.
@@ -285,6 +289,10 @@ fn become_user_and_exec(
     user_spec: &str,
     blocked: &libc::sigset_t,
 ) -> io::Result<std::convert::Infallible> {
+    rustix_context(
+        "cannot drop CAP_SYS_CHROOT",
+        remove_capability_from_bounding_set(CapabilitySet::SYS_CHROOT),
+    )?;
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = fs::read_to_string("/etc/group").unwrap_or_default();
     let who = user::resolve(user_spec, &passwd, &group)
@@ -518,6 +526,10 @@ fn enter(plan: &ExecPlan) -> io::Result<()> {
         )?;
     }
     // Open them all first: after the mount namespace /proc is the container's.
+    let root = context(
+        format!("cannot open /proc/{pid}/root"),
+        fs::File::open(format!("/proc/{pid}/root")),
+    )?;
     let mut links = Vec::new();
     for (ns, kind) in [
         ("cgroup", LinkNameSpaceType::ControlGroup),
@@ -536,5 +548,10 @@ fn enter(plan: &ExecPlan) -> io::Result<()> {
             move_into_link_name_space(file.as_fd(), Some(kind)),
         )?;
     }
+    // setns put us at the namespace's root mount (the initramfs); the container's root is
+    // the overlay its PID 1 chrooted into.
+    rustix_context("cannot enter the container's root", fchdir(&root))?;
+    rustix_context("cannot chroot", chroot("."))?;
+    context("cannot enter /", std::env::set_current_dir("/"))?;
     Ok(())
 }
