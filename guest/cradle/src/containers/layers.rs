@@ -35,14 +35,15 @@ impl Layers {
         })?;
         let mut layers = Layers::default();
         for (index, layer) in table.iter().enumerate() {
-            let loop_dev = loopdev::attach(&disk, layer.offset, layer.size).map_err(|source| {
-                ContainerError::Loop {
-                    diff_id: layer.diff_id.clone(),
-                    offset: layer.offset,
-                    size: layer.size,
-                    source,
-                }
-            })?;
+            let (loop_dev, _held) =
+                loopdev::attach(&disk, layer.offset, layer.size).map_err(|source| {
+                    ContainerError::Loop {
+                        diff_id: layer.diff_id.clone(),
+                        offset: layer.offset,
+                        size: layer.size,
+                        source,
+                    }
+                })?;
             let path = Path::new(RUN_DIR).join("l").join(index.to_string());
             std::fs::create_dir_all(&path).map_err(|source| ContainerError::Dir {
                 path: path.clone(),

@@ -45,8 +45,9 @@ struct LoopConfig {
 }
 
 /// Attaches bytes `offset..offset + size` of `backing` to a free loop device, read-only,
-/// and returns the device's path. The device detaches itself once unmounted and closed.
-pub fn attach(backing: &File, offset: u64, size: u64) -> io::Result<PathBuf> {
+/// and returns the device's path and an open descriptor of it. The device detaches itself
+/// once nothing holds it (autoclear): keep the descriptor until the device is mounted.
+pub fn attach(backing: &File, offset: u64, size: u64) -> io::Result<(PathBuf, File)> {
     let control = OpenOptions::new()
         .read(true)
         .write(true)
@@ -87,7 +88,7 @@ pub fn attach(backing: &File, offset: u64, size: u64) -> io::Result<PathBuf> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(path)
+    Ok((path, device))
 }
 
 /// Opens a loop node, waiting briefly for devtmpfs to create it.
