@@ -42,10 +42,7 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             "linux_containers_docker_ps_inspect_and_exec",
             docker_ps_inspect_and_exec,
         ),
-        (
-            "linux_containers_bench_first_log_line",
-            bench_first_log_line,
-        ),
+        ("linux_containersbench_first_log_line", bench_first_log_line),
     ]
 }
 
@@ -548,7 +545,8 @@ fn bench_first_log_line() -> Result<()> {
     let big_image = Image {
         layers: vec![
             fixtures::busybox_layer()?,
-            Layer::new(vec![Entry::dir("opt"), Entry::file("opt/blob", big)]),
+            Layer::new(vec![Entry::dir("opt"), Entry::file("opt/blob", big)])
+                .compressed(fixtures::Compression::None),
         ],
         config: Config {
             env: vec!["PATH=/bin".into()],
