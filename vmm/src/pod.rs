@@ -35,7 +35,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::{self, ConsoleConfig, DiskConfig, FsConfig, Origin, VmConfig, VsockConfig};
-use crate::pod_images::{PodImageError, PodImages};
+use crate::pod_images::{self, PodImageError, PodImages};
 
 /// The guest CID of every pod: with hybrid vsock each VM has its own Unix socket, so the
 /// CID only has to be valid, not unique.
@@ -151,6 +151,10 @@ pub struct LaunchFile {
     /// (`CRIB_STATE_DIR`, else /var/lib/crib for root, else ~/.local/share/crib).
     #[serde(default)]
     pub image_store: Option<PathBuf>,
+    /// Size of the pod's scratch disk (`"1G"`), where its containers' writable layers
+    /// live; none: they are on tmpfs in guest RAM.
+    #[serde(default, deserialize_with = "config::de_optional_size")]
+    pub scratch: Option<u64>,
 }
 
 fn de_some_console<'de, D: serde::Deserializer<'de>>(
@@ -616,6 +620,9 @@ impl Launch {
             },
         )?;
         config.disks.extend(images.layer_disk(&run_dir));
+        if self.launch.scratch.is_some() {
+            config.disks.push(pod_images::scratch_disk(&run_dir));
+        }
         let config = config
             .validate(Origin::File)
             .map_err(|source| PodError::Config {
@@ -721,6 +728,11 @@ impl PreparedPod {
         let spec_path = self.run_dir.join(SPEC_FILE);
         let mut spec_json = launch.spec_json.clone();
         self.images.add_to_spec(&mut spec_json);
+        if let Some(bytes) = launch.launch.scratch {
+            pod_images::add_scratch_volume(&mut spec_json);
+            pod_images::create_scratch(&self.run_dir, bytes)
+                .map_err(write_err(&self.run_dir.join(pod_images::SCRATCH_FILE)))?;
+        }
         let spec = serde_json::to_vec_pretty(&spec_json).unwrap_or_default();
         std::fs::write(&spec_path, spec).map_err(write_err(&spec_path))?;
         let info_path = self.run_dir.join(INFO_FILE);
@@ -808,6 +820,8 @@ impl PreparedPod {
     }
 
     pub fn remove_sockets(&self) {
+        // The scratch disk goes with the pod.
+        let _ = std::fs::remove_file(self.run_dir.join(pod_images::SCRATCH_FILE));
         for socket in [API_SOCKET, DOCKER_SOCKET, VSOCK_SOCKET] {
             let _ = std::fs::remove_file(self.run_dir.join(socket));
         }

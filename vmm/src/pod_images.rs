@@ -14,6 +14,7 @@ use devices::virtio::block::CompositePart;
 use images::{ResolvedImage, Store, StoreError};
 use initramfs::containers::{
     ImageConfig, ImageSpec, LayerSpec, ResolvedImages, LAYER_ALIGN, LAYER_DISK_SERIAL,
+    SCRATCH_DISK_SERIAL,
 };
 use initramfs::podspec::PodSpec;
 use serde_json::Value;
@@ -183,6 +184,55 @@ fn image_config(image: &ResolvedImage) -> ImageConfig {
         working_dir: config.working_dir().clone(),
         user: config.user().clone(),
     }
+}
+
+/// The scratch disk's file in a run directory.
+pub const SCRATCH_FILE: &str = "scratch.img";
+/// Where cradle mounts the scratch disk: its containers' directory (writable layers).
+pub const SCRATCH_GUEST_PATH: &str = "/run/cradle/c";
+
+/// The pod's scratch disk (launch file `scratch`): a sparse file of `bytes` in the run
+/// directory, created at launch and removed when the pod ends, given to cradle as a volume
+/// named [`SCRATCH_DISK_SERIAL`] mounted where the containers' writable layers live, so
+/// they use host disk instead of guest RAM. cradle formats it (ext4) as any blank volume.
+pub fn scratch_disk(run_dir: &Path) -> DiskConfig {
+    DiskConfig {
+        path: run_dir.join(SCRATCH_FILE),
+        id: SCRATCH_DISK_SERIAL.to_owned(),
+        readonly: false,
+        direct: false,
+        queues: config::default_queues(),
+        queue_size: config::default_queue_size(),
+        iops: None,
+        bandwidth: None,
+        burst: None,
+        iops_burst: None,
+        composite: Vec::new(),
+    }
+}
+
+/// Adds the scratch volume to the spec's JSON.
+pub fn add_scratch_volume(spec: &mut Value) {
+    let Some(object) = spec.as_object_mut() else {
+        return;
+    };
+    let volumes = object
+        .entry("volumes")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if let Some(volumes) = volumes.as_array_mut() {
+        volumes.push(serde_json::json!({"name": SCRATCH_DISK_SERIAL, "path": SCRATCH_GUEST_PATH}));
+    }
+}
+
+/// Creates the sparse scratch file of `bytes` (replacing a dead pod's).
+pub fn create_scratch(run_dir: &Path, bytes: u64) -> std::io::Result<()> {
+    let path = run_dir.join(SCRATCH_FILE);
+    let _ = std::fs::remove_file(&path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?
+        .set_len(bytes)
 }
 
 #[cfg(test)]
