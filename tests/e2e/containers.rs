@@ -400,7 +400,7 @@ fn docker_ps_inspect_and_exec() -> Result<()> {
         format!(
             r#"{{"pod": {{"name": "{name}", "lifetime": "until-shutdown", "processes": [
                    {{"name": "web", "image": "app:1", "argv": ["echo WEB-UP; exec sleep 1000"]}}]}},
-                 "cpus": 2, "memory": "512M", "image_store": "{}", "run_dir": "{}"}}"#,
+                 "cpus": 2, "memory": "512M", "scratch": "256M", "image_store": "{}", "run_dir": "{}"}}"#,
             store.state().display(),
             run_dir.display()
         ),
@@ -468,6 +468,15 @@ fn docker_ps_inspect_and_exec() -> Result<()> {
     out.check(
         out.code == Some(0),
         &format!("the pod stops cleanly; {seen}"),
+    )?;
+    let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+    out.check(
+        console.contains("volume crib-scratch:") && console.contains("-> /run/cradle/c (ext4, rw)"),
+        &format!("the scratch disk holds the writable layers:\n{console}"),
+    )?;
+    out.check(
+        !run_dir.join("scratch.img").exists(),
+        "the scratch disk is removed when the pod ends",
     )?;
     Ok(())
 }
