@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use devices::virtio::block::CompositePart;
 use images::{ResolvedImage, Store, StoreError};
 use initramfs::containers::{
-    ImageConfig, ImageSpec, LayerSpec, ResolvedImages, LAYER_ALIGN, LAYER_DISK_SERIAL,
-    SCRATCH_DISK_SERIAL,
+    effective_command, ContainerSpecError, ImageConfig, ImageSpec, LayerSpec, Overrides,
+    ResolvedImages, LAYER_ALIGN, LAYER_DISK_SERIAL, SCRATCH_DISK_SERIAL,
 };
 use initramfs::podspec::PodSpec;
 use serde_json::Value;
@@ -41,6 +41,8 @@ pub enum PodImageError {
     NoLayers { reference: String },
     #[error("the pod's layers do not fit a disk (offset overflow)")]
     TooLarge,
+    #[error(transparent)]
+    Command(#[from] ContainerSpecError),
 }
 
 /// What a pod's images add to its VM and spec.
@@ -84,7 +86,35 @@ impl PodImages {
                 })?;
             images.insert(reference.to_owned(), image);
         }
-        Self::from_images(&images)
+        let pod = Self::from_images(&images)?;
+        pod.check_commands(spec)?;
+        Ok(pod)
+    }
+
+    /// Applies Docker's rules to every image process now, so that one without a program
+    /// (no argv, Entrypoint or Cmd) is refused before boot rather than by cradle.
+    fn check_commands(&self, spec: &PodSpec) -> Result<(), PodImageError> {
+        for (index, process) in spec.processes.iter().enumerate() {
+            let Some(image) = process
+                .image
+                .as_ref()
+                .and_then(|r| self.resolved.images.get(r))
+            else {
+                continue;
+            };
+            effective_command(
+                &format!("processes[{index}]"),
+                &image.config,
+                Overrides {
+                    argv: &process.argv,
+                    entrypoint: process.entrypoint.as_deref(),
+                    env: &process.env,
+                    cwd: process.cwd.as_deref(),
+                    user: process.user.as_deref(),
+                },
+            )?;
+        }
+        Ok(())
     }
 
     /// Lays out the layers of `images` (each distinct diffID once, in first-use order).
@@ -308,5 +338,24 @@ mod tests {
         );
         assert!(text.contains("crib image pull"), "{text}");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn image_process_without_a_program_is_refused_before_boot() {
+        let mut bare = image(vec![layer(1, 4096)]);
+        bare.config = serde_json::from_str(
+            r#"{"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}"#,
+        )
+        .unwrap();
+        let pod = PodImages::from_images(&BTreeMap::from([("bare".to_owned(), bare)])).unwrap();
+        let spec =
+            PodSpec::from_json(br#"{"name": "p", "processes": [{"name": "m", "image": "bare"}]}"#)
+                .unwrap();
+        let err = pod.check_commands(&spec).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("processes[0].argv: the image sets no Entrypoint or Cmd"),
+            "{err}"
+        );
     }
 }

@@ -431,11 +431,6 @@ fn mount_system(root: &Path) -> io::Result<()> {
 fn write_etc(root: &Path, hostname: &str, resolv: Option<&[u8]>) -> io::Result<()> {
     let etc = root.join("etc");
     context("cannot create /etc", fs::create_dir_all(&etc))?;
-    if let Ok(meta) = fs::metadata(&etc) {
-        if meta.permissions().mode() & 0o777 == 0 {
-            let _ = fs::set_permissions(&etc, fs::Permissions::from_mode(0o755));
-        }
-    }
     let hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
     );
