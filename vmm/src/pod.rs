@@ -366,6 +366,14 @@ impl LaunchFile {
             .map_err(|e| json_err(e.path().to_string(), e.into_inner()))?;
         json.end().map_err(|e| json_err(String::new(), e))?;
 
+        if launch.pod.get("resolved").is_some() {
+            // The host's part: crib pod run fills it from the image store.
+            return Err(PodError::Field {
+                path: file.clone(),
+                field: "pod.resolved".into(),
+                problem: "is filled by crib pod run from the image store; remove it and name images in processes[].image".into(),
+            });
+        }
         let spec_bytes = serde_json::to_vec(&launch.pod).map_err(|e| json_err("pod".into(), e))?;
         let spec = PodSpec::from_json(&spec_bytes).map_err(|source| PodError::Spec {
             path: file.clone(),
@@ -1464,5 +1472,11 @@ mod tests {
         std::fs::write(dir.join(EXIT_FILE), "{\"code\": 300}").unwrap();
         assert_eq!(exit_code(&dir, Duration::ZERO), None);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn resolved_images_written_by_hand_are_refused() {
+        let err = parse(r#"{"pod": {"name": "p", "resolved": {}}}"#).unwrap_err();
+        assert!(chain(&err).contains("pod.resolved"), "{}", chain(&err));
     }
 }
