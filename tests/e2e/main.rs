@@ -10,6 +10,7 @@
 
 mod api;
 mod cli;
+mod containers;
 mod disk;
 mod docker;
 mod fs;
@@ -210,6 +211,7 @@ fn main() {
     let mut trials: Vec<Trial> = cli::tests()
         .into_iter()
         .chain(vfio::cli_tests())
+        .chain(containers::cli_tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     trials.extend(
@@ -230,6 +232,7 @@ fn main() {
         .chain(fs::tests())
         .chain(pod::tests())
         .chain(podnet::tests())
+        .chain(containers::tests())
         .chain(api::tests())
         .map(|(n, f)| trial(n, f))
         .collect();

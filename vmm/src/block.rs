@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use devices::virtio::block::{
-    Block, BlockConfig, BlockError, BlockMetrics, RateLimitConfig, TokenBucketConfig,
+    Block, BlockConfig, BlockError, BlockMetrics, CompositeDisk, RateLimitConfig, TokenBucketConfig,
 };
 use devices::virtio::{
     ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
@@ -139,7 +139,7 @@ pub struct DiskHandle {
 /// Opens the backing file or device of disk number `index`.
 pub fn create(index: usize, disk: &DiskConfig) -> Result<Block, BlockError> {
     let index = u32::try_from(index).unwrap_or(u32::MAX);
-    Block::new(BlockConfig {
+    let config = BlockConfig {
         path: disk.path.clone(),
         id: disk.id.clone(),
         readonly: disk.readonly,
@@ -147,8 +147,13 @@ pub fn create(index: usize, disk: &DiskConfig) -> Result<Block, BlockError> {
         queues: disk.queues,
         queue_size: disk.queue_size,
         rate_limit: rate_limit(disk),
-    })
-    .map(|block| block.with_index(index))
+    };
+    let block = if disk.composite.is_empty() {
+        Block::new(config)?
+    } else {
+        Block::new_composite(config, CompositeDisk::open(&disk.composite)?)?
+    };
+    Ok(block.with_index(index))
 }
 
 #[cfg(test)]

@@ -95,6 +95,10 @@ pub struct DiskConfig {
         deserialize_with = "de_optional_size"
     )]
     pub iops_burst: Option<u64>,
+    /// Not empty: the disk is read-only and made of these files (a pod's image layers,
+    /// set by `crib pod run`, never by a user); `path` then only names it.
+    #[serde(skip)]
+    pub composite: Vec<devices::virtio::block::CompositePart>,
 }
 
 /// The virtio-vsock device (`--vsock`).
@@ -869,6 +873,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
         bandwidth: None,
         burst: None,
         iops_burst: None,
+        composite: Vec::new(),
     };
     let on_off = |key: &str, value: &str| match value {
         "on" | "true" => Ok(true),

@@ -16,6 +16,7 @@ pub mod interrupts;
 pub mod memory;
 pub mod net;
 pub mod pod;
+pub mod pod_images;
 pub mod pod_net;
 pub mod seccomp;
 pub mod vcpu;

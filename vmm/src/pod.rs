@@ -12,8 +12,8 @@
 //!   docker.sock   the pod's Docker API (cradle's vdocker, through vsock port 1)
 //!   vsock.sock    the hybrid vsock socket (`CONNECT <port>`)
 //!   console.log   the serial console
-//!   spec.json     the pod spec handed to cradle
-//!   info.json     who runs the pod: pid, start time, the paths above
+//!   spec.json     the pod spec handed to cradle (with the `resolved` images, if any)
+//!   info.json     who runs the pod: pid, start time, the paths above, image digests
 //!   exit.json     crib's exit code once the pod has ended, empty until then (`crib pod
 //!                 stop` reports it)
 //!   lock          held (flock) by the `crib pod run` of this pod
@@ -35,6 +35,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::{self, ConsoleConfig, DiskConfig, FsConfig, Origin, VmConfig, VsockConfig};
+use crate::pod_images::{self, PodImageError, PodImages};
 
 /// The guest CID of every pod: with hybrid vsock each VM has its own Unix socket, so the
 /// CID only has to be valid, not unique.
@@ -150,6 +151,14 @@ pub struct LaunchFile {
     /// ports, MTU, DNS; absent: every default.
     #[serde(default)]
     pub network: Option<Value>,
+    /// The image store processes' `image` references are resolved in; default: crib's
+    /// (`CRIB_STATE_DIR`, else /var/lib/crib for root, else ~/.local/share/crib).
+    #[serde(default)]
+    pub image_store: Option<PathBuf>,
+    /// Size of the pod's scratch disk (`"1G"`), where its containers' writable layers
+    /// live; none: they are on tmpfs in guest RAM.
+    #[serde(default, deserialize_with = "config::de_optional_size")]
+    pub scratch: Option<u64>,
 }
 
 fn de_some_console<'de, D: serde::Deserializer<'de>>(
@@ -176,11 +185,19 @@ pub struct PreparedPod {
     pub name: String,
     pub run_dir: PathBuf,
     pub config: VmConfig,
+    /// The processes' images, resolved (docs/CONTAINERS.md).
+    pub images: PodImages,
 }
 
 /// Errors of `crib pod`, each naming the file or field and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
+    #[error("launch file {path}: cannot prepare the pod's images")]
+    Images {
+        path: PathBuf,
+        #[source]
+        source: Box<PodImageError>,
+    },
     #[error("cannot read launch file {path}")]
     ReadFile {
         path: PathBuf,
@@ -370,6 +387,14 @@ impl LaunchFile {
             .map_err(|e| json_err(e.path().to_string(), e.into_inner()))?;
         json.end().map_err(|e| json_err(String::new(), e))?;
 
+        if launch.pod.get("resolved").is_some() {
+            // The host's part: crib pod run fills it from the image store.
+            return Err(PodError::Field {
+                path: file.clone(),
+                field: "pod.resolved".into(),
+                problem: "is filled by crib pod run from the image store; remove it and name images in processes[].image".into(),
+            });
+        }
         let spec_bytes = serde_json::to_vec(&launch.pod).map_err(|e| json_err("pod".into(), e))?;
         let spec = PodSpec::from_json(&spec_bytes).map_err(|source| PodError::Spec {
             path: file.clone(),
@@ -468,9 +493,14 @@ impl LaunchFile {
                 *p = base.join(&*p);
             }
         };
-        for p in [&mut launch.kernel, &mut launch.initrd, &mut launch.run_dir]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut launch.kernel,
+            &mut launch.initrd,
+            &mut launch.run_dir,
+            &mut launch.image_store,
+        ]
+        .into_iter()
+        .flatten()
         {
             resolve(p);
         }
@@ -507,6 +537,7 @@ fn disk_config(name: &str, disk: &PodDisk) -> DiskConfig {
         bandwidth: disk.bandwidth,
         burst: disk.burst,
         iops_burst: disk.iops_burst,
+        composite: Vec::new(),
     }
 }
 
@@ -622,6 +653,16 @@ impl Launch {
         config.docker_socket = Some(run_dir.join(DOCKER_SOCKET));
         config.api_socket = Some(run_dir.join(API_SOCKET));
         config.pod = Some(run_dir.join(SPEC_FILE));
+        let images = PodImages::resolve(&self.spec, self.launch.image_store.as_deref()).map_err(
+            |source| PodError::Images {
+                path: self.file.clone(),
+                source: Box::new(source),
+            },
+        )?;
+        config.disks.extend(images.layer_disk(&run_dir));
+        if self.launch.scratch.is_some() {
+            config.disks.push(pod_images::scratch_disk(&run_dir));
+        }
         let config = config
             .validate(Origin::File)
             .map_err(|source| PodError::Config {
@@ -632,6 +673,7 @@ impl Launch {
             name,
             run_dir,
             config,
+            images,
         })
     }
 }
@@ -782,7 +824,14 @@ impl PreparedPod {
             }
         }
         let spec_path = self.run_dir.join(SPEC_FILE);
-        let spec = serde_json::to_vec_pretty(&launch.spec_json).unwrap_or_default();
+        let mut spec_json = launch.spec_json.clone();
+        self.images.add_to_spec(&mut spec_json);
+        if let Some(bytes) = launch.launch.scratch {
+            pod_images::add_scratch_volume(&mut spec_json);
+            pod_images::create_scratch(&self.run_dir, bytes)
+                .map_err(write_err(&self.run_dir.join(pod_images::SCRATCH_FILE)))?;
+        }
+        let spec = serde_json::to_vec_pretty(&spec_json).unwrap_or_default();
         std::fs::write(&spec_path, spec).map_err(write_err(&spec_path))?;
         let info_path = self.run_dir.join(INFO_FILE);
         let info = self.info(launch, guest_dir_note);
@@ -808,6 +857,7 @@ impl PreparedPod {
             "docker_socket": path(&self.config.docker_socket),
             "vsock_socket": self.config.vsock.as_ref().map(|v| v.socket.display().to_string()),
             "console": self.config.console.to_string(),
+            "images": self.images.digests(),
             "config": serde_json::to_value(&self.config).unwrap_or(Value::Null),
         })
     }
@@ -868,6 +918,8 @@ impl PreparedPod {
     }
 
     pub fn remove_sockets(&self) {
+        // The scratch disk goes with the pod.
+        let _ = std::fs::remove_file(self.run_dir.join(pod_images::SCRATCH_FILE));
         for socket in [API_SOCKET, DOCKER_SOCKET, VSOCK_SOCKET] {
             let _ = std::fs::remove_file(self.run_dir.join(socket));
         }
@@ -1587,5 +1639,11 @@ mod tests {
             "precious"
         );
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn resolved_images_written_by_hand_are_refused() {
+        let err = parse(r#"{"pod": {"name": "p", "resolved": {}}}"#).unwrap_err();
+        assert!(chain(&err).contains("pod.resolved"), "{}", chain(&err));
     }
 }

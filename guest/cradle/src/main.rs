@@ -34,6 +34,7 @@ mod boot_marker;
 mod cmdline;
 mod command;
 mod console;
+mod containers;
 mod disks;
 mod filesystems;
 mod module_dep;
@@ -64,6 +65,7 @@ use thiserror::Error;
 use crate::boot_marker::{BootMarker, MARKER_INIT_STARTED, MARKER_READY};
 use crate::command::CommandError;
 use crate::console::say;
+use crate::containers::{ContainerError, Containers};
 use crate::filesystems::FsMountError;
 use crate::module_load::millis;
 use crate::mounts::MountError;
@@ -90,9 +92,24 @@ pub enum CradleError {
     Volume(#[from] VolumeError),
     #[error("cannot mount the pod's filesystems")]
     Fs(#[from] FsMountError),
+    #[error("cannot set up the pod's containers")]
+    Containers(#[from] ContainerError),
 }
 
 fn main() {
+    // cradle re-executed to set up a container (containers::stage), not PID 1.
+    let mut args = std::env::args();
+    if std::process::id() != 1 {
+        match args.nth(1).as_deref() {
+            Some(containers::STAGE_ARG) => {
+                containers::stage::main(&args.next().unwrap_or_default())
+            }
+            Some(containers::EXEC_ARG) => {
+                containers::stage::exec_main(&args.next().unwrap_or_default())
+            }
+            _ => {}
+        }
+    }
     // First thing: tell the VMM that init is running.
     let marker = match BootMarker::open() {
         Ok(marker) => {
@@ -183,6 +200,8 @@ fn boot(
         steps.mark("volumes");
         filesystems::mount_all(&spec.filesystems, volumes)?;
         steps.mark("filesystems");
+        Containers::set_up(spec)?;
+        steps.mark("containers");
     }
     if let Err(error) = network::configure(spec.as_ref()) {
         // Not fatal: the processes may not need the network; the console says why.

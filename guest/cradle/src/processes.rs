@@ -36,8 +36,13 @@ pub enum ProcessError {
 }
 
 /// The command for one process: argv, cradle's environment with a default
-/// PATH, the spec's env over it, and the working directory.
+/// PATH, the spec's env over it, and the working directory. A process with an
+/// image runs in its container (`containers::command`).
 pub fn build_command(spec: &ProcessSpec) -> Option<Command> {
+    if spec.image.is_some() {
+        // Its container's set-up stage, which runs the image's process.
+        return crate::containers::command(spec);
+    }
     let (program, args) = spec.argv.split_first()?;
     let mut command = Command::new(program);
     command
@@ -135,6 +140,7 @@ mod tests {
             argv: argv.iter().map(|s| (*s).to_owned()).collect(),
             env: env.iter().map(|s| (*s).to_owned()).collect(),
             cwd: cwd.map(str::to_owned),
+            ..ProcessSpec::default()
         }
     }
 

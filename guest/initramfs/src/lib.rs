@@ -7,6 +7,7 @@
 //! kernel unpacks concatenated archives in order.
 
 pub mod busybox;
+pub mod containers;
 pub mod cpio;
 pub mod elf;
 pub mod image;

@@ -14,6 +14,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::containers::{
+    ContainerSpecError, MemoryBytes, MilliCpus, MountSpec, ResolvedImages, RestartPolicy,
+};
+
 /// Where the spec is in the guest; the pod archive puts it there.
 pub const POD_SPEC_GUEST_PATH: &str = "/etc/cradle/pod.json";
 /// Largest spec accepted: it is copied into guest memory and read at boot.
@@ -137,6 +141,18 @@ pub enum PodSpecError {
         value: String,
         fix: String,
     },
+    #[error("{field} applies only to a process with an image; add image or remove {field}")]
+    NeedsImage { field: String },
+    #[error("{field}: {value:?} is not an image reference; write it like \"busybox:1.36\" or \"ghcr.io/org/app@sha256:...\"")]
+    InvalidImage { field: String, value: String },
+    #[error("{field}: {value:?} is not a user; write a name or uid, optionally :group or :gid, like \"app\" or \"1000:1000\"")]
+    InvalidUser { field: String, value: String },
+    #[error("{field}: {value:?} is neither a volume with a path nor a filesystem tag of this pod; name one of them")]
+    UnknownMountSource { field: String, value: String },
+    #[error("{field}: an init process must end before the others start; use \"on-failure\" or \"no\", not \"always\"")]
+    InitAlways { field: String },
+    #[error(transparent)]
+    Resolved(#[from] ContainerSpecError),
 }
 
 /// A pod: its volumes, its shared filesystems and its processes.
@@ -159,6 +175,10 @@ pub struct PodSpec {
     /// only on the shutdown call of cradle's Docker API.
     #[serde(default, skip_serializing_if = "PodLifetime::is_default")]
     pub lifetime: PodLifetime,
+    /// Filled by the host (`crib pod run`), not written by hand: the layer disk's table
+    /// and the image each process's `image` resolved to (docs/CONTAINERS.md).
+    #[serde(default, skip_serializing_if = "ResolvedImages::is_empty")]
+    pub resolved: ResolvedImages,
     /// eth0's configuration; `crib pod run` fills it in from the launch file's
     /// `network`. Absent: only lo is brought up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -344,20 +364,60 @@ pub enum Filesystem {
 }
 
 /// A process cradle starts in the pod.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessSpec {
     /// 1 to 63 characters from `a-z`, `0-9` and `-`.
     pub name: String,
-    /// Program and arguments; a program without `/` is looked up in PATH.
+    /// Program and arguments; a program without `/` is looked up in PATH. With an
+    /// `image`, the image's Cmd when empty (Docker's `docker run IMAGE ARGS...`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub argv: Vec<String>,
     /// `NAME=VALUE` entries added to cradle's environment (a default PATH
     /// included), overriding it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<String>,
-    /// Absolute working directory; default `/`.
+    /// Absolute working directory; default `/` (with an image: its WorkingDir).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// Run in this image's root filesystem, in namespaces of its own (docs/CONTAINERS.md);
+    /// the image config gives the defaults of argv, env, cwd and user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Replaces the image's Entrypoint (`[]` removes it) and drops its Cmd, as `docker
+    /// run --entrypoint`. Only with `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// `name`, `uid`, `name:group` or `uid:gid`, looked up in the image's /etc/passwd and
+    /// /etc/group; default: the image's User, else root. Only with `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// CPU limit of the container's cgroup (`cpu.max`), in CPUs (`0.5`). Only with `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<MilliCpus>,
+    /// Memory limit of the container's cgroup (`memory.max`): bytes or `"256M"`; beyond it
+    /// the kernel OOM-kills inside the container. Only with `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryBytes>,
+    /// The pod's volumes and filesystems bind-mounted into the container, in order. Only
+    /// with `image`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountSpec>,
+    /// Start it again when it exits (Docker's `--restart`): `"no"` (default),
+    /// `"on-failure"`, `"on-failure:N"`, `"always"`.
+    #[serde(default, skip_serializing_if = "is_default_restart")]
+    pub restart: RestartPolicy,
+    /// Milliseconds between an exit and the restart; default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_delay_ms: Option<u64>,
+    /// An init process: the init processes run one after the other, in spec order, each
+    /// to a zero exit, before the other processes start.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub init: bool,
+}
+
+fn is_default_restart(policy: &RestartPolicy) -> bool {
+    *policy == RestartPolicy::No
 }
 
 /// `"<field>: "`, or nothing for the top level.
@@ -497,9 +557,114 @@ impl PodSpec {
             check_name(&field, &process.name, MAX_NAME_BYTES)?;
             check_unique(&mut names, &process.name, field)?;
             check_process(&at, process)?;
+            check_image_process(&at, process, &self.resolved)?;
+            self.check_mounts(&at, process)?;
+        }
+        if !self.resolved.is_empty() {
+            self.resolved.validate("resolved")?;
         }
         Ok(())
     }
+}
+
+impl PodSpec {
+    /// A process's `mounts`: each source a mounted volume or a filesystem, each path a
+    /// clean absolute path the container does not mount itself, no path twice.
+    fn check_mounts(&self, at: &str, process: &ProcessSpec) -> Result<(), PodSpecError> {
+        if process.init && process.restart == RestartPolicy::Always {
+            return Err(PodSpecError::InitAlways {
+                field: format!("{at}.restart"),
+            });
+        }
+        let mut seen: Vec<(&str, String)> = Vec::new();
+        for (index, mount) in process.mounts.iter().enumerate() {
+            let field = format!("{at}.mounts[{index}]");
+            if self.mount_source(&mount.source).is_none() {
+                return Err(PodSpecError::UnknownMountSource {
+                    field: format!("{field}.source"),
+                    value: mount.source.clone(),
+                });
+            }
+            let path_field = format!("{field}.path");
+            check_mount_path(&path_field, &mount.path)?;
+            check_path_order(&seen, &path_field, &mount.path)?;
+            seen.push((&mount.path, path_field));
+        }
+        Ok(())
+    }
+
+    /// Where the volume or filesystem `source` is mounted in cradle.
+    pub fn mount_source(&self, source: &str) -> Option<&str> {
+        self.volumes
+            .iter()
+            .find(|v| v.name == source)
+            .and_then(|v| v.path.as_deref())
+            .or_else(|| {
+                self.filesystems
+                    .iter()
+                    .find(|f| f.tag == source)
+                    .map(|f| f.path.as_str())
+            })
+    }
+}
+
+/// `image`, `entrypoint` and `user` of one process: the latter two need an image; once
+/// the host has resolved images, each process's image must be among them.
+fn check_image_process(
+    at: &str,
+    process: &ProcessSpec,
+    resolved: &ResolvedImages,
+) -> Result<(), PodSpecError> {
+    let Some(image) = &process.image else {
+        for (field, set) in [
+            ("entrypoint", process.entrypoint.is_some()),
+            ("user", process.user.is_some()),
+            ("cpus", process.cpus.is_some()),
+            ("memory", process.memory.is_some()),
+            ("mounts", !process.mounts.is_empty()),
+        ] {
+            if set {
+                return Err(PodSpecError::NeedsImage {
+                    field: format!("{at}.{field}"),
+                });
+            }
+        }
+        return Ok(());
+    };
+    let field = format!("{at}.image");
+    let valid = !image.is_empty()
+        && image.len() <= 512
+        && image.bytes().all(|b| b.is_ascii_graphic())
+        && !image.starts_with(['-', '/']);
+    if !valid {
+        return Err(PodSpecError::InvalidImage {
+            field,
+            value: image.clone(),
+        });
+    }
+    if !resolved.is_empty() && !resolved.images.contains_key(image) {
+        return Err(ContainerSpecError::Unresolved {
+            field,
+            image: image.clone(),
+        }
+        .into());
+    }
+    for (index, arg) in process.entrypoint.iter().flatten().enumerate() {
+        if arg.contains('\0') {
+            return Err(PodSpecError::NulCharacter {
+                field: format!("{at}.entrypoint[{index}]"),
+            });
+        }
+    }
+    if let Some(user) = &process.user {
+        if user.is_empty() || user.contains(['\0', '\n']) {
+            return Err(PodSpecError::InvalidUser {
+                field: format!("{at}.user"),
+                value: user.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks a volume's `nvme_serial` and `nvme_nsid`, and that no earlier
@@ -670,6 +835,8 @@ fn check_path_order(
 /// argv, env and cwd of one process.
 fn check_process(at: &str, process: &ProcessSpec) -> Result<(), PodSpecError> {
     match process.argv.first() {
+        // With an image, the image's Entrypoint and Cmd give the program.
+        None if process.image.is_some() => {}
         None => {
             return Err(PodSpecError::EmptyArgv {
                 field: format!("{at}.argv"),
@@ -785,6 +952,7 @@ mod tests {
                 argv: vec!["/bin/sh".to_owned(), "-c".to_owned(), "echo hi".to_owned()],
                 env: vec!["A=b".to_owned()],
                 cwd: Some("/".to_owned()),
+                ..ProcessSpec::default()
             }]
         );
         assert_eq!(spec.lifetime, PodLifetime::Processes);
@@ -1488,5 +1656,76 @@ mod tests {
                 "{json}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn image_process_needs_no_argv_and_takes_entrypoint_and_user() {
+        let spec = parse(&with_process(
+            r#""image": "busybox:1.36", "entrypoint": ["/bin/sh"], "user": "1000:1000""#,
+        ))
+        .unwrap();
+        assert_eq!(spec.processes[0].image.as_deref(), Some("busybox:1.36"));
+    }
+
+    #[test]
+    fn user_without_image_is_refused() {
+        let err = parse(&with_process(r#""argv": ["sh"], "user": "app""#)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "processes[0].user applies only to a process with an image; add image or remove processes[0].user"
+        );
+    }
+
+    #[test]
+    fn unresolved_image_is_refused_once_the_host_resolved_images() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let json = format!(
+            r#"{{"name": "p", "processes": [{{"name": "m", "image": "other"}}],
+               "resolved": {{"layers": [{{"diff_id": "{digest}", "offset": 0, "size": 4096}}],
+                            "images": {{"busybox": {{"digest": "{digest}", "layers": ["{digest}"]}}}}}}}}"#
+        );
+        let err = parse(&json).unwrap_err();
+        assert!(err.to_string().contains("processes[0].image"), "{err}");
+    }
+
+    #[test]
+    fn bad_image_reference_is_named() {
+        let err = parse(&with_process(r#""image": "-rm""#)).unwrap_err();
+        assert!(matches!(err, PodSpecError::InvalidImage { .. }), "{err}");
+    }
+
+    #[test]
+    fn limits_parse_and_bad_ones_name_the_field() {
+        let spec = parse(&with_process(
+            r#""image": "a", "cpus": 0.5, "memory": "64M""#,
+        ))
+        .unwrap();
+        assert_eq!(spec.processes[0].cpus, Some(MilliCpus(500)));
+        assert_eq!(spec.processes[0].memory, Some(MemoryBytes(64 << 20)));
+        let err = parse(&with_process(r#""image": "a", "memory": "lots""#)).unwrap_err();
+        assert!(err.to_string().starts_with("processes[0].memory"), "{err}");
+        let err = parse(&with_process(r#""image": "a", "cpus": 0""#)).unwrap_err();
+        assert!(err.to_string().starts_with("processes[0].cpus"), "{err}");
+    }
+
+    #[test]
+    fn mounts_name_a_volume_and_a_clean_path_outside_proc() {
+        let ok = r#"{"name": "p", "volumes": [{"name": "data", "path": "/data"}],
+            "processes": [{"name": "m", "image": "a", "mounts": [{"source": "data", "path": "/var/lib/db", "readonly": true}]}]}"#;
+        parse(ok).unwrap();
+        let in_proc = ok.replace("/var/lib/db", "/proc/sys");
+        let err = parse(&in_proc).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "processes[0].mounts[0].path: \"/proc/sys\" is / or inside /dev, /proc or /sys"
+            ),
+            "{err}"
+        );
+        let unknown = ok.replace("\"source\": \"data\"", "\"source\": \"nope\"");
+        let err = parse(&unknown).unwrap_err();
+        assert!(
+            err.to_string().starts_with("processes[0].mounts[0].source"),
+            "{err}"
+        );
     }
 }

@@ -23,6 +23,8 @@ use virtio_queue::QueueT;
 use vm_memory::{ByteValued, Le16, Le32, Le64};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::composite::CompositeDisk;
+use super::engine::composite::CompositeEngine;
 use super::engine::sync::SyncEngine;
 use super::engine::uring::UringEngine;
 use super::engine::BlockEngine;
@@ -174,12 +176,29 @@ pub struct Block {
     engine: IoEngine,
     warned_no_uring: bool,
     worker_setup: Option<WorkerSetup>,
+    /// Set for a disk made of several read-only files (a pod's layers).
+    composite: Option<Arc<CompositeDisk>>,
 }
 
 impl Block {
     /// Opens the disk and validates the configuration. Errors name the path or the option
     /// (`id=`, `queues=`, `queue_size=`) and how to fix it.
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        Self::create(config, None)
+    }
+
+    /// A read-only disk made of `disk`'s parts; `config.path` only names it in messages
+    /// and `config.readonly` is forced on.
+    pub fn new_composite(mut config: BlockConfig, disk: CompositeDisk) -> Result<Self, BlockError> {
+        config.readonly = true;
+        config.direct = false;
+        Self::create(config, Some(Arc::new(disk)))
+    }
+
+    fn create(
+        config: BlockConfig,
+        composite: Option<Arc<CompositeDisk>>,
+    ) -> Result<Self, BlockError> {
         if config.queues == 0 || config.queues > MAX_QUEUES {
             return Err(BlockError::QueueCount {
                 value: config.queues,
@@ -209,8 +228,17 @@ impl Block {
                 source,
             })?;
 
-        let file = open_disk(&config)?;
-        let size = disk_size(&file, &config.path)?;
+        let (file, size) = match composite
+            .as_ref()
+            .and_then(|disk| disk.first_file().map(|f| (f, disk.size())))
+        {
+            Some(backing) => backing,
+            None => {
+                let file = open_disk(&config)?;
+                let size = disk_size(&file, &config.path)?;
+                (Arc::new(file), size)
+            }
+        };
         if size % SECTOR_SIZE != 0 {
             return Err(BlockError::UnalignedSize {
                 path: config.path.clone(),
@@ -250,7 +278,8 @@ impl Block {
 
         Ok(Self {
             index: 0,
-            file: Arc::new(file),
+            file,
+            composite,
             capacity_sectors,
             config_space,
             avail_features: features(config.readonly),
@@ -357,6 +386,10 @@ impl Block {
     }
 
     fn make_engine(&mut self, mem: &GuestMemoryMmap, size: u16) -> Box<dyn BlockEngine> {
+        if let Some(disk) = &self.composite {
+            inc(&self.metrics.sync_queues);
+            return Box::new(CompositeEngine::new(disk.clone(), mem.clone(), size));
+        }
         if self.engine == IoEngine::Auto {
             match UringEngine::new(self.file.clone(), mem.clone(), size) {
                 Ok(engine) => {

@@ -5,6 +5,8 @@
 //! - `worker.rs`: `BlockWorker`, one thread per queue, owning its queue and I/O engine.
 //! - `engine/`: host I/O behind a small trait: io_uring (`uring.rs`) or plain syscalls
 //!   (`sync.rs`), chosen when a queue starts.
+//! - `composite.rs`: [`CompositeDisk`], a read-only disk made of several files (a pod's
+//!   image layers), served by `engine/composite.rs`.
 //! - `metrics.rs`: [`BlockMetrics`], counters shared by the device's workers.
 //!
 //! Choices where the spec leaves room:
@@ -23,6 +25,7 @@
 //! - **O_DIRECT** (`direct`) passes guest buffers straight to the host: the host needs them
 //!   aligned to its logical block size; a misaligned request fails with IOERR.
 
+pub mod composite;
 pub mod device;
 mod engine;
 #[cfg(feature = "fuzzing")]
@@ -37,6 +40,7 @@ mod worker;
 use std::io;
 use std::path::PathBuf;
 
+pub use composite::{CompositeDisk, CompositePart};
 pub use device::{Block, BlockConfig, ConfigSpace, IoEngine};
 pub use metrics::{BlockMetrics, BlockMetricsSnapshot};
 
@@ -116,6 +120,16 @@ pub enum BlockError {
     },
     #[error("disk {id} cannot take a rate-limit update: the worker of queue {queue} has stopped")]
     WorkerGone { id: String, queue: u16 },
+    #[error("composite disk part {path} is {actual} bytes, not the {expected} expected: the layer file is truncated or was replaced; re-import or re-pull the image")]
+    CompositePartSize {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("composite disk part {path} at offset {offset} is not aligned to 4096 bytes or overlaps the part before it")]
+    CompositeLayout { path: PathBuf, offset: u64 },
+    #[error("a composite disk needs at least one part")]
+    CompositeEmpty,
 }
 
 /// `error: cause: cause...` for one log line (the error types keep causes in `source`).

@@ -286,15 +286,21 @@ fn status_text(run: Option<&Run>, now: SystemTime) -> String {
     }
 }
 
+/// The container of an image process (`None`: a process in cradle's root).
+fn image_of(container: &Container) -> Option<crate::containers::ContainerPlan> {
+    crate::containers::get()?.plan(&container.name)
+}
+
 /// An entry of `GET /containers/json`.
 fn summary(container: &Container) -> Value {
     let run = container.snapshot();
+    let image = image_of(container);
     json!({
         "Id": container.id,
         "Names": [format!("/{}", container.name)],
-        "Image": IMAGE,
-        "ImageID": "",
-        "Command": container.spec.argv.join(" "),
+        "Image": image.as_ref().map_or(IMAGE, |i| i.image.as_str()),
+        "ImageID": image.as_ref().map_or("", |i| i.digest.as_str()),
+        "Command": image.as_ref().map_or(&container.spec.argv, |i| &i.argv).join(" "),
         "Created": unix_seconds(container.created),
         "Ports": [],
         "Labels": {},
@@ -311,9 +317,11 @@ fn inspect(container: &Container) -> Value {
     let run = container.snapshot();
     let run = run.as_ref();
     let running = run.is_some_and(Run::is_running);
-    let (path, args) = container
-        .spec
-        .argv
+    let image = image_of(container);
+    let argv = image.as_ref().map_or(&container.spec.argv, |i| &i.argv);
+    let (restart_count, restarting) = container.restarts();
+    let policy = container.spec.restart.docker();
+    let (path, args) = argv
         .split_first()
         .map(|(program, rest)| (program.clone(), rest.to_vec()))
         .unwrap_or_default();
@@ -326,7 +334,7 @@ fn inspect(container: &Container) -> Value {
             "Status": status_name(run),
             "Running": running,
             "Paused": false,
-            "Restarting": false,
+            "Restarting": restarting,
             "OOMKilled": false,
             "Dead": false,
             "Pid": run.filter(|r| r.is_running()).and_then(|r| r.pid).unwrap_or(0),
@@ -337,9 +345,9 @@ fn inspect(container: &Container) -> Value {
                 .and_then(|r| r.finished_at)
                 .map_or_else(|| ZERO_TIME.to_owned(), rfc3339_nanos),
         },
-        "Image": IMAGE,
+        "Image": image.as_ref().map_or(IMAGE, |i| i.digest.as_str()),
         "Name": format!("/{}", container.name),
-        "RestartCount": 0,
+        "RestartCount": restart_count,
         "Driver": "",
         "Platform": "linux",
         "MountLabel": "",
@@ -348,23 +356,26 @@ fn inspect(container: &Container) -> Value {
         "HostConfig": {
             "NetworkMode": "host",
             "AutoRemove": false,
-            "RestartPolicy": { "Name": "no", "MaximumRetryCount": 0 },
+            "RestartPolicy": { "Name": policy.0, "MaximumRetryCount": policy.1 },
         },
         "Mounts": [],
         "Config": {
-            "Hostname": "",
-            "User": "",
+            "Hostname": if image.is_some() { container.name.as_str() } else { "" },
+            "User": image.as_ref().map_or("", |i| i.user.as_str()),
             "AttachStdin": false,
             "AttachStdout": false,
             "AttachStderr": false,
             "Tty": false,
             "OpenStdin": true,
             "StdinOnce": false,
-            "Env": container.spec.env,
-            "Cmd": container.spec.argv,
-            "Image": IMAGE,
-            "WorkingDir": container.spec.cwd.clone().unwrap_or_else(|| "/".to_owned()),
-            "Entrypoint": null,
+            "Env": image.as_ref().map_or(&container.spec.env, |i| &i.env),
+            "Cmd": image.as_ref().map_or(&container.spec.argv, |i| &i.cmd),
+            "Image": image.as_ref().map_or(IMAGE, |i| i.image.as_str()),
+            "WorkingDir": image.as_ref().map_or_else(
+                || container.spec.cwd.clone().unwrap_or_else(|| "/".to_owned()),
+                |i| i.cwd.clone(),
+            ),
+            "Entrypoint": image.as_ref().map(|i| i.entrypoint.clone()),
             "Labels": {},
         },
         "NetworkSettings": { "Networks": {} },

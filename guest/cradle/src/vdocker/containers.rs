@@ -42,6 +42,8 @@ pub const LOG_CAP_BYTES: usize = 4 * 1024 * 1024;
 /// Chunks of output (16 KiB at most each) a slow attach session may fall
 /// behind by before it misses some; bounds what it can hold in memory.
 const OUTPUT_CHANNEL_CHUNKS: usize = 256;
+/// Delay before a restart when the spec gives none (Docker's first back-off step).
+const RESTART_DELAY_MS: u64 = 100;
 /// Read size of the output pipes.
 const PUMP_BUFFER_BYTES: usize = 16 * 1024;
 /// After a process has exited, how long its output may take to drain
@@ -81,6 +83,12 @@ struct ContainerState {
     /// Runs started so far.
     runs: u64,
     run: Option<Run>,
+    /// Stopped or killed through the API (or the shutdown): not restarted.
+    held: bool,
+    /// Restarts by the restart policy so far.
+    restarts: u32,
+    /// A restart is waiting for its delay.
+    restart_pending: bool,
 }
 
 /// One spawn of a container's process.
@@ -196,6 +204,18 @@ impl Container {
             .map(|run| run.number)
     }
 
+    /// Running, or about to be restarted by its restart policy.
+    pub fn is_active(&self) -> bool {
+        let state = self.lock();
+        state.restart_pending || state.run.as_ref().is_some_and(Run::is_running)
+    }
+
+    /// Restarts by the restart policy so far, and whether one is pending.
+    pub fn restarts(&self) -> (u32, bool) {
+        let state = self.lock();
+        (state.restarts, state.restart_pending)
+    }
+
     /// Live output from now on.
     pub fn subscribe_output(&self) -> broadcast::Receiver<OutputChunk> {
         self.output.subscribe()
@@ -218,6 +238,8 @@ impl Container {
         if state.run.as_ref().is_some_and(Run::is_running) {
             return Err(VdockerError::NotModified(self.name.clone()));
         }
+        state.held = false;
+        state.restart_pending = false;
         state.runs = state.runs.wrapping_add(1);
         let number = state.runs;
         let started_at = SystemTime::now();
@@ -301,19 +323,68 @@ impl Container {
         }
     }
 
-    /// The reaper's callback for run `number`.
-    fn exited(&self, number: u64, status: i32) {
+    /// The reaper's callback for run `number`: records the exit and applies the restart
+    /// policy.
+    fn exited(self: &Arc<Self>, number: u64, status: i32) {
         let outcome = Outcome::from_wait_status(status);
-        {
+        let restart = {
             let mut state = self.lock();
             if let Some(run) = state.run.as_mut().filter(|run| run.number == number) {
                 run.outcome = Some(outcome);
                 run.finished_at = Some(SystemTime::now());
                 run.stdin = None;
             }
-        }
+            let restart = !state.held
+                && self
+                    .spec
+                    .restart
+                    .restarts(docker_exit_code(outcome), state.restarts);
+            if restart {
+                state.restart_pending = true;
+                state.restarts = state.restarts.saturating_add(1);
+            }
+            restart
+        };
         processes::report_exit(&self.name, outcome);
+        if restart {
+            self.restart_later();
+        }
         self.changes.send_replace(());
+        self.lifecycle.notify();
+    }
+
+    /// Starts the container again after the spec's delay, unless it was held meanwhile.
+    fn restart_later(self: &Arc<Self>) {
+        let container = Arc::clone(self);
+        let delay = Duration::from_millis(self.spec.restart_delay_ms.unwrap_or(RESTART_DELAY_MS));
+        let spawned = std::thread::Builder::new()
+            .name("restart".into())
+            .spawn(move || {
+                std::thread::sleep(delay);
+                let go = {
+                    let mut state = container.lock();
+                    let go = state.restart_pending && !state.held;
+                    state.restart_pending = false;
+                    go
+                };
+                if go {
+                    console::log(&format!("restarting process {}", container.name));
+                    let _ = container.start();
+                }
+                container.changes.send_replace(());
+                container.lifecycle.notify();
+            });
+        if spawned.is_err() {
+            self.lock().restart_pending = false;
+        }
+    }
+
+    /// No restart from now until the next start (Docker's "manually stopped").
+    pub fn hold(&self) {
+        let mut state = self.lock();
+        state.held = true;
+        state.restart_pending = false;
+        drop(state);
         self.lifecycle.notify();
     }
 
@@ -380,6 +451,7 @@ impl Container {
 
     /// Sends `signal` to the running process (SIGKILL: to its group).
     pub fn signal(&self, signal: i32) -> Result<(), VdockerError> {
+        self.hold();
         let pid = self.running_pid()?;
         let result = if signal == libc::SIGKILL {
             signal_group(pid, signal)
@@ -394,6 +466,7 @@ impl Container {
 
     /// Sends `signal` to the running process's group.
     pub fn signal_group(&self, signal: i32) -> Result<(), VdockerError> {
+        self.hold();
         let pid = self.running_pid()?;
         signal_group(pid, signal).map_err(|source| VdockerError::Signal {
             name: self.name.clone(),
@@ -506,13 +579,19 @@ impl Container {
 }
 
 /// The command to exec `argv` in `container` with extra `env` and `cwd`:
-/// the container's environment and directory unless overridden.
+/// the container's environment and directory unless overridden. `user`
+/// applies to containers of images only (others run as root).
 pub fn exec_command(
     container: &Container,
     argv: &[String],
     env: &[String],
     cwd: Option<&str>,
+    user: Option<&str>,
 ) -> Option<Command> {
+    if let Some(plan) = crate::containers::get().and_then(|c| c.plan(&container.name)) {
+        // An image process: the command runs inside its container.
+        return crate::containers::exec_command(&plan, argv, env, cwd, user);
+    }
     let spec = ProcessSpec {
         name: container.name.clone(),
         argv: argv.to_vec(),
@@ -521,6 +600,7 @@ pub fn exec_command(
             .filter(|dir| !dir.is_empty())
             .map(str::to_owned)
             .or_else(|| container.spec.cwd.clone()),
+        ..ProcessSpec::default()
     };
     processes::build_command(&spec)
 }
@@ -577,6 +657,7 @@ mod tests {
             argv: vec!["/nonexistent/cradle-test".to_owned()],
             env: Vec::new(),
             cwd: None,
+            ..ProcessSpec::default()
         }]);
 
         registry.start_all();

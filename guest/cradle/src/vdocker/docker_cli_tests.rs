@@ -92,6 +92,7 @@ impl Harness {
                 argv: vec!["sh".to_owned(), "-c".to_owned(), (*script).to_owned()],
                 env: vec!["GREETING=hello".to_owned()],
                 cwd: None,
+                ..ProcessSpec::default()
             })
             .collect();
         let options = RegistryOptions {

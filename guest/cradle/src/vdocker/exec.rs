@@ -61,7 +61,7 @@ pub struct ExecCreateBody {
     pub attach_stderr: bool,
     /// `[height, width]` of the terminal.
     pub console_size: Option<[u16; 2]>,
-    /// Accepted and ignored: processes run as cradle's user (root).
+    /// The user in a container of an image; ignored for other processes (root).
     pub user: Option<String>,
 }
 
@@ -306,6 +306,7 @@ pub fn start(
         &exec.argv,
         exec.config.env.as_deref().unwrap_or_default(),
         exec.config.working_dir.as_deref(),
+        exec.config.user.as_deref(),
     )
     .ok_or(VdockerError::BadRequest("no exec command specified"))?;
     let program = exec.argv.first().cloned().unwrap_or_default();

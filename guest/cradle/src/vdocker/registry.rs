@@ -4,6 +4,7 @@
 //! thread until the processes have all exited or the shutdown call came,
 //! and [`Registry::stop_all`] stops everything at the end.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use initramfs::podspec::{PodLifetime, ProcessSpec};
 use super::containers::{Container, LOG_CAP_BYTES};
 use super::errors::VdockerError;
 use super::exec::ExecTable;
+use crate::console::say;
 use crate::reaper::Reaper;
 
 /// After SIGKILL, how long stop_all waits for the processes to go.
@@ -53,6 +55,8 @@ pub struct Registry {
 
 struct RegistryInner {
     containers: Vec<Arc<Container>>,
+    /// The init processes are running: the others have not started yet.
+    starting: AtomicBool,
     execs: ExecTable,
     lifecycle: Arc<Lifecycle>,
     reaper: Reaper,
@@ -137,6 +141,7 @@ impl Registry {
         Self {
             inner: Arc::new(RegistryInner {
                 containers,
+                starting: AtomicBool::new(false),
                 execs: ExecTable::default(),
                 lifecycle,
                 reaper,
@@ -144,12 +149,65 @@ impl Registry {
         }
     }
 
-    /// Starts every container; one that cannot start is a warning.
+    /// Starts every container; one that cannot start is a warning. With init processes
+    /// (`init` in the spec), a thread runs them one after the other, each to a zero exit
+    /// (restarts included), then starts the others; an init process that fails, or a
+    /// shutdown meanwhile, starts nothing more (the pod then ends as its lifetime says).
     pub fn start_all(&self) {
-        for container in &self.inner.containers {
-            // Only "already running" can fail here, which none is.
-            let _ = container.start();
+        let (init, rest): (Vec<_>, Vec<_>) = self
+            .inner
+            .containers
+            .iter()
+            .cloned()
+            .partition(|c| c.spec.init);
+        if init.is_empty() {
+            for container in &rest {
+                // Only "already running" can fail here, which none is.
+                let _ = container.start();
+            }
+            return;
         }
+        self.inner.starting.store(true, Ordering::SeqCst);
+        let registry = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("init-procs".into())
+            .spawn(move || {
+                if registry.run_init(&init) {
+                    for container in &rest {
+                        let _ = container.start();
+                    }
+                }
+                registry.inner.starting.store(false, Ordering::SeqCst);
+                registry.inner.lifecycle.notify();
+            });
+        if spawned.is_err() {
+            say!("error: cannot start the init processes' thread");
+            self.inner.starting.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Runs the init processes in order; true if each ended with 0.
+    fn run_init(&self, init: &[Arc<Container>]) -> bool {
+        for container in init {
+            let _ = container.start();
+            let mut shutdown = false;
+            self.inner.lifecycle.wait_until(None, |state| {
+                shutdown = state.shutdown.is_some();
+                shutdown || !container.is_active()
+            });
+            if shutdown {
+                return false;
+            }
+            let code = container.snapshot().map_or(-1, |run| run.exit_code());
+            if code != 0 {
+                say!(
+                    "init process {} failed (exit code {code}); the pod's other processes are not started",
+                    container.name
+                );
+                return false;
+            }
+        }
+        true
     }
 
     pub fn containers(&self) -> &[Arc<Container>] {
@@ -217,16 +275,15 @@ impl Registry {
                 end = PodEnd::Shutdown(grace);
                 return true;
             }
-            (lifetime == PodLifetime::Processes || state.api_down) && !self.any_container_running()
+            (lifetime == PodLifetime::Processes || state.api_down)
+                && !self.inner.starting.load(Ordering::SeqCst)
+                && !self.any_container_running()
         });
         end
     }
 
     fn any_container_running(&self) -> bool {
-        self.inner
-            .containers
-            .iter()
-            .any(|c| c.running_run().is_some())
+        self.inner.containers.iter().any(|c| c.is_active())
     }
 
     fn anything_running(&self) -> bool {
@@ -337,6 +394,7 @@ pub mod testing {
             argv: vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()],
             env: Vec::new(),
             cwd: None,
+            ..ProcessSpec::default()
         }
     }
 
@@ -449,5 +507,55 @@ mod tests {
         registry.stop_all(Duration::from_millis(200));
 
         assert!(container.running_run().is_none());
+    }
+
+    #[test]
+    fn on_failure_restarts_up_to_its_limit_and_the_pod_waits_for_them() {
+        let failing = ProcessSpec {
+            restart: initramfs::containers::RestartPolicy::OnFailure { max: Some(2) },
+            restart_delay_ms: Some(1),
+            ..spec("flaky", "exit 3")
+        };
+        let registry = registry(&[failing]);
+        registry.start_all();
+
+        assert_eq!(
+            registry.wait_for_end(PodLifetime::Processes),
+            PodEnd::AllExited
+        );
+        let container = &registry.containers()[0];
+        assert_eq!(container.restarts(), (2, false));
+        let run = container.snapshot().unwrap();
+        assert_eq!((run.number, run.exit_code()), (3, 3));
+    }
+
+    #[test]
+    fn init_processes_run_first_and_a_failing_one_starts_nothing_more() {
+        let dir = crate::testing::TempDir::new("init-order");
+        let flag = dir.path().join("flag");
+        let init = ProcessSpec {
+            init: true,
+            ..spec("prepare", &format!("echo ok > {}", flag.display()))
+        };
+        let main = spec("main", &format!("test -f {}", flag.display()));
+        let registry = registry(&[main.clone(), init]);
+        registry.start_all();
+        assert_eq!(
+            registry.wait_for_end(PodLifetime::Processes),
+            PodEnd::AllExited
+        );
+        assert_eq!(registry.containers()[0].snapshot().unwrap().exit_code(), 0);
+
+        let failing = ProcessSpec {
+            init: true,
+            ..spec("broken", "exit 1")
+        };
+        let registry = super::testing::registry(&[failing, main]);
+        registry.start_all();
+        assert_eq!(
+            registry.wait_for_end(PodLifetime::Processes),
+            PodEnd::AllExited
+        );
+        assert!(registry.containers()[1].snapshot().is_none());
     }
 }

@@ -9,6 +9,7 @@
 //! `iovec`s with [`GuestMemoryBackend::get_slices`] (a descriptor may cross regions), and keep
 //! a clone of the guest memory so the mappings outlive every operation in flight.
 
+pub(crate) mod composite;
 pub(crate) mod sync;
 pub(crate) mod uring;
 

@@ -1,0 +1,205 @@
+//! Containers: pod processes that name an image run in that image's root filesystem, in
+//! mount, PID, UTS and IPC namespaces of their own, sharing the VM's network
+//! (docs/CONTAINERS.md).
+//!
+//! - [`layers`]: at boot, each layer of the pod's layer disk (the spec's `resolved.layers`)
+//!   gets a read-only loop device over its bytes ([`loopdev`]) and is mounted as erofs.
+//! - [`plan`]: per image process, what its container is: its layers (top first), its
+//!   writable directory, and its argv, env, cwd and user after Docker's rules.
+//! - [`stage`]: the container's set-up, run in a fresh cradle process (`/init
+//!   --container-init PLAN`): unshare, fork the container's PID 1 (overlay root, /proc,
+//!   /sys, /dev, pivot_root, user, exec) and stay as its shim, forwarding signals and
+//!   exiting as it does.
+//! - [`user`]: the image's /etc/passwd and /etc/group.
+//! - [`cgroup`]: a cgroup v2 per container with `cpus` or `memory`.
+//!
+//! The core is not tied to boot: [`Containers::create`] makes a container from a process
+//! spec and the pod's resolved images at any time, and [`command`] gives the command that
+//! starts it, which the registry (vdocker) spawns, restarts and signals like any process.
+
+pub mod cgroup;
+pub mod layers;
+pub mod loopdev;
+pub mod plan;
+pub mod stage;
+pub mod user;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use initramfs::containers::ContainerSpecError;
+use initramfs::podspec::{PodSpec, ProcessSpec};
+use thiserror::Error;
+
+pub use plan::ContainerPlan;
+
+use crate::console::say;
+use crate::disks::DiskError;
+
+/// Where cradle keeps layer mounts and containers' directories.
+pub const RUN_DIR: &str = "/run/cradle";
+/// The first argument that makes cradle the container set-up stage.
+pub const STAGE_ARG: &str = "--container-init";
+/// The first argument that makes cradle run a `docker exec` in a container.
+pub const EXEC_ARG: &str = "--container-exec";
+
+/// Errors of setting up the pod's layers and containers.
+#[derive(Debug, Error)]
+pub enum ContainerError {
+    #[error("the pod's layer disk (serial crib-layers) did not appear")]
+    LayerDisk(#[source] DiskError),
+    #[error("cannot open the layer disk {}", path.display())]
+    OpenLayerDisk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("layer {diff_id}: cannot attach a loop device at offset {offset} ({size} bytes)")]
+    Loop {
+        diff_id: String,
+        offset: u64,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("layer {diff_id}: cannot mount {} as erofs on {}; is the layer file an erofs image of crib's image store?", device.display(), path.display())]
+    MountLayer {
+        diff_id: String,
+        device: PathBuf,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create {}", path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the cgroup {}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spec(#[from] ContainerSpecError),
+    #[error("processes[{index}]: image {image:?} is not among the images the host resolved")]
+    Unresolved { index: usize, image: String },
+}
+
+/// The pod's containers by process name: what the registry and vdocker look up.
+#[derive(Debug, Default)]
+pub struct Containers {
+    plans: Mutex<HashMap<String, ContainerPlan>>,
+    layers: layers::Layers,
+}
+
+static CONTAINERS: OnceLock<Containers> = OnceLock::new();
+
+impl Containers {
+    /// Mounts the pod's layers and makes a container for each process with an image.
+    /// Nothing to do (and no layer disk wanted) for a pod without images.
+    pub fn set_up(spec: &PodSpec) -> Result<(), ContainerError> {
+        if spec.resolved.layers.is_empty() {
+            return Ok(());
+        }
+        let layers = layers::Layers::mount_all(&spec.resolved.layers)?;
+        say!("layers: {} mounted", spec.resolved.layers.len());
+        let containers = Containers {
+            plans: Mutex::new(HashMap::new()),
+            layers,
+        };
+        for (index, process) in spec.processes.iter().enumerate() {
+            if process.image.is_some() {
+                containers.create(index, process, spec)?;
+            }
+        }
+        // Set once per boot; a second call has nothing new to install.
+        let _ = CONTAINERS.set(containers);
+        Ok(())
+    }
+
+    /// Makes (or replaces) the container of process `index` of `spec`.
+    pub fn create(
+        &self,
+        index: usize,
+        process: &ProcessSpec,
+        spec: &PodSpec,
+    ) -> Result<(), ContainerError> {
+        let mut plan = ContainerPlan::new(index, process, &spec.resolved, &self.layers)?;
+        plan.make_dirs()?;
+        plan.cgroup = cgroup::create(&process.name, process.cpus, process.memory)?;
+        // Validated: every source is a volume with a path or a filesystem.
+        plan.mounts = process
+            .mounts
+            .iter()
+            .filter_map(|m| {
+                let source = spec.mount_source(&m.source)?;
+                Some((PathBuf::from(source), m.path.clone(), m.readonly))
+            })
+            .collect();
+        self.plans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(process.name.clone(), plan);
+        Ok(())
+    }
+
+    /// The container of process `name`.
+    pub fn plan(&self, name: &str) -> Option<ContainerPlan> {
+        self.plans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+}
+
+/// The pod's containers, once [`Containers::set_up`] made them.
+pub fn get() -> Option<&'static Containers> {
+    CONTAINERS.get()
+}
+
+/// The command that starts the container of `spec` (an image process): cradle itself as
+/// the set-up stage. `None` if the process has no container.
+pub fn command(spec: &ProcessSpec) -> Option<Command> {
+    let plan = get()?.plan(&spec.name)?;
+    let json = serde_json::to_string(&plan).ok()?;
+    let mut command = Command::new("/proc/self/exe");
+    command.arg(STAGE_ARG).arg(json).env_clear();
+    Some(command)
+}
+
+/// The command that runs `argv` in the running container of `plan` (`docker exec`): with
+/// the container's env plus `env`, in `cwd` (else the container's), as `user` (else the
+/// container's).
+pub fn exec_command(
+    plan: &ContainerPlan,
+    argv: &[String],
+    env: &[String],
+    cwd: Option<&str>,
+    user: Option<&str>,
+) -> Option<Command> {
+    let exec = stage::ExecPlan {
+        name: plan.name.clone(),
+        pid_file: plan.pid_file(),
+        cgroup: plan.cgroup.clone(),
+        argv: argv.to_vec(),
+        env: initramfs::containers::merge_env(&plan.env, env),
+        cwd: cwd
+            .filter(|d| !d.is_empty())
+            .unwrap_or(&plan.cwd)
+            .to_owned(),
+        user: user
+            .filter(|u| !u.is_empty())
+            .unwrap_or(&plan.user)
+            .to_owned(),
+    };
+    let json = serde_json::to_string(&exec).ok()?;
+    let mut command = Command::new("/proc/self/exe");
+    command.arg(EXEC_ARG).arg(json).env_clear();
+    Some(command)
+}
