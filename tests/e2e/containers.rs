@@ -531,7 +531,8 @@ fn missing_or_truncated_layer_is_a_clear_error() -> Result<()> {
 fn unknown_image_is_a_clear_error() -> Result<()> {
     let store = Store::new("noimage")?;
     let spec = r#"{"name": "noimage", "processes": [{"name": "m", "argv": ["x"]}, {"name": "n", "image": "nope:1"}]}"#;
-    let (out, _, _) = store.run_pod("noimage", spec)?;
+    // "pull": "never": the test must not ask Docker Hub for "nope:1".
+    let (out, _, _) = store.run_pod_with("noimage", spec, r#", "pull": "never""#)?;
     out.check(
         out.code == Some(1)
             && out

@@ -155,6 +155,9 @@ pub struct LaunchFile {
     /// (`CRIB_STATE_DIR`, else /var/lib/crib for root, else ~/.local/share/crib).
     #[serde(default)]
     pub image_store: Option<PathBuf>,
+    /// Whether images the store lacks are pulled: `"missing"` (default) or `"never"`.
+    #[serde(default)]
+    pub pull: pod_images::PullMode,
     /// Size of the pod's scratch disk (`"1G"`), where its containers' writable layers
     /// live; none: they are on tmpfs in guest RAM.
     #[serde(default, deserialize_with = "config::de_optional_size")]
@@ -653,12 +656,15 @@ impl Launch {
         config.docker_socket = Some(run_dir.join(DOCKER_SOCKET));
         config.api_socket = Some(run_dir.join(API_SOCKET));
         config.pod = Some(run_dir.join(SPEC_FILE));
-        let images = PodImages::resolve(&self.spec, self.launch.image_store.as_deref()).map_err(
-            |source| PodError::Images {
-                path: self.file.clone(),
-                source: Box::new(source),
-            },
-        )?;
+        let images = PodImages::resolve(
+            &self.spec,
+            self.launch.image_store.as_deref(),
+            self.launch.pull,
+        )
+        .map_err(|source| PodError::Images {
+            path: self.file.clone(),
+            source: Box::new(source),
+        })?;
         config.disks.extend(images.layer_disk(&run_dir));
         if self.launch.scratch.is_some() {
             config.disks.push(pod_images::scratch_disk(&run_dir));

@@ -37,12 +37,30 @@ pub enum PodImageError {
         #[source]
         source: Box<StoreError>,
     },
+    #[error("processes[{index}].image: cannot pull {reference:?} (set \"pull\": \"never\" in the launch file to use only the store)")]
+    Pull {
+        index: usize,
+        reference: String,
+        #[source]
+        source: Box<images::registry::PullError>,
+    },
     #[error("image {reference:?} has no layers; import it again")]
     NoLayers { reference: String },
     #[error("the pod's layers do not fit a disk (offset overflow)")]
     TooLarge,
     #[error(transparent)]
     Command(#[from] ContainerSpecError),
+}
+
+/// Whether `crib pod run` pulls an image the store does not have (launch file `pull`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullMode {
+    /// Pull what the store lacks, as `docker run` does.
+    #[default]
+    Missing,
+    /// Use only what the store has (`crib image pull` or `import` fill it).
+    Never,
 }
 
 /// What a pod's images add to its VM and spec.
@@ -57,7 +75,11 @@ pub struct PodImages {
 impl PodImages {
     /// Resolves every process image of `spec` in the store at `store_root` (default:
     /// [`Store::default_root`]). A pod without images never opens the store.
-    pub fn resolve(spec: &PodSpec, store_root: Option<&Path>) -> Result<Self, PodImageError> {
+    pub fn resolve(
+        spec: &PodSpec,
+        store_root: Option<&Path>,
+        pull: PullMode,
+    ) -> Result<Self, PodImageError> {
         let wanted: Vec<(usize, &str)> = spec
             .processes
             .iter()
@@ -77,13 +99,27 @@ impl PodImages {
             if images.contains_key(reference) {
                 continue;
             }
-            let image = store
-                .resolve(reference)
-                .map_err(|source| PodImageError::Resolve {
+            let image = match store.resolve(reference) {
+                Err(StoreError::NotFound { .. }) if pull == PullMode::Missing => {
+                    // Plain lines on stderr: crib pod run's stdout carries its socket lines.
+                    images::registry::ensure(
+                        &store,
+                        reference,
+                        &images::registry::EnsureOptions::default(),
+                        &images::progress::PlainProgress,
+                    )
+                    .map_err(|source| PodImageError::Pull {
+                        index,
+                        reference: reference.to_owned(),
+                        source: Box::new(source),
+                    })?
+                }
+                resolved => resolved.map_err(|source| PodImageError::Resolve {
                     index,
                     reference: reference.to_owned(),
                     source: Box::new(source),
-                })?;
+                })?,
+            };
             images.insert(reference.to_owned(), image);
         }
         let pod = Self::from_images(&images)?;
@@ -316,7 +352,12 @@ mod tests {
     #[test]
     fn pod_without_images_has_no_layer_disk_and_no_store() {
         let spec = PodSpec::from_json(br#"{"name": "p"}"#).unwrap();
-        let pod = PodImages::resolve(&spec, Some(Path::new("/nonexistent/store"))).unwrap();
+        let pod = PodImages::resolve(
+            &spec,
+            Some(Path::new("/nonexistent/store")),
+            PullMode::Never,
+        )
+        .unwrap();
         assert!(pod.layer_disk(Path::new("/r")).is_none());
         let mut json = serde_json::json!({"name": "p"});
         pod.add_to_spec(&mut json);
@@ -330,7 +371,7 @@ mod tests {
             br#"{"name": "p", "processes": [{"name": "m", "argv": ["x"]}, {"name": "n", "image": "nope:1"}]}"#,
         )
         .unwrap();
-        let err = PodImages::resolve(&spec, Some(&dir)).unwrap_err();
+        let err = PodImages::resolve(&spec, Some(&dir), PullMode::Never).unwrap_err();
         let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
         assert!(
             text.starts_with("processes[1].image: cannot resolve \"nope:1\""),
