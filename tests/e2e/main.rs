@@ -12,12 +12,14 @@ mod api;
 mod cli;
 mod disk;
 mod docker;
+mod fault;
 mod fs;
 mod linux;
 mod marketplace;
 mod micro;
 mod net;
 mod pod;
+mod soak;
 mod vfio;
 mod vsock;
 
@@ -50,6 +52,8 @@ const LAB_GROUPS: &[&str] = &[
     "linux_api_",
     "linux_net_",
     "linux_marketplace_",
+    "linux_fault_",
+    "linux_soak_",
 ];
 
 /// Which lab boot: the common one (with a filter and the prefixes to skip), or the one
@@ -229,6 +233,8 @@ fn main() {
         .chain(fs::tests())
         .chain(pod::tests())
         .chain(api::tests())
+        .chain(fault::tests())
+        .chain(soak::tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux
