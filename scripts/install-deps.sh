@@ -15,6 +15,7 @@ packages=(
   iperf3            # crib-bench net: TCP throughput host <-> marketplace guest
   socat             # vsock peer in the guest for the vsock e2e tests (chrooted)
   nvme-cli          # the VFIO test gives an SR-IOV VF of the lab's NVMe its resources
+  dmsetup           # linux_fault_*: a device-mapper volume whose middle fails with EIO
   libseccomp-dev libcap-ng-dev  # to build virtiofsd (scripts/install-virtiofsd.sh)
   ca-certificates
 )

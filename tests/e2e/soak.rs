@@ -315,6 +315,13 @@ fn pods_started_and_stopped_leave_nothing_behind() -> Result<()> {
     let started = Instant::now();
     for i in 1..=cycles {
         cycle(&crib, &launch, &root, &logs).with_context(|| format!("cycle {i} of {cycles}"))?;
+        if i % 25 == 0 {
+            let now = footprint(&roots)?;
+            println!(
+                "soak: cycle {i}/{cycles} at {:.0} s: {now:?}",
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     let sequential = started.elapsed();
     let after = footprint(&roots)?;
