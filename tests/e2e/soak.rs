@@ -188,18 +188,15 @@ fn check_flat(phase: &str, before: &Footprint, after: &Footprint, run_dirs: usiz
     Ok(())
 }
 
-/// Waits until the pod's API (`<run dir>/api.sock`) reports cradle's ready marker.
+/// Waits until the pod's docker socket lists its process `app` (what `docker ps` asks,
+/// without the CLI). cradle's ready marker comes earlier, before its API and its power
+/// button handler are up: a stop sent then is lost (the pod is force-stopped, exit 6).
 fn wait_ready(run_dir: &Path, wait: Duration, child: &mut Child) -> Result<()> {
-    let socket = run_dir.join("api.sock");
+    let socket = run_dir.join("docker.sock");
     let start = Instant::now();
     loop {
-        if let Ok((200, body)) = api_request(&socket, "GET", "/api/v1/vm", "") {
-            let compact: String = body.chars().filter(|c| !c.is_whitespace()).collect();
-            if compact
-                .split("\"ready_us\":")
-                .nth(1)
-                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
-            {
+        if let Ok((200, body)) = api_request(&socket, "GET", "/v1.47/containers/json", "") {
+            if body.contains("app") {
                 return Ok(());
             }
         }
