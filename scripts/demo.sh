@@ -1,55 +1,109 @@
 #!/usr/bin/env bash
-# The main job: boot a demo pod VM (crib's pod kernel + cradle) with a data volume and
-# show its output, then the boot time crib measured (process start to cradle's init and
-# to its ready line, from crib's own log). crib is an optimized build. On a host without
-# VT-x/AMD-V the VM runs inside the lab (tests/lab/lab.sh) automatically.
+# The main job: a pod running a container image, on the pod network.
+#
+#  1. Builds what it shows, and nothing else: crib (release), crib's pod kernel, cradle's
+#     initramfs, and a busybox image made from Debian's busybox-static (no network).
+#  2. Starts Debian's docker-registry on loopback, pushes the image with skopeo, and pulls
+#     it with `crib image pull` (verified, converted once to an erofs layer).
+#  3. `crib pod run`s a pod whose process runs that image (busybox httpd) with port 8080
+#     published, fetches its page through the published port, lists it with the plain
+#     `docker` CLI on the pod's Docker socket, stops it, and states the boot time crib
+#     measured.
+# On a host without VT-x/AMD-V step 3 runs inside the lab (tests/lab/lab.sh) by itself.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-scripts/prepare.sh
-cargo build --quiet --release -p vmm
+if [ "$(id -u)" -ne 0 ]; then
+  echo "demo: run as root (the pod network creates a bridge, a tap and nftables rules)" >&2
+  exit 1
+fi
+scripts/install-deps.sh
+apt-cache policy linux-source-6.1 2>/dev/null | grep -q Candidate: || apt-get update -qq
+guest/kernel/build-pod-kernel.sh >/dev/null
+guest/build-initramfs.sh pod >/dev/null
+cargo build --quiet --release -p vmm --bin crib
+cargo build --quiet --release -p images --example busybox_layout --features fixtures
+crib=$root/target/release/crib
 
-demo=target/demo
+demo=$root/target/demo
+rm -rf "$demo"
 mkdir -p "$demo"
-rm -f "$demo/data.img"
-truncate -s 256M "$demo/data.img"
-cat > "$demo/pod.json" <<'JSON'
+
+# 2. A loopback registry with the image in it, then crib's pull.
+port=5055
+cat > "$demo/registry.yml" <<YML
+version: 0.1
+storage:
+  filesystem:
+    rootdirectory: $demo/registry
+http:
+  addr: 127.0.0.1:$port
+YML
+docker-registry serve "$demo/registry.yml" >"$demo/registry.log" 2>&1 &
+registry=$!
+trap 'kill $registry 2>/dev/null || true' EXIT
+for _ in $(seq 50); do
+  curl -fs "http://127.0.0.1:$port/v2/" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+target/release/examples/busybox_layout "$demo/layout" >/dev/null
+image=127.0.0.1:$port/demo/busybox:latest
+skopeo copy --quiet --dest-tls-verify=false "oci:$demo/layout:latest" "docker://$image"
+echo "demo: pushed $image to a loopback docker-registry; pulling it with crib:"
+"$crib" image pull --state-dir "$demo/store" "$image"
+"$crib" image ls --state-dir "$demo/store"
+
+# 3. The pod: the image's busybox serves a page on port 80, published as 8080.
+cat > "$demo/pod.json" <<JSON
 {
-  "name": "demo",
-  "volumes": [{"name": "data", "path": "/data"}],
-  "processes": [
-    {"name": "hello", "argv": ["/bin/sh", "-c",
-      "echo; echo hello from a crib pod: $(uname -sr), $(grep -c ^processor /proc/cpuinfo) CPUs; date > /data/hello; echo volume data: $(df -h /data | tail -1); echo"]}
-  ]
+  "pod": {
+    "name": "demo",
+    "processes": [
+      {"name": "web", "image": "$image", "entrypoint": ["/bin/sh", "-c"],
+       "argv": ["mkdir -p /www && echo \"hello from \$(cat /etc/hostname), an image in a crib pod, kernel \$(uname -r)\" > /www/index.html && exec httpd -f -p 80 -h /www"]}
+    ]
+  },
+  "network": {"ports": ["8080:80/tcp"]},
+  "image_store": "$demo/store",
+  "pull": "never",
+  "run_dir": "$demo/run",
+  "cpus": 2,
+  "memory": "512M"
 }
 JSON
 
-run=(target/release/crib run
-  --kernel target/guest/pod-kernel/vmlinux
-  --initrd target/guest/initramfs-pod.cpio
-  --cpus 2 --memory 512M
-  --cmdline "console=ttyS0 panic=-1 quiet"
-  --pod "$demo/pod.json"
-  --disk "path=$demo/data.img,id=data")
-
-# Runs the VM with crib's log on stderr and in crib.log, then states the boot time.
-boot_and_report() {
-  local log=$1
-  shift
-  local rc=0
-  "$@" 2> >(tee "$log" >&2) || rc=$?
-  wait
+# Runs the pod in the background, shows it from the outside, stops it.
+show_pod() {
+  local crib=$1 demo=$2
+  "$crib" pod run "$demo/pod.json" >"$demo/pod.out" 2>"$demo/crib.log" &
+  local pod=$!
+  local page=""
+  for _ in $(seq 600); do
+    page=$(curl -fs --max-time 2 http://127.0.0.1:8080/ 2>/dev/null) && break
+    kill -0 "$pod" 2>/dev/null || break
+    sleep 0.5
+  done
+  cat "$demo/pod.out"
+  if [ -n "$page" ]; then
+    echo "demo: GET http://127.0.0.1:8080/ (the published port) -> $page"
+    docker -H "unix://$demo/run/docker.sock" ps || true
+  else
+    echo "demo: the pod did not answer on port 8080; crib's log:" >&2
+    tail -20 "$demo/crib.log" >&2
+  fi
+  "$crib" pod stop "$demo/run" || true
+  wait "$pod" || true
   local init ready
-  init=$(sed -n 's/.*guest boot to init: \([0-9]*\) ms.*/\1/p' "$log" | head -1)
-  ready=$(sed -n 's/.*guest boot to ready: \([0-9]*\) ms.*/\1/p' "$log" | head -1)
+  init=$(sed -n 's/.*guest boot to init: \([0-9]*\) ms.*/\1/p' "$demo/crib.log" | head -1)
+  ready=$(sed -n 's/.*guest boot to ready: \([0-9]*\) ms.*/\1/p' "$demo/crib.log" | head -1)
   echo "demo: boot time measured by crib (release build): ${init:-?} ms to init, ${ready:-?} ms to cradle ready"
-  return "$rc"
+  [ -n "$page" ]
 }
 
 if grep -qwE 'vmx|svm' /proc/cpuinfo; then
-  boot_and_report "$demo/crib.log" "${run[@]}"
+  show_pod "$crib" "$demo"
   exit
 fi
-echo "demo: this CPU has no VT-x/AMD-V; booting inside the lab (an L1 VM with nested KVM; lab times are TCG-emulated, far slower than a real host)" >&2
-exec tests/lab/lab.sh -- bash -c "$(declare -f boot_and_report); boot_and_report /tmp/crib-demo.log \"\$@\"" demo "${run[@]}"
+echo "demo: this CPU has no VT-x/AMD-V; running the pod inside the lab (an L1 VM with nested KVM; lab times are TCG-emulated, far slower than a real host)" >&2
+tests/lab/lab.sh -- bash -c "$(declare -f show_pod); show_pod \"\$@\"" demo "$crib" "$demo"

@@ -18,6 +18,7 @@ packages=(
   wrk               # docs/BENCHMARKS.md: HTTP req/s against a pod
   socat             # vsock peer in the guest for the vsock e2e tests (chrooted)
   nvme-cli          # the VFIO test gives an SR-IOV VF of the lab's NVMe its resources
+  dmsetup           # linux_fault_*: a device-mapper volume whose middle fails with EIO
   libseccomp-dev libcap-ng-dev  # to build virtiofsd (scripts/install-virtiofsd.sh)
   erofs-utils       # mkfs.erofs: crib's image store converts each layer to an erofs image
   skopeo            # the image store's tests make docker-save archives from OCI layouts

@@ -1,5 +1,5 @@
 //! virtio-blk volumes seen from a real guest: data reaches the host, read-only holds,
-//! serials name the disks, discard frees host blocks, host errors reach the guest.
+//! serials name the disks, discard frees host blocks (host errors: fault.rs).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -35,10 +35,6 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
         (
             "linux_disk_discard_frees_host_blocks",
             discard_frees_host_blocks,
-        ),
-        (
-            "linux_disk_host_error_reaches_guest",
-            host_error_reaches_guest,
         ),
         (
             "linux_disk_multiqueue_block_device_backing",
@@ -305,35 +301,6 @@ fn discard_frees_host_blocks() -> Result<()> {
     )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
-}
-
-fn host_error_reaches_guest() -> Result<()> {
-    // A sparse 64 MiB disk on a 4 MiB tmpfs: writing fills the host filesystem.
-    let dir = scratch("enospc")?;
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4M", "tmpfs"])
-        .arg(&dir)
-        .status()
-        .context("mount needs root (the lab runs tests as root)")?;
-    anyhow::ensure!(status.success(), "cannot mount a small tmpfs: {status}");
-    let file = backing_file(&dir, "full.img", 64 * MIB)?;
-    let disk = format!("path={},id=full", file.display());
-    let out = boot_with_disks(
-        &[disk],
-        "dd if=/dev/zero of=/dev/vda bs=1M count=16 oflag=direct 2>&1 | tail -1; echo dd-done",
-    );
-    let _ = std::process::Command::new("umount").arg(&dir).status();
-    let _ = std::fs::remove_dir_all(&dir);
-    let out = out?;
-    expect_status(&out, 0)?;
-    out.check(
-        out.stdout.contains("dd-done"),
-        "the guest carries on after the error",
-    )?;
-    out.check(
-        out.stdout.contains("I/O error") || out.stdout.contains("No space"),
-        "the guest sees an I/O error",
-    )
 }
 
 fn multiqueue_block_device_backing() -> Result<()> {

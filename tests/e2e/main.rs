@@ -13,6 +13,7 @@ mod cli;
 mod containers;
 mod disk;
 mod docker;
+mod fault;
 mod fs;
 mod linux;
 mod marketplace;
@@ -20,6 +21,7 @@ mod micro;
 mod net;
 mod pod;
 mod podnet;
+mod soak;
 mod vfio;
 mod vsock;
 
@@ -52,6 +54,8 @@ const LAB_GROUPS: &[&str] = &[
     "linux_api_",
     "linux_net_",
     "linux_marketplace_",
+    "linux_fault_",
+    "linux_soak_",
 ];
 
 /// Which lab boot: the common one (with a filter and the prefixes to skip), or the one
@@ -234,6 +238,8 @@ fn main() {
         .chain(podnet::tests())
         .chain(containers::tests())
         .chain(api::tests())
+        .chain(fault::tests())
+        .chain(soak::tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux

@@ -372,6 +372,21 @@ pub fn api_request(socket: &Path, method: &str, path: &str, body: &str) -> Resul
     Ok((status, body.to_owned()))
 }
 
+/// The first unsigned integer after `"key":` in the JSON text `body`, searching from the
+/// first `from` on (`from` = `"data":{` picks disk `data`'s counters in a metrics answer).
+/// Whitespace is ignored, so it matches however the JSON is formatted.
+pub fn json_u64_after(body: &str, from: &str, key: &str) -> Option<u64> {
+    let body: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+    let rest = &body[body.find(from)?..];
+    let needle = format!("\"{key}\":");
+    let rest = &rest[rest.find(&needle)? + needle.len()..];
+    rest.chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
 /// `text` without ANSI escape sequences (systemd colours its status lines).
 pub fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -406,6 +421,12 @@ mod tests {
     #[test]
     fn printf_le_bytes_is_low_byte_first_in_octal() {
         assert_eq!(super::printf_le_bytes(0xdf00_0001), "\\001\\000\\000\\337");
+    }
+
+    #[test]
+    fn json_u64_after_reads_the_key_of_the_named_object() {
+        let body = r#"{"disks": {"a": {"flushes": 1}, "b": { "flushes" : 22 }}}"#;
+        assert_eq!(super::json_u64_after(body, "\"b\":{", "flushes"), Some(22));
     }
 
     #[test]

@@ -146,6 +146,20 @@ impl LiveCrib {
         }
     }
 
+    /// crib's process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs crib (it gets no chance to clean up or flush anything), then waits for it
+    /// and for its pipes' last bytes.
+    pub fn kill(&mut self) -> Result<std::process::ExitStatus> {
+        self.child.kill().context("cannot SIGKILL crib")?;
+        let status = self.child.wait()?;
+        self.drain_pipes();
+        Ok(status)
+    }
+
     /// Waits for crib to exit; its exit code.
     pub fn wait_exit(&mut self, wait: Duration) -> Result<Option<i32>> {
         let start = Instant::now();

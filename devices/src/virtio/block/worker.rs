@@ -66,6 +66,9 @@ fn poll_window() -> Duration {
     })
 }
 
+/// How many kinds of host error (errnos) a queue logs; later kinds are only counted.
+const LOGGED_ERRNOS_MAX: usize = 8;
+
 const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
 const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
@@ -149,7 +152,8 @@ pub(crate) struct BlockWorker {
     used_pending: bool,
     /// Request error kinds already logged (bit per `RequestError::kind_index`).
     logged_kinds: u32,
-    logged_host_error: bool,
+    /// Host errnos already logged, the first [`LOGGED_ERRNOS_MAX`] kinds (EIO, ENOSPC, ...).
+    logged_errnos: Vec<i32>,
     logged_interrupt_error: bool,
 }
 
@@ -177,7 +181,7 @@ impl BlockWorker {
             stalled: false,
             used_pending: false,
             logged_kinds: 0,
-            logged_host_error: false,
+            logged_errnos: Vec::with_capacity(LOGGED_ERRNOS_MAX),
             logged_interrupt_error: false,
         })
     }
@@ -544,13 +548,14 @@ impl BlockWorker {
         let ok = completion.result.is_ok();
         if let Err(errno) = completion.result {
             inc(&m.io_errors);
-            if !self.logged_host_error {
-                self.logged_host_error = true;
+            if !self.logged_errnos.contains(&errno) && self.logged_errnos.len() < LOGGED_ERRNOS_MAX
+            {
+                self.logged_errnos.push(errno);
                 tracing::warn!(
                     disk = %self.params.id,
                     queue = self.params.queue_index,
                     error = %io::Error::from_raw_os_error(errno),
-                    "host I/O error; the guest gets IOERR (logged once per queue)"
+                    "host I/O error; the guest gets IOERR (logged once per queue and error kind)"
                 );
             }
         }
