@@ -20,7 +20,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 scripts/install-deps.sh
 apt-cache policy linux-source-6.1 2>/dev/null | grep -q Candidate: || apt-get update -qq
-guest/kernel/build-pod-kernel.sh >/dev/null
+echo "demo: building crib's pod kernel (the first time: a few minutes), cradle's initramfs and crib" >&2
+guest/kernel/build-pod-kernel.sh >/dev/null 2>"$root/target/pod-kernel-build.log" ||
+  { tail -30 "$root/target/pod-kernel-build.log" >&2; exit 1; }
 guest/build-initramfs.sh pod >/dev/null
 cargo build --quiet --release -p vmm --bin crib
 cargo build --quiet --release -p images --example busybox_layout --features fixtures
@@ -61,7 +63,7 @@ cat > "$demo/pod.json" <<JSON
     "name": "demo",
     "processes": [
       {"name": "web", "image": "$image", "entrypoint": ["/bin/sh", "-c"],
-       "argv": ["mkdir -p /www && echo \"hello from \$(cat /etc/hostname), an image in a crib pod, kernel \$(uname -r)\" > /www/index.html && exec httpd -f -p 80 -h /www"]}
+       "argv": ["mkdir -p /www && echo \"hello from \$(cat /etc/hostname), an image in a crib pod, kernel \$(uname -r)\" > /www/index.html && exec busybox httpd -f -p 80 -h /www"]}
     ]
   },
   "network": {"ports": ["8080:80/tcp"]},
@@ -89,8 +91,9 @@ show_pod() {
     echo "demo: GET http://127.0.0.1:8080/ (the published port) -> $page"
     docker -H "unix://$demo/run/docker.sock" ps || true
   else
-    echo "demo: the pod did not answer on port 8080; crib's log:" >&2
+    echo "demo: the pod did not answer on port 8080; crib's log and the pod's console:" >&2
     tail -20 "$demo/crib.log" >&2
+    tail -30 "$demo/run/console.log" >&2
   fi
   "$crib" pod stop "$demo/run" || true
   wait "$pod" || true

@@ -101,9 +101,14 @@ pub fn attach(
         std::fs::write(&path, format!("{value:#}\n"))
             .map_err(|source| PodError::WriteFile { path, source })
     };
-    let mut spec = launch.spec_json.clone();
+    // The spec as create_run_dir wrote it (with the images' `resolved` section), plus eth0.
+    let spec_path = prepared.run_dir.join(SPEC_FILE);
+    let mut spec: Value = std::fs::read(&spec_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| launch.spec_json.clone());
     spec["network"] = guest_network(&state);
-    write(prepared.run_dir.join(SPEC_FILE), &spec)?;
+    write(spec_path, &spec)?;
     let info_path = prepared.run_dir.join(INFO_FILE);
     let mut info: Value = std::fs::read(&info_path)
         .ok()
