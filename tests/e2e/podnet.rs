@@ -23,19 +23,31 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
 
 fn end_to_end() -> Result<()> {
     GuestArtifacts::pod()?;
-    run_script("tests/e2e/scripts/podnet.sh")
+    run_script("tests/e2e/scripts/podnet.sh", &[])
 }
 
-/// The host side alone, a network namespace standing in for the pod (no KVM needed, but
-/// root): tests/e2e/scripts/podnet-host.sh.
+/// The host side alone, a network namespace standing in for the pod (root):
+/// tests/e2e/scripts/podnet-host.sh. The pod's VM runs a guest that only halts, so crib
+/// holds the pod's network for as long as the script needs it.
 fn host_side() -> Result<()> {
-    run_script("tests/e2e/scripts/podnet-host.sh")
+    let kernel = std::env::temp_dir().join(format!("crib-podnet-halt-{}.elf", std::process::id()));
+    std::fs::write(
+        &kernel,
+        crib_tests::micro::elf(&crib_tests::micro::halt_forever()),
+    )?;
+    let result = run_script(
+        "tests/e2e/scripts/podnet-host.sh",
+        &[("CRIB_TEST_KERNEL", kernel.as_os_str())],
+    );
+    let _ = std::fs::remove_file(&kernel);
+    result
 }
 
-fn run_script(path: &str) -> Result<()> {
+fn run_script(path: &str, env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     let script = repo_root().join(path);
     let out = Command::new("bash")
         .arg(&script)
+        .envs(env.iter().copied())
         .env("CRIB", crib_bin())
         .output()
         .with_context(|| format!("cannot run {}", script.display()))?;

@@ -2,8 +2,8 @@
 # The host side of pod networking without KVM: run as root, it re-executes itself in a
 # network namespace of its own (unshare -n), so nothing touches the host's network.
 #   tests/e2e/scripts/podnet-host.sh
-# `crib pod run` sets a pod's network up and then blocks opening its kernel (a FIFO);
-# a network namespace with a veth on crib's bridge and the pod's addresses stands in
+# `crib pod run` sets a pod's network up and then runs a guest that only halts
+# ($CRIB_TEST_KERNEL, an ELF the e2e test writes: needs /dev/kvm); a network namespace with a veth on crib's bridge and the pod's addresses stands in
 # for the pod. Checks the published port (127.0.0.1, the host's own address, another
 # "host" namespace over IPv4 and IPv6), the pod's addresses, NAT to a "remote"
 # namespace without a route back, a refused port and not-a-bridge, the keeper's
@@ -30,8 +30,11 @@ gone() { # what, command that succeeds while it exists
   fail "$what" "still there"
 }
 
+# Module autoloading may not reach a chroot (the lab's): load what the test itself uses.
+modprobe -q veth 2>/dev/null || true
 ip link set lo up
-mkfifo "$work/kernel" && touch "$work/initrd"
+cp "${CRIB_TEST_KERNEL:?set CRIB_TEST_KERNEL to a guest ELF that halts}" "$work/kernel"
+touch "$work/initrd"
 mkdir -p "$work/www" "$work/wwwr"
 echo hello-from-pod > "$work/www/index.html"
 echo hello-from-remote > "$work/wwwr/index.html"
