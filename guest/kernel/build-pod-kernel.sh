@@ -6,9 +6,9 @@
 # Downloads `linux-source-6.1` by package name (the version is whatever
 # Debian ships now), applies guest/kernel/pod.config to `make tinyconfig`,
 # checks that every option the fragment asks for is in the final config, and
-# builds. The source tree stays in target/guest/pod-kernel-src (about 1.5 GB
-# with objects): a changed fragment skips the download and extraction, but
-# still recompiles most of the kernel. Output (cached: a second run with the
+# builds. The source tarball stays in target/guest/pod-kernel-src (a changed
+# fragment skips the download); the extracted tree (about 1.5 GB with objects)
+# is removed after the build unless CRIB_KEEP_KERNEL_TREE=1. Output (cached: a second run with the
 # same source version and fragment returns at once):
 #   target/guest/pod-kernel/vmlinux   uncompressed ELF (what crib loads fastest)
 #   target/guest/pod-kernel/bzImage   the same kernel, compressed
@@ -41,22 +41,35 @@ if [ -f "$out/VERSION" ] && [ "$(cat "$out/VERSION")" = "$stamp" ] && [ -f "$out
   exit 0
 fi
 
-# The source tree is kept per source version (one download and extraction).
+# The source tarball is kept per source version (one download); the tree is extracted for a
+# build and removed after it (about 1.5 GB with objects), unless CRIB_KEEP_KERNEL_TREE=1 keeps
+# it for kernel work (a changed fragment then skips the extraction, not the compile).
 mkdir -p "$cache"
-src=$cache/pod-kernel-src/$srcver
+tarball_dir=$cache/pod-kernel-src/$srcver
+src=$tarball_dir/tree
 if [ ! -f "$src/Makefile" ]; then
-  work=$cache/pod-kernel-src/download
-  rm -rf "$cache/pod-kernel-src"
-  mkdir -p "$work"
-  echo "build-pod-kernel: fetching $pkg $srcver" >&2
-  (cd "$work" && apt-get download "$pkg=$srcver" >/dev/null)
-  dpkg-deb -x "$work"/*.deb "$work/deb"
-  tarball=$(find "$work/deb/usr/src" -maxdepth 1 -name "linux-source-*.tar.*" | head -1)
-  [ -n "$tarball" ] || die "$pkg has no source tarball under /usr/src"
-  tar -xf "$tarball" -C "$work"
-  tree=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name "linux-source-*" | head -1)
+  tarball=$(find "$tarball_dir" -maxdepth 1 -name "linux-source-*.tar.*" 2>/dev/null | head -1)
+  if [ -z "$tarball" ]; then
+    work=$cache/pod-kernel-src/download
+    rm -rf "$cache/pod-kernel-src"
+    mkdir -p "$work" "$tarball_dir"
+    echo "build-pod-kernel: fetching $pkg $srcver" >&2
+    (cd "$work" && apt-get download "$pkg=$srcver" >/dev/null)
+    dpkg-deb -x "$work"/*.deb "$work/deb"
+    found=$(find "$work/deb/usr/src" -maxdepth 1 -name "linux-source-*.tar.*" | head -1)
+    [ -n "$found" ] || die "$pkg has no source tarball under /usr/src"
+    mv "$found" "$tarball_dir/"
+    rm -rf "$work"
+    tarball=$(find "$tarball_dir" -maxdepth 1 -name "linux-source-*.tar.*" | head -1)
+  fi
+  extract=$tarball_dir/extract
+  rm -rf "$extract" "$src"
+  mkdir -p "$extract"
+  tar -xf "$tarball" -C "$extract"
+  tree=$(find "$extract" -mindepth 1 -maxdepth 1 -type d -name "linux-source-*" | head -1)
+  [ -n "$tree" ] || die "$tarball holds no linux-source-* directory"
   mv "$tree" "$src"
-  rm -rf "$work"
+  rm -rf "$extract"
 fi
 
 jobs=$(nproc)
@@ -91,4 +104,5 @@ cp "$src/vmlinux" "$out/vmlinux"
 cp "$src/arch/x86/boot/bzImage" "$out/bzImage"
 cp "$src/.config" "$out/config"
 echo "$stamp" >"$out/VERSION"
+[ "${CRIB_KEEP_KERNEL_TREE:-0}" = 1 ] || rm -rf "$src"
 echo "$out"
