@@ -48,7 +48,10 @@ mkdir -p "$cache"
 tarball_dir=$cache/pod-kernel-src/$srcver
 src=$tarball_dir/tree
 if [ ! -f "$src/Makefile" ]; then
-  tarball=$(find "$tarball_dir" -maxdepth 1 -name "linux-source-*.tar.*" 2>/dev/null | head -1)
+  tarball=
+  if [ -d "$tarball_dir" ]; then
+    tarball=$(find "$tarball_dir" -maxdepth 1 -name "linux-source-*.tar.*" | head -1)
+  fi
   if [ -z "$tarball" ]; then
     work=$cache/pod-kernel-src/download
     rm -rf "$cache/pod-kernel-src"
