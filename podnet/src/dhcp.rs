@@ -221,7 +221,14 @@ fn running(dir: &Path) -> Option<libc::pid_t> {
 
 /// SIGTERM, then SIGKILL if it has not exited within [`STOP_WAIT`].
 fn stop(pid: libc::pid_t) {
-    let alive = || Path::new(&format!("/proc/{pid}")).exists();
+    // A zombie has exited: its reaper (init, or a subreaper that takes its time) owns it.
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X")
+        })
+    };
     // SAFETY: kill sends a signal; no memory is passed. `pid` is a dnsmasq of ours
     // (checked by `running`).
     unsafe { libc::kill(pid, libc::SIGTERM) };
