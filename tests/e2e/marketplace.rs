@@ -480,17 +480,27 @@ fn pod_net_vm(args: &[String], socket: &Path) -> Result<()> {
     );
     // For the log: when the guest asked (DHCP's timeline) and what its boot said.
     for line in dhcp_log.lines().filter(|l| {
-        ["DHCPDISCOVER", "DHCPOFFER", "DHCPREQUEST", "DHCPACK", "DHCPNAK"]
-            .iter()
-            .any(|m| l.contains(m))
+        [
+            "DHCPDISCOVER",
+            "DHCPOFFER",
+            "DHCPREQUEST",
+            "DHCPACK",
+            "DHCPNAK",
+        ]
+        .iter()
+        .any(|m| l.contains(m))
     }) {
         eprintln!("marketplace --net pod dnsmasq: {line}");
     }
     let console = strip_ansi(&crib.stdout());
     for line in console.lines().filter(|l| {
-        ["Network Configuration", "multi-user.target", "OpenBSD Secure Shell"]
-            .iter()
-            .any(|m| l.contains(m))
+        [
+            "Network Configuration",
+            "multi-user.target",
+            "OpenBSD Secure Shell",
+        ]
+        .iter()
+        .any(|m| l.contains(m))
     }) {
         eprintln!("marketplace --net pod console: {}", line.trim());
     }

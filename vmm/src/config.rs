@@ -1528,10 +1528,13 @@ mod tests {
         let plan = pod.plan().unwrap();
         assert!(plan.dhcp && plan.subnet6.is_none());
         assert_eq!((plan.bridge.as_str(), plan.ports.len()), ("br7", 2));
-        assert_eq!(parse_net("pod").unwrap().pod, Some(PodNetRequest::default()));
+        assert_eq!(
+            parse_net("pod").unwrap().pod,
+            Some(PodNetRequest::default())
+        );
         // In a config file, too.
-        let config = from_json(r#"{"kernel": "/k", "net": [{"pod": {"ports": ["80:80"]}}]}"#)
-            .unwrap();
+        let config =
+            from_json(r#"{"kernel": "/k", "net": [{"pod": {"ports": ["80:80"]}}]}"#).unwrap();
         assert_eq!(config.net[0].pod.as_ref().unwrap().ports, ["80:80"]);
     }
 
@@ -1550,9 +1553,12 @@ mod tests {
             let err = parse_net(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
-        let err =
-            from_json(r#"{"kernel": "/k", "net": [{"pod": {}}, {"pod": {}}]}"#).unwrap_err();
-        assert!(chain(&err).contains("joins the pod network once"), "{}", chain(&err));
+        let err = from_json(r#"{"kernel": "/k", "net": [{"pod": {}}, {"pod": {}}]}"#).unwrap_err();
+        assert!(
+            chain(&err).contains("joins the pod network once"),
+            "{}",
+            chain(&err)
+        );
         let err = from_json(r#"{"kernel": "/k", "net": [{"pod": {"subnet": "x"}}]}"#).unwrap_err();
         assert!(chain(&err).contains("subnet"), "{}", chain(&err));
     }
