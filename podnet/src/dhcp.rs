@@ -4,13 +4,14 @@
 //!
 //! One dnsmasq per bridge, with DNS off (`--port=0`), no configuration of the host's
 //! (`--conf-file=/dev/null`) and no lease file of its own (`--leasefile-ro`): the IPAM's
-//! leases are the leases. It only answers the MACs in its hosts directory, one file per
-//! VM (`MAC,ADDRESS,infinite`). Everything it has lives in `<net dir>/dhcp-<bridge>/`:
-//! `hosts/`, `dnsmasq.pid`, `dnsmasq.log`. The first VM on a bridge starts it, the last
-//! one to go stops it and removes the directory; every change happens under the IPAM's
-//! lock. When a VM goes while others stay, dnsmasq is restarted rather than told: it
-//! would keep the gone VM's lease in memory and refuse its address to the next VM the
-//! IPAM gives it to.
+//! leases are the leases. It only answers the MACs of the VMs on the bridge, given on
+//! its command line (`--dhcp-host=MAC,ADDRESS,infinite`); crib keeps them in a hosts
+//! directory, one file per VM. Everything lives in `<net dir>/dhcp-<bridge>/`: `hosts/`,
+//! `dnsmasq.pid`, `dnsmasq.log`. Every change happens under the IPAM's lock and
+//! restarts dnsmasq with the hosts then present (none: it stays stopped and the
+//! directory goes). Not its `--dhcp-hostsdir`: dnsmasq reads that after dropping root,
+//! so a private `$CRIB_NET_DIR` hides it; and told of a VM gone, it would keep that VM's
+//! lease in memory and refuse the address to the next VM the IPAM gives it to.
 
 use std::io::ErrorKind;
 use std::os::unix::process::CommandExt;
@@ -42,7 +43,11 @@ pub fn host_line(state: &PodNetState) -> String {
 
 /// dnsmasq's arguments for the bridge of `state` (every VM on a bridge shares its
 /// subnet, gateway, MTU and nameservers: the bridge refuses another subnet).
-pub fn dnsmasq_args(state: &PodNetState, dir: &Path) -> Result<Vec<String>, PodNetError> {
+pub fn dnsmasq_args(
+    state: &PodNetState,
+    dir: &Path,
+    hosts: &[String],
+) -> Result<Vec<String>, PodNetError> {
     let subnet: Cidr4 = state.subnet.parse().map_err(|e| PodNetError::Field {
         field: "network.subnet".into(),
         value: state.subnet.clone(),
@@ -64,7 +69,6 @@ pub fn dnsmasq_args(state: &PodNetState, dir: &Path) -> Result<Vec<String>, PodN
         format!("--log-facility={}", dir.join(LOG_FILE).display()),
         format!("--pid-file={}", dir.join(PID_FILE).display()),
         format!("--dhcp-range={},static,{netmask},infinite", subnet.network),
-        format!("--dhcp-hostsdir={}", dir.join(HOSTS_DIR).display()),
         format!("--dhcp-option=option:router,{}", state.gateway),
         format!("--dhcp-option=option:mtu,{}", state.mtu),
     ];
@@ -83,6 +87,7 @@ pub fn dnsmasq_args(state: &PodNetState, dir: &Path) -> Result<Vec<String>, PodN
             format!(",{}", dns.join(","))
         }
     ));
+    args.extend(hosts.iter().map(|h| format!("--dhcp-host={h}")));
     if !state.search.is_empty() {
         args.push(format!(
             "--dhcp-option=option:domain-search,{}",
@@ -99,26 +104,27 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> PodNetError + '_ {
     }
 }
 
-/// Serves `state`'s VM its address on its bridge: its hosts file, and dnsmasq started
-/// if the bridge has none running. Undone if dnsmasq cannot start.
+/// Serves `state`'s VM its address on its bridge: its hosts file, then dnsmasq
+/// (re)started with every VM's. Undone if dnsmasq cannot start.
 pub fn add(_lock: &IpamLock, net_dir: &Path, state: &PodNetState) -> Result<(), PodNetError> {
     let dir = dir(net_dir, &state.bridge);
     let hosts = dir.join(HOSTS_DIR);
     std::fs::create_dir_all(&hosts).map_err(io_err(&hosts))?;
     let file = hosts.join(&state.tap);
     std::fs::write(&file, host_line(state)).map_err(io_err(&file))?;
-    if running(&dir).is_some() {
-        // dnsmasq reads a new file of its hosts directory by itself (inotify).
-        return Ok(());
-    }
-    start(state, &dir).inspect_err(|_| {
+    restart(state, &dir).inspect_err(|_| {
         let _ = std::fs::remove_file(&file);
-        remove_dir_if_unused(&dir);
+        if let Err(e) = restart(state, &dir) {
+            tracing::warn!(
+                "bridge {}: cannot restart its DHCP server: {e}",
+                state.bridge
+            );
+        }
     })
 }
 
-/// Stops serving `state`'s VM: removes its hosts file, then stops dnsmasq if no VM is
-/// left on the bridge (removing the directory) or restarts it otherwise.
+/// Stops serving `state`'s VM: removes its hosts file and restarts dnsmasq for the VMs
+/// left on the bridge (none: stops it and removes the directory).
 pub fn remove(_lock: &IpamLock, net_dir: &Path, state: &PodNetState) {
     let dir = dir(net_dir, &state.bridge);
     let file = dir.join(HOSTS_DIR).join(&state.tap);
@@ -127,17 +133,43 @@ pub fn remove(_lock: &IpamLock, net_dir: &Path, state: &PodNetState) {
             tracing::warn!("cannot remove {}: {e}", file.display());
         }
     }
-    if let Some(pid) = running(&dir) {
+    if let Err(e) = restart(state, &dir) {
+        tracing::warn!(
+            "bridge {}: cannot restart its DHCP server: {e}",
+            state.bridge
+        );
+    }
+}
+
+/// The hosts lines of the VMs on the bridge of `dir`, sorted.
+fn hosts(dir: &Path) -> Vec<String> {
+    let mut lines: Vec<String> = std::fs::read_dir(dir.join(HOSTS_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+        .flat_map(|text| {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Stops the bridge's dnsmasq if it runs, then starts it for the hosts present, or
+/// removes the directory when there are none.
+fn restart(state: &PodNetState, dir: &Path) -> Result<(), PodNetError> {
+    if let Some(pid) = running(dir) {
         stop(pid);
     }
-    if !remove_dir_if_unused(&dir) {
-        if let Err(e) = start(state, &dir) {
-            tracing::warn!(
-                "bridge {}: cannot restart its DHCP server: {e}",
-                state.bridge
-            );
-        }
+    if remove_dir_if_unused(dir) {
+        return Ok(());
     }
+    start(state, dir, &hosts(dir))
 }
 
 /// Removes `dir` if its hosts directory is empty (or missing); whether it did.
@@ -156,8 +188,8 @@ fn remove_dir_if_unused(dir: &Path) -> bool {
 
 /// Starts dnsmasq for `state`'s bridge; it returns once it serves, or fails saying why
 /// (its own message is in its log file).
-fn start(state: &PodNetState, dir: &Path) -> Result<(), PodNetError> {
-    let args = dnsmasq_args(state, dir)?;
+fn start(state: &PodNetState, dir: &Path, hosts: &[String]) -> Result<(), PodNetError> {
+    let args = dnsmasq_args(state, dir, hosts)?;
     let command = format!("{DNSMASQ} {}", args.join(" "));
     let mut dnsmasq = Command::new(DNSMASQ);
     // SAFETY: runs in the child between fork and exec and only makes a system call
@@ -275,7 +307,8 @@ mod tests {
 
     #[test]
     fn dnsmasq_serves_the_bridge_only_its_hosts_and_no_dns() {
-        let args = dnsmasq_args(&state(), Path::new("/n/dhcp-crib0")).unwrap();
+        let hosts = [host_line(&state()).trim().to_string()];
+        let args = dnsmasq_args(&state(), Path::new("/n/dhcp-crib0"), &hosts).unwrap();
         for wanted in [
             "--port=0",
             "--conf-file=/dev/null",
@@ -283,7 +316,7 @@ mod tests {
             "--bind-interfaces",
             "--leasefile-ro",
             "--dhcp-range=10.88.0.0,static,255.255.0.0,infinite",
-            "--dhcp-hostsdir=/n/dhcp-crib0/hosts",
+            "--dhcp-host=02:00:00:00:ab:cd,10.88.0.7,infinite",
             "--pid-file=/n/dhcp-crib0/dnsmasq.pid",
             "--dhcp-option=option:router,10.88.0.1",
             "--dhcp-option=option:mtu,1400",
@@ -302,7 +335,7 @@ mod tests {
     fn no_nameserver_sends_an_empty_dns_option() {
         let mut s = state();
         s.nameservers.clear();
-        let args = dnsmasq_args(&s, Path::new("/d")).unwrap();
+        let args = dnsmasq_args(&s, Path::new("/d"), &[]).unwrap();
         assert!(args.iter().any(|a| a == "--dhcp-option=option:dns-server"));
     }
 
@@ -310,6 +343,26 @@ mod tests {
     fn a_dir_without_hosts_is_removed_and_nothing_runs_there() {
         let dir = std::env::temp_dir().join(format!("crib-dhcp-{}", std::process::id()));
         std::fs::create_dir_all(dir.join(HOSTS_DIR)).unwrap();
+        std::fs::write(
+            dir.join(HOSTS_DIR).join("b"),
+            "02:00:00:00:00:0b,10.88.0.3,infinite\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(HOSTS_DIR).join("a"),
+            "02:00:00:00:00:0a,10.88.0.2,infinite\n",
+        )
+        .unwrap();
+        assert_eq!(
+            hosts(&dir),
+            [
+                "02:00:00:00:00:0a,10.88.0.2,infinite",
+                "02:00:00:00:00:0b,10.88.0.3,infinite"
+            ]
+        );
+        assert!(!remove_dir_if_unused(&dir));
+        std::fs::remove_file(dir.join(HOSTS_DIR).join("a")).unwrap();
+        std::fs::remove_file(dir.join(HOSTS_DIR).join("b")).unwrap();
         assert!(running(&dir).is_none());
         assert!(remove_dir_if_unused(&dir));
         assert!(!dir.exists());
