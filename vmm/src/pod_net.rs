@@ -201,7 +201,12 @@ pub fn attach_vm(config: &mut VmConfig) -> Result<Option<VmNetwork>, VmNetError>
             path: lock_path,
         });
     }
-    let state = podnet::setup::up(&net_dir, &id, &run_dir, &plan).map_err(network_err)?;
+    let state = podnet::setup::up(&net_dir, &id, &run_dir, &plan).map_err(|e| {
+        // Nothing was built (up undoes its steps): the directory goes too.
+        let _ = std::fs::remove_file(&lock_path);
+        let _ = std::fs::remove_dir(&run_dir);
+        network_err(e)
+    })?;
     let lease = podnet::setup::ipam(&net_dir).lease_path(&state);
     let keeper = spawn_keeper(&net_dir, &lease, lock.as_raw_fd()).map_err(|source| {
         podnet::setup::down(&net_dir, &state);
