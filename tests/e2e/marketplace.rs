@@ -431,7 +431,8 @@ fn pod_net_vm(args: &[String], socket: &Path) -> Result<()> {
     let mut crib = LiveCrib::spawn(args)?;
     // The API comes up with the VM; the address is in the net device's config.
     let mut vm = String::new();
-    for _ in 0..300 {
+    // 60 s: the network's `ip`, `nft` and dnsmasq run first, slow in a loaded lab.
+    for _ in 0..600 {
         if let Ok((200, body)) = api_request(socket, "GET", "/api/v1/vm", "") {
             vm = body;
             break;
