@@ -4,7 +4,11 @@
 # HTTP (wrk, busybox httpd) and TCP (iperf3, both directions) from L1 against a pod at
 # its address, through a published port, and against the same servers in a plain
 # network namespace of L1 (a veth pair); pod start time with and without networking.
-# The pod runs L1's iperf3 from a read-only virtio-fs share of L1's /.
+# The pod runs L1's iperf3 from a read-only virtio-fs share of L1's / (mounted at /host),
+# through L1's dynamic loader rather than `chroot /host`: iperf3's server creates each
+# test stream's buffer file in $TMPDIR (else /tmp) and gives up on the stream ("unable
+# to create a new stream") when it cannot, which a chroot into a read-only tree makes
+# certain. Outside the chroot, TMPDIR=/tmp is the pod's own writable /tmp.
 set -uo pipefail
 
 CRIB=${CRIB:-$(cd "$(dirname "$0")/.." && pwd)/target/debug/crib}
@@ -47,7 +51,7 @@ cat > "$work/bench.json" <<JSON
   "filesystems": [{"tag": "host", "path": "/host", "readonly": true}],
   "processes": [
     {"name": "httpd", "argv": ["/bin/sh", "-c", "mkdir -p /www && head -c 1024 /dev/zero | tr '\\\\0' x > /www/index.html && exec httpd -f -p 80 -h /www"]},
-    {"name": "iperf3", "argv": ["chroot", "/host", "/usr/bin/iperf3", "-s"]}]},
+    {"name": "iperf3", "argv": ["/bin/sh", "-c", "mkdir -p /tmp && TMPDIR=/tmp exec /host/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path /host/usr/lib/x86_64-linux-gnu /host/usr/bin/iperf3 -s"]}]},
  "cpus": 2, "memory": "512M", "shares": {"host": {"dir": "/"}},
  "network": {"address": "10.88.0.60", "ports": ["8080:80/tcp"]}}
 JSON
@@ -61,6 +65,7 @@ wrk_line "pod through published port" http://127.0.0.1:8080/
 echo "== TCP, iperf3 -t 8"
 iperf_line "plain netns (veth)" 10.202.0.2
 iperf_line "pod at its address" 10.88.0.60
+grep -a "iperf3" "$root/bench/console.log" | tail -5
 "$CRIB" pod stop bench --run-root "$root" >/dev/null
 
 echo "== pod start to its process's exit (crib pod run wall time, $runs runs)"

@@ -14,7 +14,7 @@ packages=(
   acpica-tools      # iasl: a unit test disassembles crib's DSDT
   iperf3            # crib-bench net: TCP throughput host <-> marketplace guest
   iproute2 nftables # pod networking (podnet/): bridge, taps, NAT and published ports
-  dnsmasq-base      # the pod-network e2e test's DNS server
+  dnsmasq-base      # crib run --net pod: the bridge's DHCP server; the pod-network e2e test's DNS server
   wrk               # docs/BENCHMARKS.md: HTTP req/s against a pod
   socat             # vsock peer in the guest for the vsock e2e tests (chrooted)
   nvme-cli          # the VFIO test gives an SR-IOV VF of the lab's NVMe its resources

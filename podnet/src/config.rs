@@ -61,6 +61,9 @@ pub struct NetPlan {
     /// `None`: the host's nameservers that a pod can reach.
     pub dns: Option<Vec<IpAddr>>,
     pub search: Vec<String>,
+    /// Serve the address over DHCP on the bridge ([`crate::dhcp`]): a marketplace VM
+    /// configures itself, where cradle is told its address. Never from a launch file.
+    pub dhcp: bool,
 }
 
 fn field(field: &str, value: impl ToString, fix: impl ToString) -> PodNetError {
@@ -231,6 +234,7 @@ impl NetPlan {
             mtu,
             dns,
             search: written.search,
+            dhcp: false,
         }))
     }
 }

@@ -211,6 +211,7 @@ impl Ipam {
             ports: plan.ports.clone(),
             nameservers,
             search: plan.search.clone(),
+            dhcp: plan.dhcp,
         };
         self.write(lock, &state)?;
         Ok(state)

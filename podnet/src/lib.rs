@@ -8,6 +8,7 @@
 
 pub mod cidr;
 pub mod config;
+pub mod dhcp;
 pub mod ident;
 pub mod ipam;
 pub mod link;
@@ -105,4 +106,7 @@ pub struct PodNetState {
     pub nameservers: Vec<IpAddr>,
     #[serde(default)]
     pub search: Vec<String>,
+    /// A marketplace VM's lease: its address is served over DHCP ([`dhcp`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dhcp: bool,
 }

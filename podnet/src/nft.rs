@@ -193,6 +193,7 @@ mod tests {
             ],
             nameservers: vec![],
             search: vec![],
+            dhcp: false,
         }
     }
 

@@ -8,8 +8,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::config::host_nameservers;
-use crate::ipam::Ipam;
-use crate::{link, nft, NetPlan, PodNetError, PodNetState};
+use crate::ipam::{Ipam, IpamLock};
+use crate::{dhcp, link, nft, NetPlan, PodNetError, PodNetState};
 
 /// Overrides the IPAM's directory.
 pub const NET_DIR_ENV: &str = "CRIB_NET_DIR";
@@ -53,14 +53,21 @@ pub fn up(
             .unwrap_or_default(),
     };
     let state = ipam.allocate(&lock, plan, pod, run_dir, nameservers, &mut |lease| {
-        reclaim(lease, Some(run_dir))
+        reclaim(&lock, net_dir, lease, Some(run_dir))
     })?;
     let built = link::ensure_bridge(&state)
         .and_then(|()| nft::ensure_table())
         .and_then(|()| link::create_tap(&state))
-        .and_then(|()| nft::run(&["-f", "-"], Some(&nft::pod_up_script(&state))).map(drop));
+        .and_then(|()| nft::run(&["-f", "-"], Some(&nft::pod_up_script(&state))).map(drop))
+        .and_then(|()| {
+            if state.dhcp {
+                dhcp::add(&lock, net_dir, &state)
+            } else {
+                Ok(())
+            }
+        });
     if let Err(e) = built {
-        teardown(&state);
+        teardown(&lock, net_dir, &state);
         ipam.release(&state);
         return Err(e);
     }
@@ -68,14 +75,29 @@ pub fn up(
     Ok(state)
 }
 
-/// Removes pod `state`'s network: chain and map elements, tap, lease.
+/// Removes pod `state`'s network: chain and map elements, tap, DHCP entry, lease.
 pub fn down(net_dir: &Path, state: &PodNetState) {
-    teardown(state);
-    ipam(net_dir).release(state);
+    let ipam = ipam(net_dir);
+    match ipam.lock() {
+        Ok(lock) => teardown(&lock, net_dir, state),
+        Err(e) => {
+            tracing::warn!("pod {}: {e}; removing its network anyway", state.pod);
+            teardown_links(state);
+        }
+    }
+    ipam.release(state);
 }
 
-/// Removes the chain and the tap; missing ones are fine.
-fn teardown(state: &PodNetState) {
+/// Removes the chain, the tap and the DHCP entry; missing ones are fine.
+fn teardown(lock: &IpamLock, net_dir: &Path, state: &PodNetState) {
+    teardown_links(state);
+    if state.dhcp {
+        dhcp::remove(lock, net_dir, state);
+    }
+}
+
+/// Removes the chain and the tap.
+fn teardown_links(state: &PodNetState) {
     if nft::chain_exists(&state.chain) {
         if let Err(e) = nft::run(&["-f", "-"], Some(&nft::pod_down_script(state))) {
             tracing::warn!("pod {}: cannot remove its nft rules: {e}", state.pod);
@@ -91,7 +113,7 @@ pub fn sweep(net_dir: &Path) -> Result<Vec<String>, PodNetError> {
     let lock = ipam.lock()?;
     let mut swept = Vec::new();
     for lease in ipam.leases(&lock)? {
-        if reclaim(&lease, None) {
+        if reclaim(&lock, net_dir, &lease, None) {
             ipam.release(&lease);
             swept.push(lease.pod);
         }
@@ -102,14 +124,19 @@ pub fn sweep(net_dir: &Path) -> Result<Vec<String>, PodNetError> {
 /// Whether `lease` is stale, tearing its network down if so: its pod is `own_run_dir`
 /// (whose lock the caller holds, so its last run is over), its run directory is gone,
 /// or nobody holds the run directory's lock.
-fn reclaim(lease: &PodNetState, own_run_dir: Option<&Path>) -> bool {
+fn reclaim(
+    lock: &IpamLock,
+    net_dir: &Path,
+    lease: &PodNetState,
+    own_run_dir: Option<&Path>,
+) -> bool {
     if own_run_dir == Some(lease.run_dir.as_path()) {
-        teardown(lease);
+        teardown(lock, net_dir, lease);
         return true;
     }
     let lock_path: PathBuf = lease.run_dir.join(OWNER_LOCK_FILE);
     let Ok(file) = File::open(&lock_path) else {
-        teardown(lease);
+        teardown(lock, net_dir, lease);
         return true;
     };
     // SAFETY: flock on a descriptor owned by `file`; no memory is passed.
@@ -117,7 +144,7 @@ fn reclaim(lease: &PodNetState, own_run_dir: Option<&Path>) -> bool {
     if free {
         tracing::info!("pod {}: removing the network its dead crib left", lease.pod);
         // Still holding the owner's lock: its pod cannot start meanwhile.
-        teardown(lease);
+        teardown(lock, net_dir, lease);
     }
     free
 }

@@ -30,31 +30,47 @@ const HOST_IP: &str = "10.0.1.1";
 const GUEST_IP: &str = "10.0.1.2";
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
-    vec![(
-        "linux_marketplace_debian_boots_serves_ssh_and_powers_off",
-        debian_boots_serves_ssh_and_powers_off,
-    )]
+    vec![
+        (
+            "linux_marketplace_debian_boots_serves_ssh_and_powers_off",
+            debian_boots_serves_ssh_and_powers_off,
+        ),
+        (
+            "linux_marketplace_pod_net_dhcp_address_and_teardown",
+            pod_net_dhcp_address_and_teardown,
+        ),
+    ]
 }
 
-/// A network namespace with the tap at HOST_IP, deleted (with the tap) when dropped.
-struct Netns;
+/// A network namespace of the test's (with the tap at HOST_IP for [`Netns::create`]),
+/// deleted (with what is in it) when dropped.
+struct Netns(&'static str);
 
 impl Netns {
     fn create() -> Result<Self> {
-        let _ = host_tool("ip", &["netns", "del", NETNS]);
-        host_tool("ip", &["netns", "add", NETNS]).context("creating a network namespace")?;
-        let guard = Self;
-        let ip = |args: &[&str]| {
-            let mut all = vec!["-n", NETNS];
-            all.extend_from_slice(args);
-            host_tool("ip", &all)
-        };
-        ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])
+        let guard = Self::empty(NETNS)?;
+        guard
+            .ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])
             .context("creating the tap (needs root and /dev/net/tun)")?;
-        ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
-        ip(&["link", "set", TAP, "up"])?;
-        ip(&["link", "set", "lo", "up"])?;
+        guard.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
+        guard.ip(&["link", "set", TAP, "up"])?;
         Ok(guard)
+    }
+
+    /// A namespace with only `lo`, up.
+    fn empty(name: &'static str) -> Result<Self> {
+        let _ = host_tool("ip", &["netns", "del", name]);
+        host_tool("ip", &["netns", "add", name]).context("creating a network namespace")?;
+        let guard = Self(name);
+        guard.ip(&["link", "set", "lo", "up"])?;
+        Ok(guard)
+    }
+
+    /// `ip -n NAME args`.
+    fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", self.0];
+        all.extend_from_slice(args);
+        host_tool("ip", &all)
     }
 
     /// Runs `body` on a thread inside the namespace: crib started there opens the tap
@@ -63,7 +79,7 @@ impl Netns {
         &self,
         body: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let path = format!("/run/netns/{NETNS}");
+        let path = format!("/run/netns/{}", self.0);
         let ns = File::open(&path).with_context(|| format!("cannot open {path}"))?;
         std::thread::spawn(move || {
             // SAFETY: setns on an fd we own, for this thread only (CLONE_NEWNET may be
@@ -81,7 +97,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = host_tool("ip", &["netns", "del", NETNS]);
+        let _ = host_tool("ip", &["netns", "del", self.0]);
     }
 }
 
@@ -116,7 +132,11 @@ impl Drop for ScratchImage {
 
 /// Reads sshd's banner on GUEST_IP:22, retrying until `wait` has passed or crib exits.
 fn ssh_banner(crib: &mut LiveCrib, wait: Duration) -> Result<String> {
-    let addr: SocketAddr = format!("{GUEST_IP}:22").parse()?;
+    ssh_banner_at(crib, format!("{GUEST_IP}:22").parse()?, wait)
+}
+
+/// Reads sshd's banner on `addr`, retrying until `wait` has passed or crib exits.
+fn ssh_banner_at(crib: &mut LiveCrib, addr: SocketAddr, wait: Duration) -> Result<String> {
     let start = Instant::now();
     loop {
         if let Some(status) = crib.try_wait()? {
@@ -307,4 +327,244 @@ fn marketplace_vm(args: &[String], socket: &Path) -> Result<()> {
         "the guest powered off cleanly",
     )?;
     check(code == Some(0), "crib exits 0")
+}
+
+const POD_NETNS: &str = "crib-mkt-pod";
+const POD_VM_ID: &str = "mkt-pod";
+/// The IPAM's directory (podnet's default: the test checks what crib leaves in it).
+const NET_DIR: &str = "/run/crib/.net";
+/// A published port: L1's 127.0.0.1:2222 reaches the VM's sshd.
+const PUBLISHED: u16 = 2222;
+/// The image's eth0 as a stock cloud image has it: DHCP (the test image's own is a
+/// static address, for the tap test above).
+const DHCP_NETWORK: &str = "[Match]\nName=eth0 en*\n\n[Network]\nDHCP=ipv4\n";
+
+/// The string value of the first `"key": "value"` in `json`.
+fn json_str<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+    let rest = &json[json.find(&format!("\"{key}\""))? + key.len() + 2..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let rest = rest.strip_prefix('[').map_or(rest, str::trim_start);
+    let rest = rest.strip_prefix('"')?;
+    rest.split('"').next()
+}
+
+/// `crib run --net pod` (docs/NETWORK.md, "Marketplace VMs"): the image (its eth0 on
+/// DHCP, as Debian's cloud images have it) gets the address crib leased from crib's
+/// dnsmasq on the bridge; sshd answers at that address and through a published port on
+/// 127.0.0.1; `GET /api/v1/vm` shows the address. After a forced stop, crib's keeper
+/// leaves no tap, nft chain or port, lease, DHCP server or directory behind. crib runs
+/// in a network namespace of the test's, so the bridge and the table are the test's.
+fn pod_net_dhcp_address_and_teardown() -> Result<()> {
+    let dir = target_dir().join("marketplace");
+    let image = dir.join("debian.img");
+    anyhow::ensure!(
+        image.exists(),
+        "{} is missing: run scripts/prepare.sh (it runs scripts/build-marketplace-image.sh)",
+        image.display()
+    );
+    let scratch = ScratchImage::copy(&image)?;
+    let pid = std::process::id();
+    let unit = std::env::temp_dir().join(format!("crib-mkt-dhcp-{pid}.network"));
+    let script = std::env::temp_dir().join(format!("crib-mkt-dhcp-{pid}.debugfs"));
+    std::fs::write(&unit, DHCP_NETWORK)?;
+    std::fs::write(
+        &script,
+        format!(
+            "cd /etc/systemd/network\nrm 10-eth0.network\nwrite {} 10-eth0.network\n\
+             sif 10-eth0.network mode 0100644\n",
+            unit.display()
+        ),
+    )?;
+    let img = scratch.0.display().to_string();
+    let edit = host_tool(
+        "debugfs",
+        &["-w", "-f", &script.display().to_string(), &img],
+    )
+    .and_then(|_| {
+        host_tool(
+            "debugfs",
+            &["-R", "cat /etc/systemd/network/10-eth0.network", &img],
+        )
+    });
+    let _ = std::fs::remove_file(&unit);
+    let _ = std::fs::remove_file(&script);
+    let written = edit.context("switching the image copy's eth0 to DHCP with debugfs")?;
+    anyhow::ensure!(
+        written.contains("DHCP=ipv4"),
+        "the image's eth0 unit is {written:?}"
+    );
+
+    let netns = Netns::empty(POD_NETNS)?;
+    let socket = std::env::temp_dir().join(format!("crib-mkt-pod-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let args: Vec<String> = vec![
+        "run".into(),
+        "--id".into(),
+        POD_VM_ID.into(),
+        "--kernel".into(),
+        dir.join("vmlinuz").display().to_string(),
+        "--initrd".into(),
+        dir.join("initrd.img").display().to_string(),
+        "--cpus".into(),
+        "2".into(),
+        "--memory".into(),
+        "1024M".into(),
+        "--disk".into(),
+        format!("path={},id=root", scratch.0.display()),
+        "--net".into(),
+        format!("pod,port={PUBLISHED}:22"),
+        "--api-socket".into(),
+        socket.display().to_string(),
+        "--cmdline".into(),
+        "root=/dev/vda rw console=ttyS0 panic=-1".into(),
+    ];
+    let api_socket = socket.clone();
+    let result = netns.run(move || pod_net_vm(&args, &api_socket));
+    let _ = std::fs::remove_file(&socket);
+    drop(scratch);
+    result
+}
+
+/// Inside the namespace: boots the VM, checks it, stops it, checks what is left.
+fn pod_net_vm(args: &[String], socket: &Path) -> Result<()> {
+    let start = Instant::now();
+    let mut crib = LiveCrib::spawn(args)?;
+    // The API comes up with the VM; the address is in the net device's config.
+    let mut vm = String::new();
+    // 60 s: the network's `ip`, `nft` and dnsmasq run first, slow in a loaded lab.
+    for _ in 0..600 {
+        if let Ok((200, body)) = api_request(socket, "GET", "/api/v1/vm", "") {
+            vm = body;
+            break;
+        }
+        if crib.try_wait()?.is_some() {
+            bail!("crib exited before its API answered\n{}", crib.output());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let address = json_str(&vm, "addresses")
+        .and_then(|a| a.split('/').next())
+        .with_context(|| format!("GET /api/v1/vm shows no address: {vm}\n{}", crib.output()))?
+        .to_string();
+    let tap = json_str(&vm, "tap")
+        .with_context(|| format!("GET /api/v1/vm shows no tap: {vm}"))?
+        .to_string();
+    anyhow::ensure!(
+        address.starts_with("10.88."),
+        "the address {address} is not on the pod subnet 10.88.0.0/16"
+    );
+    let banner = ssh_banner_at(&mut crib, format!("{address}:22").parse()?, BOOT_WAIT)
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", crib.output()))?;
+    eprintln!(
+        "marketplace --net pod: sshd at {address} (DHCP) answered {:.1} s after crib started ({banner})",
+        start.elapsed().as_secs_f64()
+    );
+    let published = ssh_banner_at(
+        &mut crib,
+        format!("127.0.0.1:{PUBLISHED}").parse()?,
+        Duration::from_secs(30),
+    )?;
+    anyhow::ensure!(
+        published.starts_with("SSH-"),
+        "127.0.0.1:{PUBLISHED}: {published}"
+    );
+    let ping = host_tool("busybox", &["ping", "-c", "2", "-w", "20", &address])?;
+    anyhow::ensure!(
+        ping.contains("2 packets received"),
+        "ping {address}: {ping}"
+    );
+    let dhcp_log =
+        std::fs::read_to_string(format!("{NET_DIR}/dhcp-crib0/dnsmasq.log")).unwrap_or_default();
+    anyhow::ensure!(
+        dhcp_log.contains(&format!("DHCPACK(crib0) {address}")),
+        "crib's dnsmasq did not hand out {address}:\n{dhcp_log}"
+    );
+    // For the log: when the guest asked (DHCP's timeline) and what its boot said.
+    for line in dhcp_log.lines().filter(|l| {
+        [
+            "DHCPDISCOVER",
+            "DHCPOFFER",
+            "DHCPREQUEST",
+            "DHCPACK",
+            "DHCPNAK",
+        ]
+        .iter()
+        .any(|m| l.contains(m))
+    }) {
+        eprintln!("marketplace --net pod dnsmasq: {line}");
+    }
+    let console = strip_ansi(&crib.stdout());
+    for line in console.lines().filter(|l| {
+        [
+            "Network Configuration",
+            "multi-user.target",
+            "OpenBSD Secure Shell",
+        ]
+        .iter()
+        .any(|m| l.contains(m))
+    }) {
+        eprintln!("marketplace --net pod console: {}", line.trim());
+    }
+    eprintln!(
+        "marketplace --net pod: checks done {:.1} s after crib started",
+        start.elapsed().as_secs_f64()
+    );
+
+    let (status, body) = api_request(socket, "PUT", "/api/v1/vm/stop", "")?;
+    anyhow::ensure!(
+        (200..300).contains(&status),
+        "stop answered {status} {body}"
+    );
+    let code = crib.wait_exit(Duration::from_secs(60))?;
+    anyhow::ensure!(
+        code == Some(6),
+        "crib exited {code:?} after a forced stop\n{}",
+        crib.output()
+    );
+
+    // The keeper tears down once crib has exited: wait for it.
+    let leftovers = || -> Result<Vec<String>> {
+        let mut left = Vec::new();
+        let links = host_tool("ip", &["-o", "link", "show"])?;
+        if links.contains(&tap) {
+            left.push(format!("tap {tap}"));
+        }
+        let table = host_tool("nft", &["list", "table", "inet", "crib"]).unwrap_or_default();
+        if table.contains(&format!("pod-{POD_VM_ID}-")) || table.contains(&PUBLISHED.to_string()) {
+            left.push(format!("nft rules:\n{table}"));
+        }
+        for path in [
+            format!("{NET_DIR}/leases/{address}.json"),
+            format!("{NET_DIR}/dhcp-crib0"),
+            format!("{NET_DIR}/vm-{POD_VM_ID}"),
+        ] {
+            if Path::new(&path).exists() {
+                left.push(path);
+            }
+        }
+        let ours = |entry: std::fs::DirEntry| {
+            std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.starts_with("dnsmasq") && c.contains(NET_DIR)
+            })
+        };
+        if std::fs::read_dir("/proc")?.flatten().any(ours) {
+            left.push("crib's dnsmasq".into());
+        }
+        Ok(left)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = leftovers()?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "after the VM stopped, left behind: {left:?}\n{}",
+                crib.output()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

@@ -163,10 +163,48 @@ pub struct NetConfig {
         deserialize_with = "de_optional_size"
     )]
     pub ops: Option<u64>,
-    /// The guest's addresses, shown by `GET /api/v1/vm` (`crib pod run` sets them from
-    /// the pod's address lease); informational, the device does not use them.
+    /// The guest's addresses, shown by `GET /api/v1/vm` (`crib pod run` and `--net pod`
+    /// set them from the address lease); informational, the device does not use them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
+    /// On the pod network instead of a tap of the caller's (`--net pod`): crib creates
+    /// the tap on the bridge, leases the address and serves it over DHCP
+    /// (docs/NETWORK.md, "Marketplace VMs"). Replaced by `tap` once built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodNetRequest>,
+}
+
+/// `--net pod[,bridge=NAME][,port=HOST:GUEST[/udp]]...`: what a VM asks of the pod
+/// network; the rest (subnet, MTU, nameservers) is the pods' default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodNetRequest {
+    /// The bridge to join; default crib0, the pods'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// Published ports, as a launch file's `network.ports` (`2222:22/tcp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+}
+
+impl PodNetRequest {
+    /// The checked plan: the pods' defaults, IPv4 only (the VM learns its address over
+    /// DHCP, which crib serves for IPv4), this bridge and these ports.
+    pub fn plan(&self) -> Result<podnet::NetPlan, podnet::PodNetError> {
+        let mut field = serde_json::json!({"subnet6": null, "ports": self.ports});
+        if let Some(bridge) = &self.bridge {
+            field["bridge"] = serde_json::json!(bridge);
+        }
+        let mut plan = podnet::NetPlan::from_json(Some(&field))?.ok_or_else(|| {
+            podnet::PodNetError::Field {
+                field: "--net pod".into(),
+                value: String::new(),
+                fix: "give bridge= and port= only".into(),
+            }
+        })?;
+        plan.dhcp = true;
+        Ok(plan)
+    }
 }
 
 impl NetConfig {
@@ -442,9 +480,20 @@ impl VmConfig {
             net.ops = net.ops.filter(|v| *v > 0);
         }
         for (index, net) in self.net.iter().enumerate() {
-            if self.net[..index]
-                .iter()
-                .any(|n| n.interface() == net.interface())
+            let second_pod = net.pod.is_some() && self.net[..index].iter().any(|n| n.pod.is_some());
+            if second_pod {
+                return Err(ConfigError::Net {
+                    net: match origin {
+                        Origin::Cli => format!("--net #{}", index + 1),
+                        Origin::File => format!("net[{index}]"),
+                    },
+                    problem: "a VM joins the pod network once: give one pod net device".into(),
+                });
+            }
+            if net.pod.is_none()
+                && self.net[..index]
+                    .iter()
+                    .any(|n| n.interface() == net.interface())
             {
                 return Err(ConfigError::Net {
                     net: match origin {
@@ -1010,12 +1059,34 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 
 /// Checks one net device; the problem names the key and the fix.
 pub(crate) fn check_net(net: &NetConfig) -> Result<(), String> {
+    if let Some(pod) = &net.pod {
+        if net.tap.is_some() || net.ifname.is_some() {
+            return Err("give pod (crib makes the tap) or tap=/ifname=, not both".into());
+        }
+        if net.mac.is_some() {
+            return Err(
+                "mac= cannot be given with pod: crib derives the MAC from the VM's \
+                 --id, and its DHCP server answers that MAC"
+                    .into(),
+            );
+        }
+        if !(1..=MAX_NET_QUEUES).contains(&net.queues) {
+            return Err(format!(
+                "queues={}: use 1 to {MAX_NET_QUEUES} queue pairs",
+                net.queues
+            ));
+        }
+        return pod
+            .plan()
+            .map(drop)
+            .map_err(|e| format!("pod: {}", e.to_string().replace("network.", "")));
+    }
     let name = match (&net.tap, &net.ifname) {
         (Some(name), None) | (None, Some(name)) => name,
         (None, None) => {
             return Err(
-                "tap=NAME (an existing tap) or ifname=NAME (crib creates the tap, \
-                 needs CAP_NET_ADMIN) is required"
+                "tap=NAME (an existing tap), ifname=NAME (crib creates the tap, \
+                 needs CAP_NET_ADMIN) or pod (crib puts the VM on the pod network) is required"
                     .into(),
             )
         }
@@ -1034,7 +1105,8 @@ pub(crate) fn check_net(net: &NetConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses `tap=NAME|ifname=NAME[,mac=MAC][,queues=N][,bandwidth=BYTES_PER_S][,ops=N]`.
+/// Parses `tap=NAME|ifname=NAME[,mac=MAC][,queues=N][,bandwidth=BYTES_PER_S][,ops=N]`,
+/// or `pod[,bridge=NAME][,port=HOST:GUEST[/udp]]...` and the same queues and limits.
 pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     let err = |problem: String| ConfigError::Net {
         net: format!("--net '{text}'"),
@@ -1048,7 +1120,10 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
         bandwidth: None,
         ops: None,
         addresses: Vec::new(),
+        pod: None,
     };
+    let mut bridge = None;
+    let mut ports = Vec::new();
     let number = |key: &str, value: &str| {
         parse_size(value).ok_or_else(|| {
             err(format!(
@@ -1057,6 +1132,10 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
         })
     };
     for part in text.split(',').filter(|p| !p.is_empty()) {
+        if part == "pod" {
+            net.pod = Some(PodNetRequest::default());
+            continue;
+        }
         let (key, value) = part
             .split_once('=')
             .ok_or_else(|| err(format!("'{part}' is not key=value")))?;
@@ -1073,12 +1152,28 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
             }
             "bandwidth" => net.bandwidth = Some(number(key, value)?),
             "ops" => net.ops = Some(number(key, value)?),
+            "bridge" => bridge = Some(value.to_string()),
+            "port" => ports.push(value.to_string()),
             other => {
                 return Err(err(format!(
-                    "unknown key '{other}': use tap, ifname, mac, queues, bandwidth, ops"
+                    "unknown key '{other}': use tap, ifname, mac, queues, bandwidth, ops, \
+                     or pod with bridge and port"
                 )))
             }
         }
+    }
+    match &mut net.pod {
+        Some(pod) => {
+            pod.bridge = bridge;
+            pod.ports = ports;
+        }
+        None if bridge.is_some() || !ports.is_empty() => {
+            return Err(err(
+                "bridge= and port= are for the pod network: add `pod` (--net pod,port=2222:22)"
+                    .into(),
+            ))
+        }
+        None => {}
     }
     check_net(&net).map_err(err)?;
     net.bandwidth = net.bandwidth.filter(|v| *v > 0);
@@ -1424,11 +1519,56 @@ mod tests {
     }
 
     #[test]
+    fn net_pod_takes_bridge_ports_and_limits() {
+        let net = parse_net("pod,bridge=br7,port=2222:22,port=5353:53/udp,queues=2").unwrap();
+        let pod = net.pod.clone().unwrap();
+        assert_eq!(pod.bridge.as_deref(), Some("br7"));
+        assert_eq!(pod.ports, ["2222:22", "5353:53/udp"]);
+        assert_eq!((net.tap, net.queues), (None, 2));
+        let plan = pod.plan().unwrap();
+        assert!(plan.dhcp && plan.subnet6.is_none());
+        assert_eq!((plan.bridge.as_str(), plan.ports.len()), ("br7", 2));
+        assert_eq!(
+            parse_net("pod").unwrap().pod,
+            Some(PodNetRequest::default())
+        );
+        // In a config file, too.
+        let config =
+            from_json(r#"{"kernel": "/k", "net": [{"pod": {"ports": ["80:80"]}}]}"#).unwrap();
+        assert_eq!(config.net[0].pod.as_ref().unwrap().ports, ["80:80"]);
+    }
+
+    #[test]
+    fn net_pod_errors_name_the_fix() {
+        for (text, needle) in [
+            ("pod,tap=t0", "not both"),
+            ("pod,ifname=t0", "not both"),
+            ("pod,mac=02:00:00:00:00:01", "derives the MAC"),
+            ("port=80:80", "add `pod`"),
+            ("bridge=br0", "add `pod`"),
+            ("pod,port=x:80", "ports[0]"),
+            ("pod,port=0:80", "ports[0]"),
+            ("pod,bridge=a:b", "bridge"),
+        ] {
+            let err = parse_net(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        let err = from_json(r#"{"kernel": "/k", "net": [{"pod": {}}, {"pod": {}}]}"#).unwrap_err();
+        assert!(
+            chain(&err).contains("joins the pod network once"),
+            "{}",
+            chain(&err)
+        );
+        let err = from_json(r#"{"kernel": "/k", "net": [{"pod": {"subnet": "x"}}]}"#).unwrap_err();
+        assert!(chain(&err).contains("subnet"), "{}", chain(&err));
+    }
+
+    #[test]
     fn net_errors_name_the_key_and_fix() {
         for (text, want) in [
             (
                 "mac=52:54:00:12:34:56",
-                "tap=NAME (an existing tap) or ifname=NAME",
+                "tap=NAME (an existing tap), ifname=NAME",
             ),
             ("tap=a,ifname=b", "give tap= or ifname=, not both"),
             ("tap=a,mac=52:54:00:12:34", "use six hex bytes"),

@@ -187,6 +187,8 @@ struct RunArgs {
     /// A virtio-net device (repeatable) on a tap: tap=NAME (an existing tap, `ip tuntap add
     /// dev NAME mode tap user $USER`) or ifname=NAME (crib creates it, needs CAP_NET_ADMIN),
     /// [,mac=52:54:00:12:34:56][,queues=N][,bandwidth=BYTES_PER_S][,ops=FRAMES_PER_S].
+    /// Or `pod[,bridge=NAME][,port=HOST:GUEST[/udp]]...`: on the pods' bridge, crib makes
+    /// the tap and serves the VM its leased address over DHCP (docs/NETWORK.md; root).
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
     /// Pass a host PCI function through with VFIO (repeatable): its address as `lspci -D`
@@ -368,6 +370,28 @@ fn run_vm(mut config: VmConfig, start: Instant) -> u8 {
     let id = config.effective_id();
     config.id = Some(id.clone());
     init_logging(&id);
+    // Held until crib exits: its keeper then removes the VM's pod network.
+    let _network = match vmm::pod_net::attach_vm(&mut config) {
+        Ok(network) => {
+            if let Some(net) = &network {
+                let s = &net.state;
+                let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
+                tracing::info!(
+                    "network: {} on {} (tap {}, MAC {}, over DHCP; ports [{}])",
+                    s.address,
+                    s.bridge,
+                    s.tap,
+                    s.mac,
+                    ports.join(", ")
+                );
+            }
+            network
+        }
+        Err(e) => {
+            report(&e);
+            return exit_code::VMM_ERROR;
+        }
+    };
     match vmm::run(&config, start) {
         Ok(outcome) => {
             let (code, what) = match outcome {

@@ -10,8 +10,9 @@
 //! (it inherits the descriptor), so the pod cannot start again half torn down; if the
 //! keeper dies too, the next `crib pod run` on the host sweeps the lease.
 
+use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use podnet::PodNetState;
 use serde_json::{json, Value};
 
-use crate::config::NetConfig;
+use crate::config::{NetConfig, VmConfig};
 use crate::pod::{Launch, PodError, PreparedPod, INFO_FILE, SPEC_FILE};
 
 /// A pod's built network and the keeper that removes it when crib ends.
@@ -96,6 +97,7 @@ pub fn attach(
         .into_iter()
         .flatten()
         .collect(),
+        pod: None,
     }];
     let write = |path: PathBuf, value: &Value| {
         std::fs::write(&path, format!("{value:#}\n"))
@@ -121,6 +123,113 @@ pub fn attach(
         state,
         _keeper: keeper,
     }))
+}
+
+/// Errors of `crib run --net pod`, each with its fix.
+#[derive(Debug, thiserror::Error)]
+pub enum VmNetError {
+    #[error("--net pod: a VM with --id {id} is already on the pod network ({path} is locked): give this VM another --id")]
+    Busy { id: String, path: PathBuf },
+    #[error("--net pod: cannot create {path}: run crib as root, or set $CRIB_NET_DIR to a directory you can write (with CAP_NET_ADMIN)")]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--net pod: cannot put VM {id} on the pod network")]
+    Network {
+        id: String,
+        #[source]
+        source: podnet::PodNetError,
+    },
+    #[error("--net pod: cannot start `crib pod net-keeper`, which removes the VM's network when crib ends")]
+    Keeper {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A VM's network on the pod bridge: held until crib exits, when the keeper removes it.
+#[derive(Debug)]
+pub struct VmNetwork {
+    pub state: PodNetState,
+    /// Never waited for: its stdin closes when crib exits.
+    _keeper: Child,
+    /// The run directory's lock: while crib holds it, no sweep takes the lease.
+    _lock: File,
+}
+
+/// Where VM `id`'s network is recorded as owned: a directory in the IPAM's directory
+/// whose `lock` crib holds (its hash names the tap, the MAC and the nft chain, so they
+/// are stable for an id).
+pub fn vm_run_dir(net_dir: &Path, id: &str) -> PathBuf {
+    net_dir.join(format!("vm-{id}"))
+}
+
+/// Puts the VM's `--net pod` device (at most one, checked by the config) on the pod
+/// network: lease, tap on the bridge, nft chain, DHCP entry, keeper. The device gets
+/// the tap, the MAC and the address (shown by `GET /api/v1/vm`).
+pub fn attach_vm(config: &mut VmConfig) -> Result<Option<VmNetwork>, VmNetError> {
+    let id = config.effective_id();
+    let Some(net) = config.net.iter_mut().find(|n| n.pod.is_some()) else {
+        return Ok(None);
+    };
+    let request = net.pod.clone().unwrap_or_default();
+    let network_err = |source| VmNetError::Network {
+        id: id.clone(),
+        source,
+    };
+    let plan = request.plan().map_err(network_err)?;
+    let net_dir = podnet::setup::net_dir();
+    let run_dir = vm_run_dir(&net_dir, &id);
+    let dir_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| VmNetError::RunDir { path, source }
+    };
+    std::fs::create_dir_all(&run_dir).map_err(dir_err(&run_dir))?;
+    let lock_path = run_dir.join(podnet::setup::OWNER_LOCK_FILE);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(dir_err(&lock_path))?;
+    // SAFETY: flock on a descriptor owned by `lock`; no memory is passed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(VmNetError::Busy {
+            id,
+            path: lock_path,
+        });
+    }
+    let state = podnet::setup::up(&net_dir, &id, &run_dir, &plan).map_err(|e| {
+        // Nothing was built (up undoes its steps): the directory goes too.
+        let _ = std::fs::remove_file(&lock_path);
+        let _ = std::fs::remove_dir(&run_dir);
+        network_err(e)
+    })?;
+    let lease = podnet::setup::ipam(&net_dir).lease_path(&state);
+    let keeper = spawn_keeper(&net_dir, &lease, lock.as_raw_fd()).map_err(|source| {
+        podnet::setup::down(&net_dir, &state);
+        remove_vm_run_dir(&state);
+        VmNetError::Keeper { source }
+    })?;
+    net.pod = None;
+    net.tap = Some(state.tap.clone());
+    net.mac = Some(state.mac.clone());
+    net.addresses = vec![format!("{}/{}", state.address, state.prefix_len)];
+    Ok(Some(VmNetwork {
+        state,
+        _keeper: keeper,
+        _lock: lock,
+    }))
+}
+
+/// Removes a VM's run directory (only a VM's: a pod's belongs to its run root).
+fn remove_vm_run_dir(state: &PodNetState) {
+    if state.dhcp {
+        let _ = std::fs::remove_file(state.run_dir.join(podnet::setup::OWNER_LOCK_FILE));
+        let _ = std::fs::remove_dir(&state.run_dir);
+    }
 }
 
 fn spawn_keeper(root: &Path, lease: &Path, lock_fd: RawFd) -> std::io::Result<Child> {
@@ -172,6 +281,7 @@ pub fn keep(root: &Path, lease: &Path) -> Result<(), PodError> {
         }
     }
     podnet::setup::down(root, &state);
+    remove_vm_run_dir(&state);
     Ok(())
 }
 
@@ -200,6 +310,7 @@ mod tests {
             ports: vec![],
             nameservers: vec!["192.0.2.53".parse().unwrap()],
             search: vec![],
+            dhcp: false,
         }
     }
 

@@ -8,7 +8,10 @@
 # "host" namespace over IPv4 and IPv6), the pod's addresses, NAT to a "remote"
 # namespace without a route back, a refused port and not-a-bridge, the keeper's
 # cleanup after kill -9 of crib, the sweep after kill -9 of crib and keeper, and that
-# nothing is left. Prints PASS/FAIL lines; exits 1 if any failed.
+# nothing is left; then `crib run --net pod` (two VMs): DHCP answers their MACs with
+# their leases and no other MAC, one dnsmasq, a refused duplicate --id, and after
+# kill -9 of each crib its lease, tap, port, then dnsmasq and its directory go.
+# Prints PASS/FAIL lines; exits 1 if any failed.
 set -uo pipefail
 if [[ ${PODNET_IN_NETNS:-} != 1 ]]; then
   PODNET_IN_NETNS=1 exec unshare -n "$0" "$@"
@@ -98,6 +101,42 @@ kill -9 $(pgrep -P $crib) $crib
 sleep 0.3
 check "kill -9 of crib and keeper leaves a lease" "10.88.0.2.json" ls "$CRIB_NET_DIR/leases"
 check "crib pod net-sweep removes it" "removed the network of pod web" "$CRIB" pod net-sweep
+# crib run --net pod: two marketplace-style VMs (the halting guest) on the bridge; a
+# namespace with a veth of a VM's MAC asks crib's dnsmasq in the VM's place.
+printf '#!/bin/sh\n[ "$1" = bound ] && echo "BOUND ip=$ip mask=$mask router=$router mtu=$mtu"\nexit 0\n' > "$work/udhcpc.sh"
+chmod +x "$work/udhcpc.sh"
+unshare -n sleep 600 & client=$!
+"$CRIB" run --kernel "$work/kernel" --id vm1 --console off --net pod,port=2222:22 > "$work/vm1.out" 2>&1 &
+vm1=$!
+"$CRIB" run --kernel "$work/kernel" --id vm2 --console off --net pod > "$work/vm2.out" 2>&1 &
+vm2=$!
+for _ in $(seq 50); do grep -q 'network:' "$work/vm1.out" && grep -q 'network:' "$work/vm2.out" && break; sleep 0.1; done
+check "crib run --net pod logs its network" "over DHCP; ports [2222:22/tcp]" cat "$work/vm1.out"
+field() { sed -n "s/.*$2.*/\\1/p" "$work/$1.out" | head -1; }
+addr1=$(field vm1 'network: \([0-9.]*\) on'); mac1=$(field vm1 'MAC \([0-9a-f:]*\),'); tap1=$(field vm1 '(tap \([^,]*\),')
+addr2=$(field vm2 'network: \([0-9.]*\) on'); mac2=$(field vm2 'MAC \([0-9a-f:]*\),')
+dhcp_as() { # MAC: a DHCP exchange from a veth with that MAC on crib0
+  ip link add dv0 type veth peer name dv1 && ip link set dv1 netns $client && ip link set dv0 master crib0 up
+  in_ns $client ip link set dv1 address "$1" up
+  in_ns $client timeout 30 busybox udhcpc -i dv1 -n -q -f -t 4 -T 1 -O mtu -s "$work/udhcpc.sh" 2>&1
+  ip link del dv0 2>/dev/null
+}
+check "a VM's MAC gets its leased address over DHCP" "BOUND ip=$addr1 mask=16 router=10.88.0.1 mtu=1500" dhcp_as "$mac1"
+check "a MAC crib did not lease gets no address" "no lease" dhcp_as 02:11:22:33:44:55
+check "one DHCP server for the bridge" "1" pgrep -c -f "dnsmasq .*$CRIB_NET_DIR"
+check "the same --id twice is refused" "already on the pod network" \
+  "$CRIB" run --kernel "$work/kernel" --id vm1 --console off --net pod
+check "a refused VM leaves no lease" "2" sh -c "ls $CRIB_NET_DIR/leases | wc -l"
+kill -9 $vm1
+gone "kill -9 of crib run: the keeper removes the VM's lease" test -e "$CRIB_NET_DIR/leases/$addr1.json"
+gone "kill -9 of crib run: the keeper removes its tap" ip link show "$tap1"
+gone "kill -9 of crib run: the keeper removes its published port" sh -c "nft list table inet crib | grep -q 2222"
+check "the other VM still gets its address (dnsmasq restarted)" "BOUND ip=$addr2 " dhcp_as "$mac2"
+kill -9 $vm2
+gone "the last VM gone: its DHCP server stops" pgrep -f "dnsmasq .*$CRIB_NET_DIR"
+gone "the last VM gone: no DHCP directory" test -e "$CRIB_NET_DIR/dhcp-crib0"
+gone "the last VM gone: no VM directory" sh -c "ls -d $CRIB_NET_DIR/vm-* 2>/dev/null | grep -q ."
+kill $client 2>/dev/null
 taps=$(ip -o link | grep -c ': crib[0-9a-f]\{8\}')
 chains=$(nft list table inet crib | grep -c 'chain pod-')
 leases=$(ls "$CRIB_NET_DIR/leases" | wc -l)
