@@ -453,7 +453,70 @@ fn docker_ps_inspect_and_exec() -> Result<()> {
             &["exec", "web", "sh", "-c", "echo EXEC uid=$(id -u) pwd=$(pwd) FOO=$FOO host=$(hostname) cradle=$(test -e /run/cradle && echo visible || echo hidden) gone=$(test -e /etc/old/gone && echo present || echo absent) sleep=$(pidof sleep)"],
         )?;
             let exec_root = docker(&socket, &config, &["exec", "-u", "0", "web", "id", "-u"])?;
-            seen = format!("ps: {ps}\ninspect: {inspect}\nexec: {exec}\nexec -u 0: {exec_root}");
+            // docker cp works in the container's root: a file made inside comes out, one
+            // sent in is seen inside, and an absolute symlink resolves in the image's root
+            // (its /etc/hostname says "web"; cradle's own would say the pod's name).
+            let host = store.dir.join("cp");
+            std::fs::create_dir_all(&host)?;
+            docker(
+                &socket,
+                &config,
+                &[
+                    "exec",
+                    "-u",
+                    "0",
+                    "web",
+                    "sh",
+                    "-c",
+                    "echo INSIDE > note; ln -s /etc/hostname link",
+                ],
+            )?;
+            docker(
+                &socket,
+                &config,
+                &[
+                    "cp",
+                    "web:/srv/work/note",
+                    &host.join("note").display().to_string(),
+                ],
+            )?;
+            docker(
+                &socket,
+                &config,
+                &[
+                    "cp",
+                    "-L",
+                    "web:/srv/work/link",
+                    &host.join("hostname").display().to_string(),
+                ],
+            )?;
+            std::fs::write(host.join("upload"), "SENT-IN\n")?;
+            docker(
+                &socket,
+                &config,
+                &[
+                    "cp",
+                    &host.join("upload").display().to_string(),
+                    "web:/srv/work/",
+                ],
+            )?;
+            let uploaded = docker(
+                &socket,
+                &config,
+                &["exec", "web", "cat", "/srv/work/upload"],
+            )?;
+            let copied_out = std::fs::read_to_string(host.join("note")).unwrap_or_default();
+            let hostname = std::fs::read_to_string(host.join("hostname")).unwrap_or_default();
+            let top = docker(&socket, &config, &["top", "web"])?;
+            seen = format!("ps: {ps}\ninspect: {inspect}\nexec: {exec}\nexec -u 0: {exec_root}\ncp out: {copied_out:?} cp -L link: {hostname:?} cp in: {uploaded:?}\ntop:\n{top}");
+            anyhow::ensure!(
+                copied_out == "INSIDE\n" && hostname == "web\n" && uploaded.trim() == "SENT-IN",
+                "docker cp reads and writes the container's root: {seen}"
+            );
+            anyhow::ensure!(
+                top.contains("UID") && top.contains("sleep 1000"),
+                "docker top lists the container's processes: {seen}"
+            );
             anyhow::ensure!(
                 ps.contains("web app:1"),
                 "docker ps shows the image: {seen}"
@@ -604,7 +667,7 @@ fn bench_first_log_line() -> Result<()> {
             std::fs::write(
                 &launch,
                 format!(
-                    r#"{{"pod": {}, "cpus": 1, "memory": "256M", "image_store": "{}", "run_dir": "{}"}}"#,
+                    r#"{{"pod": {}, "cpus": 1, "memory": "256M", "network": "none", "image_store": "{}", "run_dir": "{}"}}"#,
                     spec.replace("PODNAME", &name),
                     store.state().display(),
                     run_dir.display()
@@ -642,9 +705,239 @@ fn bench_first_log_line() -> Result<()> {
             times[times.len() - 1]
         ));
     }
+    report.push_str(&docker_reference(&store)?);
+    report.push_str(&ten_pods_memory(&store)?);
     println!("{report}");
     if let Some(dir) = std::env::var_os("LAB_OUT") {
         let _ = std::fs::write(Path::new(&dir).join("containers-bench.txt"), &report);
     }
     Ok(())
+}
+
+/// Debian's dockerd (with its containerd and runc) in a temp dir, for the benchmark's
+/// reference: no bridge, no iptables (no network is used), overlay2 on the temp dir.
+struct DockerDaemon {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl DockerDaemon {
+    fn start(dir: &Path) -> Result<Self> {
+        let socket = dir.join("docker.sock");
+        let log = std::fs::File::create(dir.join("dockerd.log"))?;
+        let child = std::process::Command::new("dockerd")
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start dockerd (Debian package docker.io)")?;
+        let daemon = Self { child, socket };
+        let start = std::time::Instant::now();
+        while daemon.docker(&["version"]).is_err() {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(120),
+                "dockerd did not answer: {}",
+                std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok(daemon)
+    }
+
+    fn docker(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("cannot run the docker CLI")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Copies the OCI layout `layout` into the daemon as `name` (skopeo).
+    fn load(&self, layout: &Path, name: &str) -> Result<()> {
+        let out = std::process::Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-daemon-host"])
+            .arg(format!("unix://{}", self.socket.display()))
+            .arg(format!("oci:{}", layout.display()))
+            .arg(format!("docker-daemon:{name}"))
+            .output()
+            .context("cannot run skopeo")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "skopeo copy into dockerd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// `docker run --rm` of `image` until its first output line: the time it took.
+    fn first_line(&self, image: &str) -> Result<Duration> {
+        use std::io::BufRead;
+        let start = std::time::Instant::now();
+        let mut child = std::process::Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(["run", "--rm", "--network", "none", image])
+            .args(["/bin/sh", "-c", "echo FIRST-LINE"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut took = None;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if line?.contains("FIRST-LINE") {
+                took = Some(start.elapsed());
+                break;
+            }
+        }
+        let status = child.wait()?;
+        anyhow::ensure!(status.success(), "docker run {image}: {status}");
+        took.context("docker run printed no FIRST-LINE")
+    }
+}
+
+impl Drop for DockerDaemon {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The reference: `docker run` of the same two images (warm, runs 2..4).
+fn docker_reference(store: &Store) -> Result<String> {
+    let dir = store.dir.join("dockerd");
+    std::fs::create_dir_all(&dir)?;
+    let daemon = DockerDaemon::start(&dir)?;
+    let mut report = String::from("docker run --rm -> first output line (ms), runs 2..4\n");
+    for (label, image, layout) in [
+        ("docker: busybox image", "small:1", "layout-small-1"),
+        ("docker: 150 MB image", "big:1", "layout-big-1"),
+    ] {
+        daemon.load(&store.dir.join(layout), image)?;
+        let mut times = Vec::new();
+        for run in 0..4 {
+            let took = daemon.first_line(image)?;
+            if run > 0 {
+                times.push(took.as_secs_f64() * 1000.0);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        report.push_str(&format!(
+            "{label:<28} median {:>7.1}  min {:>7.1}  max {:>7.1}\n",
+            times[times.len() / 2],
+            times[0],
+            times[times.len() - 1]
+        ));
+    }
+    Ok(report)
+}
+
+/// `MemAvailable` of this machine (kB).
+fn mem_available_kb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bytes of `file` in the page cache (util-linux `fincore`).
+fn cached_bytes(file: &Path) -> u64 {
+    std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(file)
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Ten pods of the 150 MB image at once, each reading its big file: host memory per pod,
+/// and how much of the layer files the host caches (one copy, however many pods).
+fn ten_pods_memory(store: &Store) -> Result<String> {
+    const PODS: usize = 10;
+    let before = mem_available_kb();
+    let mut children = Vec::new();
+    let mut run_dirs = Vec::new();
+    for i in 0..PODS {
+        let name = format!("mem{i}");
+        let run_dir = store.dir.join("run").join(&name);
+        let launch = store.dir.join(format!("{name}.json"));
+        std::fs::write(
+            &launch,
+            format!(
+                r#"{{"pod": {{"name": "{name}", "lifetime": "until-shutdown", "processes": [{{"name": "m", "image": "big:1", "argv": ["/bin/sh", "-c", "cat /opt/blob > /dev/null; echo READ-ALL; exec sleep 1000"]}}]}}, "cpus": 1, "memory": "256M", "network": "none", "image_store": "{}", "run_dir": "{}"}}"#,
+                store.state().display(),
+                run_dir.display()
+            ),
+        )?;
+        let child = std::process::Command::new(crib_tests::crib_bin())
+            .args(["pod", "run", &launch.display().to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        children.push(child);
+        run_dirs.push(run_dir);
+    }
+    let start = std::time::Instant::now();
+    let all_read = loop {
+        let done = run_dirs
+            .iter()
+            .filter(|dir| {
+                std::fs::read_to_string(dir.join("console.log"))
+                    .unwrap_or_default()
+                    .contains("READ-ALL")
+            })
+            .count();
+        if done == PODS || start.elapsed() > Duration::from_secs(900) {
+            break done;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let during = mem_available_kb();
+    let layers = layer_files(&store.state());
+    let layer_bytes: u64 = layers
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let cached: u64 = layers.iter().map(|f| cached_bytes(f)).sum();
+    for dir in &run_dirs {
+        let _ = run_crib(&["pod", "stop", &dir.display().to_string()], CALL_TIMEOUT);
+    }
+    for mut child in children {
+        let _ = child.wait();
+    }
+    anyhow::ensure!(
+        all_read == PODS,
+        "only {all_read} of {PODS} pods read their image"
+    );
+    let used_mb = before.saturating_sub(during) / 1024;
+    Ok(format!(
+        "{PODS} pods of the 150 MB image (256 MiB each), each read its 150 MB file: host memory +{used_mb} MiB ({} MiB per pod); the store's layer files ({} MiB) have {} MiB in the host's page cache\n",
+        used_mb / PODS as u64,
+        layer_bytes >> 20,
+        cached >> 20
+    ))
 }

@@ -20,6 +20,7 @@ use super::registry::Registry;
 use super::routing::{route, Query, Route};
 use super::server::{self, ResponseBody, BODY_CHANNEL_CHUNKS, MULTIPLEXED_STREAM};
 use super::time::{human_duration, parse_unix_timestamp, rfc3339_nanos, unix_seconds, ZERO_TIME};
+use super::top;
 
 /// The API version served: Docker 27's, which the docker 28 CLI speaks.
 pub const API_VERSION: &str = "1.47";
@@ -113,12 +114,19 @@ impl Api {
             }
             Route::Archive(key) => {
                 let container = registry.find(&key)?;
+                let root = container_root(&container.name)?;
                 let path = query.get("path");
                 match *request.method() {
-                    Method::PUT => archive::put(&container.name, path, request.into_body()).await,
-                    Method::HEAD => archive::get(&container.name, path, true),
-                    _ => archive::get(&container.name, path, false),
+                    Method::PUT => {
+                        archive::put(&container.name, root, path, request.into_body()).await
+                    }
+                    Method::HEAD => archive::get(&container.name, root, path, true).await,
+                    _ => archive::get(&container.name, root, path, false).await,
                 }
+            }
+            Route::Top(key) => {
+                let container = registry.find(&key)?;
+                top::top(&container, query.get("ps_args"))
             }
             Route::Wait(key) => wait(registry.find(&key)?, query.get("condition")),
             Route::Kill(key) => {
@@ -289,6 +297,19 @@ fn status_text(run: Option<&Run>, now: SystemTime) -> String {
 /// The container of an image process (`None`: a process in cradle's root).
 fn image_of(container: &Container) -> Option<crate::containers::ContainerPlan> {
     crate::containers::get()?.plan(&container.name)
+}
+
+/// The root filesystem `docker cp` works in: an image container's own (`/proc/PID/root`
+/// of its PID 1), `None` for a process in cradle's root.
+fn container_root(name: &str) -> Result<Option<std::path::PathBuf>, VdockerError> {
+    let Some(plan) = crate::containers::get().and_then(|all| all.plan(name)) else {
+        return Ok(None);
+    };
+    let pid = std::fs::read_to_string(plan.pid_file())
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        .ok_or_else(|| VdockerError::NotRunning(name.to_owned()))?;
+    Ok(Some(format!("/proc/{pid}/root").into()))
 }
 
 /// An entry of `GET /containers/json`.

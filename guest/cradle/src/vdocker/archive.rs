@@ -9,10 +9,14 @@
 //!   stay inside P: an absolute name or a `..` component is refused (400),
 //!   and the tar crate refuses to write through a symlink that leads out.
 //!
-//! Paths are the guest's (the containers share its filesystem); a relative
-//! P is taken from `/`, as Docker does. tar runs on tokio's blocking pool,
-//! connected to the HTTP body by a small channel, so a 10 GB copy never sits
-//! in memory.
+//! Paths are the container's: for an image container, the work runs on a
+//! thread of its own that has entered the container's root (its own
+//! filesystem attributes, `unshare(CLONE_FS)`, then `chroot` to
+//! `/proc/PID/root`), so the image's symlinks resolve inside its root and
+//! `..` cannot leave it, and the container's own mounts are what it sees. A
+//! process without an image shares the guest's filesystem. A relative P is
+//! taken from `/`, as Docker does. tar is connected to the HTTP body by a
+//! small channel, so a 10 GB copy never sits in memory.
 
 use std::fs::{self, Metadata};
 use std::io::{self, Read, Write};
@@ -24,7 +28,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::errors::VdockerError;
 use super::server::{self, ResponseBody, BODY_CHANNEL_CHUNKS};
@@ -70,6 +74,12 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot enter the root filesystem of container {container} (is it still running? docker cp needs a running container)")]
+    Root {
+        container: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("the archive task failed")]
     Task,
 }
@@ -81,6 +91,7 @@ impl ArchiveError {
                 StatusCode::BAD_REQUEST
             }
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Root { .. } => StatusCode::CONFLICT,
             Self::Extract { source, .. }
                 if matches!(
                     source.kind(),
@@ -231,22 +242,69 @@ pub fn base64(bytes: &[u8]) -> String {
     out
 }
 
-/// `HEAD` and `GET`.
-pub fn get(
+/// Runs `work` on a thread of its own, inside the root filesystem `root` when one is
+/// given (an image container's `/proc/PID/root`). A fresh thread rather than tokio's
+/// blocking pool: the pool's threads are reused, and this one's root is changed for good.
+fn spawn_in_root<F>(container: &str, root: Option<PathBuf>, work: F) -> Result<(), ArchiveError>
+where
+    F: FnOnce(Result<(), ArchiveError>) + Send + 'static,
+{
+    let name = container.to_owned();
+    std::thread::Builder::new()
+        .name("vdocker-cp".into())
+        .spawn(move || {
+            let entered = match root {
+                Some(root) => enter_root(&root).map_err(|source| ArchiveError::Root {
+                    container: name,
+                    source,
+                }),
+                None => Ok(()),
+            };
+            work(entered)
+        })
+        .map(drop)
+        .map_err(|_| ArchiveError::Task)
+}
+
+/// Gives this thread its own root: `root` (then `/` as its working directory). Only this
+/// thread: `unshare(CLONE_FS)` separates its root and cwd from the other threads'.
+fn enter_root(root: &Path) -> io::Result<()> {
+    // SAFETY: FS (root, cwd, umask) only, not FILES: the fd table stays shared, so no
+    // thread can hold a descriptor another one cannot use.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FS) }?;
+    rustix::process::chroot(root)?;
+    std::env::set_current_dir("/")
+}
+
+/// `HEAD` and `GET`. `root`: the container's root, if it has its own.
+pub async fn get(
     container: &str,
+    root: Option<PathBuf>,
     query_path: Option<&str>,
     head: bool,
 ) -> Result<Response<ResponseBody>, VdockerError> {
     let path = resolve(query_path)?;
-    let (stat, metadata) = stat_path(container, &path)?;
+    let (stat_tx, stat_rx) = oneshot::channel();
+    let (tx, rx) = mpsc::channel(BODY_CHANNEL_CHUNKS);
+    let name = container.to_owned();
+    spawn_in_root(container, root, move |entered| {
+        let stat = entered.and_then(|()| stat_path(&name, &path));
+        match stat {
+            Err(error) => {
+                let _ = stat_tx.send(Err(error));
+            }
+            Ok((stat, metadata)) => {
+                if stat_tx.send(Ok(stat)).is_ok() && !head {
+                    write_tar(&path, &archive_name(&path), metadata.is_dir(), tx);
+                }
+            }
+        }
+    })?;
+    let stat = stat_rx.await.map_err(|_| ArchiveError::Task)??;
     let header = HeaderValue::from_str(&stat_header(&stat)).ok();
     let mut response = if head {
         server::empty(StatusCode::OK)
     } else {
-        let (tx, rx) = mpsc::channel(BODY_CHANNEL_CHUNKS);
-        let name = archive_name(&path);
-        let is_dir = metadata.is_dir();
-        tokio::task::spawn_blocking(move || write_tar(&path, &name, is_dir, tx));
         server::streaming(StatusCode::OK, "application/x-tar", rx)
     };
     if let Some(header) = header {
@@ -272,33 +330,26 @@ fn write_tar(path: &Path, name: &str, is_dir: bool, tx: mpsc::Sender<Bytes>) {
     }
 }
 
-/// `PUT`: extracts the body's tar into the directory at the query's path.
+/// `PUT`: extracts the body's tar into the directory at the query's path. `root`: the
+/// container's root, if it has its own.
 pub async fn put(
     container: &str,
+    root: Option<PathBuf>,
     query_path: Option<&str>,
     mut body: Incoming,
 ) -> Result<Response<ResponseBody>, VdockerError> {
     use http_body_util::BodyExt;
 
     let dir = resolve(query_path)?;
-    let metadata = fs::metadata(&dir).map_err(|source| {
-        if source.kind() == io::ErrorKind::NotFound {
-            ArchiveError::NotFound {
-                container: container.to_owned(),
-                path: dir.clone(),
-            }
-        } else {
-            ArchiveError::Stat {
-                path: dir.clone(),
-                source,
-            }
-        }
-    })?;
-    if !metadata.is_dir() {
-        return Err(ArchiveError::NotADirectory { path: dir }.into());
-    }
     let (tx, rx) = mpsc::channel::<Bytes>(BODY_CHANNEL_CHUNKS);
-    let job = tokio::task::spawn_blocking(move || extract(ChannelReader::new(rx), &dir));
+    let (done_tx, done_rx) = oneshot::channel();
+    let name = container.to_owned();
+    spawn_in_root(container, root, move |entered| {
+        let result = entered
+            .and_then(|()| extraction_dir(&name, &dir))
+            .and_then(|()| extract(ChannelReader::new(rx), &dir));
+        let _ = done_tx.send(result);
+    })?;
     let mut body_error = None;
     let mut extracting = true;
     while let Some(frame) = body.frame().await {
@@ -321,12 +372,35 @@ pub async fn put(
         }
     }
     drop(tx);
-    let extracted = job.await.map_err(|_| ArchiveError::Task)?;
+    let extracted = done_rx.await.map_err(|_| ArchiveError::Task)?;
     if let Some(source) = body_error {
         return Err(VdockerError::ReadBody { source });
     }
     extracted?;
     Ok(server::empty(StatusCode::OK))
+}
+
+/// Checks that `dir` is an existing directory to extract into.
+fn extraction_dir(container: &str, dir: &Path) -> Result<(), ArchiveError> {
+    let metadata = fs::metadata(dir).map_err(|source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            ArchiveError::NotFound {
+                container: container.to_owned(),
+                path: dir.to_path_buf(),
+            }
+        } else {
+            ArchiveError::Stat {
+                path: dir.to_path_buf(),
+                source,
+            }
+        }
+    })?;
+    if !metadata.is_dir() {
+        return Err(ArchiveError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 /// Refuses an entry name that is absolute or has a `..` component.

@@ -474,7 +474,7 @@ impl Container {
         })
     }
 
-    fn running_pid(&self) -> Result<libc::pid_t, VdockerError> {
+    pub fn running_pid(&self) -> Result<libc::pid_t, VdockerError> {
         self.lock()
             .run
             .as_ref()

@@ -5,7 +5,7 @@
 //! Each process of the pod spec is a container ([`containers`]): `docker
 //! ps`, `inspect`, `logs` (with `-f`, `--tail`, `-t`, `--since`),
 //! `attach`, `exec` (`-i`, `-t`), `cp` both ways, `wait`, `kill`, `stop`,
-//! `start`, `restart`. `POST /crib/v1/shutdown` ends the pod (SIGTERM,
+//! `start`, `restart`, `top`. `POST /crib/v1/shutdown` ends the pod (SIGTERM,
 //! SIGKILL after `t` seconds, unmount, power off: the main thread does it).
 //!
 //! The server runs on a current-thread tokio runtime on a thread of its
@@ -35,6 +35,7 @@ mod registry;
 mod routing;
 mod server;
 mod time;
+mod top;
 mod vsock;
 
 use std::io;

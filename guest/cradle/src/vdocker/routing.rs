@@ -20,6 +20,7 @@ pub enum Route {
     Attach(String),
     Resize(String),
     Archive(String),
+    Top(String),
     Wait(String),
     Kill(String),
     Stop(String),
@@ -64,6 +65,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, VdockerError> {
         ["containers", c, "start"] if !c.is_empty() => post(Route::Start(id(c))),
         ["containers", c, "restart"] if !c.is_empty() => post(Route::Restart(id(c))),
         ["containers", c, "exec"] if !c.is_empty() => post(Route::ExecCreate(id(c))),
+        ["containers", c, "top"] if !c.is_empty() => get(Route::Top(id(c))),
         ["containers", c, "archive"] if !c.is_empty() => check(
             &[Method::GET, Method::HEAD, Method::PUT],
             "GET, HEAD or PUT",
@@ -221,6 +223,15 @@ mod tests {
             route(&Method::POST, "/v1.47/exec/abc/start").unwrap(),
             Route::ExecStart("abc".to_owned())
         );
+    }
+
+    #[test]
+    fn route_top_is_a_get() {
+        assert_eq!(
+            route(&Method::GET, "/v1.47/containers/web/top").unwrap(),
+            Route::Top("web".into())
+        );
+        assert!(route(&Method::POST, "/containers/web/top").is_err());
     }
 
     #[test]
