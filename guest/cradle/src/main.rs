@@ -177,6 +177,8 @@ fn boot(
     let modules = module_load::load_all(flags.debug);
     steps.mark("modules");
 
+    // Before the ready marker: crib may press the button as soon as it sees the marker.
+    let button = power_button::Button::open();
     if let Some(marker) = marker {
         marker.write(MARKER_READY);
     }
@@ -225,7 +227,7 @@ fn boot(
         // After the processes: the server never delays them.
         vdocker::spawn_on_vsock(registry.clone());
         *pod = Some(registry.clone());
-        watch_power_button(Some(registry.clone()), command_running.clone());
+        watch_power_button(button.as_ref(), Some(registry.clone()), command_running.clone());
         if let PodEnd::Shutdown(grace) = registry.wait_for_end(spec.lifetime) {
             say!(
                 "shutdown requested; stopping processes (SIGKILL after {} s)",
@@ -236,7 +238,7 @@ fn boot(
     }
 
     if spec.is_none() {
-        watch_power_button(None, command_running.clone());
+        watch_power_button(button.as_ref(), None, command_running.clone());
     }
     match args.split_first() {
         Some((program, rest)) => {
@@ -252,8 +254,15 @@ fn boot(
 /// On a power-button press: the pod ends as on the shutdown call, and a running command
 /// (with everything else but cradle) is stopped, so that boot() returns and the VM
 /// powers off.
-fn watch_power_button(pod: Option<Registry>, command_running: Arc<AtomicBool>) {
-    power_button::watch(move || {
+fn watch_power_button(
+    button: Option<&power_button::Button>,
+    pod: Option<Registry>,
+    command_running: Arc<AtomicBool>,
+) {
+    let Some(button) = button else {
+        return;
+    };
+    button.on_press(move || {
         if let Some(registry) = &pod {
             registry.request_shutdown(POWER_BUTTON_GRACE);
         }

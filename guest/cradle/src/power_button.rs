@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::console::say;
@@ -64,44 +65,108 @@ fn wait_for_press(source: &mut impl Read) -> io::Result<bool> {
     }
 }
 
-/// Starts a thread that runs `on_press` when the power button is pressed. False (and
-/// nothing started) when the guest has no power button.
-pub fn watch(on_press: impl FnOnce() + Send + 'static) -> bool {
-    let Some(node) = find(Path::new(INPUT_CLASS), Path::new(DEV_INPUT)) else {
-        return false;
-    };
-    let started = std::thread::Builder::new()
-        .name("power-button".into())
-        .spawn(move || {
-            let start = std::time::Instant::now();
-            let mut file = loop {
-                match File::open(&node) {
-                    Ok(file) => break file,
-                    Err(_) if start.elapsed() < NODE_WAIT => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => {
-                        say!("warning: power button: cannot open {}: {e}", node.display());
-                        return;
-                    }
+/// What happens on a press: the reaction may be given after the press came.
+enum Reaction {
+    /// Neither a press nor a reaction yet.
+    Waiting,
+    /// Pressed before a reaction was given: it runs as soon as one is.
+    Pressed,
+    Armed(Box<dyn FnOnce() + Send>),
+    Done,
+}
+
+/// The power button, open from early in the boot: a press that comes before cradle knows
+/// what to do about it (crib's graceful stop right after the ready marker, before the pod's
+/// processes start) is kept, not lost (evdev gives events only to open readers).
+pub struct Button {
+    reaction: Arc<Mutex<Reaction>>,
+}
+
+impl Button {
+    /// Opens the button's evdev node and starts the thread that waits for a press. `None`
+    /// when the guest has no power button (or its node cannot be opened: one warning).
+    pub fn open() -> Option<Self> {
+        let node = find(Path::new(INPUT_CLASS), Path::new(DEV_INPUT))?;
+        let start = std::time::Instant::now();
+        let mut file = loop {
+            match File::open(&node) {
+                Ok(file) => break file,
+                Err(_) if start.elapsed() < NODE_WAIT => {
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-            };
-            match wait_for_press(&mut file) {
+                Err(e) => {
+                    say!("warning: power button: cannot open {}: {e}", node.display());
+                    return None;
+                }
+            }
+        };
+        let reaction = Arc::new(Mutex::new(Reaction::Waiting));
+        let shared = reaction.clone();
+        std::thread::Builder::new()
+            .name("power-button".into())
+            .spawn(move || match wait_for_press(&mut file) {
                 Ok(true) => {
                     say!("power button pressed");
-                    on_press();
+                    let mut state = lock(&shared);
+                    match std::mem::replace(&mut *state, Reaction::Done) {
+                        Reaction::Armed(react) => {
+                            drop(state);
+                            react();
+                        }
+                        _ => *state = Reaction::Pressed,
+                    }
                 }
                 Ok(false) => say!("warning: power button: {} ended", node.display()),
                 Err(e) => say!("warning: power button: reading {}: {e}", node.display()),
+            })
+            .ok()?;
+        Some(Self { reaction })
+    }
+
+    /// Runs `react` on the press; at once if the button was already pressed.
+    pub fn on_press(&self, react: impl FnOnce() + Send + 'static) {
+        let mut state = lock(&self.reaction);
+        match std::mem::replace(&mut *state, Reaction::Done) {
+            Reaction::Pressed => {
+                drop(state);
+                react();
             }
-        });
-    started.is_ok()
+            Reaction::Done => {}
+            Reaction::Waiting | Reaction::Armed(_) => *state = Reaction::Armed(Box::new(react)),
+        }
+    }
+}
+
+fn lock(reaction: &Mutex<Reaction>) -> std::sync::MutexGuard<'_, Reaction> {
+    reaction
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::TempDir;
+
+    #[test]
+    fn a_press_before_the_reaction_runs_it_when_given() {
+        let button = Button {
+            reaction: Arc::new(Mutex::new(Reaction::Pressed)),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        button.on_press(move || tx.send(()).unwrap());
+        assert!(rx.try_recv().is_ok(), "ran at once");
+        assert!(matches!(*lock(&button.reaction), Reaction::Done));
+    }
+
+    #[test]
+    fn a_reaction_before_the_press_waits_for_it() {
+        let button = Button {
+            reaction: Arc::new(Mutex::new(Reaction::Waiting)),
+        };
+        button.on_press(|| panic!("not pressed yet"));
+        assert!(matches!(*lock(&button.reaction), Reaction::Armed(_)));
+    }
 
     fn event(kind: u16, code: u16, value: i32) -> [u8; EVENT_BYTES] {
         let mut bytes = [0u8; EVENT_BYTES];
