@@ -658,10 +658,11 @@ fn bench_first_log_line() -> Result<()> {
     ];
     let mut report =
         String::from("crib pod run -> first console line of the process (ms), runs 2..4 (warm)\n");
-    for (label, spec) in cases {
+    for (case, (label, spec)) in cases.into_iter().enumerate() {
         let mut times = Vec::new();
         for run in 0..4 {
-            let name = format!("bench{run}");
+            // A run directory of its own: an earlier case's console already holds the line.
+            let name = format!("bench{case}-{run}");
             let run_dir = store.dir.join("run").join(&name);
             let launch = store.dir.join(format!("{name}.json"));
             std::fs::write(
@@ -705,9 +706,14 @@ fn bench_first_log_line() -> Result<()> {
             times[times.len() - 1]
         ));
     }
-    report.push_str(&docker_reference(&store)?);
-    report.push_str(&ten_pods_memory(&store)?);
+    // Each part is printed as it is measured: a later part's failure keeps the earlier.
     println!("{report}");
+    let docker = docker_reference(&store)?;
+    println!("{docker}");
+    report.push_str(&docker);
+    let memory = ten_pods_memory(&store)?;
+    println!("{memory}");
+    report.push_str(&memory);
     if let Some(dir) = std::env::var_os("LAB_OUT") {
         let _ = std::fs::write(Path::new(&dir).join("containers-bench.txt"), &report);
     }
@@ -793,8 +799,17 @@ impl DockerDaemon {
         let mut child = std::process::Command::new("docker")
             .arg("-H")
             .arg(format!("unix://{}", self.socket.display()))
-            .args(["run", "--rm", "--network", "none", image])
-            .args(["/bin/sh", "-c", "echo FIRST-LINE"])
+            // The same command the crib pods run, whatever the image's entrypoint.
+            .args([
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--entrypoint",
+                "/bin/sh",
+                image,
+            ])
+            .args(["-c", "echo FIRST-LINE"])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .spawn()?;
