@@ -4,6 +4,7 @@
 //! containerd prepared, shared over virtio-fs.
 
 mod docker;
+mod mount;
 mod service;
 mod spec;
 mod vm;

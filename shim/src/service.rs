@@ -43,6 +43,9 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the container may stay "created" in the guest after boot.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+/// The exit status of a task whose VM did not boot (as for a process that could not be
+/// started).
+const START_FAILED_STATUS: u32 = 255;
 /// The exit status containerd shows for a task whose shim died (runc's shim does the same).
 const KILLED_STATUS: u32 = 128 + 9;
 
@@ -61,12 +64,13 @@ pub enum ShimError {
     Checkpoint,
     #[error("the container's root filesystem {} is missing or empty: the image's snapshot was not mounted", path.display())]
     MissingRootfs { path: PathBuf },
-    #[error("cannot mount the rootfs ({kind} {source_path}) on {}: {message}", target.display())]
+    #[error("cannot mount the rootfs ({kind} {source_path}) on {}", target.display())]
     Mount {
         kind: String,
         source_path: String,
         target: PathBuf,
-        message: String,
+        #[source]
+        source: crate::mount::MountError,
     },
     #[error("cannot write {}", path.display())]
     Write {
@@ -365,18 +369,19 @@ impl Service {
                 path: rootfs.clone(),
                 source,
             })?;
-            containerd_shim::mount::mount_rootfs(
-                Some(mount.type_.as_str()).filter(|t| !t.is_empty()),
-                Some(mount.source.as_str()).filter(|s| !s.is_empty()),
-                &mount.options,
-                &rootfs,
-            )
-            .map_err(|e| ShimError::Mount {
-                kind: mount.type_.clone(),
-                source_path: mount.source.clone(),
-                target: rootfs.clone(),
-                message: e.to_string(),
-            })?;
+            let mounted_now =
+                crate::mount::mount(&mount.type_, &mount.source, &mount.options, &rootfs);
+            if let Err(source) = mounted_now {
+                if mounted {
+                    let _ = unmount(&rootfs);
+                }
+                return Err(ShimError::Mount {
+                    kind: mount.type_.clone(),
+                    source_path: mount.source.clone(),
+                    target: rootfs.clone(),
+                    source,
+                });
+            }
             mounted = true;
         }
         let empty = std::fs::read_dir(&rootfs).map_or(true, |mut d| d.next().is_none());
@@ -448,13 +453,24 @@ impl Service {
             });
         }
         let log = container.state.join("crib.log");
-        let vm = Vm::launch(
+        let launched = Vm::launch(
             &vm::crib_binary(),
             &container.launch,
             &container.run_dir(),
             &log,
             BOOT_TIMEOUT,
-        )?;
+        );
+        let vm = match launched {
+            Ok(vm) => vm,
+            Err(error) => {
+                // The task ends here, so containerd can delete it (it refuses a task that
+                // is still "created").
+                container.phase = Phase::Stopped;
+                container.exit = Some((START_FAILED_STATUS, Timestamp::now()));
+                self.shared.changed.notify_all();
+                return Err(error.into());
+            }
+        };
         let pid = vm.pid();
         let _ = std::fs::write(container.state.join("crib.pid"), pid.to_string());
         let docker = vm.docker();
