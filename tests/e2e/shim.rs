@@ -324,7 +324,8 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
         )?;
     }
 
-    // Bad input: runtime options crib does not know are refused with a clear message.
+    // Bad input: runtime options crib does not know (ctr sends runtimeoptions.v1.Options
+    // for --runtime-config-path) are refused with the shim's message.
     let out = run(
         containerd
             .ctr(&[
@@ -332,8 +333,8 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
                 "--rm",
                 "--runtime",
                 RUNTIME,
-                "--runc-binary",
-                "/nonexistent",
+                "--runtime-config-path",
+                "/etc/crib-shim.toml",
                 IMAGE,
                 "shim-options",
                 "true",
@@ -343,7 +344,7 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
     )?;
     if out.code == Some(0) || !out.stderr.contains("not supported by crib") {
         fail(
-            "ctr run --runc-binary: wanted the shim's runtime options error",
+            "ctr run --runtime-config-path: wanted the shim's runtime options error",
             &out,
         )?;
     }
