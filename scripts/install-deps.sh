@@ -23,6 +23,7 @@ packages=(
   erofs-utils       # mkfs.erofs: crib's image store converts each layer to an erofs image
   skopeo            # the image store's tests make docker-save archives from OCI layouts
   docker-registry   # images' pull tests and crib-bench pull: a loopback registry
+  containerd        # linux_shim_*: containerd (and ctr) drive containerd-shim-crib-v2
   ca-certificates
 )
 missing=()

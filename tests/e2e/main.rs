@@ -21,6 +21,7 @@ mod micro;
 mod net;
 mod pod;
 mod podnet;
+mod shim;
 mod soak;
 mod vfio;
 mod vsock;
@@ -56,6 +57,7 @@ const LAB_GROUPS: &[&str] = &[
     "linux_marketplace_",
     "linux_fault_",
     "linux_soak_",
+    "linux_shim_",
 ];
 
 /// Which lab boot: the common one (with a filter and the prefixes to skip), or the one
@@ -185,22 +187,32 @@ fn run_vfio_lab(args: &Arguments) -> i32 {
     code
 }
 
-/// Builds the crib binary under test, as `cargo test` does not build other packages'
-/// binaries. Inside the lab the caller has built it already (and cargo may be absent).
+/// Builds the crib binary under test and containerd-shim-crib-v2 (next to it, for the
+/// `linux_shim_*` tests), as `cargo test` does not build other packages' binaries. Inside
+/// the lab the caller has built them already (and cargo may be absent).
 fn build_crib() -> Result<(), String> {
     if in_lab() || std::env::var_os("CRIB_BIN").is_some() {
         return Ok(());
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "vmm", "--bin", "crib"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "vmm",
+            "--bin",
+            "crib",
+            "-p",
+            "crib-shim",
+        ])
         .current_dir(repo_root())
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     status
         .success()
         .then_some(())
-        .ok_or_else(|| format!("cargo build -p vmm failed: {status}"))
+        .ok_or_else(|| format!("cargo build -p vmm -p crib-shim failed: {status}"))
 }
 
 fn main() {
@@ -240,6 +252,7 @@ fn main() {
         .chain(api::tests())
         .chain(fault::tests())
         .chain(soak::tests())
+        .chain(shim::tests())
         .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux

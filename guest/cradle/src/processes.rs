@@ -39,7 +39,7 @@ pub enum ProcessError {
 /// PATH, the spec's env over it, and the working directory. A process with an
 /// image runs in its container (`containers::command`).
 pub fn build_command(spec: &ProcessSpec) -> Option<Command> {
-    if spec.image.is_some() {
+    if spec.image.is_some() || spec.rootfs.is_some() {
         // Its container's set-up stage, which runs the image's process.
         return crate::containers::command(spec);
     }

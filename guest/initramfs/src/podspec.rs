@@ -141,8 +141,16 @@ pub enum PodSpecError {
         value: String,
         fix: String,
     },
-    #[error("{field} applies only to a process with an image; add image or remove {field}")]
+    #[error(
+        "{field} applies only to a process with an image or a rootfs; add one or remove {field}"
+    )]
     NeedsImage { field: String },
+    #[error("{field} replaces an image's Entrypoint; a process with a rootfs has none: put the whole command in argv")]
+    RootfsEntrypoint { field: String },
+    #[error("{field}: a process has an image or a rootfs, not both; remove one")]
+    ImageAndRootfs { field: String },
+    #[error("{field}: {value:?} is not the tag of one of the pod's filesystems; add a filesystem with that tag (and a share for it)")]
+    UnknownRootfs { field: String, value: String },
     #[error("{field}: {value:?} is not an image reference; write it like \"busybox:1.36\" or \"ghcr.io/org/app@sha256:...\"")]
     InvalidImage { field: String, value: String },
     #[error("{field}: {value:?} is not a user; write a name or uid, optionally :group or :gid, like \"app\" or \"1000:1000\"")]
@@ -384,6 +392,13 @@ pub struct ProcessSpec {
     /// the image config gives the defaults of argv, env, cwd and user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Run in a container whose root filesystem is the pod filesystem (virtio-fs share)
+    /// with this tag, used as it is (no overlay: the share is the writable root, like the
+    /// rootfs a containerd snapshot gives a runtime). Not with `image`; `argv` is required.
+    /// The image-only fields (`user`, `cpus`, `memory`, `mounts`, ...) apply as with an
+    /// image, without an image config to give defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
     /// Replaces the image's Entrypoint (`[]` removes it) and drops its Cmd, as `docker
     /// run --entrypoint`. Only with `image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -558,6 +573,14 @@ impl PodSpec {
             check_unique(&mut names, &process.name, field)?;
             check_process(&at, process)?;
             check_image_process(&at, process, &self.resolved)?;
+            if let Some(tag) = &process.rootfs {
+                if !tags.contains_key(tag.as_str()) {
+                    return Err(PodSpecError::UnknownRootfs {
+                        field: format!("{at}.rootfs"),
+                        value: tag.clone(),
+                    });
+                }
+            }
             self.check_mounts(&at, process)?;
         }
         if !self.resolved.is_empty() {
@@ -615,6 +638,30 @@ fn check_image_process(
     process: &ProcessSpec,
     resolved: &ResolvedImages,
 ) -> Result<(), PodSpecError> {
+    if let Some(tag) = &process.rootfs {
+        if process.image.is_some() {
+            return Err(PodSpecError::ImageAndRootfs {
+                field: format!("{at}.rootfs"),
+            });
+        }
+        if process.entrypoint.is_some() {
+            // No image config whose Entrypoint it could replace: argv is the program.
+            return Err(PodSpecError::RootfsEntrypoint {
+                field: format!("{at}.entrypoint"),
+            });
+        }
+        if let Some(user) = &process.user {
+            if user.is_empty() || user.contains(['\0', '\n']) {
+                return Err(PodSpecError::InvalidUser {
+                    field: format!("{at}.user"),
+                    value: user.clone(),
+                });
+            }
+        }
+        // The tag itself is checked against the filesystems by the caller.
+        let _ = tag;
+        return Ok(());
+    }
     let Some(image) = &process.image else {
         for (field, set) in [
             ("entrypoint", process.entrypoint.is_some()),
@@ -1672,7 +1719,60 @@ mod tests {
         let err = parse(&with_process(r#""argv": ["sh"], "user": "app""#)).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "processes[0].user applies only to a process with an image; add image or remove processes[0].user"
+            "processes[0].user applies only to a process with an image or a rootfs; add one or remove processes[0].user"
+        );
+    }
+
+    /// A pod whose filesystem `root` may be a process's rootfs.
+    fn with_rootfs_process(process: &str) -> String {
+        format!(
+            r#"{{"name": "p", "filesystems": [{{"tag": "root", "path": "/run/crib-root"}}],
+               "processes": [{{"name": "m", {process}}}]}}"#
+        )
+    }
+
+    #[test]
+    fn rootfs_process_takes_argv_user_and_limits() {
+        let spec = parse(&with_rootfs_process(
+            r#""rootfs": "root", "argv": ["sh"], "user": "0:0", "memory": "64M""#,
+        ))
+        .unwrap();
+        assert_eq!(spec.processes[0].rootfs.as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn rootfs_naming_no_filesystem_is_refused() {
+        let err = parse(&with_rootfs_process(r#""rootfs": "nope", "argv": ["sh"]"#)).unwrap_err();
+        assert!(
+            matches!(&err, PodSpecError::UnknownRootfs { field, .. } if field == "processes[0].rootfs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rootfs_with_image_is_refused() {
+        let err = parse(&with_rootfs_process(
+            r#""rootfs": "root", "image": "busybox", "argv": ["sh"]"#,
+        ))
+        .unwrap_err();
+        assert!(matches!(err, PodSpecError::ImageAndRootfs { .. }), "{err}");
+    }
+
+    #[test]
+    fn rootfs_without_argv_is_refused() {
+        let err = parse(&with_rootfs_process(r#""rootfs": "root""#)).unwrap_err();
+        assert!(matches!(err, PodSpecError::EmptyArgv { .. }), "{err}");
+    }
+
+    #[test]
+    fn rootfs_with_entrypoint_is_refused() {
+        let err = parse(&with_rootfs_process(
+            r#""rootfs": "root", "argv": ["sh"], "entrypoint": ["x"]"#,
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(err, PodSpecError::RootfsEntrypoint { .. }),
+            "{err}"
         );
     }
 

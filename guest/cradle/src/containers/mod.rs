@@ -88,6 +88,8 @@ pub enum ContainerError {
     Spec(#[from] ContainerSpecError),
     #[error("processes[{index}]: image {image:?} is not among the images the host resolved")]
     Unresolved { index: usize, image: String },
+    #[error("processes[{index}]: rootfs {tag:?} is not one of the pod's filesystems")]
+    UnknownRootfs { index: usize, tag: String },
 }
 
 /// The pod's containers by process name: what the registry and vdocker look up.
@@ -103,17 +105,23 @@ impl Containers {
     /// Mounts the pod's layers and makes a container for each process with an image.
     /// Nothing to do (and no layer disk wanted) for a pod without images.
     pub fn set_up(spec: &PodSpec) -> Result<(), ContainerError> {
-        if spec.resolved.layers.is_empty() {
+        let any_rootfs = spec.processes.iter().any(|p| p.rootfs.is_some());
+        if spec.resolved.layers.is_empty() && !any_rootfs {
             return Ok(());
         }
-        let layers = layers::Layers::mount_all(&spec.resolved.layers)?;
-        say!("layers: {} mounted", spec.resolved.layers.len());
+        let layers = if spec.resolved.layers.is_empty() {
+            layers::Layers::default()
+        } else {
+            let layers = layers::Layers::mount_all(&spec.resolved.layers)?;
+            say!("layers: {} mounted", spec.resolved.layers.len());
+            layers
+        };
         let containers = Containers {
             plans: Mutex::new(HashMap::new()),
             layers,
         };
         for (index, process) in spec.processes.iter().enumerate() {
-            if process.image.is_some() {
+            if process.image.is_some() || process.rootfs.is_some() {
                 containers.create(index, process, spec)?;
             }
         }
@@ -129,7 +137,19 @@ impl Containers {
         process: &ProcessSpec,
         spec: &PodSpec,
     ) -> Result<(), ContainerError> {
-        let mut plan = ContainerPlan::new(index, process, &spec.resolved, &self.layers)?;
+        let mut plan = match process.rootfs.as_deref() {
+            Some(tag) => {
+                // Validated: the tag is one of the pod's filesystems, mounted by now.
+                let root = spec
+                    .mount_source(tag)
+                    .ok_or(ContainerError::UnknownRootfs {
+                        index,
+                        tag: tag.to_owned(),
+                    })?;
+                ContainerPlan::with_root_dir(process, std::path::Path::new(root))
+            }
+            None => ContainerPlan::new(index, process, &spec.resolved, &self.layers)?,
+        };
         plan.make_dirs()?;
         plan.cgroup = cgroup::create(&process.name, process.cpus, process.memory)?;
         // Validated: every source is a volume with a path or a filesystem.

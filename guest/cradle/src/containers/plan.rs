@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use initramfs::containers::{effective_command, Overrides, ResolvedImages};
+use initramfs::containers::{
+    effective_command, merge_env, Overrides, ResolvedImages, DEFAULT_IMAGE_PATH,
+};
 use initramfs::podspec::ProcessSpec;
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +39,10 @@ pub struct ContainerPlan {
     /// Bind mounts: cradle's directory, the path in the container, read-only.
     #[serde(default)]
     pub mounts: Vec<(PathBuf, String, bool)>,
+    /// A root bound from this directory of cradle's (a virtio-fs share, the process's
+    /// `rootfs`) instead of an overlay of layers.
+    #[serde(default)]
+    pub root_bind: Option<PathBuf>,
 }
 
 impl ContainerPlan {
@@ -86,7 +92,32 @@ impl ContainerPlan {
             user: effective.user,
             cgroup: None,
             mounts: Vec::new(),
+            root_bind: None,
         })
+    }
+
+    /// The container of `process`, whose `rootfs` filesystem is mounted
+    /// at `root` in cradle: its root is that directory as it is, its argv, env, cwd and
+    /// user are the spec's (no image config gives defaults; PATH defaults to Docker's).
+    pub fn with_root_dir(process: &ProcessSpec, root: &Path) -> Self {
+        let tag = process.rootfs.clone().unwrap_or_default();
+        let env = merge_env(&[format!("PATH={DEFAULT_IMAGE_PATH}")], &process.env);
+        Self {
+            name: process.name.clone(),
+            image: format!("rootfs:{tag}"),
+            digest: String::new(),
+            lower: Vec::new(),
+            dir: Path::new(RUN_DIR).join("c").join(&process.name),
+            argv: process.argv.clone(),
+            entrypoint: Vec::new(),
+            cmd: process.argv.clone(),
+            env,
+            cwd: process.cwd.clone().unwrap_or_else(|| "/".to_owned()),
+            user: process.user.clone().unwrap_or_else(|| "0".to_owned()),
+            cgroup: None,
+            mounts: Vec::new(),
+            root_bind: Some(root.to_path_buf()),
+        }
     }
 
     pub fn upper(&self) -> PathBuf {
@@ -195,5 +226,25 @@ mod tests {
                 .starts_with("processes[3]: image \"missing\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn rootfs_plan_binds_the_share_and_takes_the_spec_as_it_is() {
+        let process = ProcessSpec {
+            name: "ctr".into(),
+            rootfs: Some("root".into()),
+            argv: vec!["uname".into(), "-r".into()],
+            env: vec!["A=b".into()],
+            user: Some("1000:1000".into()),
+            ..ProcessSpec::default()
+        };
+        let plan = ContainerPlan::with_root_dir(&process, Path::new("/run/rootfs"));
+        assert_eq!(plan.root_bind.as_deref(), Some(Path::new("/run/rootfs")));
+        assert_eq!(plan.argv, ["uname", "-r"]);
+        assert_eq!(
+            plan.env,
+            [format!("PATH={DEFAULT_IMAGE_PATH}"), "A=b".into()]
+        );
+        assert_eq!((plan.cwd.as_str(), plan.user.as_str()), ("/", "1000:1000"));
     }
 }

@@ -205,18 +205,26 @@ fn set_up_and_exec(
         ),
     )?;
     let root = plan.root();
-    let options = CString::new(plan.overlay_options())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    rustix_context(
-        format!("cannot mount the overlay root ({})", plan.overlay_options()),
-        mount(
-            "overlay",
-            &root,
-            "overlay",
-            MountFlags::empty(),
-            Some(options.as_c_str()),
-        ),
-    )?;
+    if let Some(source) = &plan.root_bind {
+        // A rootfs share: the host's snapshot is the writable root already.
+        rustix_context(
+            format!("cannot bind the root {}", source.display()),
+            mount_bind(source, &root),
+        )?;
+    } else {
+        let options = CString::new(plan.overlay_options())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        rustix_context(
+            format!("cannot mount the overlay root ({})", plan.overlay_options()),
+            mount(
+                "overlay",
+                &root,
+                "overlay",
+                MountFlags::empty(),
+                Some(options.as_c_str()),
+            ),
+        )?;
+    }
     let resolv = fs::read("/etc/resolv.conf").ok();
     // Opened now, bound after the pivot through /proc/self/fd: the target path then
     // resolves inside the container, whatever symlinks the image has.

@@ -1,0 +1,384 @@
+//! From containerd's bundle to crib's launch file: the process of the bundle's OCI
+//! `config.json` (args, env, cwd, user) becomes the one process of a pod whose root
+//! filesystem is the bundle's rootfs, shared with the guest over virtio-fs
+//! (docs/SHIM.md, docs/POD_SPEC.md `rootfs`). Pure functions, unit-tested.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use thiserror::Error;
+
+/// The virtio-fs tag of the container's root filesystem.
+pub const ROOTFS_TAG: &str = "rootfs";
+/// Where cradle mounts that share (the container's root is bound from there).
+pub const ROOTFS_GUEST_PATH: &str = "/run/rootfs";
+/// The container's process name in the pod (its hostname when the spec gives none that
+/// is a valid process name).
+pub const PROCESS_NAME: &str = "container";
+/// The guest's vCPUs and memory when the spec sets no limits.
+const DEFAULT_CPUS: u32 = 1;
+const DEFAULT_MEMORY_MIB: u64 = 512;
+/// Memory crib's guest needs beyond the container's limit (kernel, cradle).
+const GUEST_OVERHEAD_MIB: u64 = 128;
+
+/// Errors of reading the bundle's OCI spec.
+#[derive(Debug, Error)]
+pub enum SpecError {
+    #[error("cannot read the OCI spec {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the OCI spec {} is not valid JSON of the runtime spec", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "the OCI spec has no process: crib runs a container's process, give one in config.json"
+    )]
+    NoProcess,
+    #[error("the OCI spec's process.args is empty: give the command to run")]
+    NoArgs,
+    #[error("process.terminal is true: crib's shim does not give containers a TTY yet; run without -t (--tty)")]
+    Terminal,
+    #[error("process.{field}: {value:?} contains a NUL byte")]
+    Nul { field: &'static str, value: String },
+}
+
+/// The subset of the OCI runtime spec (config.json) the shim reads; other fields are
+/// ignored.
+#[derive(Debug, Default, Deserialize)]
+pub struct OciSpec {
+    #[serde(default)]
+    pub process: Option<OciProcess>,
+    #[serde(default)]
+    pub root: Option<OciRoot>,
+    #[serde(default)]
+    pub linux: Option<OciLinux>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct OciProcess {
+    #[serde(default)]
+    pub terminal: bool,
+    #[serde(default)]
+    pub user: OciUser,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub cwd: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct OciUser {
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct OciRoot {
+    #[serde(default)]
+    pub path: String,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct OciLinux {
+    #[serde(default)]
+    pub resources: Option<OciResources>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct OciResources {
+    #[serde(default)]
+    pub memory: Option<OciMemory>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct OciMemory {
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+/// What the guest runs: the container's process as cradle's pod spec takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerProcess {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    /// `uid:gid`, resolved numerically by cradle.
+    pub user: String,
+    /// The container's memory limit in bytes, if the spec sets one.
+    pub memory_bytes: Option<u64>,
+}
+
+impl OciSpec {
+    /// Reads `config.json` of the bundle `bundle`.
+    pub fn load(bundle: &Path) -> Result<Self, SpecError> {
+        let path = bundle.join("config.json");
+        let text = std::fs::read(&path).map_err(|source| SpecError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&text).map_err(|source| SpecError::Parse { path, source })
+    }
+
+    /// Whether `root.readonly` asks for a read-only root.
+    pub fn root_readonly(&self) -> bool {
+        self.root.as_ref().is_some_and(|r| r.readonly)
+    }
+
+    /// The root filesystem's directory: `root.path` relative to the bundle, else
+    /// `bundle/rootfs`.
+    pub fn root_dir(&self, bundle: &Path) -> PathBuf {
+        match self.root.as_ref().map(|r| r.path.as_str()) {
+            Some(path) if !path.is_empty() => bundle.join(path),
+            _ => bundle.join("rootfs"),
+        }
+    }
+
+    /// The container's process, checked.
+    pub fn container_process(&self) -> Result<ContainerProcess, SpecError> {
+        let process = self.process.as_ref().ok_or(SpecError::NoProcess)?;
+        if process.terminal {
+            return Err(SpecError::Terminal);
+        }
+        if process.args.first().is_none_or(String::is_empty) {
+            return Err(SpecError::NoArgs);
+        }
+        for (field, values) in [("args", &process.args), ("env", &process.env)] {
+            if let Some(value) = values.iter().find(|v| v.contains('\0')) {
+                return Err(SpecError::Nul {
+                    field,
+                    value: value.clone(),
+                });
+            }
+        }
+        let cwd = if process.cwd.starts_with('/') {
+            process.cwd.clone()
+        } else {
+            "/".to_owned()
+        };
+        let memory_bytes = self
+            .linux
+            .as_ref()
+            .and_then(|l| l.resources.as_ref())
+            .and_then(|r| r.memory.as_ref())
+            .and_then(|m| m.limit)
+            .and_then(|limit| u64::try_from(limit).ok())
+            .filter(|limit| *limit > 0);
+        Ok(ContainerProcess {
+            argv: process.args.clone(),
+            // Entries that are not NAME=VALUE would be refused by the pod spec.
+            env: process
+                .env
+                .iter()
+                .filter(|e| e.split_once('=').is_some_and(|(n, _)| !n.is_empty()))
+                .cloned()
+                .collect(),
+            cwd,
+            user: format!("{}:{}", process.user.uid, process.user.gid),
+            memory_bytes,
+        })
+    }
+}
+
+/// A pod name (1 to 63 of `a-z0-9-`) for the container `id` of namespace `namespace`:
+/// `c-` and 16 hex digits of their FNV-1a hash, as containerd's ids may hold any
+/// character and be longer.
+pub fn pod_name(namespace: &str, id: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in namespace.bytes().chain([0]).chain(id.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("c-{hash:016x}")
+}
+
+/// crib's launch file (README, "crib pod run") for the container: one process with the
+/// virtio-fs share `rootfs` as its root, no network yet, the VM kept up after the
+/// process exits (`until-shutdown`) so the shim can read its logs and exit code, then
+/// shut it down.
+pub fn launch_file(
+    pod: &str,
+    process: &ContainerProcess,
+    rootfs: &Path,
+    readonly: bool,
+    run_dir: &Path,
+) -> Value {
+    let mut proc_json = json!({
+        "name": PROCESS_NAME,
+        "rootfs": ROOTFS_TAG,
+        "argv": process.argv,
+        "cwd": process.cwd,
+        "user": process.user,
+    });
+    if !process.env.is_empty() {
+        proc_json["env"] = json!(process.env);
+    }
+    let mut memory_mib = DEFAULT_MEMORY_MIB;
+    if let Some(limit) = process.memory_bytes {
+        proc_json["memory"] = json!(limit);
+        memory_mib = memory_mib.max((limit >> 20) + GUEST_OVERHEAD_MIB);
+    }
+    json!({
+        "pod": {
+            "name": pod,
+            "filesystems": [{"tag": ROOTFS_TAG, "path": ROOTFS_GUEST_PATH, "readonly": readonly}],
+            "processes": [proc_json],
+            "lifetime": "until-shutdown",
+        },
+        "cpus": DEFAULT_CPUS,
+        "memory": format!("{memory_mib}M"),
+        "shares": {ROOTFS_TAG: {"dir": rootfs}},
+        "run_dir": run_dir,
+        "network": "none",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> OciSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn process_takes_args_env_cwd_and_numeric_user() {
+        let spec = spec(
+            r#"{"ociVersion": "1.0.2", "process": {"terminal": false, "user": {"uid": 1000, "gid": 100},
+                "args": ["sh", "-c", "exit 7"], "env": ["PATH=/bin", "TERM=xterm"], "cwd": "/srv"},
+                "root": {"path": "rootfs"}, "linux": {"namespaces": []}}"#,
+        );
+        let process = spec.container_process().unwrap();
+        assert_eq!(
+            process,
+            ContainerProcess {
+                argv: vec!["sh".into(), "-c".into(), "exit 7".into()],
+                env: vec!["PATH=/bin".into(), "TERM=xterm".into()],
+                cwd: "/srv".into(),
+                user: "1000:100".into(),
+                memory_bytes: None,
+            }
+        );
+    }
+
+    #[test]
+    fn memory_limit_is_taken_from_linux_resources() {
+        let spec = spec(
+            r#"{"process": {"args": ["sh"]}, "linux": {"resources": {"memory": {"limit": 67108864}}}}"#,
+        );
+        assert_eq!(
+            spec.container_process().unwrap().memory_bytes,
+            Some(64 << 20)
+        );
+    }
+
+    #[test]
+    fn missing_process_is_an_error() {
+        let err = spec(r#"{"root": {"path": "rootfs"}}"#)
+            .container_process()
+            .unwrap_err();
+        assert!(matches!(err, SpecError::NoProcess), "{err}");
+    }
+
+    #[test]
+    fn empty_args_is_an_error() {
+        let err = spec(r#"{"process": {"args": []}}"#)
+            .container_process()
+            .unwrap_err();
+        assert!(matches!(err, SpecError::NoArgs), "{err}");
+    }
+
+    #[test]
+    fn terminal_is_refused_with_the_fix() {
+        let err = spec(r#"{"process": {"terminal": true, "args": ["sh"]}}"#)
+            .container_process()
+            .unwrap_err();
+        assert!(err.to_string().contains("without -t"), "{err}");
+    }
+
+    #[test]
+    fn nul_in_args_is_an_error() {
+        let err = spec(r#"{"process": {"args": ["a\u0000b"]}}"#)
+            .container_process()
+            .unwrap_err();
+        assert!(matches!(err, SpecError::Nul { field: "args", .. }), "{err}");
+    }
+
+    #[test]
+    fn relative_cwd_becomes_root_and_malformed_env_is_dropped() {
+        let process =
+            spec(r#"{"process": {"args": ["sh"], "cwd": "tmp", "env": ["=x", "NOEQ", "A=1"]}}"#)
+                .container_process()
+                .unwrap();
+        assert_eq!(
+            (process.cwd.as_str(), process.env.clone()),
+            ("/", vec!["A=1".to_owned()])
+        );
+    }
+
+    #[test]
+    fn load_of_a_missing_bundle_names_the_file() {
+        let err = OciSpec::load(Path::new("/nonexistent-bundle")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent-bundle/config.json"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn root_dir_is_relative_to_the_bundle() {
+        let bundle = Path::new("/b");
+        assert_eq!(spec("{}").root_dir(bundle), Path::new("/b/rootfs"));
+        assert_eq!(
+            spec(r#"{"root": {"path": "r2"}}"#).root_dir(bundle),
+            Path::new("/b/r2")
+        );
+    }
+
+    #[test]
+    fn pod_name_is_a_valid_pod_name_and_differs_by_namespace() {
+        let a = pod_name("default", "Web_1.x");
+        assert_eq!(a.len(), 18);
+        assert!(a
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+        assert_ne!(a, pod_name("k8s.io", "Web_1.x"));
+    }
+
+    #[test]
+    fn launch_file_shares_the_rootfs_and_runs_the_process_in_it() {
+        let process = ContainerProcess {
+            argv: vec!["uname".into(), "-r".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: "0:0".into(),
+            memory_bytes: Some(1 << 30),
+        };
+        let launch = launch_file(
+            "c-1",
+            &process,
+            Path::new("/bundle/rootfs"),
+            false,
+            Path::new("/run/x"),
+        );
+        assert_eq!(launch["shares"]["rootfs"]["dir"], "/bundle/rootfs");
+        assert_eq!(launch["pod"]["filesystems"][0]["path"], ROOTFS_GUEST_PATH);
+        assert_eq!(launch["pod"]["processes"][0]["rootfs"], ROOTFS_TAG);
+        assert_eq!(launch["pod"]["processes"][0]["argv"][1], "-r");
+        assert_eq!(launch["pod"]["lifetime"], "until-shutdown");
+        assert_eq!(launch["memory"], "1152M");
+        assert_eq!(launch["network"], "none");
+    }
+}

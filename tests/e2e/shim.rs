@@ -1,0 +1,379 @@
+//! containerd-shim-crib-v2 (docs/SHIM.md) driven by Debian's containerd: a containerd of
+//! the test's own (root, state and socket in a temp dir, the shim's directory on its
+//! PATH, `io.containerd.crib.v2` registered for CRI), an image built with the image
+//! store's busybox fixtures and `ctr image import`ed, then `ctr run --rm --runtime
+//! io.containerd.crib.v2`: the output comes from the guest's kernel, the exit code
+//! reaches ctr, and nothing is left behind (no crib, virtiofsd or shim process, no
+//! mount, no state directory).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use crib_tests::{crib_bin, target_dir, RunOutput};
+use images::fixtures;
+
+use crate::TestFn;
+
+/// The image the test imports: a full reference, so `ctr image import` keeps the name.
+const IMAGE: &str = "docker.io/library/crib-shim-busybox:1";
+const RUNTIME: &str = "io.containerd.crib.v2";
+/// One `ctr run` (a VM boot under the lab's nested KVM, then its shutdown).
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn tests() -> Vec<(&'static str, TestFn)> {
+    vec![(
+        "linux_shim_ctr_run_output_exit_code_and_cleanup",
+        ctr_run_output_exit_code_and_cleanup,
+    )]
+}
+
+/// The shim binary, built by main.rs's `build_crib` next to crib.
+fn shim_dir() -> PathBuf {
+    crib_bin()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| target_dir().join("debug"))
+}
+
+/// Runs `command` with no stdin, killing it after `deadline` (then `code` is `None`).
+fn run(command: &mut Command, deadline: Duration) -> Result<RunOutput> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = RunOutput {
+        code: status.and_then(|s| s.code()),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    };
+    if status.is_none() {
+        eprintln!("{command:?} did not finish within {deadline:?}: killed");
+    }
+    Ok(output)
+}
+
+fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// A containerd of the test's own, killed (and its directories removed) on drop.
+struct Containerd {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{dir}/root"
+state = "{dir}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+
+[grpc]
+  address = "{dir}/containerd.sock"
+
+# What a host that serves Kubernetes adds (docs/SHIM.md); the CRI plugin is off here, ctr
+# names the runtime itself.
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.crib]
+  runtime_type = "{RUNTIME}"
+"#,
+                dir = dir.display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("containerd.log"))?;
+        let path = format!(
+            "{}:{}",
+            shim_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .env("CRIB_BIN", crib_bin())
+            .env("CRIB_SHIM_STATE_DIR", dir.join("shim"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context(
+                "cannot start containerd (apt-get install containerd: scripts/install-deps.sh)",
+            )?;
+        let containerd = Self {
+            dir: dir.to_path_buf(),
+            child,
+        };
+        let started = Instant::now();
+        loop {
+            let out = run(containerd.ctr(&["version"]).as_mut(), CALL_TIMEOUT)?;
+            if out.code == Some(0) {
+                return Ok(containerd);
+            }
+            if started.elapsed() > CALL_TIMEOUT {
+                bail!("containerd did not answer:\n{}", containerd.log());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn ctr(&self, args: &[&str]) -> Box<Command> {
+        let mut command = Command::new("ctr");
+        command
+            .arg("--address")
+            .arg(self.dir.join("containerd.sock"))
+            .args(args);
+        Box::new(command)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    fn shim_state(&self) -> PathBuf {
+        self.dir.join("shim")
+    }
+
+    /// containerd's log, then crib's log and the guest console of every container the
+    /// shim still has state for.
+    fn logs(&self) -> String {
+        let mut text = format!("--- containerd's log:\n{}", self.log());
+        for entry in std::fs::read_dir(self.shim_state())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for file in ["crib.log", "run/console.log", "launch.json"] {
+                let path = entry.path().join(file);
+                let content = std::fs::read_to_string(&path).unwrap_or_default();
+                text.push_str(&format!("\n--- {}:\n{content}", path.display()));
+            }
+        }
+        text
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Whatever a failed run left mounted under the root, then the directory.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let dir = self.dir.display().to_string();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&dir))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for point in points {
+            let _ = Command::new("umount").arg("-l").arg(point).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Processes whose command line mentions `needle`, as `pid: cmdline`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let me = std::process::id().to_string();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        if cmdline.contains(needle) {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
+
+/// Polls `done` for up to `limit`.
+fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    done()
+}
+
+/// The pod kernel's release prefix (`6.1.192` from `linux-source-6.1 6.1.192-3 ...`).
+fn pod_kernel_release() -> Result<String> {
+    let guest = std::env::var_os("CRIB_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("guest"));
+    let version = std::fs::read_to_string(guest.join("pod-kernel/VERSION"))
+        .context("reading the pod kernel's VERSION (scripts/prepare.sh builds it)")?;
+    let upstream = version
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.split('-').next())
+        .context("pod-kernel/VERSION has no version")?;
+    Ok(upstream.to_owned())
+}
+
+fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("crib-shim-{}", std::process::id()));
+    let containerd = Containerd::start(&dir)?;
+    let fail = |what: &str, out: &RunOutput| -> Result<()> {
+        out.check(false, &format!("{what}\n{}", containerd.logs()))
+    };
+
+    // An OCI archive of a busybox image, imported under its full name.
+    let layout = dir.join("layout");
+    fixtures::write_oci_layout(&layout, &fixtures::busybox_image(IMAGE)?)?;
+    let archive = dir.join("image.tar");
+    fixtures::tar_directory(&layout, &archive)?;
+    let out = run(
+        containerd
+            .ctr(&["image", "import", &archive.display().to_string()])
+            .as_mut(),
+        CALL_TIMEOUT,
+    )?;
+    if out.code != Some(0) {
+        fail("ctr image import failed", &out)?;
+    }
+
+    // The command runs in the guest: the pod kernel's release, not L1's.
+    let release = pod_kernel_release()?;
+    let host_release = crib_tests::host_tool("uname", &["-r"])?;
+    let out = run(
+        containerd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "shim-uname",
+                "uname",
+                "-r",
+            ])
+            .as_mut(),
+        RUN_TIMEOUT,
+    )?;
+    let guest_release = out.stdout.trim().to_owned();
+    if out.code != Some(0)
+        || !guest_release.starts_with(&release)
+        || guest_release == host_release.trim()
+    {
+        fail(
+            &format!("ctr run uname -r: wanted the pod kernel's {release}*, exit 0"),
+            &out,
+        )?;
+    }
+
+    // stdout and stderr apart, the exit code through ctr, the rootfs writable.
+    let out = run(
+        containerd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "shim-exit",
+                "sh",
+                "-c",
+                "echo hello > /tmp/f && cat /tmp/f && echo oops >&2 && exit 7",
+            ])
+            .as_mut(),
+        RUN_TIMEOUT,
+    )?;
+    if out.code != Some(7) || out.stdout.trim() != "hello" || !out.stderr.contains("oops") {
+        fail(
+            "ctr run sh -c '... exit 7': wanted hello, oops on stderr, exit 7",
+            &out,
+        )?;
+    }
+
+    // Bad input: runtime options crib does not know (ctr sends runtimeoptions.v1.Options
+    // for --runtime-config-path) are refused with the shim's message.
+    let out = run(
+        containerd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                "--runtime-config-path",
+                "/etc/crib-shim.toml",
+                IMAGE,
+                "shim-options",
+                "true",
+            ])
+            .as_mut(),
+        RUN_TIMEOUT,
+    )?;
+    if out.code == Some(0) || !out.stderr.contains("not supported by crib") {
+        fail(
+            "ctr run --runtime-config-path: wanted the shim's runtime options error",
+            &out,
+        )?;
+    }
+
+    // Nothing left: no crib, virtiofsd or shim process, no mount, no state directory.
+    let dir_text = dir.display().to_string();
+    let gone = eventually(Duration::from_secs(20), || {
+        processes_mentioning(&dir_text)
+            .iter()
+            .all(|p| p.contains("containerd --config"))
+            && processes_mentioning("containerd-shim-crib-v2").is_empty()
+    });
+    let leftovers: Vec<String> = processes_mentioning(&dir_text)
+        .into_iter()
+        .chain(processes_mentioning("containerd-shim-crib-v2"))
+        .filter(|p| !p.contains("containerd --config"))
+        .collect();
+    if !gone {
+        bail!("processes left after ctr run --rm: {leftovers:#?}");
+    }
+    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .filter(|l| l.contains(&dir_text))
+        .map(str::to_owned)
+        .collect();
+    anyhow::ensure!(mounts.is_empty(), "mounts left: {mounts:#?}");
+    let state: Vec<PathBuf> = std::fs::read_dir(containerd.shim_state())
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    anyhow::ensure!(state.is_empty(), "shim state left: {state:?}");
+    Ok(())
+}
