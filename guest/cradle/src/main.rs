@@ -227,7 +227,11 @@ fn boot(
         // After the processes: the server never delays them.
         vdocker::spawn_on_vsock(registry.clone());
         *pod = Some(registry.clone());
-        watch_power_button(button.as_ref(), Some(registry.clone()), command_running.clone());
+        watch_power_button(
+            button.as_ref(),
+            Some(registry.clone()),
+            command_running.clone(),
+        );
         if let PodEnd::Shutdown(grace) = registry.wait_for_end(spec.lifetime) {
             say!(
                 "shutdown requested; stopping processes (SIGKILL after {} s)",
