@@ -698,13 +698,7 @@ fn bench_first_log_line() -> Result<()> {
                 times.push(took.as_secs_f64() * 1000.0);
             }
         }
-        times.sort_by(f64::total_cmp);
-        report.push_str(&format!(
-            "{label:<28} median {:>7.1}  min {:>7.1}  max {:>7.1}\n",
-            times[times.len() / 2],
-            times[0],
-            times[times.len() - 1]
-        ));
+        report.push_str(&summary_line(label, times));
     }
     // Each part is printed as it is measured: a later part's failure keeps the earlier.
     println!("{report}");
@@ -855,15 +849,21 @@ fn docker_reference(store: &Store) -> Result<String> {
                 times.push(took.as_secs_f64() * 1000.0);
             }
         }
-        times.sort_by(f64::total_cmp);
-        report.push_str(&format!(
-            "{label:<28} median {:>7.1}  min {:>7.1}  max {:>7.1}\n",
-            times[times.len() / 2],
-            times[0],
-            times[times.len() - 1]
-        ));
+        report.push_str(&summary_line(label, times));
     }
     Ok(report)
+}
+
+/// One line of a timing report: median, min and max of `times` (ms).
+fn summary_line(label: &str, mut times: Vec<f64>) -> String {
+    times.sort_by(f64::total_cmp);
+    let (Some(min), Some(max)) = (times.first(), times.last()) else {
+        return format!("{label:<28} no runs\n");
+    };
+    format!(
+        "{label:<28} median {:>7.1}  min {min:>7.1}  max {max:>7.1}\n",
+        times[times.len() / 2]
+    )
 }
 
 /// `MemAvailable` of this machine (kB).

@@ -164,21 +164,25 @@ pub fn go_file_mode(st_mode: u32) -> u32 {
     mode
 }
 
+/// A failed stat of `path`: not found (404) or another error.
+fn stat_error(container: &str, path: &Path, source: io::Error) -> ArchiveError {
+    if source.kind() == io::ErrorKind::NotFound {
+        ArchiveError::NotFound {
+            container: container.to_owned(),
+            path: path.to_path_buf(),
+        }
+    } else {
+        ArchiveError::Stat {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// Stats `path` without following a final symlink.
 pub fn stat_path(container: &str, path: &Path) -> Result<(PathStat, Metadata), ArchiveError> {
-    let metadata = fs::symlink_metadata(path).map_err(|source| {
-        if source.kind() == io::ErrorKind::NotFound {
-            ArchiveError::NotFound {
-                container: container.to_owned(),
-                path: path.to_path_buf(),
-            }
-        } else {
-            ArchiveError::Stat {
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    })?;
+    let metadata =
+        fs::symlink_metadata(path).map_err(|source| stat_error(container, path, source))?;
     let link_target = if metadata.file_type().is_symlink() {
         fs::read_link(path)
             .map(|target| target.to_string_lossy().into_owned())
@@ -382,19 +386,7 @@ pub async fn put(
 
 /// Checks that `dir` is an existing directory to extract into.
 fn extraction_dir(container: &str, dir: &Path) -> Result<(), ArchiveError> {
-    let metadata = fs::metadata(dir).map_err(|source| {
-        if source.kind() == io::ErrorKind::NotFound {
-            ArchiveError::NotFound {
-                container: container.to_owned(),
-                path: dir.to_path_buf(),
-            }
-        } else {
-            ArchiveError::Stat {
-                path: dir.to_path_buf(),
-                source,
-            }
-        }
-    })?;
+    let metadata = fs::metadata(dir).map_err(|source| stat_error(container, dir, source))?;
     if !metadata.is_dir() {
         return Err(ArchiveError::NotADirectory {
             path: dir.to_path_buf(),
