@@ -201,10 +201,11 @@ fn build_crib() -> Result<(), String> {
             "--quiet",
             "-p",
             "vmm",
-            "--bin",
-            "crib",
             "-p",
             "crib-shim",
+            // Every binary of both (crib, containerd-shim-crib-v2): `--bin crib` would
+            // leave the shim's binary out.
+            "--bins",
         ])
         .current_dir(repo_root())
         .status()
