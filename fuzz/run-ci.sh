@@ -46,7 +46,8 @@ for target in $targets; do
     fi
     log="$work/$target.log"
     status=0
-    "$bin" "$corpus" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -len_control=0 \
+    # TMPDIR: a target's scratch files (layer_tar's unpack tree) go with $work.
+    TMPDIR="$work" "$bin" "$corpus" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -len_control=0 \
         -print_final_stats=1 -artifact_prefix="$work/$target.artifacts/" >"$log" 2>&1 || status=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     cov=$( (grep -Eo 'cov: [0-9]+' "$log" || true) | tail -1 | cut -d' ' -f2)

@@ -229,6 +229,21 @@ mod tests {
         dir
     }
 
+    /// A test's IPAM directory, removed when the test ends (pass or fail).
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            Self(temp_dir(name))
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     fn plan(v: serde_json::Value) -> NetPlan {
         NetPlan::from_json(Some(&v)).unwrap().unwrap()
     }
@@ -242,7 +257,8 @@ mod tests {
 
     #[test]
     fn first_lease_is_the_third_address_with_the_same_ipv6_host() {
-        let ipam = Ipam::new(&temp_dir("first"));
+        let scratch = Scratch::new("first");
+        let ipam = Ipam::new(&scratch.0);
         let s = allocate(&ipam, &plan(json!({})), "web").unwrap();
         assert_eq!(s.address.to_string(), "10.88.0.2");
         assert_eq!(s.gateway.to_string(), "10.88.0.1");
@@ -274,7 +290,8 @@ mod tests {
 
     #[test]
     fn stale_lease_is_reclaimed_and_its_address_reused() {
-        let ipam = Ipam::new(&temp_dir("stale"));
+        let scratch = Scratch::new("stale");
+        let ipam = Ipam::new(&scratch.0);
         let p = plan(json!({"ports": ["8080:80"]}));
         let dead = allocate(&ipam, &p, "dead").unwrap();
         let lock = ipam.lock().unwrap();
@@ -292,7 +309,8 @@ mod tests {
 
     #[test]
     fn published_port_of_a_live_pod_is_refused() {
-        let ipam = Ipam::new(&temp_dir("port"));
+        let scratch = Scratch::new("port");
+        let ipam = Ipam::new(&scratch.0);
         allocate(&ipam, &plan(json!({"ports": ["8080:80"]})), "a").unwrap();
         let err = allocate(
             &ipam,
@@ -311,7 +329,8 @@ mod tests {
 
     #[test]
     fn static_address_is_used_and_a_taken_one_refused() {
-        let ipam = Ipam::new(&temp_dir("static"));
+        let scratch = Scratch::new("static");
+        let ipam = Ipam::new(&scratch.0);
         let p = plan(json!({"address": "10.88.7.7"}));
         let s = allocate(&ipam, &p, "a").unwrap();
         assert_eq!(s.address.to_string(), "10.88.7.7");
@@ -330,7 +349,8 @@ mod tests {
 
     #[test]
     fn full_subnet_says_so() {
-        let ipam = Ipam::new(&temp_dir("full"));
+        let scratch = Scratch::new("full");
+        let ipam = Ipam::new(&scratch.0);
         let p = plan(json!({"subnet": "10.9.0.0/29", "subnet6": null}));
         for i in 0..5 {
             allocate(&ipam, &p, &format!("p{i}")).unwrap();

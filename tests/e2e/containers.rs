@@ -59,6 +59,12 @@ struct Store {
     dir: PathBuf,
 }
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Store {
     fn new(name: &str) -> Result<Self> {
         let dir =

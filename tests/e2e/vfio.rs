@@ -84,6 +84,7 @@ fn micro_kernel(name: &str) -> Result<PathBuf> {
 
 fn bad_address_is_refused() -> Result<()> {
     let kernel = micro_kernel("bad")?;
+    let _ = std::fs::remove_file(&kernel);
     let out = run_crib(
         &[
             "run",
@@ -104,6 +105,7 @@ fn bad_address_is_refused() -> Result<()> {
 
 fn missing_device_is_named() -> Result<()> {
     let kernel = micro_kernel("missing")?;
+    let _ = std::fs::remove_file(&kernel);
     let out = run_crib(
         &[
             "run",

@@ -88,6 +88,55 @@ pub struct Daemon {
     pub socket: PathBuf,
 }
 
+impl Drop for Daemon {
+    /// virtiofsd removes its socket when it ends, but not the `<socket>.pid` file it locks;
+    /// without this every VM with a `dir=` share left one behind in the temp dir.
+    fn drop(&mut self) {
+        remove_socket_files(&self.socket);
+    }
+}
+
+fn pid_file(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".pid");
+    PathBuf::from(name)
+}
+
+fn remove_socket_files(socket: &Path) {
+    let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(pid_file(socket));
+}
+
+/// The crib pid in a socket name `crib-<pid>-fs<index>-<tag>.sock[.pid]` made by [`create`].
+fn owner_pid(name: &str) -> Option<libc::pid_t> {
+    let rest = name.strip_prefix("crib-")?;
+    let (pid, rest) = rest.split_once('-')?;
+    if !rest.starts_with("fs") || !(name.ends_with(".sock") || name.ends_with(".sock.pid")) {
+        return None;
+    }
+    pid.parse().ok().filter(|&pid| pid > 0)
+}
+
+/// Removes the socket files of cribs that died without cleaning up (kill -9): their pid is
+/// gone. A live process with a reused pid keeps its files, which is only untidy.
+fn sweep_stale_sockets(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(owner_pid) else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the pid exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Starts virtiofsd for `dir` with its socket at `socket`; returns once the socket exists.
 fn start_virtiofsd(tag: &str, dir: &Path, socket: &Path) -> Result<Daemon, FsSetupError> {
     if !dir.is_dir() {
@@ -195,6 +244,7 @@ pub fn create(index: usize, fs: &FsConfig) -> Result<(Fs, Option<Daemon>), FsSet
     let (socket, daemon) = match (&fs.socket, &fs.dir) {
         (Some(socket), _) => (socket.clone(), None),
         (None, Some(dir)) => {
+            sweep_stale_sockets(&std::env::temp_dir());
             let socket = std::env::temp_dir().join(format!(
                 "crib-{}-fs{index}-{}.sock",
                 std::process::id(),
@@ -274,5 +324,41 @@ mod tests {
         });
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(gone, "virtiofsd still running after the frontend closed");
+        let socket = daemon.socket.clone();
+        drop(daemon);
+        assert!(!socket.exists() && !pid_file(&socket).exists());
+    }
+
+    #[test]
+    fn only_crib_socket_names_have_an_owner() {
+        assert_eq!(owner_pid("crib-42-fs0-gfs.sock"), Some(42));
+        assert_eq!(owner_pid("crib-42-fs7-root_fs.sock.pid"), Some(42));
+        for other in [
+            "crib-42-vsock.sock",
+            "crib-x-fs0-gfs.sock",
+            "crib-0-fs0-gfs.sock",
+            "crib-42-fs0-gfs.txt",
+            "other-42-fs0-gfs.sock",
+        ] {
+            assert_eq!(owner_pid(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn the_sweep_removes_files_of_dead_cribs_only() {
+        let dir = std::env::temp_dir().join(format!("crib-fs-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // pid_max is at most 2^22: this pid cannot exist.
+        let dead = dir.join("crib-99999999-fs0-gfs.sock.pid");
+        let live = dir.join(format!("crib-{}-fs0-gfs.sock.pid", std::process::id()));
+        let unrelated = dir.join("crib-99999999-notes.txt");
+        for file in [&dead, &live, &unrelated] {
+            std::fs::write(file, "1").unwrap();
+        }
+        sweep_stale_sockets(&dir);
+        let (dead_left, live_left, unrelated_left) =
+            (dead.exists(), live.exists(), unrelated.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!dead_left && live_left && unrelated_left);
     }
 }
