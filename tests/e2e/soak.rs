@@ -56,6 +56,10 @@ struct Footprint {
     mounts: usize,
     /// Lines of `ip -o link`.
     links: usize,
+    /// Chains in nftables' `inet crib` table (one per pod with a network, plus the base).
+    nft_chains: usize,
+    /// Address leases in the pod network's IPAM (`/run/crib/.net/leases`).
+    leases: usize,
     /// Directories under the run roots, and sockets left in them.
     run_dirs: usize,
     sockets: usize,
@@ -128,6 +132,18 @@ fn footprint(roots: &[PathBuf]) -> Result<Footprint> {
     )
     .context("cannot run ip -o link")?;
     let (run_dirs, sockets) = run_dirs_and_sockets(roots);
+    // No table yet (no pod had a network) counts as none.
+    let nft = run_with_timeout(
+        Command::new("nft").args(["list", "table", "inet", "crib"]),
+        Duration::from_secs(30),
+    )
+    .context("cannot run nft (scripts/install-deps.sh installs nftables)")?;
+    let nft_chains = String::from_utf8_lossy(&nft.stdout)
+        .lines()
+        .filter(|l| l.trim_start().starts_with("chain "))
+        .count();
+    // podnet's default IPAM directory, as root (the lab runs as root).
+    let leases = count_dir(Path::new("/run/crib/.net/leases"));
     Ok(Footprint {
         crib_processes: crib.len(),
         crib_fds: crib.iter().map(|(_, fds)| fds).sum(),
@@ -137,6 +153,8 @@ fn footprint(roots: &[PathBuf]) -> Result<Footprint> {
             .lines()
             .count(),
         links: String::from_utf8_lossy(&links.stdout).lines().count(),
+        nft_chains,
+        leases,
         run_dirs,
         sockets,
         mem_available_kib,
@@ -159,6 +177,8 @@ fn check_flat(phase: &str, before: &Footprint, after: &Footprint, run_dirs: usiz
         ("the test's open descriptors", before.own_fds, after.own_fds),
         ("mounts", before.mounts, after.mounts),
         ("network links", before.links, after.links),
+        ("nftables chains", before.nft_chains, after.nft_chains),
+        ("address leases", before.leases, after.leases),
     ] {
         if a != b {
             problems.push(format!("{what}: {b} before, {a} after"));
