@@ -370,7 +370,12 @@ fn api_conforms_to_docs_api_yaml() -> Result<()> {
                 .spawn()
                 .context("cannot start socat (scripts/install-deps.sh installs it)")?;
             std::thread::sleep(Duration::from_millis(300));
+            // Its cache (.schemathesis/) goes in a scratch dir, not the checkout.
+            let scratch =
+                std::env::temp_dir().join(format!("crib-e2e-{}-schemathesis", std::process::id()));
+            std::fs::create_dir_all(&scratch)?;
             let run = std::process::Command::new(&schemathesis)
+                .current_dir(&scratch)
                 .arg("run")
                 .arg(crib_tests::repo_root().join("docs/api.yaml"))
                 .args(["--url", &format!("http://127.0.0.1:{port}")])
@@ -383,6 +388,7 @@ fn api_conforms_to_docs_api_yaml() -> Result<()> {
                 .output();
             let _ = bridge.kill();
             let _ = bridge.wait();
+            let _ = std::fs::remove_dir_all(&scratch);
             let run = run.context("cannot run schemathesis")?;
             let report = String::from_utf8_lossy(&run.stdout);
             if !run.status.success() {

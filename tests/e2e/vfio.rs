@@ -84,7 +84,6 @@ fn micro_kernel(name: &str) -> Result<PathBuf> {
 
 fn bad_address_is_refused() -> Result<()> {
     let kernel = micro_kernel("bad")?;
-    let _ = std::fs::remove_file(&kernel);
     let out = run_crib(
         &[
             "run",
@@ -95,6 +94,7 @@ fn bad_address_is_refused() -> Result<()> {
         ],
         Duration::from_secs(30),
     )?;
+    let _ = std::fs::remove_file(&kernel);
     out.check(out.code == Some(1) || out.code == Some(2), "crib fails")?;
     out.check(
         out.stderr
@@ -105,7 +105,6 @@ fn bad_address_is_refused() -> Result<()> {
 
 fn missing_device_is_named() -> Result<()> {
     let kernel = micro_kernel("missing")?;
-    let _ = std::fs::remove_file(&kernel);
     let out = run_crib(
         &[
             "run",
@@ -116,6 +115,7 @@ fn missing_device_is_named() -> Result<()> {
         ],
         Duration::from_secs(30),
     )?;
+    let _ = std::fs::remove_file(&kernel);
     out.check(out.code != Some(0), "crib fails")?;
     out.check(
         out.stderr

@@ -10,6 +10,7 @@
 //! atomics, changes go to the VMM's event loop as a [`Request`] over a channel plus an
 //! eventfd, and the reply comes back the same way (see `control.rs`).
 
+mod head;
 pub mod server;
 
 use std::time::Duration;

@@ -7,7 +7,9 @@
 //! or a TCP-only listener for Unix sockets; a hand-written parser would be one more
 //! guest-independent but still hostile-input surface to maintain.
 //!
-//! Limits against bad clients: a request head must arrive within
+//! A request head is checked first ([`head`]), so a malformed or oversized one gets the
+//! JSON error body hyper's own parse errors lack. Limits against bad clients: a request
+//! head must arrive within
 //! [`HEADER_TIMEOUT`], a body within [`BODY_TIMEOUT`] and be at most
 //! [`MAX_BODY_BYTES`]; at most [`MAX_CONNECTIONS`] connections are served at once (more
 //! are closed on accept). Handlers run in `spawn_blocking` because a change waits for
@@ -31,7 +33,7 @@ use serde_json::Value;
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
-use super::{handle, route, ApiError, Reply, VmmHandle, MAX_BODY_BYTES};
+use super::{handle, head, route, ApiError, Reply, VmmHandle, MAX_BODY_BYTES};
 use crate::seccomp;
 
 /// Time a client has to send a request head.
@@ -130,7 +132,11 @@ fn serve(listener: StdUnixListener, vmm: Arc<dyn VmmHandle>) {
             };
             let vmm = vmm.clone();
             tokio::spawn(async move {
-                serve_connection(TokioIo::new(stream), vmm).await;
+                let mut stream = stream;
+                if let Some(read) = head::read(&mut stream, HEADER_TIMEOUT).await {
+                    let io = head::Replay::new(read, stream);
+                    serve_connection(TokioIo::new(io), vmm).await;
+                }
                 drop(slot);
             });
         }
@@ -424,6 +430,39 @@ mod tests {
 
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
         drop(idle);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// What hyper would answer with a bare status line gets the JSON body too.
+    #[test]
+    fn malformed_heads_get_json_errors_over_the_socket() {
+        let (path, _vmm) = start_fake("head");
+        for (raw, status) in [
+            (&b"GARBAGE\r\n\r\n"[..], "400"),
+            (
+                b"PUT /api/v1/vm/pause HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+                "400",
+            ),
+        ] {
+            let mut stream = UnixStream::connect(&path).unwrap();
+            stream.write_all(raw).unwrap();
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).unwrap();
+            assert!(reply.starts_with(&format!("HTTP/1.1 {status}")), "{reply}");
+            let body = reply.split_once("\r\n\r\n").unwrap().1;
+            let value: Value = serde_json::from_str(body).unwrap();
+            assert!(value["error"].is_string(), "{reply}");
+        }
+        // A head cut off mid-way is answered once the header timeout passes.
+        let mut stream = UnixStream::connect(&path).unwrap();
+        stream.write_all(b"GET /api/v1/vm HTTP/1.1\r\nHo").unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+        assert!(reply.contains(r#"{"error":"#), "{reply}");
+        // The server still serves well-formed requests afterwards.
+        let reply = exchange(&path, "GET", "/api/v1/vm", "");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
         let _ = std::fs::remove_file(&path);
     }
 }
