@@ -475,7 +475,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
     let ranges: Vec<_> = boot::memory_map::ram_ranges(config.memory_bytes);
     // virtio-fs is the only vhost-user device: its daemon maps guest RAM.
     let backing = memory::RamBacking::for_vm(config.fs.len());
-    let mem = memory::create_guest_memory(&ranges, backing).map_err(VmmError::Memory)?;
+    let (mem, backing) = memory::create_guest_memory(&ranges, backing).map_err(VmmError::Memory)?;
     match memory::check_huge_pages(backing) {
         Ok(huge) => tracing::info!("guest RAM: {backing:?}, huge pages: {huge}"),
         Err(why) => {

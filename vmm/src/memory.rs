@@ -4,9 +4,12 @@
 //!   `MADV_HUGEPAGE`) when nothing outside crib maps guest RAM. A stock host (Debian:
 //!   THP `enabled` = `madvise`) gives it transparent huge pages, as it does QEMU's and
 //!   Cloud Hypervisor's default RAM. VFIO pins and DMA-maps it like any other memory.
-//! - **A shared memfd** when a vhost-user daemon (virtiofsd) must map the same pages. It
-//!   gets huge pages only where the host allows shmem THP (`shmem_enabled` = `advise`);
-//!   Debian's default is `never`, and crib then logs one warning naming the fix.
+//! - **Shared memory** when a vhost-user daemon (virtiofsd) must map the same pages: a
+//!   memfd where the host allows shmem THP (`shmem_enabled` = `advise`); otherwise (Debian's
+//!   default is `never`) a file on a tmpfs of crib's own mounted with `huge=always`, which
+//!   gets huge pages whatever `shmem_enabled` says (see [`huge_tmpfs_file`]). That needs
+//!   CAP_SYS_ADMIN; without it crib falls back to the memfd and logs one warning naming
+//!   the fix.
 //!
 //! Regions follow the boot layout (below the MMIO hole, then above 4 GiB).
 
@@ -24,6 +27,8 @@ pub type GuestMemory = GuestMemoryMmap;
 const HUGE_PAGE_BYTES: usize = 2 << 20;
 const THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
 const THP_SHMEM_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+/// Overrides the backing, for benchmarks (see [`RamBacking::for_vm`]).
+const RAM_BACKING_ENV: &str = "CRIB_RAM_BACKING";
 
 /// Errors while creating guest RAM.
 #[derive(Debug, thiserror::Error)]
@@ -63,17 +68,20 @@ pub enum RamBacking {
     Anonymous,
     /// A memfd mapped shared, for vhost-user daemons.
     SharedMemfd,
+    /// A file on crib's own `huge=always` tmpfs, mapped shared, for vhost-user daemons.
+    SharedHugeTmpfs,
 }
 
 impl RamBacking {
     /// The backing a VM needs: shared when a vhost-user device must map guest RAM.
-    /// `CRIB_RAM_BACKING=shared` forces the memfd (to compare the two in benchmarks).
+    /// [`create_guest_memory`] picks the shared kind. For benchmarks,
+    /// `CRIB_RAM_BACKING=shared` forces shared memory, `memfd` the plain memfd.
     pub fn for_vm(vhost_user_devices: usize) -> Self {
-        let forced = std::env::var("CRIB_RAM_BACKING").is_ok_and(|v| v == "shared");
-        if vhost_user_devices > 0 || forced {
-            Self::SharedMemfd
-        } else {
-            Self::Anonymous
+        match std::env::var(RAM_BACKING_ENV).as_deref() {
+            Ok("memfd") => Self::SharedMemfd,
+            Ok("shared") => Self::SharedHugeTmpfs,
+            _ if vhost_user_devices > 0 => Self::SharedHugeTmpfs,
+            _ => Self::Anonymous,
         }
     }
 }
@@ -100,6 +108,7 @@ pub fn check_huge_pages(backing: RamBacking) -> Result<String, String> {
     let (path, fix) = match backing {
         RamBacking::Anonymous => (THP_ENABLED, "madvise"),
         RamBacking::SharedMemfd => (THP_SHMEM_ENABLED, "advise"),
+        RamBacking::SharedHugeTmpfs => return Ok("THP (crib's huge=always tmpfs)".into()),
     };
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok("unknown".into());
@@ -110,7 +119,8 @@ pub fn check_huge_pages(backing: RamBacking) -> Result<String, String> {
             "{path} is '{policy}', so guest RAM ({backing:?}) gets 4 KiB pages and every \
              first touch of a guest page is a second-level fault; fix: echo {fix} > {path}{}",
             if backing == RamBacking::SharedMemfd {
-                " (shared RAM is needed only while a virtio-fs share is attached)"
+                " (shared RAM is needed only while a virtio-fs share is attached; run crib as \
+                 root, or with CAP_SYS_ADMIN, and it uses a huge-page tmpfs of its own instead)"
             } else {
                 ""
             }
@@ -149,6 +159,55 @@ fn create_memfd(bytes: u64) -> Result<File, MemoryError> {
     file.set_len(bytes)
         .map_err(|source| MemoryError::Truncate { bytes, source })?;
     Ok(file)
+}
+
+/// A file of `bytes` on a tmpfs of crib's own, mounted with `huge=always,size=bytes`.
+///
+/// Why: `shmem_enabled` (Debian: `never`) governs memfds and the kernel's internal shm
+/// mount, not tmpfs mounts, whose `huge=` option only `deny`/`force` override. The tmpfs
+/// is made with the new mount API (rustix's `fsopen`/`fsmount`) and never attached: it has
+/// no path, appears in no mount table, and goes away with the file, so nothing is left
+/// behind, whatever ends crib. Needs CAP_SYS_ADMIN (fails with EPERM otherwise).
+fn huge_tmpfs_file(bytes: u64) -> std::io::Result<File> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_string, fsmount, fsopen, FsMountFlags, FsOpenFlags,
+        MountAttrFlags,
+    };
+    let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_set_string(&fs, "huge", "always")?;
+    fsconfig_set_string(&fs, "size", bytes.to_string().as_str())?;
+    fsconfig_set_string(&fs, "mode", "0700")?;
+    fsconfig_create(&fs)?;
+    let mount = fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_NOSUID
+            | MountAttrFlags::MOUNT_ATTR_NODEV
+            | MountAttrFlags::MOUNT_ATTR_NOEXEC,
+    )?;
+    let fd = rustix::fs::openat(
+        &mount,
+        ".",
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    let file = File::from(fd);
+    file.set_len(bytes)?;
+    Ok(file)
+}
+
+/// The shared file for `wanted`, and the backing it really is: crib's huge tmpfs unless
+/// the host gives memfds huge pages anyway (or the tmpfs cannot be made), else the memfd.
+fn create_shared_file(bytes: u64, wanted: RamBacking) -> Result<(File, RamBacking), MemoryError> {
+    let memfd_gets_thp = check_huge_pages(RamBacking::SharedMemfd).is_ok_and(|p| p != "unknown");
+    if wanted == RamBacking::SharedHugeTmpfs && !memfd_gets_thp {
+        match huge_tmpfs_file(bytes) {
+            Ok(file) => return Ok((file, RamBacking::SharedHugeTmpfs)),
+            Err(e) => tracing::debug!("guest RAM: no huge-page tmpfs ({e}); using a memfd"),
+        }
+    }
+    Ok((create_memfd(bytes)?, RamBacking::SharedMemfd))
 }
 
 /// Maps `len` bytes of private anonymous memory at a 2 MiB-aligned address.
@@ -210,16 +269,20 @@ fn map_anonymous_aligned(addr: GuestAddress, len: usize) -> Result<MmapRegion, M
     })
 }
 
-/// Creates guest RAM for `ranges` with `backing`: for [`RamBacking::SharedMemfd`] one
-/// memfd at consecutive offsets.
+/// Creates guest RAM for `ranges` with `backing`: for the shared kinds one file at
+/// consecutive offsets. Returns the backing it got (a shared one may fall back to the
+/// memfd).
 pub fn create_guest_memory(
     ranges: &[(GuestAddress, u64)],
     backing: RamBacking,
-) -> Result<GuestMemory, MemoryError> {
+) -> Result<(GuestMemory, RamBacking), MemoryError> {
     let total: u64 = ranges.iter().map(|(_, len)| len).sum();
-    let file = match backing {
-        RamBacking::SharedMemfd => Some(create_memfd(total)?),
-        RamBacking::Anonymous => None,
+    let (file, backing) = match backing {
+        RamBacking::Anonymous => (None, backing),
+        shared => {
+            let (file, got) = create_shared_file(total, shared)?;
+            (Some(file), got)
+        }
     };
     let mut offset = 0u64;
     let mut regions = Vec::with_capacity(ranges.len());
@@ -248,7 +311,8 @@ pub fn create_guest_memory(
             .push(GuestRegionMmap::new(mapping, addr).ok_or(MemoryError::Region { addr: addr.0 })?);
         offset += bytes;
     }
-    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)
+    let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?;
+    Ok((memory, backing))
 }
 
 #[cfg(test)]
@@ -259,14 +323,24 @@ mod tests {
 
     #[test]
     fn regions_follow_ranges_and_are_shared_file_mappings() {
-        let mem = create_guest_memory(
+        for wanted in [RamBacking::SharedMemfd, RamBacking::SharedHugeTmpfs] {
+            shared_regions_follow_ranges(wanted);
+        }
+    }
+
+    fn shared_regions_follow_ranges(wanted: RamBacking) {
+        let (mem, got) = create_guest_memory(
             &[
                 (GuestAddress(0), 0x10_0000),
                 (GuestAddress(0x1000_0000), 0x2000),
             ],
-            RamBacking::SharedMemfd,
+            wanted,
         )
         .unwrap();
+        assert_ne!(got, RamBacking::Anonymous);
+        if wanted == RamBacking::SharedMemfd {
+            assert_eq!(got, RamBacking::SharedMemfd);
+        }
         assert_eq!(mem.num_regions(), 2);
         let high = mem.find_region(GuestAddress(0x1000_0000)).unwrap();
         assert_eq!(high.len(), 0x2000);
@@ -281,7 +355,7 @@ mod tests {
 
     #[test]
     fn anonymous_backing_is_huge_page_aligned_and_has_no_file() {
-        let mem = create_guest_memory(
+        let (mem, got) = create_guest_memory(
             &[
                 (GuestAddress(0), 0x40_0000),
                 (GuestAddress(0x1000_0000), 0x2000),
@@ -289,6 +363,7 @@ mod tests {
             RamBacking::Anonymous,
         )
         .unwrap();
+        assert_eq!(got, RamBacking::Anonymous);
         let low = mem.find_region(GuestAddress(0)).unwrap();
         assert!(low.file_offset().is_none());
         assert_eq!(
@@ -305,7 +380,28 @@ mod tests {
 
     #[test]
     fn backing_with_vhost_user_device_is_shared() {
-        assert_eq!(RamBacking::for_vm(1), RamBacking::SharedMemfd);
+        assert_eq!(RamBacking::for_vm(1), RamBacking::SharedHugeTmpfs);
+    }
+
+    /// As root: a file on a tmpfs that is mounted nowhere, sized, readable and writable.
+    #[test]
+    fn huge_tmpfs_file_is_on_a_tmpfs_attached_nowhere() {
+        if rustix::process::geteuid().as_raw() != 0 {
+            eprintln!("skipped: needs CAP_SYS_ADMIN");
+            return;
+        }
+        let mounts = || std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let before = mounts();
+        let file = huge_tmpfs_file(4 << 20).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 4 << 20);
+        let fs = rustix::fs::fstatfs(&file).unwrap();
+        assert_eq!(fs.f_type as u64, 0x0102_1994, "TMPFS_MAGIC");
+        assert_eq!(mounts(), before, "the tmpfs is attached nowhere");
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(b"crib", (4 << 20) - 4).unwrap();
+        let mut back = [0u8; 4];
+        file.read_exact_at(&mut back, (4 << 20) - 4).unwrap();
+        assert_eq!(&back, b"crib");
     }
 
     #[test]
