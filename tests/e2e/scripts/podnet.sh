@@ -87,6 +87,7 @@ try() { n=0; while [ $n -lt 60 ]; do r=$(timeout 10 wget -q -O - "$2" 2>/dev/nul
 web_client="$client"'try POD-TO-HOST http://10.88.0.1:9000/
 try POD-TO-REMOTE http://10.200.0.2:9000/
 try POD6-TO-HOST http://[fd63:7269:6200::1]:9000/
+try HAIRPIN http://10.201.0.1:8080/
 echo "DNS $(nslookup example.test 2>&1 | tr "\n" " ")"
 echo "RESOLV $(tr "\n" " " < /etc/resolv.conf)"
 echo "HOSTS $(tr "\n" " " < /etc/hosts)"
@@ -95,6 +96,7 @@ echo "HOSTNAME $(hostname)"
 echo CLIENT-DONE
 while true; do sleep 10; done'
 peer_client="$client"'try PEER http://10.88.0.50/
+try PEER-PUBLISHED http://10.88.0.1:8080/
 while true; do sleep 10; done'
 json() { busybox awk 'BEGIN{s=ARGV[1]; gsub(/\\/,"\\\\",s); gsub(/"/,"\\\"",s); gsub(/\n/,"\\n",s); print "\"" s "\""}' "$1"; }
 launch web '{"pod": {"name": "web", "lifetime": "until-shutdown", "processes": [
@@ -109,7 +111,7 @@ launch peer '{"pod": {"name": "peer", "lifetime": "until-shutdown", "processes":
 if wait_listed web 180 && wait_listed peer 180; then pass "two pods run"; else fail "two pods run" "$(cat "$work"/web.out "$work"/peer.out)"; fi
 say "waiting for web's client"
 wait_console "$root/web/console.log" 240 CLIENT-DONE || fail "web client finished" "no CLIENT-DONE"
-wait_console "$root/peer/console.log" 120 "PEER " || true
+wait_console "$root/peer/console.log" 120 "PEER-PUBLISHED " || true
 console=$(tr -d '\r' < "$root/web/console.log")
 peer_console=$(tr -d '\r' < "$root/peer/console.log")
 con() { printf '%s\n' "$console"; }
@@ -134,6 +136,8 @@ check "hosts lists the pod and its processes" "10.88.0.50	web httpd client" con
 check "MTU from the launch file" "MTU 1400" con
 check "hostname is the pod's name" "HOSTNAME web" con
 check "pod -> pod by address" "PEER hello-from-web" printf '%s\n' "$peer_console"
+check "pod -> its own published port (hairpin)" "HAIRPIN hello-from-web" con
+check "pod -> another pod's published port" "PEER-PUBLISHED hello-from-web" printf '%s\n' "$peer_console"
 echo '{"pod": {"name": "thief"}, "network": {"ports": ["8080:81"]}}' > "$work/thief.json"
 check "the published port of a running pod is refused" "already published by pod web" \
   "$CRIB" pod run "$work/thief.json" --run-root "$root"
