@@ -93,6 +93,24 @@ fn teardown(lock: &IpamLock, net_dir: &Path, state: &PodNetState) {
     teardown_links(state);
     if state.dhcp {
         dhcp::remove(lock, net_dir, state);
+        remove_vm_dir(net_dir, state);
+    }
+}
+
+/// A VM's (`crib run --net pod`) run directory is `<net dir>/vm-<id>`, holding only its
+/// owner lock: it goes with the network, also when the sweep tears down after a crib and
+/// its keeper were both killed. Never anything outside the IPAM's directory.
+fn remove_vm_dir(net_dir: &Path, state: &PodNetState) {
+    let is_vm_dir = state.run_dir.parent() == Some(net_dir)
+        && state
+            .run_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("vm-"));
+    if is_vm_dir {
+        let _ = std::fs::remove_file(state.run_dir.join(OWNER_LOCK_FILE));
+        // Only if empty: whatever else is there was not put there by crib.
+        let _ = std::fs::remove_dir(&state.run_dir);
     }
 }
 

@@ -98,9 +98,11 @@ fn tap_ping_tcp_and_throughput() -> Result<()> {
     // The guest sends its bulk data here once the host's bulk data has arrived.
     let sink = TcpListener::bind(format!("{HOST_IP}:5002"))?;
     let blocks = BULK_BYTES / 65536;
+    // One echo reply proves the path: the first request may be lost while eth0 and ARP
+    // come up (busybox ping then exits 1 with "33% packet loss").
     let command = format!(
         "ip addr add {GUEST_IP}/24 dev eth0; ip link set eth0 up; \
-         ping -c 3 -w 30 {HOST_IP} && echo guest-ping-ok; \
+         ping -c 3 -w 30 {HOST_IP} | grep -q 'bytes from' && echo guest-ping-ok; \
          echo hello-from-guest | nc -l -p 8080; \
          nc -l -p 5001 > /dev/null; echo guest-sink-done; \
          dd if=/dev/zero bs=65536 count={blocks} 2>/dev/null | nc {HOST_IP} 5002; \

@@ -136,6 +136,15 @@ kill -9 $vm2
 gone "the last VM gone: its DHCP server stops" pgrep -f "dnsmasq .*$CRIB_NET_DIR"
 gone "the last VM gone: no DHCP directory" test -e "$CRIB_NET_DIR/dhcp-crib0"
 gone "the last VM gone: no VM directory" sh -c "ls -d $CRIB_NET_DIR/vm-* 2>/dev/null | grep -q ."
+"$CRIB" run --kernel "$work/kernel" --id vm3 --console off --net pod > "$work/vm3.out" 2>&1 &
+vm3=$!
+for _ in $(seq 50); do grep -q 'network:' "$work/vm3.out" && break; sleep 0.1; done
+kill -9 $(pgrep -P $vm3) $vm3
+sleep 0.3
+check "kill -9 of crib run and its keeper leaves its VM directory" "lock" ls "$CRIB_NET_DIR/vm-vm3"
+check "crib pod net-sweep removes the VM's network" "vm3" "$CRIB" pod net-sweep
+gone "the sweep removes the VM directory" test -e "$CRIB_NET_DIR/vm-vm3"
+gone "the sweep stops the DHCP server" pgrep -f "dnsmasq .*$CRIB_NET_DIR"
 kill $client 2>/dev/null
 taps=$(ip -o link | grep -c ': crib[0-9a-f]\{8\}')
 chains=$(nft list table inet crib | grep -c 'chain pod-')

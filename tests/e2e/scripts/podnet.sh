@@ -174,16 +174,22 @@ for pid in "${pids[@]}"; do
 done
 
 # --- nothing left ----------------------------------------------------------------
-sleep 1
-# Only this test's pods: other tests may run pods meanwhile.
-taps=0
-for tap in "$web_tap" $(cat "$root"/p*/info.json | sed -n 's/.*"tap": "\([^"]*\)".*/\1/p'); do
-  ip link show "$tap" >/dev/null 2>&1 && taps=$((taps + 1))
-done
-chains=$(nft list table inet crib | grep -cE 'chain pod-(web|peer|p[0-9])-[0-9a-f]{8} ')
-elements=$(nft list map inet crib ports | grep -c 'tcp . 8080')
-leases=$(grep -l "$root" "$netdir"/leases/*.json 2>/dev/null | wc -l)
-if [[ $taps == 0 && $chains == 0 && $elements == 0 && $leases == 0 ]]; then pass "teardown leaves no tap, rule or lease"
+# Each pod's keeper tears its network down once its crib has exited, one after another
+# under the IPAM lock, each running `nft` and `ip`: slow in a loaded lab, so wait for it.
+# Only this test's pods count: other tests may run pods meanwhile.
+leftovers() {
+  taps=0
+  for tap in "$web_tap" $(cat "$root"/p*/info.json | sed -n 's/.*"tap": "\([^"]*\)".*/\1/p'); do
+    [[ -n $tap ]] && ip link show "$tap" >/dev/null 2>&1 && taps=$((taps + 1))
+  done
+  chains=$(nft list table inet crib | grep -cE 'chain pod-(web|peer|p[0-9])-[0-9a-f]{8} ')
+  elements=$(nft list map inet crib ports | grep -c 'tcp . 8080')
+  leases=$(grep -l "$root" "$netdir"/leases/*.json 2>/dev/null | wc -l)
+  [[ $taps == 0 && $chains == 0 && $elements == 0 && $leases == 0 ]]
+}
+waited=0
+until leftovers || ((waited >= 60)); do sleep 1; waited=$((waited + 1)); done
+if leftovers; then pass "teardown leaves no tap, rule or lease (after ${waited} s)"
 else fail "teardown leaves no tap, rule or lease" "taps $taps chains $chains elements $elements leases $leases: $(ip -o link; nft list table inet crib; ls "$netdir"/leases)"; fi
 
 if [[ $failed != 0 ]]; then
