@@ -613,8 +613,15 @@ pub fn confine(c: &Confinement) -> Result<(), JailError> {
     }
     clear_capabilities()?;
     // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(last_os_error("prctl(PR_SET_NO_NEW_PRIVS)"));
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(last_os_error("prctl(PR_SET_NO_NEW_PRIVS)"));
+        }
+        // The uid change cleared the parent-death signal [`supervise`] set: set it again,
+        // or a supervisor killed with -9 would leave the VM running, unsupervised.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(last_os_error("prctl(PR_SET_PDEATHSIG)"));
+        }
     }
     let (effective, permitted) = capabilities()?;
     // SAFETY: getuid/getgid cannot fail and touch no memory.
