@@ -27,6 +27,7 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             "linux_pod_launcher_sigterm_shuts_the_pod_down",
             sigterm_shuts_the_pod_down,
         ),
+        ("linux_pod_jail_confines_the_vmm", jail_confines_the_vmm),
     ]
 }
 
@@ -283,6 +284,312 @@ fn sigterm_shuts_the_pod_down() -> Result<()> {
         "crib logs the graceful shutdown",
     )?;
     check_graceful(&out, &console)?;
+    std::fs::remove_dir_all(&scratch.dir)?;
+    Ok(())
+}
+
+/// The jail's uid and gid in [`jail_confines_the_vmm`].
+const JAIL_ID: u32 = 100_000;
+
+/// The pid of `parent`'s child in a PID namespace of its own (the jailed VMM under `crib
+/// pod run`; its other child, the network keeper, is in the host's).
+fn jailed_child_of(parent: u32) -> Result<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let name = entry?.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let nested = status_field(&status, "NSpid").is_some_and(|n| n.contains(' '));
+        if status_field(&status, "PPid") == Some(parent.to_string()) && nested {
+            children.push(pid);
+        }
+    }
+    match children.as_slice() {
+        [pid] => Ok(*pid),
+        other => bail!(
+            "crib pod run (pid {parent}) has children {other:?} in a PID namespace of their own, not one"
+        ),
+    }
+}
+
+/// A process killed (and reaped) when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `/proc/PID/status` field's value, tabs turned into spaces.
+fn status_field(status: &str, name: &str) -> Option<String> {
+    status.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+    })
+}
+
+/// Every path under `dir` (relative, without descending into `skip`).
+fn walk(dir: &Path, base: &Path, skip: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        let relative = path.strip_prefix(base)?.to_path_buf();
+        let is_dir = std::fs::symlink_metadata(&path)?.is_dir();
+        out.push(relative.clone());
+        if is_dir && relative != skip {
+            walk(&path, base, skip, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// The jailed VMM's checks from the host while it runs: ids and capabilities of every
+/// thread, namespaces, the root's contents, the cgroup.
+fn check_jailed(run_dir: &Path, cgroup: &Path) -> Result<u32> {
+    let supervisor = pod_pid(run_dir)?;
+    let vmm = jailed_child_of(supervisor)?;
+    let ids = format!("{JAIL_ID} {JAIL_ID} {JAIL_ID} {JAIL_ID}");
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{vmm}/task"))? {
+        let task = task?.path();
+        let status = std::fs::read_to_string(task.join("status"))?;
+        let field = |name| status_field(&status, name).unwrap_or_default();
+        for (name, want) in [
+            ("Uid", ids.as_str()),
+            ("Gid", ids.as_str()),
+            ("Groups", ""),
+            ("CapInh", "0000000000000000"),
+            ("CapPrm", "0000000000000000"),
+            ("CapEff", "0000000000000000"),
+            ("CapBnd", "0000000000000000"),
+            ("CapAmb", "0000000000000000"),
+            ("NoNewPrivs", "1"),
+        ] {
+            anyhow::ensure!(
+                field(name) == want,
+                "thread {} of the VMM: {name} is {:?}, not {want:?}",
+                task.display(),
+                field(name)
+            );
+        }
+        threads += 1;
+    }
+    // vCPUs (2), the API, the docker proxy, device workers: checked them all.
+    anyhow::ensure!(threads >= 4, "the VMM has only {threads} threads");
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status"))?;
+    let nspid = status_field(&status, "NSpid").unwrap_or_default();
+    anyhow::ensure!(
+        nspid == format!("{vmm} 1"),
+        "the VMM is PID 1 of its own PID namespace: NSpid {nspid:?}"
+    );
+    for ns in ["mnt", "pid", "ipc"] {
+        let own = std::fs::read_link(format!("/proc/self/ns/{ns}"))?;
+        let its = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}"))?;
+        anyhow::ensure!(own != its, "the VMM shares the {ns} namespace {own:?}");
+    }
+    // The root: the run directory at its host path, /dev/null, nothing else.
+    let root = PathBuf::from(format!("/proc/{vmm}/root"));
+    let run_relative = run_dir.strip_prefix("/")?;
+    let mut paths = Vec::new();
+    walk(&root, &root, run_relative, &mut paths)?;
+    let unexpected: Vec<_> = paths
+        .iter()
+        .filter(|p| {
+            !(run_relative.starts_with(p) || p.starts_with(run_relative))
+                && p.as_path() != Path::new("dev")
+                && p.as_path() != Path::new("dev/null")
+        })
+        .collect();
+    anyhow::ensure!(
+        unexpected.is_empty(),
+        "the jail root holds more than the run directory and /dev/null: {unexpected:?} (all: {paths:?})"
+    );
+    anyhow::ensure!(
+        root.join(run_relative).join("api.sock").exists() && root.join("dev/null").exists(),
+        "the jail root lacks the run directory's api.sock or /dev/null: {paths:?}"
+    );
+    // The cgroup: the limits, the VMM in it.
+    let read = |name: &str| std::fs::read_to_string(cgroup.join(name)).unwrap_or_default();
+    anyhow::ensure!(
+        read("cpu.max").trim() == "200000 100000",
+        "cpu.max is {:?}",
+        read("cpu.max")
+    );
+    let memory_max = (256u64 << 20) + (192 << 20);
+    anyhow::ensure!(
+        read("memory.max").trim() == memory_max.to_string(),
+        "memory.max is {:?}, not guest RAM + 192 MiB",
+        read("memory.max")
+    );
+    anyhow::ensure!(
+        read("cgroup.procs")
+            .lines()
+            .any(|l| l.trim() == vmm.to_string()),
+        "the cgroup's procs {:?} lack the VMM {vmm}",
+        read("cgroup.procs")
+    );
+    Ok(vmm)
+}
+
+/// A jailed pod (docs/JAIL.md) boots, runs its process and answers docker; its VMM runs
+/// as the jail's ids with no capabilities in every thread, PID 1 of its own PID namespace,
+/// in its own mount and IPC namespaces whose root holds only the run directory and
+/// /dev/null, in a cgroup with its limits (a stale cgroup of the pod is removed first);
+/// it dies with `crib pod run` killed with -9, and the next run removes the cgroup left;
+/// nothing is left after a pod stopped gracefully. Refused configurations say why.
+fn jail_confines_the_vmm() -> Result<()> {
+    GuestArtifacts::pod()?;
+    let name = "jw";
+    let launch = |jail: &str| {
+        format!(
+            r#"{{"pod": {}, "cpus": 2, "memory": "256M", "jail": {jail}}}"#,
+            pod_spec(name)
+        )
+    };
+    // Refused: uid 0, and a crib that is not root.
+    let refused = Scratch::new("jail-refused", &launch(r#"{"uid": 0, "gid": 100000}"#))?;
+    let out = run_crib(&refused.run_args(), CALL_TIMEOUT)?;
+    out.check(
+        out.code == Some(1) && out.stderr.contains("field jail.uid: is 0 (root)"),
+        "a jail with uid 0 is refused naming the field",
+    )?;
+    std::fs::write(&refused.launch, launch(r#"{"uid": 100000, "gid": 100000}"#))?;
+    for dir in [&refused.dir, &refused.launch] {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let not_root = run_with_timeout(
+        Command::new("setpriv")
+            .args(["--reuid=100001", "--regid=100001", "--clear-groups", "--"])
+            .arg(crib_bin())
+            .args(["pod", "run"])
+            .arg(&refused.launch)
+            .args(["--run-root", "/tmp/crib-jail-not-root"]),
+        CALL_TIMEOUT,
+    )?;
+    let stderr = String::from_utf8_lossy(&not_root.stderr);
+    anyhow::ensure!(
+        not_root.status.code() == Some(1) && stderr.contains("the jail needs root"),
+        "a jailed pod run by a non-root crib is refused: {:?}\n{stderr}",
+        not_root.status
+    );
+    std::fs::remove_dir_all(&refused.dir)?;
+    eprintln!("jail test: the refused configurations are refused");
+
+    let scratch = Scratch::new("jail", &launch(r#"{"uid": 100000, "gid": 100000}"#))?;
+    let run_dir = scratch.root.join(name);
+    let cgroup = PathBuf::from("/sys/fs/cgroup/crib").join(name);
+    // A stale cgroup of the pod with a process in it, as a crib killed with -9 leaves.
+    std::fs::create_dir_all(&cgroup)?;
+    let mut stale = KillOnDrop(
+        Command::new("sleep")
+            .arg("600")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    std::fs::write(cgroup.join("cgroup.procs"), stale.0.id().to_string())?;
+    eprintln!(
+        "jail test: a stale cgroup {} holds pid {}",
+        cgroup.display(),
+        stale.0.id()
+    );
+    let root = scratch.root_arg();
+    // Run 1: the stale cgroup goes, the VMM is jailed, and dies with its supervisor
+    // killed with -9 (the parent-death signal), leaving its cgroup behind.
+    let mut vmm = 0;
+    let killed = run_crib_while(&scratch.run_args(), DEADLINE, || {
+        scratch.wait_listed(name)?;
+        scratch.wait_docker_ps(name)?;
+        eprintln!("jail test: the jailed pod answers docker ps");
+        vmm = check_jailed(&run_dir, &cgroup)?;
+        eprintln!("jail test: the VMM (pid {vmm}) is jailed as expected; kill -9 crib pod run");
+        let supervisor = pod_pid(&run_dir)?;
+        let status = Command::new("kill")
+            .args(["-KILL", &supervisor.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -KILL {supervisor}: {status}");
+        let start = Instant::now();
+        while Path::new(&format!("/proc/{vmm}")).exists() {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "the jailed VMM {vmm} outlived its supervisor killed with -9"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    })?;
+    let stale_status = stale.0.try_wait()?;
+    killed.check(
+        stale_status.is_some() && killed.stderr.contains("removing the stale cgroup"),
+        "crib pod run killed the stale cgroup's process and removed it",
+    )?;
+    killed.check(
+        killed.stderr.contains("jailed: uid 100000, gid 100000"),
+        "crib logs the jail",
+    )?;
+    killed.check(
+        cgroup.exists(),
+        "a crib killed with -9 leaves its cgroup (the next run removes it)",
+    )?;
+    eprintln!("jail test: the VMM died with its supervisor; run 2");
+
+    // Run 2: the cgroup run 1 left goes, the pod runs and stops gracefully, nothing is left.
+    let out = run_crib_while(&scratch.run_args(), DEADLINE, || {
+        scratch.wait_listed(name)?;
+        scratch.wait_docker_ps(name)?;
+        vmm = check_jailed(&run_dir, &cgroup)?;
+        eprintln!("jail test: run 2 is jailed (VMM pid {vmm}); crib pod stop");
+        let stop = run_crib(
+            &["pod", "stop", name, "--timeout", "30", "--run-root", &root],
+            Duration::from_secs(90),
+        )?;
+        stop.check(
+            stop.code == Some(0) && stop.stdout.contains("crib exited 0"),
+            "crib pod stop stops the jailed pod",
+        )
+    })?;
+    out.check(
+        out.stderr.contains("removing the stale cgroup"),
+        "crib pod run removed the cgroup the killed run left",
+    )?;
+    let console = scratch.console(name);
+    out.check(
+        console.contains("started"),
+        &format!("the jailed pod's process ran:\n{console}"),
+    )?;
+    check_graceful(&out, &console)?;
+    // Nothing left: the cgroup, the jail's mount point and its mounts, the VMM, the
+    // sockets; the run directory is root's alone again.
+    out.check(!cgroup.exists(), "the pod's cgroup is removed")?;
+    out.check(
+        !Path::new(&format!("/proc/{vmm}")).exists(),
+        "the jailed VMM has ended",
+    )?;
+    out.check(
+        !run_dir.join(".jail").exists(),
+        "the jail's mount point is removed",
+    )?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    out.check(
+        !mounts.contains(&run_dir.display().to_string()),
+        &format!("no mount of the run directory is left:\n{mounts}"),
+    )?;
+    for socket in ["api.sock", "docker.sock", "vsock.sock"] {
+        out.check(
+            !run_dir.join(socket).exists(),
+            &format!("{socket} is removed"),
+        )?;
+    }
+    let meta = std::fs::metadata(&run_dir)?;
+    out.check(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777 == 0o700
+            && std::os::unix::fs::MetadataExt::gid(&meta) == 0,
+        "the run directory is root's alone again (0700)",
+    )?;
     std::fs::remove_dir_all(&scratch.dir)?;
     Ok(())
 }

@@ -59,7 +59,36 @@ pub fn start(
     vsock_socket: &Path,
     filter: Option<crate::seccomp::Filter>,
 ) -> Result<(), DockerProxyError> {
-    let listener = listen(docker_socket)?;
+    spawn(bind(docker_socket)?, vsock_socket, filter)
+}
+
+/// The docker socket, bound and not yet served (see [`spawn`]): the jail binds every
+/// socket before it drops privileges and before any thread starts.
+pub struct DockerListener {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+/// Listens on `docker_socket`, replacing a stale socket but nothing else.
+pub fn bind(docker_socket: &Path) -> Result<DockerListener, DockerProxyError> {
+    Ok(DockerListener {
+        path: docker_socket.to_path_buf(),
+        listener: listen(docker_socket)?,
+    })
+}
+
+/// Forwards every connection of `bound` to guest port 1 through the vsock host socket
+/// `vsock_socket`, on a thread that first applies `filter` (as [`start`]).
+pub fn spawn(
+    bound: DockerListener,
+    vsock_socket: &Path,
+    filter: Option<crate::seccomp::Filter>,
+) -> Result<(), DockerProxyError> {
+    let DockerListener {
+        path: docker_socket,
+        listener,
+    } = bound;
+    let docker_socket = docker_socket.as_path();
     let vsock_socket = vsock_socket.to_path_buf();
     std::thread::Builder::new()
         .name("docker-proxy".into())

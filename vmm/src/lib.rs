@@ -13,6 +13,7 @@ pub mod device_manager;
 pub mod docker_proxy;
 pub mod fs;
 pub mod interrupts;
+pub mod jail;
 pub mod memory;
 pub mod net;
 pub mod pod;
@@ -143,6 +144,8 @@ pub enum VmmError {
     Control(#[source] control::ControlError),
     #[error("cannot set up seccomp (--seccomp off disables it, for debugging only)")]
     Seccomp(#[source] seccomp::SeccompError),
+    #[error("cannot jail the VM (docs/JAIL.md)")]
+    Jail(#[source] jail::JailError),
 }
 
 /// Opens an input file (kernel, initrd, pod spec). Only a regular file: a FIFO would block
@@ -469,6 +472,16 @@ pub fn process_cpu_time() -> std::time::Duration {
 /// Boots `config` and serves it until the guest ends or crib stops it; returns how it
 /// ended. `start` is the process start, against which boot times are measured.
 pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
+    run_confined(config, start, None)
+}
+
+/// [`run`], with the process moved into `jail` ([`jail::confine`]) once every file, device
+/// and socket the VM needs is open and before crib starts any thread.
+pub fn run_confined(
+    config: &VmConfig,
+    start: Instant,
+    jail: Option<&jail::Confinement>,
+) -> Result<RunOutcome, VmmError> {
     let filters = seccomp::Filters::new(config.seccomp).map_err(VmmError::Seccomp)?;
     vcpu::install_kick_handler().map_err(VmmError::Vcpu)?;
     check_host_memory(config.memory_bytes)?;
@@ -528,11 +541,11 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
         device_manager
             .add_virtio_pci(&vm, "vsock", Box::new(device))
             .map_err(VmmError::Device)?;
-        if let Some(path) = &config.docker_socket {
-            docker_proxy::start(path, &vsock_config.socket, filters.docker_proxy.clone())
-                .map_err(VmmError::DockerSocket)?;
-        }
     }
+    let docker_listener = match (&config.docker_socket, &config.vsock) {
+        (Some(path), Some(_)) => Some(docker_proxy::bind(path).map_err(VmmError::DockerSocket)?),
+        _ => None,
+    };
     // Started virtiofsd processes; they end with their device's connection or with crib.
     let mut fs_daemons = Vec::with_capacity(config.fs.len());
     for (index, share) in config.fs.iter().enumerate() {
@@ -625,14 +638,26 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
     )
     .map_err(VmmError::Control)?;
     controller.set_vm(vm.fd().clone());
-    if let Some(path) = &config.api_socket {
-        api::start(path, Arc::new(handle), filters.api.clone()).map_err(VmmError::Api)?;
-    }
-
+    let api_listener = match &config.api_socket {
+        Some(path) => Some(api::bind(path).map_err(VmmError::Api)?),
+        None => None,
+    };
     let vcpus = (0..config.cpus)
         .map(|i| Vcpu::new(&vm, &cpuid, i, config.cpus, entry.entry, entry.pml4))
         .collect::<Result<Vec<_>, _>>()
         .map_err(VmmError::Vcpu)?;
+    // Every file, device and socket is open, no thread has started: the last moment
+    // with privileges.
+    if let Some(jail) = jail {
+        jail::confine(jail).map_err(VmmError::Jail)?;
+    }
+    if let (Some(bound), Some(vsock_config)) = (docker_listener, &config.vsock) {
+        docker_proxy::spawn(bound, &vsock_config.socket, filters.docker_proxy.clone())
+            .map_err(VmmError::DockerSocket)?;
+    }
+    if let Some(bound) = api_listener {
+        api::spawn(bound, Arc::new(handle), filters.api.clone()).map_err(VmmError::Api)?;
+    }
 
     let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(VmmError::EventLoop)?;

@@ -328,7 +328,9 @@ fn init_logging(id: &str) {
         .with_writer(std::io::stderr)
         .with_max_level(level)
         .event_format(VmLogFormat { id: id.to_string() })
-        .init();
+        .try_init()
+        // A jailed pod's child inherits the supervisor's: one is enough.
+        .ok();
 }
 
 /// Prints an error and its causes, once each (the causes are not in the messages).
@@ -357,7 +359,7 @@ fn print_stderr(text: &str) {
 
 fn run(args: RunArgs, start: Instant) -> u8 {
     match args.into_config() {
-        Ok(config) => run_vm(config, start),
+        Ok(config) => run_vm(config, start, None),
         Err(e) => {
             report(&e);
             exit_code::VMM_ERROR
@@ -366,7 +368,7 @@ fn run(args: RunArgs, start: Instant) -> u8 {
 }
 
 /// Runs the VM of `config` until it ends; the exit code says how.
-fn run_vm(mut config: VmConfig, start: Instant) -> u8 {
+fn run_vm(mut config: VmConfig, start: Instant, jail: Option<&vmm::jail::Confinement>) -> u8 {
     let id = config.effective_id();
     config.id = Some(id.clone());
     init_logging(&id);
@@ -392,7 +394,7 @@ fn run_vm(mut config: VmConfig, start: Instant) -> u8 {
             return exit_code::VMM_ERROR;
         }
     };
-    match vmm::run(&config, start) {
+    match vmm::run_confined(&config, start, jail) {
         Ok(outcome) => {
             let (code, what) = match outcome {
                 RunOutcome::Guest(ExitReason::Poweroff) => {
@@ -459,6 +461,18 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
     let guest_dir = pod::guest_dir();
     let prepared = pod::LaunchFile::load(file).and_then(|launch| {
         let prepared = launch.prepare(&root, &guest_dir)?;
+        if launch.jail.is_some() {
+            // Its log lines (a stale cgroup removed) come before the VM's.
+            init_logging(&prepared.name);
+            vmm::jail::check_supported(
+                !prepared.config.fs.is_empty(),
+                !prepared.config.vfio.is_empty(),
+            )
+            .map_err(|source| pod::PodError::Jail {
+                name: prepared.name.clone(),
+                source,
+            })?;
+        }
         for (what, field, default, path) in [
             (
                 "kernel",
@@ -485,9 +499,9 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
         let lock = prepared.create_run_dir(&root, &launch, &guest_dir)?;
         let mut prepared = prepared;
         let network = vmm::pod_net::attach(&mut prepared, &launch, lock.raw_fd())?;
-        Ok((prepared, lock, network))
+        Ok((prepared, lock, network, launch.jail))
     });
-    let (prepared, _lock, network) = match prepared {
+    let (prepared, _lock, network, jail) = match prepared {
         Ok(prepared) => prepared,
         Err(e) => {
             report(&e);
@@ -509,13 +523,73 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
             ports.join(", ")
         ));
     }
-    let recorder = prepared.exit_recorder();
-    let code = run_vm(prepared.config.clone(), start);
+    let (recorder, code) = match jail {
+        None => {
+            let recorder = prepared.exit_recorder();
+            (recorder, run_vm(prepared.config.clone(), start, None))
+        }
+        // Opened once the child is gone: it must not inherit the exit file.
+        Some(jail) => {
+            let code = run_jailed(&prepared, jail, start);
+            (prepared.exit_recorder(), code)
+        }
+    };
     if let Some(recorder) = recorder {
         recorder.record(code);
     }
     prepared.remove_sockets();
     code
+}
+
+/// A jailed pod (docs/JAIL.md): its cgroup, then a child that is PID 1 of a new PID
+/// namespace runs the VM and is confined once it is set up; this process (root) waits for
+/// it, forwards SIGTERM/SIGINT, returns its exit code and removes the cgroup.
+fn run_jailed(prepared: &pod::PreparedPod, jail: vmm::jail::Jail, start: Instant) -> u8 {
+    let config = &prepared.config;
+    let cgroup = match vmm::jail::Cgroup::create(&prepared.name, config.cpus, config.memory_bytes) {
+        Ok(cgroup) => cgroup,
+        Err(source) => {
+            report(&pod::PodError::Jail {
+                name: prepared.name.clone(),
+                source,
+            });
+            return exit_code::VMM_ERROR;
+        }
+    };
+    let confinement = vmm::jail::Confinement {
+        jail,
+        run_dir: prepared.run_dir.clone(),
+        sockets: [
+            config.api_socket.clone(),
+            config.docker_socket.clone(),
+            config.vsock.as_ref().map(|v| v.socket.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    };
+    let supervised = vmm::jail::supervise(|| {
+        if let Err(source) = vmm::jail::enter(cgroup.path()) {
+            report(&pod::PodError::Jail {
+                name: prepared.name.clone(),
+                source,
+            });
+            return exit_code::VMM_ERROR;
+        }
+        run_vm(config.clone(), start, Some(&confinement))
+    });
+    cgroup.remove();
+    vmm::jail::restore_run_dir(&prepared.run_dir);
+    match supervised {
+        Ok(code) => code,
+        Err(source) => {
+            report(&pod::PodError::Jail {
+                name: prepared.name.clone(),
+                source,
+            });
+            exit_code::VMM_ERROR
+        }
+    }
 }
 
 fn pod_command(command: PodCommand, start: Instant) -> u8 {

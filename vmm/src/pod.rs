@@ -162,6 +162,9 @@ pub struct LaunchFile {
     /// live; none: they are on tmpfs in guest RAM.
     #[serde(default, deserialize_with = "config::de_optional_size")]
     pub scratch: Option<u64>,
+    /// Run the VMM jailed (docs/JAIL.md): `{"uid": N, "gid": N}`; needs root.
+    #[serde(default)]
+    pub jail: Option<crate::jail::JailSpec>,
 }
 
 fn de_some_console<'de, D: serde::Deserializer<'de>>(
@@ -180,6 +183,8 @@ pub struct Launch {
     pub launch: LaunchFile,
     /// The checked `network`; `None` for `"none"`.
     pub network: Option<podnet::NetPlan>,
+    /// The checked `jail`.
+    pub jail: Option<crate::jail::Jail>,
 }
 
 /// What a pod run uses: the VM and the run directory's paths.
@@ -340,6 +345,12 @@ pub enum PodError {
     },
     #[error("launch file {path}: pod.network is cradle's, filled in by crib from the launch file's network: move the settings to the top-level \"network\" (docs/NETWORK.md)")]
     SpecNetwork { path: PathBuf },
+    #[error("pod {name}: cannot jail it (docs/JAIL.md)")]
+    Jail {
+        name: String,
+        #[source]
+        source: crate::jail::JailError,
+    },
     #[error("pod {name}: cannot set up its network")]
     Network {
         name: String,
@@ -479,6 +490,24 @@ impl LaunchFile {
             config::check_fs(&fs_config(tag, share))
                 .map_err(|problem| field_err(format!("shares.{tag}"), problem))?;
         }
+        let jail = launch
+            .jail
+            .map(crate::jail::JailSpec::check)
+            .transpose()
+            .map_err(|(field, problem)| field_err(field.into(), problem))?;
+        if jail.is_some() {
+            for (present, what) in [
+                (!launch.shares.is_empty(), "shares"),
+                (!launch.vfio.is_empty(), "vfio"),
+            ] {
+                if present {
+                    return Err(field_err(
+                        "jail".into(),
+                        format!("cannot hold {what} yet (virtiofsd and VFIO run outside it): remove \"jail\" or \"{what}\" (docs/JAIL.md)"),
+                    ));
+                }
+            }
+        }
 
         let network = podnet::NetPlan::from_json(launch.network.as_ref()).map_err(|source| {
             PodError::NetworkField {
@@ -524,6 +553,7 @@ impl LaunchFile {
             spec_json: launch.pod.clone(),
             launch,
             network,
+            jail,
         })
     }
 }
@@ -1283,6 +1313,78 @@ mod tests {
         assert_eq!(c.api_socket, Some("/run/crib/web/api.sock".into()));
         assert_eq!(c.pod, Some("/run/crib/web/spec.json".into()));
         assert!(c.seccomp);
+    }
+
+    #[test]
+    fn jail_field_is_checked_into_ids() {
+        let launch = parse(&with_disk("").replace(
+            r#""disks""#,
+            r#""jail": {"uid": 100000, "gid": 100001}, "disks""#,
+        ))
+        .unwrap();
+
+        assert_eq!(
+            launch.jail,
+            Some(crate::jail::Jail {
+                uid: 100_000,
+                gid: 100_001
+            })
+        );
+    }
+
+    #[test]
+    fn no_jail_field_means_no_jail() {
+        assert_eq!(parse(&with_disk("")).unwrap().jail, None);
+    }
+
+    #[test]
+    fn jail_with_uid_zero_names_the_field_and_the_fix() {
+        let error = parse(&with_disk("").replace(
+            r#""disks""#,
+            r#""jail": {"uid": 0, "gid": 100001}, "disks""#,
+        ))
+        .unwrap_err();
+
+        let text = chain(&error);
+        assert!(text.contains("field jail.uid"), "{text}");
+        assert!(text.contains("100000"), "{text}");
+    }
+
+    #[test]
+    fn jail_with_a_negative_gid_names_the_field() {
+        let error = parse(&with_disk("").replace(
+            r#""disks""#,
+            r#""jail": {"uid": 100000, "gid": -1}, "disks""#,
+        ))
+        .unwrap_err();
+
+        assert!(chain(&error).contains("jail.gid"), "{}", chain(&error));
+    }
+
+    #[test]
+    fn jail_with_an_unknown_key_is_refused() {
+        let error = parse(&with_disk("").replace(
+            r#""disks""#,
+            r#""jail": {"uid": 100000, "gid": 100000, "root": true}, "disks""#,
+        ))
+        .unwrap_err();
+
+        assert!(chain(&error).contains("jail"), "{}", chain(&error));
+    }
+
+    #[test]
+    fn jail_with_vfio_is_refused_naming_both_fields() {
+        let error = parse(&with_disk("").replace(
+            r#""disks""#,
+            r#""jail": {"uid": 100000, "gid": 100000}, "vfio": ["0000:00:04.0"], "disks""#,
+        ))
+        .unwrap_err();
+
+        let text = chain(&error);
+        assert!(
+            text.contains("field jail") && text.contains("\"vfio\""),
+            "{text}"
+        );
     }
 
     #[test]

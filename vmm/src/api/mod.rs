@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-pub use server::{start, ApiServerError};
+pub use server::{bind, spawn, start, ApiListener, ApiServerError};
 
 /// Largest request body the API reads; every valid body is far smaller.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;

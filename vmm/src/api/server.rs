@@ -65,7 +65,32 @@ pub fn start(
     vmm: Arc<dyn VmmHandle>,
     filter: Option<seccomp::Filter>,
 ) -> Result<(), ApiServerError> {
-    let listener = listen(path)?;
+    spawn(bind(path)?, vmm, filter)
+}
+
+/// The API's socket, bound and not yet served (see [`spawn`]): the jail binds every
+/// socket before it drops privileges and before any thread starts.
+pub struct ApiListener {
+    path: std::path::PathBuf,
+    listener: StdUnixListener,
+}
+
+/// Listens on `path`, replacing a stale socket but nothing else.
+pub fn bind(path: &Path) -> Result<ApiListener, ApiServerError> {
+    Ok(ApiListener {
+        path: path.to_path_buf(),
+        listener: listen(path)?,
+    })
+}
+
+/// Serves the API of `bound` on a new thread named `api`, which first applies `filter`.
+pub fn spawn(
+    bound: ApiListener,
+    vmm: Arc<dyn VmmHandle>,
+    filter: Option<seccomp::Filter>,
+) -> Result<(), ApiServerError> {
+    let ApiListener { path, listener } = bound;
+    let path = path.as_path();
     let listen_err = |source| ApiServerError::Listen {
         path: path.to_path_buf(),
         source,
