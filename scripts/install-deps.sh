@@ -24,6 +24,8 @@ packages=(
   skopeo            # the image store's tests make docker-save archives from OCI layouts
   docker-registry   # images' pull tests and crib-bench pull: a loopback registry
   containerd        # linux_shim_*: containerd (and ctr) drive containerd-shim-crib-v2
+  runc              # benches/shim.sh: io.containerd.runc.v2, the baseline of the shim bench
+  bsdutils          # script(1): linux_shim_* gives `ctr task exec -t` a terminal
   ca-certificates
 )
 missing=()

@@ -65,6 +65,20 @@ impl DockerClient {
 
     /// Sends one request and returns the status and a reader of the body.
     pub fn send(&self, method: &'static str, path: &str) -> Result<Response, DockerError> {
+        self.request(method, path, None, false)
+            .map(|(response, _)| response)
+    }
+
+    /// Sends one request (with a JSON body if `body` is given; asking to upgrade the
+    /// connection to a raw stream if `upgrade`) and returns the response and a handle of
+    /// the connection for writing to it.
+    fn request(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: Option<&[u8]>,
+        upgrade: bool,
+    ) -> Result<(Response, UnixStream), DockerError> {
         let stream = UnixStream::connect(&self.socket).map_err(|source| DockerError::Connect {
             socket: self.socket.clone(),
             source,
@@ -74,10 +88,25 @@ impl DockerClient {
             path: path.to_owned(),
             source,
         };
+        let body = body.unwrap_or_default();
+        let content_type = if body.is_empty() {
+            ""
+        } else {
+            "Content-Type: application/json\r\n"
+        };
+        let connection = if upgrade {
+            "Connection: Upgrade\r\nUpgrade: tcp\r\n"
+        } else {
+            "Connection: close\r\n"
+        };
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: crib\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: crib\r\n{content_type}Content-Length: {}\r\n{connection}\r\n",
+            body.len()
         );
-        (&stream).write_all(request.as_bytes()).map_err(io_err)?;
+        let mut bytes = request.into_bytes();
+        bytes.extend_from_slice(body);
+        (&stream).write_all(&bytes).map_err(io_err)?;
+        let writer = stream.try_clone().map_err(io_err)?;
         let mut reader = BufReader::new(stream);
         let head = read_head(&mut reader).map_err(io_err)?;
         let malformed = |what: &str| DockerError::Malformed {
@@ -87,13 +116,53 @@ impl DockerClient {
         };
         let parsed = parse_head(&head).ok_or_else(|| malformed("bad status line or headers"))?;
         let body: Box<dyn Read + Send> = match parsed.framing {
+            // A switched protocol's stream runs until the connection ends.
+            _ if parsed.status == 101 => Box::new(reader),
             Framing::Length(n) => Box::new(reader.take(n)),
             Framing::Chunked => Box::new(Chunked::new(reader)),
             Framing::UntilEof => Box::new(reader),
         };
-        Ok(Response {
-            status: parsed.status,
-            body,
+        Ok((
+            Response {
+                status: parsed.status,
+                body,
+            },
+            writer,
+        ))
+    }
+
+    /// Sends a request with a JSON body and reads its whole (small) answer; a status of
+    /// 300 or more is an error carrying the body.
+    pub fn call_json(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<String, DockerError> {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        let (response, _) = self.request(method, path, Some(&bytes), false)?;
+        read_answer(method, path, response)
+    }
+
+    /// `POST path` with a JSON body, asking for the connection to be hijacked (Docker's
+    /// attach and exec start): the process's output is read from `output`, its input
+    /// written to `input` (shutting down `input`'s write side closes it).
+    pub fn hijack(&self, path: &str, body: &serde_json::Value) -> Result<Hijacked, DockerError> {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        let body = (!body.is_null()).then_some(bytes.as_slice());
+        let (response, input) = self.request("POST", path, body, true)?;
+        if response.status >= 300 {
+            return Err(read_answer("POST", path, response)
+                .err()
+                .unwrap_or_else(|| DockerError::Malformed {
+                    method: "POST",
+                    path: path.to_owned(),
+                    what: "an error status with no error".to_owned(),
+                }));
+        }
+        Ok(Hijacked {
+            output: response.body,
+            input,
         })
     }
 
@@ -101,32 +170,47 @@ impl DockerClient {
     /// error carrying the body.
     pub fn call(&self, method: &'static str, path: &str) -> Result<String, DockerError> {
         let response = self.send(method, path)?;
-        let mut body = Vec::new();
-        response
-            .body
-            .take(MAX_BODY_BYTES as u64)
-            .read_to_end(&mut body)
-            .map_err(|source| DockerError::Io {
-                method,
-                path: path.to_owned(),
-                source,
-            })?;
-        let body = String::from_utf8_lossy(&body).into_owned();
-        if response.status >= 300 {
-            return Err(DockerError::Status {
-                method,
-                path: path.to_owned(),
-                status: response.status,
-                body: body.trim().to_owned(),
-            });
-        }
-        Ok(body)
+        read_answer(method, path, response)
     }
 
     /// True once the API answers `/_ping`.
     pub fn ping(&self) -> bool {
         self.call("GET", "/_ping").is_ok()
     }
+}
+
+/// A hijacked connection: the process's output, and its input.
+pub struct Hijacked {
+    pub output: Box<dyn Read + Send>,
+    pub input: UnixStream,
+}
+
+/// Reads a (small) response body; a status of 300 or more is an error carrying it.
+fn read_answer(
+    method: &'static str,
+    path: &str,
+    response: Response,
+) -> Result<String, DockerError> {
+    let mut body = Vec::new();
+    response
+        .body
+        .take(MAX_BODY_BYTES as u64)
+        .read_to_end(&mut body)
+        .map_err(|source| DockerError::Io {
+            method,
+            path: path.to_owned(),
+            source,
+        })?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if response.status >= 300 {
+        return Err(DockerError::Status {
+            method,
+            path: path.to_owned(),
+            status: response.status,
+            body: body.trim().to_owned(),
+        });
+    }
+    Ok(body)
 }
 
 /// How a response body ends.

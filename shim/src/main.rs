@@ -7,6 +7,7 @@ mod docker;
 mod mount;
 mod service;
 mod spec;
+mod stdio;
 mod vm;
 
 /// The runtime's name as containerd knows it.

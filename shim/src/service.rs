@@ -7,20 +7,28 @@
 //!   rootfs, which reaches the guest over virtio-fs. A thread streams the container's
 //!   output from the pod's Docker API into containerd's FIFOs, waits for the exit code
 //!   and publishes the exit.
+//! - Exec and Start(exec) run a process in the container through the Docker API's exec
+//!   (with or without a TTY), its stdio bridged to the exec's FIFOs; the main process's
+//!   stdin goes through an attach. CloseIO ends a process's stdin.
 //! - Kill sends the signal through the Docker API; Delete shuts the VM down, unmounts
 //!   the rootfs and removes the shim's state directory; Shutdown ends the shim.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use containerd_shim::api;
-use containerd_shim::protos::events::task::{TaskExit, TaskStart};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{EnumOrUnknown, MessageField};
-use containerd_shim::protos::topics::{TASK_EXIT_EVENT_TOPIC, TASK_START_EVENT_TOPIC};
+use containerd_shim::protos::topics::{
+    TASK_CREATE_EVENT_TOPIC, TASK_DELETE_EVENT_TOPIC, TASK_EXEC_ADDED_EVENT_TOPIC,
+    TASK_EXEC_STARTED_EVENT_TOPIC, TASK_EXIT_EVENT_TOPIC, TASK_START_EVENT_TOPIC,
+};
 use containerd_shim::protos::ttrpc::{get_status, Code};
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::publisher::RemotePublisher;
@@ -29,8 +37,9 @@ use containerd_shim::{
 };
 use thiserror::Error;
 
-use crate::docker::{self, DockerClient, DockerError, Stream};
-use crate::spec::{self, OciSpec, SpecError};
+use crate::docker::{self, DockerClient, DockerError};
+use crate::spec::{self, ExecProcess, OciSpec, SpecError};
+use crate::stdio;
 use crate::vm::{self, Vm, VmError};
 
 /// The container's name in the pod's Docker API.
@@ -48,6 +57,9 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 const START_FAILED_STATUS: u32 = 255;
 /// The exit status containerd shows for a task whose shim died (runc's shim does the same).
 const KILLED_STATUS: u32 = 128 + 9;
+/// How long an exec's exit code may take to show in the Docker API after its stream
+/// ended.
+const EXEC_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors of the task service; each becomes a ttrpc status containerd shows.
 #[derive(Debug, Error)]
@@ -82,8 +94,18 @@ pub enum ShimError {
     UnknownTask { id: String, ours: String },
     #[error("container {id:?} was created already")]
     Exists { id: String },
-    #[error("container {id:?}: exec processes are not supported by crib's shim yet")]
-    Exec { id: String },
+    #[error("container {id:?} has no exec process {exec_id:?}; ctr task exec --exec-id names it")]
+    UnknownExec { id: String, exec_id: String },
+    #[error("container {id:?} has an exec process {exec_id:?} already: give another --exec-id")]
+    ExecExists { id: String, exec_id: String },
+    #[error("container {id:?}: the exec request has no process spec: containerd sends one with every exec")]
+    NoExecSpec { id: String },
+    #[error("container {id:?}: the Docker API's answer to {what} has no {field}")]
+    Answer {
+        id: String,
+        what: &'static str,
+        field: &'static str,
+    },
     #[error("container {id:?} is {state}; {fix}")]
     State {
         id: String,
@@ -99,9 +121,9 @@ impl ShimError {
                 Code::INVALID_ARGUMENT
             }
             Self::MissingRootfs { .. } => Code::FAILED_PRECONDITION,
-            Self::UnknownTask { .. } => Code::NOT_FOUND,
-            Self::Exists { .. } => Code::ALREADY_EXISTS,
-            Self::Exec { .. } => Code::UNIMPLEMENTED,
+            Self::UnknownTask { .. } | Self::UnknownExec { .. } => Code::NOT_FOUND,
+            Self::Exists { .. } | Self::ExecExists { .. } => Code::ALREADY_EXISTS,
+            Self::NoExecSpec { .. } => Code::INVALID_ARGUMENT,
             Self::State { .. } => Code::FAILED_PRECONDITION,
             _ => Code::INTERNAL,
         }
@@ -163,8 +185,12 @@ struct Container {
     rootfs: PathBuf,
     /// The shim mounted `rootfs` (and unmounts it at delete).
     mounted: bool,
+    stdin: String,
     stdout: String,
     stderr: String,
+    /// Set by CloseIO: the stdin pump ends once what was written is sent.
+    stdin_closed: Arc<AtomicBool>,
+    execs: HashMap<String, ExecProc>,
     state: PathBuf,
     launch: PathBuf,
     vm: Option<Vm>,
@@ -173,16 +199,73 @@ struct Container {
     exit: Option<(u32, Timestamp)>,
 }
 
+/// An exec process of the container (`ctr task exec`).
+struct ExecProc {
+    process: ExecProcess,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    stdin_closed: Arc<AtomicBool>,
+    phase: Phase,
+    /// Its pid in the guest once started (crib's before).
+    pid: u32,
+    exit: Option<(u32, Timestamp)>,
+    /// Its id in the pod's Docker API, once started.
+    docker_id: Option<String>,
+    /// `[height, width]` of its terminal.
+    size: Option<[u16; 2]>,
+}
+
+fn status_of(phase: Phase) -> Status {
+    match phase {
+        Phase::Created => Status::CREATED,
+        Phase::Running => Status::RUNNING,
+        Phase::Stopped => Status::STOPPED,
+    }
+}
+
 impl Container {
     fn run_dir(&self) -> PathBuf {
         self.state.join("run")
     }
 
     fn status(&self) -> Status {
-        match self.phase {
-            Phase::Created => Status::CREATED,
-            Phase::Running => Status::RUNNING,
-            Phase::Stopped => Status::STOPPED,
+        status_of(self.phase)
+    }
+
+    fn exec(&self, exec_id: &str) -> Result<&ExecProc, ShimError> {
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| ShimError::UnknownExec {
+                id: self.id.clone(),
+                exec_id: exec_id.to_owned(),
+            })
+    }
+
+    fn exec_mut(&mut self, exec_id: &str) -> Result<&mut ExecProc, ShimError> {
+        let id = self.id.clone();
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| ShimError::UnknownExec {
+                id,
+                exec_id: exec_id.to_owned(),
+            })
+    }
+
+    /// The pod's Docker API, while the VM runs.
+    fn running_docker(&self) -> Result<DockerClient, ShimError> {
+        match (self.phase, self.vm.as_ref()) {
+            (Phase::Running, Some(vm)) => Ok(vm.docker()),
+            (Phase::Created, _) => Err(ShimError::State {
+                id: self.id.clone(),
+                state: "created, not started",
+                fix: "start it first (ctr task start)",
+            }),
+            _ => Err(ShimError::State {
+                id: self.id.clone(),
+                state: "stopped",
+                fix: "exec runs only in a running container",
+            }),
         }
     }
 
@@ -424,8 +507,11 @@ impl Service {
             bundle,
             rootfs,
             mounted,
+            stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
+            stdin_closed: Arc::new(AtomicBool::new(false)),
+            execs: HashMap::new(),
             state,
             launch,
             vm: None,
@@ -433,6 +519,21 @@ impl Service {
             phase: Phase::Created,
             exit: None,
         });
+        drop(guard);
+        let mut event = TaskCreate::new();
+        event.container_id = req.id.clone();
+        event.bundle = req.bundle.clone();
+        event.rootfs = req.rootfs.clone();
+        let mut io = TaskIO::new();
+        io.stdin = req.stdin.clone();
+        io.stdout = req.stdout.clone();
+        io.stderr = req.stderr.clone();
+        io.terminal = req.terminal;
+        event.io = MessageField::some(io);
+        event.checkpoint = req.checkpoint.clone();
+        event.pid = pid;
+        self.shared
+            .publish(TASK_CREATE_EVENT_TOPIC, Box::new(event));
         Ok(pid)
     }
 
@@ -477,12 +578,17 @@ impl Service {
         container.vm = Some(vm);
         container.pid = pid;
         container.phase = Phase::Running;
-        let (stdout, stderr) = (container.stdout.clone(), container.stderr.clone());
+        let io = Io {
+            stdin: container.stdin.clone(),
+            stdout: container.stdout.clone(),
+            stderr: container.stderr.clone(),
+            stdin_closed: Arc::clone(&container.stdin_closed),
+        };
         let shared = Arc::clone(&self.shared);
         let id = id.to_owned();
         std::thread::Builder::new()
             .name("io-wait".into())
-            .spawn(move || follow(shared, docker, id, pid, stdout, stderr))
+            .spawn(move || follow(shared, docker, id, pid, io))
             .map_err(|source| ShimError::Write {
                 path: PathBuf::from("(thread)"),
                 source,
@@ -498,12 +604,12 @@ impl Service {
     fn kill_container(&self, req: &api::KillRequest) -> Result<(), ShimError> {
         let mut guard = self.shared.lock();
         self.check_id(&guard, &req.id)?;
-        if !req.exec_id.is_empty() {
-            return Err(ShimError::Exec { id: req.id.clone() });
-        }
         let Some(container) = guard.as_mut() else {
             return Ok(());
         };
+        if !req.exec_id.is_empty() {
+            return self.kill_exec(container, &req.exec_id, req.signal);
+        }
         match (container.phase, container.vm.as_ref()) {
             (Phase::Running, Some(vm)) => {
                 let path = format!("/containers/{CONTAINER}/kill?signal={}", req.signal);
@@ -551,21 +657,331 @@ impl Service {
         }
         // Wake waiters: the task is gone.
         self.shared.changed.notify_all();
+        drop(guard);
+        // As runc's shim: the task's container, pid and exit (no `id`).
+        let mut event = TaskDelete::new();
+        event.container_id = id.to_owned();
+        event.pid = response.pid;
+        event.exit_status = response.exit_status;
+        event.exited_at = response.exited_at.clone();
+        self.shared
+            .publish(TASK_DELETE_EVENT_TOPIC, Box::new(event));
         Ok(response)
     }
+
+    /// Exec: records the process (it runs at Start) and publishes exec-added.
+    fn add_exec(&self, req: &api::ExecProcessRequest) -> Result<(), ShimError> {
+        let mut guard = self.shared.lock();
+        self.check_id(&guard, &req.id)?;
+        let Some(container) = guard.as_mut() else {
+            return Ok(());
+        };
+        container.running_docker()?;
+        if container.execs.contains_key(&req.exec_id) {
+            return Err(ShimError::ExecExists {
+                id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+            });
+        }
+        let spec = req
+            .spec
+            .as_ref()
+            .ok_or_else(|| ShimError::NoExecSpec { id: req.id.clone() })?;
+        let process = spec::exec_process(&spec.value)?;
+        let size = process.console_size;
+        container.execs.insert(
+            req.exec_id.clone(),
+            ExecProc {
+                process,
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                stdin_closed: Arc::new(AtomicBool::new(false)),
+                phase: Phase::Created,
+                pid: container.pid,
+                exit: None,
+                docker_id: None,
+                size,
+            },
+        );
+        drop(guard);
+        let mut event = TaskExecAdded::new();
+        event.container_id = req.id.clone();
+        event.exec_id = req.exec_id.clone();
+        self.shared
+            .publish(TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(event));
+        Ok(())
+    }
+
+    /// Start(exec): creates and starts the exec in the pod's Docker API (the container's
+    /// root and namespaces), bridges its stdio and publishes exec-started; a thread
+    /// records its exit.
+    fn start_exec(&self, id: &str, exec_id: &str) -> Result<u32, ShimError> {
+        let mut guard = self.shared.lock();
+        self.check_id(&guard, id)?;
+        let Some(container) = guard.as_mut() else {
+            return Err(ShimError::UnknownTask {
+                id: id.to_owned(),
+                ours: String::new(),
+            });
+        };
+        let docker = container.running_docker()?;
+        let exec = container.exec(exec_id)?;
+        if exec.phase != Phase::Created {
+            return Err(ShimError::State {
+                id: format!("{id}/{exec_id}"),
+                state: "started already",
+                fix: "exec a new process (another --exec-id)",
+            });
+        }
+        let tty = exec.process.terminal;
+        let create = serde_json::json!({
+            "Cmd": exec.process.argv,
+            "Env": exec.process.env,
+            "WorkingDir": exec.process.cwd,
+            "User": exec.process.user,
+            "Tty": tty,
+            "AttachStdin": !exec.stdin.is_empty(),
+            "AttachStdout": !exec.stdout.is_empty(),
+            "AttachStderr": !exec.stderr.is_empty() && !tty,
+            "ConsoleSize": exec.size,
+        });
+        let answer = docker.call_json("POST", &format!("/containers/{CONTAINER}/exec"), &create)?;
+        let docker_id = serde_json::from_str::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v["Id"].as_str().map(str::to_owned))
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .ok_or_else(|| ShimError::Answer {
+                id: id.to_owned(),
+                what: "exec create",
+                field: "Id",
+            })?;
+        let start = serde_json::json!({ "Detach": false, "Tty": tty, "ConsoleSize": exec.size });
+        let session = docker.hijack(&format!("/exec/{docker_id}/start"), &start)?;
+        let pid = exec_info(&docker, &docker_id)
+            .and_then(|v| v["Pid"].as_u64())
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .unwrap_or(container.pid);
+        let io = Io {
+            stdin: exec.stdin.clone(),
+            stdout: exec.stdout.clone(),
+            stderr: exec.stderr.clone(),
+            stdin_closed: Arc::clone(&exec.stdin_closed),
+        };
+        let exec = container.exec_mut(exec_id)?;
+        exec.phase = Phase::Running;
+        exec.pid = pid;
+        exec.docker_id = Some(docker_id.clone());
+        if !io.stdin.is_empty() {
+            let input = session
+                .input
+                .try_clone()
+                .map_err(|source| ShimError::Write {
+                    path: PathBuf::from(&io.stdin),
+                    source,
+                })?;
+            let (path, closed) = (io.stdin.clone(), Arc::clone(&io.stdin_closed));
+            spawn("exec-stdin", move || {
+                stdio::pump_stdin(&path, input, &closed)
+            })?;
+        }
+        let shared = Arc::clone(&self.shared);
+        let (container_id, exec_name) = (id.to_owned(), exec_id.to_owned());
+        spawn("exec-io", move || {
+            stdio::copy_output(session.output, tty, &io.stdout, &io.stderr);
+            let status = exec_exit(&docker, &docker_id);
+            exec_exited(&shared, &container_id, &exec_name, pid, status);
+        })?;
+        drop(guard);
+        let mut event = TaskExecStarted::new();
+        event.container_id = id.to_owned();
+        event.exec_id = exec_id.to_owned();
+        event.pid = pid;
+        self.shared
+            .publish(TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event));
+        Ok(pid)
+    }
+
+    fn kill_exec(
+        &self,
+        container: &mut Container,
+        exec_id: &str,
+        signal: u32,
+    ) -> Result<(), ShimError> {
+        let docker = container.vm.as_ref().map(Vm::docker);
+        let exec = container.exec_mut(exec_id)?;
+        match (exec.phase, exec.docker_id.as_deref(), docker) {
+            (Phase::Running, Some(docker_id), Some(docker)) => {
+                let path = format!("/exec/{docker_id}/kill?signal={signal}");
+                match docker.call("POST", &path) {
+                    Ok(_) => Ok(()),
+                    // 409: it has exited already; the exit is on its way.
+                    Err(DockerError::Status { status: 409, .. }) => Ok(()),
+                    Err(error) => Err(error.into()),
+                }
+            }
+            (Phase::Created, _, _) => {
+                exec.phase = Phase::Stopped;
+                exec.exit = Some((128 + signal, Timestamp::now()));
+                self.shared.changed.notify_all();
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn delete_exec(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse, ShimError> {
+        let mut guard = self.shared.lock();
+        self.check_id(&guard, id)?;
+        let Some(container) = guard.as_mut() else {
+            return Err(ShimError::UnknownTask {
+                id: id.to_owned(),
+                ours: String::new(),
+            });
+        };
+        if container.exec(exec_id)?.phase == Phase::Running {
+            return Err(ShimError::State {
+                id: format!("{id}/{exec_id}"),
+                state: "running",
+                fix: "kill it first (ctr task kill --exec-id)",
+            });
+        }
+        let exec = container.execs.remove(exec_id);
+        let mut response = api::DeleteResponse::new();
+        if let Some(exec) = exec {
+            response.pid = exec.pid;
+            if let Some((status, at)) = exec.exit {
+                response.exit_status = status;
+                response.exited_at = MessageField::some(at);
+            }
+        }
+        self.shared.changed.notify_all();
+        Ok(response)
+    }
+
+    fn close_stdin(&self, req: &api::CloseIORequest) -> Result<(), ShimError> {
+        let guard = self.shared.lock();
+        self.check_id(&guard, &req.id)?;
+        let Some(container) = guard.as_ref() else {
+            return Ok(());
+        };
+        let flag = if req.exec_id.is_empty() {
+            &container.stdin_closed
+        } else {
+            &container.exec(&req.exec_id)?.stdin_closed
+        };
+        if req.stdin {
+            flag.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn resize_terminal(&self, req: &api::ResizePtyRequest) -> Result<(), ShimError> {
+        let mut guard = self.shared.lock();
+        self.check_id(&guard, &req.id)?;
+        let Some(container) = guard.as_mut() else {
+            return Ok(());
+        };
+        // The main process has no TTY (Create refuses one): nothing to resize, as runc's
+        // shim does for a process without a console.
+        if req.exec_id.is_empty() {
+            return Ok(());
+        }
+        let docker = container.vm.as_ref().map(Vm::docker);
+        let exec = container.exec_mut(&req.exec_id)?;
+        let size = [
+            u16::try_from(req.height).unwrap_or(u16::MAX),
+            u16::try_from(req.width).unwrap_or(u16::MAX),
+        ];
+        exec.size = Some(size);
+        if let (Phase::Running, true, Some(docker_id), Some(docker)) = (
+            exec.phase,
+            exec.process.terminal,
+            exec.docker_id.as_deref(),
+            docker,
+        ) {
+            let path = format!("/exec/{docker_id}/resize?h={}&w={}", size[0], size[1]);
+            match docker.call("POST", &path) {
+                Ok(_) | Err(DockerError::Status { status: 409, .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A process's FIFOs and its CloseIO flag.
+struct Io {
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    stdin_closed: Arc<AtomicBool>,
+}
+
+/// Starts a named thread.
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<(), ShimError> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(body)
+        .map(drop)
+        .map_err(|source| ShimError::Write {
+            path: PathBuf::from("(thread)"),
+            source,
+        })
+}
+
+/// `GET /exec/{id}/json`.
+fn exec_info(docker: &DockerClient, docker_id: &str) -> Option<serde_json::Value> {
+    let body = docker
+        .call("GET", &format!("/exec/{docker_id}/json"))
+        .ok()?;
+    serde_json::from_str(&body).ok()
+}
+
+/// The exec's exit code once the Docker API has it (255 if it never shows).
+fn exec_exit(docker: &DockerClient, docker_id: &str) -> u32 {
+    let start = Instant::now();
+    while start.elapsed() < EXEC_EXIT_TIMEOUT {
+        match exec_info(docker, docker_id) {
+            Some(info) => {
+                if let Some(code) = info["ExitCode"].as_i64() {
+                    return u32::try_from(code).unwrap_or(255);
+                }
+            }
+            // The VM is gone (the container was deleted or ended).
+            None => break,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    log::warn!("exec {docker_id}: no exit code from the pod's Docker API; reporting 255");
+    255
+}
+
+/// Records an exec's exit and publishes it.
+fn exec_exited(shared: &Shared, id: &str, exec_id: &str, pid: u32, status: u32) {
+    let at = Timestamp::now();
+    {
+        let mut guard = shared.lock();
+        if let Some(exec) = guard.as_mut().and_then(|c| c.execs.get_mut(exec_id)) {
+            exec.phase = Phase::Stopped;
+            exec.exit = Some((status, at.clone()));
+        }
+        shared.changed.notify_all();
+    }
+    let mut event = TaskExit::new();
+    event.container_id = id.to_owned();
+    event.id = exec_id.to_owned();
+    event.pid = pid;
+    event.exit_status = status;
+    event.exited_at = MessageField::some(at);
+    shared.publish(TASK_EXIT_EVENT_TOPIC, Box::new(event));
 }
 
 /// The container's output into containerd's FIFOs, then its exit: runs on its own thread
 /// from Start until the process has exited.
-fn follow(
-    shared: Arc<Shared>,
-    docker: DockerClient,
-    id: String,
-    pid: u32,
-    stdout: String,
-    stderr: String,
-) {
-    let status = match stream_and_wait(&docker, &stdout, &stderr) {
+fn follow(shared: Arc<Shared>, docker: DockerClient, id: String, pid: u32, io: Io) {
+    let status = match stream_and_wait(&docker, &io) {
         Ok(code) => u32::try_from(code).unwrap_or(255),
         Err(error) => {
             log::error!("container {id}: {error}");
@@ -590,24 +1006,10 @@ fn follow(
     shared.publish(TASK_EXIT_EVENT_TOPIC, Box::new(event));
 }
 
-/// Opens a FIFO (or file) containerd gave for a stream; none for an empty path.
-fn open_output(path: &str) -> Option<File> {
-    if path.is_empty() {
-        return None;
-    }
-    match OpenOptions::new().write(true).open(path) {
-        Ok(file) => Some(file),
-        Err(error) => {
-            log::warn!("cannot open {path}: {error}; that output is dropped");
-            None
-        }
-    }
-}
-
-/// Waits until the container has left "created" in the guest, streams its logs from the
-/// start into the FIFOs until it has exited and its output is drained, then returns its
-/// exit code.
-fn stream_and_wait(docker: &DockerClient, stdout: &str, stderr: &str) -> Result<i64, ShimError> {
+/// Waits until the container has left "created" in the guest, feeds its stdin (an
+/// attach), streams its logs from the start into the FIFOs until it has exited and its
+/// output is drained, then returns its exit code.
+fn stream_and_wait(docker: &DockerClient, io: &Io) -> Result<i64, ShimError> {
     // Before the process runs, a follow would end at once: wait for it to start (or end).
     let start = Instant::now();
     loop {
@@ -619,34 +1021,25 @@ fn stream_and_wait(docker: &DockerClient, stdout: &str, stderr: &str) -> Result<
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut out = open_output(stdout);
-    let mut err = open_output(stderr);
+    if !io.stdin.is_empty() {
+        // cradle's own closeStdin: the process's stdin closes when this input ends.
+        let path = format!("/containers/{CONTAINER}/attach?stream=1&stdin=1&closeStdin=1");
+        match docker.hijack(&path, &serde_json::Value::Null) {
+            Ok(session) => {
+                let (fifo, closed) = (io.stdin.clone(), Arc::clone(&io.stdin_closed));
+                let input = session.input;
+                spawn("stdin", move || stdio::pump_stdin(&fifo, input, &closed))?;
+            }
+            Err(error) => log::warn!("the container gets no stdin: {error}"),
+        }
+    }
     let response = docker.send(
         "GET",
         &format!("/containers/{CONTAINER}/logs?follow=1&stdout=1&stderr=1"),
     )?;
     if response.status == 200 {
-        let written = docker::demux(response.body, |stream, bytes| {
-            let target = match stream {
-                Stream::Stdout => out.as_mut(),
-                Stream::Stderr => err.as_mut(),
-            };
-            if let Some(file) = target {
-                // A reader that went away (EPIPE) drops the rest of that stream only.
-                if file.write_all(bytes).is_err() {
-                    match stream {
-                        Stream::Stdout => out = None,
-                        Stream::Stderr => err = None,
-                    }
-                }
-            }
-            Ok(())
-        });
-        if let Err(error) = written {
-            log::warn!("the container's output stream broke: {error}");
-        }
+        stdio::copy_output(response.body, false, &io.stdout, &io.stderr);
     }
-    drop((out, err));
     let body = docker.call("POST", &format!("/containers/{CONTAINER}/wait"))?;
     Ok(docker::wait_status(&body).unwrap_or(255))
 }
@@ -675,10 +1068,11 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        if !req.exec_id.is_empty() {
-            return Err(ShimError::Exec { id: req.id }.into());
-        }
-        let pid = self.start_container(&req.id)?;
+        let pid = if req.exec_id.is_empty() {
+            self.start_container(&req.id)?
+        } else {
+            self.start_exec(&req.id, &req.exec_id)?
+        };
         let mut response = api::StartResponse::new();
         response.pid = pid;
         Ok(response)
@@ -692,8 +1086,23 @@ impl containerd_shim::Task for Service {
         let guard = self.shared.lock();
         self.check_id(&guard, &req.id)?;
         let mut response = api::StateResponse::new();
-        if let Some(c) = guard.as_ref() {
+        if let (Some(c), false) = (guard.as_ref(), req.exec_id.is_empty()) {
+            let exec = c.exec(&req.exec_id)?;
+            response.id = req.exec_id.clone();
+            response.exec_id = req.exec_id.clone();
+            response.bundle = c.bundle.display().to_string();
+            response.pid = exec.pid;
+            response.status = EnumOrUnknown::new(status_of(exec.phase));
+            response.stdin = exec.stdin.clone();
+            response.stdout = exec.stdout.clone();
+            response.stderr = exec.stderr.clone();
+            response.terminal = exec.process.terminal;
+            let (status, at) = now_or(&exec.exit);
+            response.exit_status = status;
+            response.exited_at = at;
+        } else if let Some(c) = guard.as_ref() {
             response.id = c.id.clone();
+            response.stdin = c.stdin.clone();
             response.bundle = c.bundle.display().to_string();
             response.pid = c.pid;
             response.status = EnumOrUnknown::new(c.status());
@@ -707,12 +1116,29 @@ impl containerd_shim::Task for Service {
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        if !req.exec_id.is_empty() {
-            return Err(ShimError::Exec { id: req.id }.into());
-        }
         let mut guard = self.shared.lock();
         self.check_id(&guard, &req.id)?;
+        if let Some(c) = guard.as_ref().filter(|_| !req.exec_id.is_empty()) {
+            c.exec(&req.exec_id)?;
+        }
         loop {
+            if !req.exec_id.is_empty() {
+                let exec = guard.as_ref().and_then(|c| c.execs.get(&req.exec_id));
+                if let Some(None) = exec.map(|e| e.exit.as_ref()) {
+                    guard = self
+                        .shared
+                        .changed
+                        .wait(guard)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    continue;
+                }
+                // Exited, or deleted (with its container) while waiting.
+                let mut response = api::WaitResponse::new();
+                let (status, at) = now_or(&exec.and_then(|e| e.exit.clone()));
+                response.exit_status = status;
+                response.exited_at = at;
+                return Ok(response);
+            }
             match guard.as_ref() {
                 Some(c) if c.exit.is_none() => {}
                 // Deleted while waiting, or exited.
@@ -743,7 +1169,7 @@ impl containerd_shim::Task for Service {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         if !req.exec_id.is_empty() {
-            return Err(ShimError::Exec { id: req.id }.into());
+            return Ok(self.delete_exec(&req.id, &req.exec_id)?);
         }
         Ok(self.delete_container(&req.id)?)
     }
@@ -756,6 +1182,12 @@ impl containerd_shim::Task for Service {
             let mut info = ProcessInfo::new();
             info.pid = c.pid;
             response.processes.push(info);
+            // Running execs, by their pid in the guest.
+            for exec in c.execs.values().filter(|e| e.phase == Phase::Running) {
+                let mut info = ProcessInfo::new();
+                info.pid = exec.pid;
+                response.processes.push(info);
+            }
         }
         Ok(response)
     }
@@ -771,6 +1203,25 @@ impl containerd_shim::Task for Service {
         response.task_pid = guard.as_ref().map_or(0, |c| c.pid);
         response.version = env!("CARGO_PKG_VERSION").to_owned();
         Ok(response)
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        self.add_exec(&req)?;
+        Ok(api::Empty::new())
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.resize_terminal(&req)?;
+        Ok(api::Empty::new())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        self.close_stdin(&req)?;
+        Ok(api::Empty::new())
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {

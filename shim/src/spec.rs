@@ -45,6 +45,13 @@ pub enum SpecError {
     NoArgs,
     #[error("process.terminal is true: crib's shim does not give containers a TTY yet; run without -t (--tty)")]
     Terminal,
+    #[error(
+        "the exec's process spec is not JSON of an OCI process (args, env, cwd, user, terminal)"
+    )]
+    ExecParse {
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("process.{field}: {value:?} contains a NUL byte")]
     Nul { field: &'static str, value: String },
 }
@@ -62,9 +69,12 @@ pub struct OciSpec {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct OciProcess {
     #[serde(default)]
     pub terminal: bool,
+    #[serde(default)]
+    pub console_size: Option<OciBox>,
     #[serde(default)]
     pub user: OciUser,
     #[serde(default)]
@@ -73,6 +83,15 @@ pub struct OciProcess {
     pub env: Vec<String>,
     #[serde(default)]
     pub cwd: String,
+}
+
+/// A terminal's size.
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+pub struct OciBox {
+    #[serde(default)]
+    pub height: u32,
+    #[serde(default)]
+    pub width: u32,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -152,22 +171,7 @@ impl OciSpec {
         if process.terminal {
             return Err(SpecError::Terminal);
         }
-        if process.args.first().is_none_or(String::is_empty) {
-            return Err(SpecError::NoArgs);
-        }
-        for (field, values) in [("args", &process.args), ("env", &process.env)] {
-            if let Some(value) = values.iter().find(|v| v.contains('\0')) {
-                return Err(SpecError::Nul {
-                    field,
-                    value: value.clone(),
-                });
-            }
-        }
-        let cwd = if process.cwd.starts_with('/') {
-            process.cwd.clone()
-        } else {
-            "/".to_owned()
-        };
+        let (argv, env, cwd, user) = checked(process)?;
         let memory_bytes = self
             .linux
             .as_ref()
@@ -177,19 +181,82 @@ impl OciSpec {
             .and_then(|limit| u64::try_from(limit).ok())
             .filter(|limit| *limit > 0);
         Ok(ContainerProcess {
-            argv: process.args.clone(),
-            // Entries that are not NAME=VALUE would be refused by the pod spec.
-            env: process
-                .env
-                .iter()
-                .filter(|e| e.split_once('=').is_some_and(|(n, _)| !n.is_empty()))
-                .cloned()
-                .collect(),
+            argv,
+            env,
             cwd,
-            user: format!("{}:{}", process.user.uid, process.user.gid),
+            user,
             memory_bytes,
         })
     }
+}
+
+/// An exec process (`ctr task exec`): what containerd's `ExecProcessRequest.spec` (the
+/// JSON of an OCI process) asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecProcess {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    /// `uid:gid`.
+    pub user: String,
+    pub terminal: bool,
+    /// `[height, width]`, if the spec gives a size.
+    pub console_size: Option<[u16; 2]>,
+}
+
+/// Reads and checks an exec's process spec (JSON bytes).
+pub fn exec_process(json: &[u8]) -> Result<ExecProcess, SpecError> {
+    let process: OciProcess =
+        serde_json::from_slice(json).map_err(|source| SpecError::ExecParse { source })?;
+    let (argv, env, cwd, user) = checked(&process)?;
+    let console_size = process
+        .console_size
+        .and_then(|b| Some([u16::try_from(b.height).ok()?, u16::try_from(b.width).ok()?]))
+        .filter(|[h, w]| *h > 0 && *w > 0);
+    Ok(ExecProcess {
+        argv,
+        env,
+        cwd,
+        user,
+        terminal: process.terminal,
+        console_size,
+    })
+}
+
+/// A process's args (not empty), env (NAME=VALUE entries only), cwd (absolute, else /)
+/// and `uid:gid`; no NUL bytes.
+fn checked(process: &OciProcess) -> Result<(Vec<String>, Vec<String>, String, String), SpecError> {
+    if process.args.first().is_none_or(String::is_empty) {
+        return Err(SpecError::NoArgs);
+    }
+    for (field, values) in [("args", &process.args), ("env", &process.env)] {
+        if let Some(value) = values.iter().find(|v| v.contains('\0')) {
+            return Err(SpecError::Nul {
+                field,
+                value: value.clone(),
+            });
+        }
+    }
+    let cwd = if process.cwd.starts_with('/') {
+        process.cwd.clone()
+    } else {
+        "/".to_owned()
+    };
+    if cwd.contains('\0') {
+        return Err(SpecError::Nul {
+            field: "cwd",
+            value: cwd,
+        });
+    }
+    // Entries that are not NAME=VALUE would be refused by the pod spec.
+    let env = process
+        .env
+        .iter()
+        .filter(|e| e.split_once('=').is_some_and(|(n, _)| !n.is_empty()))
+        .cloned()
+        .collect();
+    let user = format!("{}:{}", process.user.uid, process.user.gid);
+    Ok((process.args.clone(), env, cwd, user))
 }
 
 /// A pod name (1 to 63 of `a-z0-9-`) for the container `id` of namespace `namespace`:
@@ -271,6 +338,36 @@ mod tests {
                 memory_bytes: None,
             }
         );
+    }
+
+    #[test]
+    fn exec_process_takes_terminal_and_console_size() {
+        let exec = exec_process(
+            br#"{"terminal": true, "consoleSize": {"height": 40, "width": 120}, "user": {"uid": 0, "gid": 0},
+                "args": ["sh"], "env": ["PATH=/bin", "bogus"], "cwd": ""}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            exec,
+            ExecProcess {
+                argv: vec!["sh".into()],
+                env: vec!["PATH=/bin".into()],
+                cwd: "/".into(),
+                user: "0:0".into(),
+                terminal: true,
+                console_size: Some([40, 120]),
+            }
+        );
+    }
+
+    #[test]
+    fn exec_process_of_garbage_or_without_args_is_an_error() {
+        let err = exec_process(b"\xff{").unwrap_err();
+        assert!(matches!(err, SpecError::ExecParse { .. }), "{err}");
+        let err = exec_process(br#"{"args": []}"#).unwrap_err();
+        assert!(matches!(err, SpecError::NoArgs), "{err}");
+        let err = exec_process(br#"{"args": ["a\u0000b"]}"#).unwrap_err();
+        assert!(matches!(err, SpecError::Nul { field: "args", .. }), "{err}");
     }
 
     #[test]

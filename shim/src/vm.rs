@@ -32,11 +32,12 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the container's VM ended before it was ready ({status}); crib's log {} ends with:\n{tail}", log.display())]
+    #[error("the container's VM ended before it was ready ({status}); crib's log {} ends with:\n{tail}\nthe guest's console ends with:\n{console}", log.display())]
     Exited {
         status: ExitStatus,
         log: PathBuf,
         tail: String,
+        console: String,
     },
     #[error("the container's VM was not ready within {} s (no answer on {}); crib's log {} ends with:\n{tail}", timeout.as_secs(), socket.display(), log.display())]
     NotReady {
@@ -111,6 +112,7 @@ impl Vm {
                     status,
                     log: vm.log.clone(),
                     tail: log_tail(&vm.log),
+                    console: log_tail(&vm.run_dir.join("console.log")),
                 });
             }
             if docker.ping() {

@@ -183,6 +183,12 @@ impl Api {
                 exec.resize(height, width)?;
                 Ok(server::empty(StatusCode::OK))
             }
+            Route::ExecKill(key) => {
+                let exec = registry.execs().find(&key)?;
+                let signal = signal_param(&query, libc::SIGKILL)?;
+                exec.signal(signal)?;
+                Ok(server::empty(StatusCode::NO_CONTENT))
+            }
             Route::Shutdown => {
                 let grace = stop_timeout(&query)?;
                 registry.request_shutdown(grace);

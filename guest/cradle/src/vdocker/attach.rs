@@ -31,6 +31,8 @@ pub struct AttachOptions {
     pub stderr: bool,
     /// Replay the stored output first.
     pub logs: bool,
+    /// crib's: close the process's stdin at the client's end of input.
+    pub close_stdin: bool,
 }
 
 impl AttachOptions {
@@ -41,6 +43,7 @@ impl AttachOptions {
             stdout: query.flag("stdout"),
             stderr: query.flag("stderr"),
             logs: query.flag("logs"),
+            close_stdin: query.flag("closeStdin"),
         }
     }
 
@@ -64,7 +67,7 @@ pub fn attach(
     let (response, hijack) = server::hijack(upgrade, MULTIPLEXED_STREAM);
     tokio::spawn(async move {
         if let Some(io) = hijack.into_io().await {
-            session(io, &container, options, output, run).await;
+            session(io, container, options, output, run).await;
         }
     });
     response
@@ -72,13 +75,13 @@ pub fn attach(
 
 async fn session(
     io: BoxIo,
-    container: &Container,
+    container: Arc<Container>,
     options: AttachOptions,
     mut output: broadcast::Receiver<OutputChunk>,
     run: Option<u64>,
 ) {
     let (client_in, mut client_out) = tokio::io::split(io);
-    if options.logs && !replay(container, options, &mut client_out).await {
+    if options.logs && !replay(&container, options, &mut client_out).await {
         return;
     }
     let stdin = if options.stdin && run.is_some() {
@@ -89,11 +92,17 @@ async fn session(
     } else {
         None
     };
+    let close_stdin = options.close_stdin.then(|| (Arc::clone(&container), run));
     let forward = stdin.map(|mut stdin| {
         tokio::spawn(async move {
             let mut client_in = client_in;
-            // Dropping our duplicate at the end leaves the pipe open.
-            let _ = tokio::io::copy(&mut client_in, &mut stdin).await;
+            // Dropping our duplicate at the end leaves the pipe open...
+            let copied = tokio::io::copy(&mut client_in, &mut stdin).await;
+            drop(stdin);
+            // ... unless the client asked for it to close at its end of input.
+            if let (Ok(_), Some((container, Some(number)))) = (copied, close_stdin) {
+                container.close_stdin(number);
+            }
         })
     });
     if let Some(number) = run {
@@ -189,7 +198,8 @@ mod tests {
                 stdin: true,
                 stdout: true,
                 stderr: false,
-                logs: true
+                logs: true,
+                close_stdin: false,
             }
         );
         assert!(!options.wants(StreamKind::Stderr));

@@ -230,6 +230,14 @@ impl Container {
             .and_then(|run| run.stdin.clone())
     }
 
+    /// Closes run `number`'s stdin (the process reads end of file once no
+    /// attach holds a duplicate any more).
+    pub fn close_stdin(&self, number: u64) {
+        if let Some(run) = self.lock().run.as_mut().filter(|run| run.number == number) {
+            run.stdin = None;
+        }
+    }
+
     /// Starts a new run; `NotModified` if one is in progress. A process that
     /// cannot be started is a warning on the console and a run that has
     /// ended with 127 (not found) or 126, as Docker reports it.

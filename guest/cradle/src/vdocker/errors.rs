@@ -54,6 +54,14 @@ pub enum VdockerError {
     /// Docker answers 304 with no body: already started, already stopped.
     #[error("container {0} is already in that state")]
     NotModified(String),
+    #[error("exec {0} is not running: it has not been started or has exited")]
+    ExecNotRunning(String),
+    #[error("cannot signal exec {id}")]
+    ExecSignal {
+        id: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("exec {0} has already been started")]
     ExecAlreadyStarted(String),
     #[error("cannot signal container {name}")]
@@ -92,12 +100,15 @@ impl VdockerError {
             | Self::BadParameter { .. }
             | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NotRunning(_) | Self::ExecAlreadyStarted(_) => StatusCode::CONFLICT,
+            Self::NotRunning(_) | Self::ExecNotRunning(_) | Self::ExecAlreadyStarted(_) => {
+                StatusCode::CONFLICT
+            }
             Self::NotModified(_) => StatusCode::NOT_MODIFIED,
             Self::Archive(error) => error.status(),
-            Self::Signal { .. } | Self::ExecSpawn { .. } | Self::ExecSetup { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Self::Signal { .. }
+            | Self::ExecSignal { .. }
+            | Self::ExecSpawn { .. }
+            | Self::ExecSetup { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

@@ -32,7 +32,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio::sync::watch;
 
 use super::containers::{
-    docker_exit_code, exec_command, signal_group, spawn_exit_code, Container, OUTPUT_GRACE_MS,
+    docker_exit_code, exec_command, signal_group, signal_process, spawn_exit_code, Container,
+    OUTPUT_GRACE_MS,
 };
 use super::errors::VdockerError;
 use super::fdio::FdStream;
@@ -234,6 +235,24 @@ impl Exec {
                 .map_err(|source| VdockerError::ExecSetup { source }),
             None => Ok(()),
         }
+    }
+
+    /// crib's `POST /exec/{id}/kill`: `signal` to the running process
+    /// (SIGKILL: to its whole group, as for a container); 409 once it has
+    /// exited or before it started.
+    pub fn signal(&self, signal: i32) -> Result<(), VdockerError> {
+        let pid = self
+            .running_pid()
+            .ok_or_else(|| VdockerError::ExecNotRunning(self.id.clone()))?;
+        let sent = if signal == libc::SIGKILL {
+            signal_group(pid, signal)
+        } else {
+            signal_process(pid, signal)
+        };
+        sent.map_err(|source| VdockerError::ExecSignal {
+            id: self.id.clone(),
+            source,
+        })
     }
 
     fn mark_started(&self) -> Result<(), VdockerError> {

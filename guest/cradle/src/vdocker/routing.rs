@@ -30,6 +30,8 @@ pub enum Route {
     ExecStart(String),
     ExecInspect(String),
     ExecResize(String),
+    /// crib's: `POST /exec/{id}/kill?signal=N` (Docker has no way to signal an exec).
+    ExecKill(String),
     Shutdown,
 }
 
@@ -74,6 +76,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, VdockerError> {
         ["exec", e, "start"] if !e.is_empty() => post(Route::ExecStart(id(e))),
         ["exec", e, "json"] if !e.is_empty() => get(Route::ExecInspect(id(e))),
         ["exec", e, "resize"] if !e.is_empty() => post(Route::ExecResize(id(e))),
+        ["exec", e, "kill"] if !e.is_empty() => post(Route::ExecKill(id(e))),
         ["crib", "v1", "shutdown"] if bare.len() == path.len() => post(Route::Shutdown),
         ["containers", "", ..] | ["exec", "", ..] => Err(VdockerError::NotFound {
             method: method.to_string(),
@@ -223,6 +226,15 @@ mod tests {
             route(&Method::POST, "/v1.47/exec/abc/start").unwrap(),
             Route::ExecStart("abc".to_owned())
         );
+    }
+
+    #[test]
+    fn route_exec_kill_is_a_post_with_the_exec_id() {
+        assert_eq!(
+            route(&Method::POST, "/exec/abc/kill").unwrap(),
+            Route::ExecKill("abc".to_owned())
+        );
+        assert!(route(&Method::GET, "/exec/abc/kill").is_err());
     }
 
     #[test]
