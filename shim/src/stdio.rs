@@ -18,12 +18,35 @@ const STDIN_POLL_MS: i32 = 100;
 const BUFFER_BYTES: usize = 32 * 1024;
 
 /// Opens a FIFO (or file) containerd gave for an output; none for an empty path.
+///
+/// Without blocking: the client (ctr) opens its read ends before it creates the task, so
+/// a FIFO without a reader means the client has gone (`ctr run -d` returns once the task
+/// started). A blocking open would then wait forever, and the process's exit, read after
+/// its output, would never reach containerd. Writes block as usual once it is open.
 pub fn open_output(path: &str) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     if path.is_empty() {
         return None;
     }
-    match OpenOptions::new().write(true).open(path) {
-        Ok(file) => Some(file),
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => {
+            // SAFETY: F_GETFL/F_SETFL on a descriptor `file` owns; no memory is passed.
+            unsafe {
+                let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+                if flags >= 0 {
+                    libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+                }
+            }
+            Some(file)
+        }
+        Err(error) if error.raw_os_error() == Some(libc::ENXIO) => {
+            log::info!("nobody reads {path} (the client detached); that output is dropped");
+            None
+        }
         Err(error) => {
             log::warn!("cannot open {path}: {error}; that output is dropped");
             None
@@ -133,6 +156,7 @@ fn pump(mut fifo: &File, mut to: &UnixStream, closed: &AtomicBool) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
 
     /// A FIFO in a fresh temporary directory.
     fn fifo(name: &str) -> std::path::PathBuf {
@@ -164,6 +188,7 @@ mod tests {
         writer.join().unwrap();
         pump.join().unwrap();
         assert_eq!(got, "hello\n");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]
@@ -183,6 +208,7 @@ mod tests {
         pump.join().unwrap();
         assert_eq!(got, "abc");
         drop(fifo);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]
@@ -208,5 +234,25 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "o\n");
         assert_eq!(std::fs::read_to_string(&err).unwrap(), "e\n");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `ctr run -d`: the client is gone before the shim opens its output FIFO.
+    #[test]
+    fn an_output_fifo_without_a_reader_is_dropped_at_once() {
+        let path = fifo("noreader");
+        // A blocking open would hang here.
+        assert!(open_output(&path.display().to_string()).is_none());
+        // With a reader it opens, and writes block as usual (not O_NONBLOCK).
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let file = open_output(&path.display().to_string()).unwrap();
+        // SAFETY: F_GETFL on a live descriptor.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
+        drop((reader, file));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
