@@ -15,13 +15,16 @@
 //!    taps, `/dev/kvm` and every socket are open and before any thread starts): builds
 //!    the jail root, `pivot_root`s into it, drops capabilities and switches uid and gid.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
+use rustix::mount::{
+    mount, mount_bind, mount_change, mount_remount, unmount, MountFlags, MountPropagationFlags,
+    UnmountFlags,
+};
+use rustix::thread::{CapabilitySet, CapabilitySets};
 use serde::Deserialize;
 
 /// Where cgroup v2 is expected.
@@ -388,46 +391,22 @@ pub fn enter(cgroup: &Path) -> Result<(), JailError> {
     if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) } != 0 {
         return Err(last_os_error("unshare(CLONE_NEWNS | CLONE_NEWIPC)"));
     }
-    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE)
+    mounted(
+        Path::new("/"),
+        mount_change(
+            "/",
+            MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+        ),
+    )
 }
 
-fn c_path(path: &Path) -> Result<CString, JailError> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| JailError::Path {
-        step: "use",
-        path: path.to_path_buf(),
-        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+/// A mount step's result, with the path it was about.
+fn mounted(target: &Path, result: rustix::io::Result<()>) -> Result<(), JailError> {
+    result.map_err(|errno| JailError::Path {
+        step: "mount",
+        path: target.to_path_buf(),
+        source: errno.into(),
     })
-}
-
-fn mount(
-    source: Option<&Path>,
-    target: &Path,
-    fstype: Option<&str>,
-    flags: libc::c_ulong,
-) -> Result<(), JailError> {
-    let source = source.map(c_path).transpose()?;
-    let target_c = c_path(target)?;
-    let fstype = fstype.map(|f| CString::new(f).unwrap_or_default());
-    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-    // SAFETY: every pointer is null or a NUL-terminated string that outlives the call;
-    // no mount data is passed.
-    let ret = unsafe {
-        libc::mount(
-            ptr(&source),
-            target_c.as_ptr(),
-            ptr(&fstype),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    if ret != 0 {
-        return Err(JailError::Path {
-            step: "mount",
-            path: target.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
 }
 
 /// Bind-mounts `path` (a file or a directory) at the same path under `root`.
@@ -442,65 +421,34 @@ fn bind_same_path(root: &Path, path: &Path, read_only: bool) -> Result<(), JailE
     } else {
         std::fs::File::create(&target).map_err(path_error("create", &target))?;
     }
-    mount(Some(path), &target, None, libc::MS_BIND)?;
+    mounted(&target, mount_bind(path, &target))?;
     if read_only {
-        mount(
-            None,
-            &target,
-            None,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
-        )?;
+        let flags = MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID;
+        mounted(&target, mount_remount(&target, flags, ""))?;
     }
     Ok(())
-}
-
-/// The capability header version the kernel wants for 64-bit sets.
-const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
 }
 
 /// (effective, permitted) of this thread.
 fn capabilities() -> Result<(u64, u64), JailError> {
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: capget writes two CapData (the v3 layout) to `data` and reads `header`.
-    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
-        return Err(last_os_error("capget"));
-    }
-    let join = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
-    Ok((
-        join(data[0].effective, data[1].effective),
-        join(data[0].permitted, data[1].permitted),
-    ))
+    let sets = rustix::thread::capabilities(None).map_err(|errno| JailError::Syscall {
+        step: "capget",
+        source: errno.into(),
+    })?;
+    Ok((sets.effective.bits(), sets.permitted.bits()))
 }
 
 /// Clears every capability set of this thread (dropping needs no privilege).
 fn clear_capabilities() -> Result<(), JailError> {
-    let header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
+    let none = CapabilitySets {
+        effective: CapabilitySet::empty(),
+        permitted: CapabilitySet::empty(),
+        inheritable: CapabilitySet::empty(),
     };
-    let data = [CapData::default(); 2];
-    // SAFETY: capset reads `header` and two CapData from `data`, both live.
-    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
-        return Err(last_os_error("capset"));
-    }
-    Ok(())
+    rustix::thread::set_capabilities(None, none).map_err(|errno| JailError::Syscall {
+        step: "capset",
+        source: errno.into(),
+    })
 }
 
 /// What [`confine`] needs.
@@ -541,39 +489,23 @@ pub fn confine(c: &Confinement) -> Result<(), JailError> {
 
     let root = c.run_dir.join(JAIL_DIR);
     std::fs::create_dir_all(&root).map_err(path_error("mkdir", &root))?;
-    mount(
-        Some(Path::new("tmpfs")),
-        &root,
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-    )?;
+    let hidden = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    mounted(&root, mount("tmpfs", &root, "tmpfs", hidden, None))?;
     bind_same_path(&root, &c.run_dir, false)?;
     bind_same_path(&root, Path::new("/dev/null"), false)?;
     // The tmpfs itself: read-only once filled (the binds keep their own flags).
-    mount(
-        None,
-        &root,
-        None,
-        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-    )?;
-    let root_c = c_path(&root)?;
-    // SAFETY: chdir and pivot_root(".", ".") take a NUL-terminated path that outlives the
-    // call; pivot_root(".", ".") stacks the old root on the new one, unmounted next.
-    unsafe {
-        if libc::chdir(root_c.as_ptr()) != 0 {
-            return Err(last_os_error("chdir to the jail root"));
+    mounted(&root, mount_remount(&root, hidden | MountFlags::RDONLY, ""))?;
+    // pivot_root(".", ".") stacks the old root on the new one, unmounted next.
+    let step = |step: &'static str| {
+        move |errno: rustix::io::Errno| JailError::Syscall {
+            step,
+            source: errno.into(),
         }
-        let dot = c".";
-        if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0 {
-            return Err(last_os_error("pivot_root"));
-        }
-        if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
-            return Err(last_os_error("unmount the old root"));
-        }
-        if libc::chdir(c"/".as_ptr()) != 0 {
-            return Err(last_os_error("chdir /"));
-        }
-    }
+    };
+    rustix::process::chdir(&root).map_err(step("chdir to the jail root"))?;
+    rustix::process::pivot_root(".", ".").map_err(step("pivot_root"))?;
+    unmount(".", UnmountFlags::DETACH).map_err(step("unmount the old root"))?;
+    rustix::process::chdir("/").map_err(step("chdir /"))?;
 
     for cap in 0..=cap_last {
         // SAFETY: prctl with integer arguments only.
