@@ -7,6 +7,7 @@ mod docker;
 mod mount;
 mod service;
 mod spec;
+mod stats;
 mod stdio;
 mod vm;
 

@@ -131,12 +131,136 @@ pub fn mount(
     Ok(())
 }
 
+/// Bind-mounts `source` (with what is mounted below it) on `target`, read-only if asked.
+pub fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), MountError> {
+    let mut options = vec!["rbind".to_owned()];
+    if readonly {
+        options.push("ro".to_owned());
+    }
+    let source = source.to_str().ok_or(MountError::Nul { field: "source" })?;
+    mount("bind", source, &options, target)
+}
+
+/// Makes `dir` a mount of its own whose new submounts propagate to its copies in other
+/// mount namespaces (virtiofsd's sandbox takes `/` as a slave): containers added to a
+/// running pod have their roots bound below it after virtiofsd started.
+pub fn make_shared(dir: &Path) -> Result<(), MountError> {
+    let dir_str = dir.to_str().ok_or(MountError::Nul { field: "target" })?;
+    mount("bind", dir_str, &["bind".to_owned()], dir)?;
+    let target = c_string(dir.as_os_str().as_bytes(), "target")?;
+    // SAFETY: `target` is a NUL-terminated string alive across the call; a propagation
+    // change reads only the target path.
+    let done = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_SHARED,
+            std::ptr::null(),
+        )
+    };
+    if done != 0 {
+        let error = io::Error::last_os_error();
+        let _ = unmount(dir);
+        return Err(MountError::Mount(error));
+    }
+    Ok(())
+}
+
+/// Unmounts `path` (lazily if it is busy).
+pub fn unmount(path: &Path) -> io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c_path` is a NUL-terminated string that lives across the call; umount2
+    // reads it and touches no other memory.
+    let done = unsafe { libc::umount2(c_path.as_ptr(), 0) };
+    if done == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above; MNT_DETACH only changes when the kernel frees the mount.
+    let done = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The mount points at or below `dir` in a mountinfo text, deepest first (the order
+/// to unmount them in).
+pub fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<std::path::PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| std::path::PathBuf::from(unescape_octal(point)))
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    // Stacked mounts on one point appear once each: each is unmounted in turn.
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        if let (b'\\', Some(digits)) = (bytes[i], octal) {
+            let value = digits
+                .iter()
+                .fold(0u8, |v, d| v.wrapping_mul(8).wrapping_add(d - b'0'));
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts everything mounted at or below `dir` (this process's mount namespace);
+/// returns the mount points that stayed.
+pub fn unmount_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    mounts_under(&mountinfo, dir)
+        .into_iter()
+        .filter(|point| unmount(point).is_err())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn words(list: &[&str]) -> Vec<String> {
         list.iter().map(|w| (*w).to_owned()).collect()
+    }
+
+    #[test]
+    fn mounts_under_a_directory_come_deepest_first() {
+        let info = "\
+22 1 0:21 / / rw - ext4 /dev/vda rw
+40 22 0:30 / /run/crib-shim/c-1/share rw shared:5 - none none rw
+41 40 0:31 / /run/crib-shim/c-1/share/container rw shared:5 - overlay overlay rw
+42 40 0:32 / /run/crib-shim/c-1/share/c\\0402 rw - overlay overlay rw
+43 22 0:33 / /run/crib-shim/c-10 rw - tmpfs tmpfs rw
+";
+        let found = mounts_under(info, Path::new("/run/crib-shim/c-1"));
+        assert_eq!(
+            found,
+            [
+                Path::new("/run/crib-shim/c-1/share/container"),
+                Path::new("/run/crib-shim/c-1/share/c 2"),
+                Path::new("/run/crib-shim/c-1/share"),
+            ]
+        );
     }
 
     #[test]

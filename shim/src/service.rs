@@ -1,17 +1,23 @@
 //! The shim: containerd's `start`/`delete` subcommands ([`Shim`]) and the task service
-//! ([`Task`]) for one container in one crib VM.
+//! ([`Task`]) for the containers of one crib VM: a lone container (`ctr run`), or a CRI
+//! pod sandbox and its containers (one shim per sandbox, grouped by the CRI's
+//! annotations).
 //!
 //! - Create: reads the bundle's config.json, mounts the rootfs containerd gives (an
-//!   overlay snapshot) at the bundle's root directory and writes crib's launch file.
-//! - Start: boots the VM (`crib pod run`); cradle runs the process chrooted into the
-//!   rootfs, which reaches the guest over virtio-fs. A thread streams the container's
-//!   output from the pod's Docker API into containerd's FIFOs, waits for the exit code
-//!   and publishes the exit.
+//!   overlay snapshot) at the bundle's root directory and binds it into the VM's share
+//!   directory (shared with the guest over virtio-fs); the VM's owner (the lone
+//!   container, or the sandbox) also writes crib's launch file.
+//! - Start: the owner boots the VM (`crib pod run`, in the sandbox's CNI network
+//!   namespace); another container of the sandbox is added to the running VM through
+//!   cradle's `POST /crib/v1/containers`. cradle runs each process chrooted into its
+//!   root. A thread streams the container's output from the pod's Docker API into
+//!   containerd's FIFOs, waits for the exit code and publishes the exit.
 //! - Exec and Start(exec) run a process in the container through the Docker API's exec
 //!   (with or without a TTY), its stdio bridged to the exec's FIFOs; the main process's
 //!   stdin goes through an attach. CloseIO ends a process's stdin.
-//! - Kill sends the signal through the Docker API; Delete shuts the VM down, unmounts
-//!   the rootfs and removes the shim's state directory; Shutdown ends the shim.
+//! - Kill sends the signal through the Docker API; Delete removes a container from the
+//!   VM, or (the owner) shuts the VM down, unmounts the roots and removes the state
+//!   directory; Shutdown ends the shim once its last container is deleted.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,12 +44,16 @@ use containerd_shim::{
 use thiserror::Error;
 
 use crate::docker::{self, DockerClient, DockerError};
-use crate::spec::{self, ExecProcess, OciSpec, SpecError};
+use crate::mount;
+use crate::spec::{self, ContainerProcess, ExecProcess, OciSpec, SpecError};
+use crate::stats;
 use crate::stdio;
 use crate::vm::{self, Vm, VmError};
 
-/// The container's name in the pod's Docker API.
+/// The name, in the pod's Docker API, of the container that owns the VM.
 const CONTAINER: &str = spec::PROCESS_NAME;
+/// The state directory's subdirectory shared with the guest: every container's root.
+const SHARE_DIR: &str = "share";
 /// How long the VM may take to boot to cradle's Docker API.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// SIGKILL after this long once the pod is asked to shut down.
@@ -106,6 +116,12 @@ pub enum ShimError {
         what: &'static str,
         field: &'static str,
     },
+    #[error("container {id:?} belongs to sandbox {sandbox:?}, which this shim does not run: create the sandbox's task first (CRI: RunPodSandbox)")]
+    NoSandbox { id: String, sandbox: String },
+    #[error("container {id:?} has no sandbox annotations but this shim runs pod {owner:?} already: give the container a task of its own")]
+    OwnedAlready { id: String, owner: String },
+    #[error("container {id:?}: its sandbox's VM is not running: start the sandbox first, or create it again")]
+    SandboxDown { id: String },
     #[error("container {id:?} is {state}; {fix}")]
     State {
         id: String,
@@ -124,7 +140,10 @@ impl ShimError {
             Self::UnknownTask { .. } | Self::UnknownExec { .. } => Code::NOT_FOUND,
             Self::Exists { .. } | Self::ExecExists { .. } => Code::ALREADY_EXISTS,
             Self::NoExecSpec { .. } => Code::INVALID_ARGUMENT,
-            Self::State { .. } => Code::FAILED_PRECONDITION,
+            Self::State { .. } | Self::NoSandbox { .. } | Self::SandboxDown { .. } => {
+                Code::FAILED_PRECONDITION
+            }
+            Self::OwnedAlready { .. } => Code::ALREADY_EXISTS,
             _ => Code::INTERNAL,
         }
     }
@@ -178,22 +197,28 @@ enum Phase {
     Stopped,
 }
 
-/// The one container of this shim.
+/// A container of this shim: a lone container (`ctr run`) or a CRI sandbox, whose Start
+/// boots the VM, or a container of that sandbox, added to the running VM.
 struct Container {
     id: String,
+    /// Its process name in the pod's Docker API: [`CONTAINER`] for the VM's owner, else
+    /// one derived from its id.
+    name: String,
+    /// Its Start boots the VM and its Delete ends it.
+    owns_vm: bool,
     bundle: PathBuf,
     rootfs: PathBuf,
     /// The shim mounted `rootfs` (and unmounts it at delete).
     mounted: bool,
+    /// Its root's bind mount in the pod's share directory.
+    shared_root: Option<PathBuf>,
+    process: ContainerProcess,
     stdin: String,
     stdout: String,
     stderr: String,
     /// Set by CloseIO: the stdin pump ends once what was written is sent.
     stdin_closed: Arc<AtomicBool>,
     execs: HashMap<String, ExecProc>,
-    state: PathBuf,
-    launch: PathBuf,
-    vm: Option<Vm>,
     pid: u32,
     phase: Phase,
     exit: Option<(u32, Timestamp)>,
@@ -225,10 +250,6 @@ fn status_of(phase: Phase) -> Status {
 }
 
 impl Container {
-    fn run_dir(&self) -> PathBuf {
-        self.state.join("run")
-    }
-
     fn status(&self) -> Status {
         status_of(self.phase)
     }
@@ -252,32 +273,20 @@ impl Container {
             })
     }
 
-    /// The pod's Docker API, while the VM runs.
-    fn running_docker(&self) -> Result<DockerClient, ShimError> {
-        match (self.phase, self.vm.as_ref()) {
-            (Phase::Running, Some(vm)) => Ok(vm.docker()),
-            (Phase::Created, _) => Err(ShimError::State {
-                id: self.id.clone(),
-                state: "created, not started",
-                fix: "start it first (ctr task start)",
-            }),
-            _ => Err(ShimError::State {
-                id: self.id.clone(),
-                state: "stopped",
-                fix: "exec runs only in a running container",
-            }),
-        }
-    }
-
-    /// Stops the VM, unmounts the rootfs and removes the state directory.
-    fn tear_down(&mut self) {
-        if let Some(mut vm) = self.vm.take() {
-            if let Err(error) = vm.stop(STOP_GRACE, STOP_TIMEOUT) {
-                log::warn!("container {}: shutdown call failed: {error}", self.id);
+    /// Unmounts its root from the share and the bundle.
+    fn unmount_roots(&mut self) {
+        if let Some(shared) = self.shared_root.take() {
+            if let Err(error) = mount::unmount(&shared) {
+                log::warn!(
+                    "container {}: cannot unmount {}: {error}",
+                    self.id,
+                    shared.display()
+                );
             }
+            let _ = std::fs::remove_dir(&shared);
         }
         if self.mounted {
-            match unmount(&self.rootfs) {
+            match mount::unmount(&self.rootfs) {
                 Ok(()) => self.mounted = false,
                 Err(error) => log::warn!(
                     "container {}: cannot unmount {}: {error}",
@@ -286,11 +295,58 @@ impl Container {
                 ),
             }
         }
+    }
+
+    /// Ends a process the VM took with it.
+    fn vm_ended(&mut self) {
+        if self.phase != Phase::Stopped {
+            self.phase = Phase::Stopped;
+            self.exit = Some((KILLED_STATUS, Timestamp::now()));
+        }
+        for exec in self.execs.values_mut() {
+            if exec.phase != Phase::Stopped {
+                exec.phase = Phase::Stopped;
+                exec.exit = Some((KILLED_STATUS, Timestamp::now()));
+            }
+        }
+    }
+}
+
+/// The VM's side of the shim: its state directory, launch file and, once started, crib.
+struct PodVm {
+    /// The container whose Start boots it.
+    owner: String,
+    state: PathBuf,
+    launch: PathBuf,
+    /// The CRI sandbox's network namespace, which crib joins.
+    netns: Option<PathBuf>,
+    vm: Option<Vm>,
+}
+
+impl PodVm {
+    fn run_dir(&self) -> PathBuf {
+        self.state.join("run")
+    }
+
+    fn share(&self) -> PathBuf {
+        self.state.join(SHARE_DIR)
+    }
+
+    /// Stops crib, unmounts everything below the state directory and removes it.
+    fn tear_down(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            if let Err(error) = vm.stop(STOP_GRACE, STOP_TIMEOUT) {
+                log::warn!("pod {}: shutdown call failed: {error}", self.owner);
+            }
+        }
+        for stuck in mount::unmount_under(&self.state) {
+            log::warn!("pod {}: cannot unmount {}", self.owner, stuck.display());
+        }
         if let Err(error) = std::fs::remove_dir_all(&self.state) {
             if error.kind() != std::io::ErrorKind::NotFound {
                 log::warn!(
-                    "container {}: cannot remove {}: {error}",
-                    self.id,
+                    "pod {}: cannot remove {}: {error}",
+                    self.owner,
                     self.state.display()
                 );
             }
@@ -298,39 +354,92 @@ impl Container {
     }
 }
 
-/// Unmounts `path` (lazily if it is busy).
-fn unmount(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: `c_path` is a NUL-terminated string that lives across the call; umount2
-    // reads it and touches no other memory.
-    let done = unsafe { libc::umount2(c_path.as_ptr(), 0) };
-    if done == 0 {
-        return Ok(());
+/// This shim's containers and their VM: one container (`ctr run`), or a CRI sandbox
+/// and the containers created in it.
+#[derive(Default)]
+struct Pod {
+    containers: HashMap<String, Container>,
+    vm: Option<PodVm>,
+}
+
+impl Pod {
+    fn get(&self, id: &str) -> Result<&Container, ShimError> {
+        self.containers.get(id).ok_or_else(|| self.unknown(id))
     }
-    // SAFETY: as above; MNT_DETACH only changes when the kernel frees the mount.
-    let done = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
-    if done == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+
+    fn get_mut(&mut self, id: &str) -> Result<&mut Container, ShimError> {
+        if !self.containers.contains_key(id) {
+            return Err(self.unknown(id));
+        }
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| ShimError::UnknownTask {
+                id: id.to_owned(),
+                ours: String::new(),
+            })
+    }
+
+    fn unknown(&self, id: &str) -> ShimError {
+        let mut ours: Vec<&str> = self.containers.keys().map(String::as_str).collect();
+        ours.sort_unstable();
+        ShimError::UnknownTask {
+            id: id.to_owned(),
+            ours: ours.join(", "),
+        }
+    }
+
+    /// crib's Docker API, while the VM runs.
+    fn vm_docker(&self) -> Option<DockerClient> {
+        self.vm.as_ref()?.vm.as_ref().map(Vm::docker)
+    }
+
+    /// crib's pid once the VM runs, else the shim's.
+    fn vm_pid(&self) -> u32 {
+        self.vm
+            .as_ref()
+            .and_then(|p| p.vm.as_ref())
+            .map_or_else(std::process::id, Vm::pid)
+    }
+
+    /// The pod's Docker API for a process of container `id`, which must be running.
+    fn running_docker(&self, id: &str) -> Result<DockerClient, ShimError> {
+        let container = self.get(id)?;
+        match (container.phase, self.vm_docker()) {
+            (Phase::Running, Some(docker)) => Ok(docker),
+            (Phase::Created, _) => Err(ShimError::State {
+                id: id.to_owned(),
+                state: "created, not started",
+                fix: "start it first (ctr task start)",
+            }),
+            _ => Err(ShimError::State {
+                id: id.to_owned(),
+                state: "stopped",
+                fix: "exec runs only in a running container",
+            }),
+        }
     }
 }
 
 /// What the service threads share.
 struct Shared {
-    container: Mutex<Option<Container>>,
+    pod: Mutex<Pod>,
     changed: Condvar,
     namespace: String,
     publisher: Option<RemotePublisher>,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Option<Container>> {
-        self.container
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn new(namespace: &str, publisher: Option<RemotePublisher>) -> Self {
+        Shared {
+            pod: Mutex::new(Pod::default()),
+            changed: Condvar::new(),
+            namespace: namespace.to_owned(),
+            publisher,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pod> {
+        self.pod.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn publish(&self, topic: &str, event: Box<dyn containerd_shim::protos::protobuf::MessageDyn>) {
@@ -340,6 +449,26 @@ impl Shared {
                 log::warn!("cannot publish {topic}: {error}");
             }
         }
+    }
+
+    /// Records the exit of container `id`'s main process and publishes it.
+    fn exited(&self, id: &str, pid: u32, status: u32) {
+        let at = Timestamp::now();
+        {
+            let mut pod = self.lock();
+            if let Some(container) = pod.containers.get_mut(id) {
+                container.phase = Phase::Stopped;
+                container.exit = Some((status, at.clone()));
+            }
+            self.changed.notify_all();
+        }
+        let mut event = TaskExit::new();
+        event.container_id = id.to_owned();
+        event.id = id.to_owned();
+        event.pid = pid;
+        event.exit_status = status;
+        event.exited_at = MessageField::some(at);
+        self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(event));
     }
 }
 
@@ -360,24 +489,26 @@ impl containerd_shim::Shim for Service {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
             exit: Arc::new(ExitSignal::default()),
-            shared: Arc::new(Shared {
-                container: Mutex::new(None),
-                changed: Condvar::new(),
-                namespace: args.namespace.clone(),
-                publisher: None,
-            }),
+            shared: Arc::new(Shared::new(&args.namespace, None)),
         }
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> Result<String, containerd_shim::Error> {
-        // One shim (and one VM) per container for now: group by the container's id.
-        let grouping = opts.id.clone();
+        // One shim (and one VM) per CRI sandbox: a container of a sandbox is served by
+        // the sandbox's shim (the library returns its address when it runs already); a
+        // container without the CRI's annotations gets a shim of its own. containerd
+        // runs `start` in the container's bundle.
+        let bundle = std::env::current_dir().unwrap_or_default();
+        let grouping = match OciSpec::load(&bundle) {
+            Ok(oci) => oci.grouping(&opts.id).to_owned(),
+            Err(_) => opts.id.clone(),
+        };
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         Ok(address)
     }
 
     /// `delete`: containerd's clean-up after a shim died. Kills a crib left running,
-    /// unmounts the rootfs and removes the state directory.
+    /// unmounts the container's roots and removes the state directory of a VM it owned.
     fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
         let state = state_dir(&self.namespace, &self.id);
         if let Ok(pid) = std::fs::read_to_string(state.join("crib.pid")) {
@@ -391,8 +522,9 @@ impl containerd_shim::Shim for Service {
             let rootfs = OciSpec::load(&bundle)
                 .map(|s| s.root_dir(&bundle))
                 .unwrap_or_else(|_| bundle.join("rootfs"));
-            let _ = unmount(&rootfs);
+            let _ = mount::unmount_under(&rootfs);
         }
+        let _ = mount::unmount_under(&state);
         let _ = std::fs::remove_dir_all(&state);
         let mut response = DeleteResponse::new();
         response.exit_status = KILLED_STATUS;
@@ -406,34 +538,125 @@ impl containerd_shim::Shim for Service {
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         let mut service = self.clone();
-        service.shared = Arc::new(Shared {
-            container: Mutex::new(None),
-            changed: Condvar::new(),
-            namespace: self.namespace.clone(),
-            publisher: Some(publisher),
-        });
+        service.shared = Arc::new(Shared::new(&self.namespace, Some(publisher)));
         service
     }
 }
 
-impl Service {
-    fn check_id(&self, container: &Option<Container>, id: &str) -> Result<(), ShimError> {
-        match container {
-            Some(c) if c.id == id => Ok(()),
-            Some(c) => Err(ShimError::UnknownTask {
-                id: id.to_owned(),
-                ours: c.id.clone(),
-            }),
-            None => Err(ShimError::UnknownTask {
-                id: id.to_owned(),
-                ours: String::new(),
-            }),
+/// Mounts containerd's rootfs mounts on `rootfs` (nothing to do when there are none:
+/// the bundle's directory is the root). Returns whether it mounted.
+fn mount_rootfs(req: &api::CreateTaskRequest, rootfs: &Path) -> Result<bool, ShimError> {
+    let mut mounted = false;
+    for m in &req.rootfs {
+        std::fs::create_dir_all(rootfs).map_err(|source| ShimError::Write {
+            path: rootfs.to_path_buf(),
+            source,
+        })?;
+        if let Err(source) = mount::mount(&m.type_, &m.source, &m.options, rootfs) {
+            if mounted {
+                let _ = mount::unmount_under(rootfs);
+            }
+            return Err(ShimError::Mount {
+                kind: m.type_.clone(),
+                source_path: m.source.clone(),
+                target: rootfs.to_path_buf(),
+                source,
+            });
+        }
+        mounted = true;
+    }
+    let empty = std::fs::read_dir(rootfs).map_or(true, |mut d| d.next().is_none());
+    if empty {
+        if mounted {
+            let _ = mount::unmount_under(rootfs);
+        }
+        return Err(ShimError::MissingRootfs {
+            path: rootfs.to_path_buf(),
+        });
+    }
+    Ok(mounted)
+}
+
+/// Binds the container's root into the pod's share as `share/name`.
+fn share_root(
+    share: &Path,
+    name: &str,
+    rootfs: &Path,
+    readonly: bool,
+) -> Result<PathBuf, ShimError> {
+    let target = share.join(name);
+    std::fs::create_dir_all(&target).map_err(|source| ShimError::Write {
+        path: target.clone(),
+        source,
+    })?;
+    mount::bind(rootfs, &target, readonly).map_err(|source| ShimError::Mount {
+        kind: "bind".to_owned(),
+        source_path: rootfs.display().to_string(),
+        target: target.clone(),
+        source,
+    })?;
+    Ok(target)
+}
+
+/// Makes the VM's state directory: the share directory (a shared mount, so roots bound
+/// below it later reach virtiofsd) and the launch file.
+fn prepare_vm(
+    namespace: &str,
+    id: &str,
+    process: &ContainerProcess,
+    netns: Option<PathBuf>,
+) -> Result<PodVm, ShimError> {
+    let state = state_dir(namespace, id);
+    let write_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ShimError::Write { path, source }
+    };
+    // A state directory left by a killed shim of the same id: its mounts go first.
+    mount::unmount_under(&state);
+    let share = state.join(SHARE_DIR);
+    std::fs::create_dir_all(&share).map_err(write_error(&share))?;
+    let pod_vm = PodVm {
+        owner: id.to_owned(),
+        launch: state.join("launch.json"),
+        state,
+        netns,
+        vm: None,
+    };
+    let made = (|| {
+        mount::make_shared(&share).map_err(|source| ShimError::Mount {
+            kind: "bind".to_owned(),
+            source_path: share.display().to_string(),
+            target: share.clone(),
+            source,
+        })?;
+        let pod = spec::pod_name(namespace, id);
+        let json = spec::launch_file(
+            &pod,
+            process,
+            &share,
+            pod_vm.netns.as_deref(),
+            &pod_vm.run_dir(),
+        );
+        let bytes = serde_json::to_vec_pretty(&json).map_err(|e| ShimError::Write {
+            path: pod_vm.launch.clone(),
+            source: e.into(),
+        })?;
+        std::fs::write(&pod_vm.launch, bytes).map_err(write_error(&pod_vm.launch))
+    })();
+    match made {
+        Ok(()) => Ok(pod_vm),
+        Err(error) => {
+            let mut pod_vm = pod_vm;
+            pod_vm.tear_down();
+            Err(error)
         }
     }
+}
 
+impl Service {
     fn create_container(&self, req: &api::CreateTaskRequest) -> Result<u32, ShimError> {
-        let mut guard = self.shared.lock();
-        if guard.is_some() {
+        let mut pod = self.shared.lock();
+        if pod.containers.contains_key(&req.id) {
             return Err(ShimError::Exists { id: req.id.clone() });
         }
         if let Some(options) = req.options.as_ref() {
@@ -445,81 +668,75 @@ impl Service {
         let bundle = PathBuf::from(&req.bundle);
         let oci = OciSpec::load(&bundle)?;
         let process = oci.container_process()?;
-        let rootfs = oci.root_dir(&bundle);
-        let mut mounted = false;
-        for mount in &req.rootfs {
-            std::fs::create_dir_all(&rootfs).map_err(|source| ShimError::Write {
-                path: rootfs.clone(),
-                source,
-            })?;
-            let mounted_now =
-                crate::mount::mount(&mount.type_, &mount.source, &mount.options, &rootfs);
-            if let Err(source) = mounted_now {
-                if mounted {
-                    let _ = unmount(&rootfs);
-                }
-                return Err(ShimError::Mount {
-                    kind: mount.type_.clone(),
-                    source_path: mount.source.clone(),
-                    target: rootfs.clone(),
-                    source,
-                });
+        let owns_vm = match (oci.sandbox(), pod.vm.as_ref()) {
+            (None, None) => true,
+            (Some(sandbox), Some(vm)) if sandbox == vm.owner => false,
+            (Some(sandbox), _) => {
+                return Err(ShimError::NoSandbox {
+                    id: req.id.clone(),
+                    sandbox: sandbox.to_owned(),
+                })
             }
-            mounted = true;
-        }
-        let empty = std::fs::read_dir(&rootfs).map_or(true, |mut d| d.next().is_none());
-        if empty {
-            if mounted {
-                let _ = unmount(&rootfs);
-            }
-            return Err(ShimError::MissingRootfs { path: rootfs });
-        }
-        let state = state_dir(&self.namespace, &req.id);
-        let prepared = (|| {
-            std::fs::create_dir_all(&state)?;
-            let launch = state.join("launch.json");
-            let pod = spec::pod_name(&self.namespace, &req.id);
-            let json = spec::launch_file(
-                &pod,
-                &process,
-                &rootfs,
-                oci.root_readonly(),
-                &state.join("run"),
-            );
-            std::fs::write(&launch, serde_json::to_vec_pretty(&json)?)?;
-            Ok::<_, std::io::Error>(launch)
-        })();
-        let launch = match prepared {
-            Ok(launch) => launch,
-            Err(source) => {
-                if mounted {
-                    let _ = unmount(&rootfs);
-                }
-                return Err(ShimError::Write {
-                    path: state,
-                    source,
-                });
+            (None, Some(vm)) => {
+                return Err(ShimError::OwnedAlready {
+                    id: req.id.clone(),
+                    owner: vm.owner.clone(),
+                })
             }
         };
-        let pid = std::process::id();
-        *guard = Some(Container {
-            id: req.id.clone(),
-            bundle,
-            rootfs,
-            mounted,
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            stdin_closed: Arc::new(AtomicBool::new(false)),
-            execs: HashMap::new(),
-            state,
-            launch,
-            vm: None,
-            pid,
-            phase: Phase::Created,
-            exit: None,
-        });
-        drop(guard);
+        let rootfs = oci.root_dir(&bundle);
+        let mounted = mount_rootfs(req, &rootfs)?;
+        let undo_rootfs = |error: ShimError| {
+            if mounted {
+                let _ = mount::unmount_under(&rootfs);
+            }
+            error
+        };
+        if owns_vm {
+            let pod_vm = prepare_vm(&self.namespace, &req.id, &process, oci.network_namespace())
+                .map_err(undo_rootfs)?;
+            pod.vm = Some(pod_vm);
+        }
+        let name = if owns_vm {
+            CONTAINER.to_owned()
+        } else {
+            spec::pod_name(&self.namespace, &req.id)
+        };
+        let share = pod.vm.as_ref().map(PodVm::share).unwrap_or_default();
+        let shared_root = match share_root(&share, &name, &rootfs, oci.root_readonly()) {
+            Ok(path) => path,
+            Err(error) => {
+                if owns_vm {
+                    if let Some(mut vm) = pod.vm.take() {
+                        vm.tear_down();
+                    }
+                }
+                return Err(undo_rootfs(error));
+            }
+        };
+        let pid = pod.vm_pid();
+        pod.containers.insert(
+            req.id.clone(),
+            Container {
+                id: req.id.clone(),
+                name,
+                owns_vm,
+                bundle,
+                rootfs,
+                mounted,
+                shared_root: Some(shared_root),
+                process,
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                stdin_closed: Arc::new(AtomicBool::new(false)),
+                execs: HashMap::new(),
+                pid,
+                phase: Phase::Created,
+                exit: None,
+            },
+        );
+        drop(pod);
         let mut event = TaskCreate::new();
         event.container_id = req.id.clone();
         event.bundle = req.bundle.clone();
@@ -537,15 +754,11 @@ impl Service {
         Ok(pid)
     }
 
+    /// Start: the VM's owner boots it; another container is added to the running VM
+    /// (cradle's `POST /crib/v1/containers`) and started there.
     fn start_container(&self, id: &str) -> Result<u32, ShimError> {
-        let mut guard = self.shared.lock();
-        self.check_id(&guard, id)?;
-        let Some(container) = guard.as_mut() else {
-            return Err(ShimError::UnknownTask {
-                id: id.to_owned(),
-                ours: String::new(),
-            });
-        };
+        let mut pod = self.shared.lock();
+        let container = pod.get(id)?;
         if container.phase != Phase::Created {
             return Err(ShimError::State {
                 id: id.to_owned(),
@@ -553,29 +766,34 @@ impl Service {
                 fix: "create a new task to run it again",
             });
         }
-        let log = container.state.join("crib.log");
-        let launched = Vm::launch(
-            &vm::crib_binary(),
-            &container.launch,
-            &container.run_dir(),
-            &log,
-            BOOT_TIMEOUT,
-        );
-        let vm = match launched {
-            Ok(vm) => vm,
+        let (owns_vm, name) = (container.owns_vm, container.name.clone());
+        let started = if owns_vm {
+            self.boot(&mut pod)
+        } else {
+            Self::add_to_vm(&pod, container)
+        };
+        let Pod { containers, vm } = &mut *pod;
+        let Some(container) = containers.get_mut(id) else {
+            return Err(ShimError::UnknownTask {
+                id: id.to_owned(),
+                ours: String::new(),
+            });
+        };
+        let docker = match started {
+            Ok(docker) => docker,
             Err(error) => {
                 // The task ends here, so containerd can delete it (it refuses a task that
                 // is still "created").
                 container.phase = Phase::Stopped;
                 container.exit = Some((START_FAILED_STATUS, Timestamp::now()));
                 self.shared.changed.notify_all();
-                return Err(error.into());
+                return Err(error);
             }
         };
-        let pid = vm.pid();
-        let _ = std::fs::write(container.state.join("crib.pid"), pid.to_string());
-        let docker = vm.docker();
-        container.vm = Some(vm);
+        let pid = vm
+            .as_ref()
+            .and_then(|p| p.vm.as_ref())
+            .map_or(container.pid, Vm::pid);
         container.pid = pid;
         container.phase = Phase::Running;
         let io = Io {
@@ -585,35 +803,67 @@ impl Service {
             stdin_closed: Arc::clone(&container.stdin_closed),
         };
         let shared = Arc::clone(&self.shared);
-        let id = id.to_owned();
-        std::thread::Builder::new()
-            .name("io-wait".into())
-            .spawn(move || follow(shared, docker, id, pid, io))
-            .map_err(|source| ShimError::Write {
-                path: PathBuf::from("(thread)"),
-                source,
-            })?;
+        let task_id = id.to_owned();
+        spawn("io-wait", move || {
+            follow(&shared, &docker, &task_id, &name, pid, &io)
+        })?;
+        drop(pod);
         let mut event = TaskStart::new();
-        event.container_id = container.id.clone();
+        event.container_id = id.to_owned();
         event.pid = pid;
-        drop(guard);
         self.shared.publish(TASK_START_EVENT_TOPIC, Box::new(event));
         Ok(pid)
     }
 
-    fn kill_container(&self, req: &api::KillRequest) -> Result<(), ShimError> {
-        let mut guard = self.shared.lock();
-        self.check_id(&guard, &req.id)?;
-        let Some(container) = guard.as_mut() else {
-            return Ok(());
-        };
-        if !req.exec_id.is_empty() {
-            return self.kill_exec(container, &req.exec_id, req.signal);
+    /// Boots the VM (`crib pod run`, in the sandbox's network namespace if it has one).
+    fn boot(&self, pod: &mut Pod) -> Result<DockerClient, ShimError> {
+        let pod_vm = pod.vm.as_mut().ok_or_else(|| ShimError::State {
+            id: self.id.clone(),
+            state: "without a VM",
+            fix: "create the task again",
+        })?;
+        let log = pod_vm.state.join("crib.log");
+        let vm = Vm::launch(
+            &vm::crib_binary(),
+            &pod_vm.launch,
+            pod_vm.netns.as_deref(),
+            &pod_vm.run_dir(),
+            &log,
+            BOOT_TIMEOUT,
+        )?;
+        let _ = std::fs::write(pod_vm.state.join("crib.pid"), vm.pid().to_string());
+        let docker = vm.docker();
+        pod_vm.vm = Some(vm);
+        Ok(docker)
+    }
+
+    /// Adds `container` to the running VM and starts it.
+    fn add_to_vm(pod: &Pod, container: &Container) -> Result<DockerClient, ShimError> {
+        let docker = pod.vm_docker().ok_or_else(|| ShimError::SandboxDown {
+            id: container.id.clone(),
+        })?;
+        let body = spec::pod_process(&container.name, &container.process);
+        match docker.call_json("POST", "/crib/v1/containers", &body) {
+            Ok(_) => {}
+            // A shim restarted by containerd after a Start that got this far.
+            Err(DockerError::Status { status: 409, .. }) => {}
+            Err(error) => return Err(error.into()),
         }
-        match (container.phase, container.vm.as_ref()) {
-            (Phase::Running, Some(vm)) => {
-                let path = format!("/containers/{CONTAINER}/kill?signal={}", req.signal);
-                match vm.docker().call("POST", &path) {
+        docker.call("POST", &format!("/containers/{}/start", container.name))?;
+        Ok(docker)
+    }
+
+    fn kill_container(&self, req: &api::KillRequest) -> Result<(), ShimError> {
+        let mut pod = self.shared.lock();
+        let docker = pod.vm_docker();
+        let container = pod.get_mut(&req.id)?;
+        if !req.exec_id.is_empty() {
+            return self.kill_exec(docker, container, &req.exec_id, req.signal);
+        }
+        match (container.phase, docker) {
+            (Phase::Running, Some(docker)) => {
+                let path = format!("/containers/{}/kill?signal={}", container.name, req.signal);
+                match docker.call("POST", &path) {
                     Ok(_) => Ok(()),
                     // 409: the process has exited already; the exit is on its way.
                     Err(DockerError::Status { status: 409, .. }) => Ok(()),
@@ -632,23 +882,44 @@ impl Service {
     }
 
     fn delete_container(&self, id: &str) -> Result<api::DeleteResponse, ShimError> {
-        let mut guard = self.shared.lock();
-        self.check_id(&guard, id)?;
-        let Some(mut container) = guard.take() else {
-            return Err(ShimError::UnknownTask {
-                id: id.to_owned(),
-                ours: String::new(),
-            });
-        };
-        if container.phase == Phase::Running {
-            *guard = Some(container);
+        let mut pod = self.shared.lock();
+        if pod.get(id)?.phase == Phase::Running {
             return Err(ShimError::State {
                 id: id.to_owned(),
                 state: "running",
                 fix: "kill it first (ctr task kill)",
             });
         }
-        container.tear_down();
+        let docker = pod.vm_docker();
+        let Some(mut container) = pod.containers.remove(id) else {
+            return Err(pod.unknown(id));
+        };
+        if container.owns_vm {
+            // The VM ends with its owner; containers still in it end with it.
+            for other in pod.containers.values_mut() {
+                other.vm_ended();
+                other.shared_root = None;
+            }
+            container.unmount_roots();
+            if let Some(mut pod_vm) = pod.vm.take() {
+                pod_vm.tear_down();
+            }
+        } else {
+            if let Some(docker) = docker {
+                let path = format!("/containers/{}?force=1", container.name);
+                match docker.send("DELETE", &path) {
+                    Ok(answer) if answer.status < 300 || answer.status == 404 => {}
+                    Ok(answer) => log::warn!(
+                        "container {id}: the pod's Docker API answered {} to its removal",
+                        answer.status
+                    ),
+                    Err(error) => {
+                        log::warn!("container {id}: cannot remove it from the VM: {error}")
+                    }
+                }
+            }
+            container.unmount_roots();
+        }
         let mut response = api::DeleteResponse::new();
         response.pid = container.pid;
         if let Some((status, at)) = &container.exit {
@@ -657,7 +928,7 @@ impl Service {
         }
         // Wake waiters: the task is gone.
         self.shared.changed.notify_all();
-        drop(guard);
+        drop(pod);
         // As runc's shim: the task's container, pid and exit (no `id`).
         let mut event = TaskDelete::new();
         event.container_id = id.to_owned();
@@ -671,12 +942,9 @@ impl Service {
 
     /// Exec: records the process (it runs at Start) and publishes exec-added.
     fn add_exec(&self, req: &api::ExecProcessRequest) -> Result<(), ShimError> {
-        let mut guard = self.shared.lock();
-        self.check_id(&guard, &req.id)?;
-        let Some(container) = guard.as_mut() else {
-            return Ok(());
-        };
-        container.running_docker()?;
+        let mut pod = self.shared.lock();
+        pod.running_docker(&req.id)?;
+        let container = pod.get_mut(&req.id)?;
         if container.execs.contains_key(&req.exec_id) {
             return Err(ShimError::ExecExists {
                 id: req.id.clone(),
@@ -689,6 +957,7 @@ impl Service {
             .ok_or_else(|| ShimError::NoExecSpec { id: req.id.clone() })?;
         let process = spec::exec_process(&spec.value)?;
         let size = process.console_size;
+        let pid = container.pid;
         container.execs.insert(
             req.exec_id.clone(),
             ExecProc {
@@ -698,13 +967,13 @@ impl Service {
                 stderr: req.stderr.clone(),
                 stdin_closed: Arc::new(AtomicBool::new(false)),
                 phase: Phase::Created,
-                pid: container.pid,
+                pid,
                 exit: None,
                 docker_id: None,
                 size,
             },
         );
-        drop(guard);
+        drop(pod);
         let mut event = TaskExecAdded::new();
         event.container_id = req.id.clone();
         event.exec_id = req.exec_id.clone();
@@ -717,15 +986,9 @@ impl Service {
     /// root and namespaces), bridges its stdio and publishes exec-started; a thread
     /// records its exit.
     fn start_exec(&self, id: &str, exec_id: &str) -> Result<u32, ShimError> {
-        let mut guard = self.shared.lock();
-        self.check_id(&guard, id)?;
-        let Some(container) = guard.as_mut() else {
-            return Err(ShimError::UnknownTask {
-                id: id.to_owned(),
-                ours: String::new(),
-            });
-        };
-        let docker = container.running_docker()?;
+        let mut pod = self.shared.lock();
+        let docker = pod.running_docker(id)?;
+        let container = pod.get_mut(id)?;
         let exec = container.exec(exec_id)?;
         if exec.phase != Phase::Created {
             return Err(ShimError::State {
@@ -746,7 +1009,8 @@ impl Service {
             "AttachStderr": !exec.stderr.is_empty() && !tty,
             "ConsoleSize": exec.size,
         });
-        let answer = docker.call_json("POST", &format!("/containers/{CONTAINER}/exec"), &create)?;
+        let path = format!("/containers/{}/exec", container.name);
+        let answer = docker.call_json("POST", &path, &create)?;
         let docker_id = serde_json::from_str::<serde_json::Value>(&answer)
             .ok()
             .and_then(|v| v["Id"].as_str().map(str::to_owned))
@@ -793,7 +1057,7 @@ impl Service {
             let status = exec_exit(&docker, &docker_id);
             exec_exited(&shared, &container_id, &exec_name, pid, status);
         })?;
-        drop(guard);
+        drop(pod);
         let mut event = TaskExecStarted::new();
         event.container_id = id.to_owned();
         event.exec_id = exec_id.to_owned();
@@ -805,11 +1069,11 @@ impl Service {
 
     fn kill_exec(
         &self,
+        docker: Option<DockerClient>,
         container: &mut Container,
         exec_id: &str,
         signal: u32,
     ) -> Result<(), ShimError> {
-        let docker = container.vm.as_ref().map(Vm::docker);
         let exec = container.exec_mut(exec_id)?;
         match (exec.phase, exec.docker_id.as_deref(), docker) {
             (Phase::Running, Some(docker_id), Some(docker)) => {
@@ -832,14 +1096,8 @@ impl Service {
     }
 
     fn delete_exec(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse, ShimError> {
-        let mut guard = self.shared.lock();
-        self.check_id(&guard, id)?;
-        let Some(container) = guard.as_mut() else {
-            return Err(ShimError::UnknownTask {
-                id: id.to_owned(),
-                ours: String::new(),
-            });
-        };
+        let mut pod = self.shared.lock();
+        let container = pod.get_mut(id)?;
         if container.exec(exec_id)?.phase == Phase::Running {
             return Err(ShimError::State {
                 id: format!("{id}/{exec_id}"),
@@ -861,11 +1119,8 @@ impl Service {
     }
 
     fn close_stdin(&self, req: &api::CloseIORequest) -> Result<(), ShimError> {
-        let guard = self.shared.lock();
-        self.check_id(&guard, &req.id)?;
-        let Some(container) = guard.as_ref() else {
-            return Ok(());
-        };
+        let pod = self.shared.lock();
+        let container = pod.get(&req.id)?;
         let flag = if req.exec_id.is_empty() {
             &container.stdin_closed
         } else {
@@ -878,17 +1133,14 @@ impl Service {
     }
 
     fn resize_terminal(&self, req: &api::ResizePtyRequest) -> Result<(), ShimError> {
-        let mut guard = self.shared.lock();
-        self.check_id(&guard, &req.id)?;
-        let Some(container) = guard.as_mut() else {
-            return Ok(());
-        };
+        let mut pod = self.shared.lock();
+        let docker = pod.vm_docker();
+        let container = pod.get_mut(&req.id)?;
         // The main process has no TTY (Create refuses one): nothing to resize, as runc's
         // shim does for a process without a console.
         if req.exec_id.is_empty() {
             return Ok(());
         }
-        let docker = container.vm.as_ref().map(Vm::docker);
         let exec = container.exec_mut(&req.exec_id)?;
         let size = [
             u16::try_from(req.height).unwrap_or(u16::MAX),
@@ -962,8 +1214,12 @@ fn exec_exit(docker: &DockerClient, docker_id: &str) -> u32 {
 fn exec_exited(shared: &Shared, id: &str, exec_id: &str, pid: u32, status: u32) {
     let at = Timestamp::now();
     {
-        let mut guard = shared.lock();
-        if let Some(exec) = guard.as_mut().and_then(|c| c.execs.get_mut(exec_id)) {
+        let mut pod = shared.lock();
+        if let Some(exec) = pod
+            .containers
+            .get_mut(id)
+            .and_then(|c| c.execs.get_mut(exec_id))
+        {
             exec.phase = Phase::Stopped;
             exec.exit = Some((status, at.clone()));
         }
@@ -980,40 +1236,25 @@ fn exec_exited(shared: &Shared, id: &str, exec_id: &str, pid: u32, status: u32) 
 
 /// The container's output into containerd's FIFOs, then its exit: runs on its own thread
 /// from Start until the process has exited.
-fn follow(shared: Arc<Shared>, docker: DockerClient, id: String, pid: u32, io: Io) {
-    let status = match stream_and_wait(&docker, &io) {
+fn follow(shared: &Shared, docker: &DockerClient, id: &str, name: &str, pid: u32, io: &Io) {
+    let status = match stream_and_wait(docker, name, io) {
         Ok(code) => u32::try_from(code).unwrap_or(255),
         Err(error) => {
             log::error!("container {id}: {error}");
             255
         }
     };
-    let at = Timestamp::now();
-    {
-        let mut guard = shared.lock();
-        if let Some(container) = guard.as_mut() {
-            container.phase = Phase::Stopped;
-            container.exit = Some((status, at.clone()));
-        }
-        shared.changed.notify_all();
-    }
-    let mut event = TaskExit::new();
-    event.container_id = id.clone();
-    event.id = id;
-    event.pid = pid;
-    event.exit_status = status;
-    event.exited_at = MessageField::some(at);
-    shared.publish(TASK_EXIT_EVENT_TOPIC, Box::new(event));
+    shared.exited(id, pid, status);
 }
 
-/// Waits until the container has left "created" in the guest, feeds its stdin (an
-/// attach), streams its logs from the start into the FIFOs until it has exited and its
-/// output is drained, then returns its exit code.
-fn stream_and_wait(docker: &DockerClient, io: &Io) -> Result<i64, ShimError> {
+/// Waits until the container `name` has left "created" in the guest, feeds its stdin
+/// (an attach), streams its logs from the start into the FIFOs until it has exited and
+/// its output is drained, then returns its exit code.
+fn stream_and_wait(docker: &DockerClient, name: &str, io: &Io) -> Result<i64, ShimError> {
     // Before the process runs, a follow would end at once: wait for it to start (or end).
     let start = Instant::now();
     loop {
-        let body = docker.call("GET", &format!("/containers/{CONTAINER}/json"))?;
+        let body = docker.call("GET", &format!("/containers/{name}/json"))?;
         let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let state = value["State"]["Status"].as_str().unwrap_or("created");
         if state != "created" || start.elapsed() > RUN_TIMEOUT {
@@ -1023,7 +1264,7 @@ fn stream_and_wait(docker: &DockerClient, io: &Io) -> Result<i64, ShimError> {
     }
     if !io.stdin.is_empty() {
         // cradle's own closeStdin: the process's stdin closes when this input ends.
-        let path = format!("/containers/{CONTAINER}/attach?stream=1&stdin=1&closeStdin=1");
+        let path = format!("/containers/{name}/attach?stream=1&stdin=1&closeStdin=1");
         match docker.hijack(&path, &serde_json::Value::Null) {
             Ok(session) => {
                 let (fifo, closed) = (io.stdin.clone(), Arc::clone(&io.stdin_closed));
@@ -1035,12 +1276,12 @@ fn stream_and_wait(docker: &DockerClient, io: &Io) -> Result<i64, ShimError> {
     }
     let response = docker.send(
         "GET",
-        &format!("/containers/{CONTAINER}/logs?follow=1&stdout=1&stderr=1"),
+        &format!("/containers/{name}/logs?follow=1&stdout=1&stderr=1"),
     )?;
     if response.status == 200 {
         stdio::copy_output(response.body, false, &io.stdout, &io.stderr);
     }
-    let body = docker.call("POST", &format!("/containers/{CONTAINER}/wait"))?;
+    let body = docker.call("POST", &format!("/containers/{name}/wait"))?;
     Ok(docker::wait_status(&body).unwrap_or(255))
 }
 
@@ -1083,14 +1324,24 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        let guard = self.shared.lock();
-        self.check_id(&guard, &req.id)?;
+        let pod = self.shared.lock();
+        let c = pod.get(&req.id)?;
         let mut response = api::StateResponse::new();
-        if let (Some(c), false) = (guard.as_ref(), req.exec_id.is_empty()) {
+        response.bundle = c.bundle.display().to_string();
+        if req.exec_id.is_empty() {
+            response.id = c.id.clone();
+            response.pid = c.pid;
+            response.status = EnumOrUnknown::new(c.status());
+            response.stdin = c.stdin.clone();
+            response.stdout = c.stdout.clone();
+            response.stderr = c.stderr.clone();
+            let (status, at) = now_or(&c.exit);
+            response.exit_status = status;
+            response.exited_at = at;
+        } else {
             let exec = c.exec(&req.exec_id)?;
             response.id = req.exec_id.clone();
             response.exec_id = req.exec_id.clone();
-            response.bundle = c.bundle.display().to_string();
             response.pid = exec.pid;
             response.status = EnumOrUnknown::new(status_of(exec.phase));
             response.stdin = exec.stdin.clone();
@@ -1100,61 +1351,39 @@ impl containerd_shim::Task for Service {
             let (status, at) = now_or(&exec.exit);
             response.exit_status = status;
             response.exited_at = at;
-        } else if let Some(c) = guard.as_ref() {
-            response.id = c.id.clone();
-            response.stdin = c.stdin.clone();
-            response.bundle = c.bundle.display().to_string();
-            response.pid = c.pid;
-            response.status = EnumOrUnknown::new(c.status());
-            response.stdout = c.stdout.clone();
-            response.stderr = c.stderr.clone();
-            let (status, at) = now_or(&c.exit);
-            response.exit_status = status;
-            response.exited_at = at;
         }
         Ok(response)
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        let mut guard = self.shared.lock();
-        self.check_id(&guard, &req.id)?;
-        if let Some(c) = guard.as_ref().filter(|_| !req.exec_id.is_empty()) {
-            c.exec(&req.exec_id)?;
+        let mut pod = self.shared.lock();
+        let container = pod.get(&req.id)?;
+        if !req.exec_id.is_empty() {
+            container.exec(&req.exec_id)?;
         }
         loop {
-            if !req.exec_id.is_empty() {
-                let exec = guard.as_ref().and_then(|c| c.execs.get(&req.exec_id));
-                if let Some(None) = exec.map(|e| e.exit.as_ref()) {
-                    guard = self
-                        .shared
-                        .changed
-                        .wait(guard)
-                        .unwrap_or_else(PoisonError::into_inner);
-                    continue;
-                }
-                // Exited, or deleted (with its container) while waiting.
-                let mut response = api::WaitResponse::new();
-                let (status, at) = now_or(&exec.and_then(|e| e.exit.clone()));
-                response.exit_status = status;
-                response.exited_at = at;
-                return Ok(response);
+            let container = pod.containers.get(&req.id);
+            // Exited, or deleted while waiting.
+            let exit = if req.exec_id.is_empty() {
+                container.map(|c| c.exit.clone())
+            } else {
+                container
+                    .and_then(|c| c.execs.get(&req.exec_id))
+                    .map(|e| e.exit.clone())
+            };
+            if let Some(None) = exit {
+                pod = self
+                    .shared
+                    .changed
+                    .wait(pod)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
             }
-            match guard.as_ref() {
-                Some(c) if c.exit.is_none() => {}
-                // Deleted while waiting, or exited.
-                other => {
-                    let mut response = api::WaitResponse::new();
-                    let (status, at) = now_or(&other.and_then(|c| c.exit.clone()));
-                    response.exit_status = status;
-                    response.exited_at = at;
-                    return Ok(response);
-                }
-            }
-            guard = self
-                .shared
-                .changed
-                .wait(guard)
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut response = api::WaitResponse::new();
+            let (status, at) = now_or(&exit.flatten());
+            response.exit_status = status;
+            response.exited_at = at;
+            return Ok(response);
         }
     }
 
@@ -1175,10 +1404,10 @@ impl containerd_shim::Task for Service {
     }
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        let guard = self.shared.lock();
-        self.check_id(&guard, &req.id)?;
+        let pod = self.shared.lock();
+        let c = pod.get(&req.id)?;
         let mut response = api::PidsResponse::new();
-        if let Some(c) = guard.as_ref().filter(|c| c.phase == Phase::Running) {
+        if c.phase == Phase::Running {
             let mut info = ProcessInfo::new();
             info.pid = c.pid;
             response.processes.push(info);
@@ -1195,12 +1424,12 @@ impl containerd_shim::Task for Service {
     fn connect(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::ConnectRequest,
+        req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let guard = self.shared.lock();
+        let pod = self.shared.lock();
         let mut response = api::ConnectResponse::new();
         response.shim_pid = std::process::id();
-        response.task_pid = guard.as_ref().map_or(0, |c| c.pid);
+        response.task_pid = pod.containers.get(&req.id).map_or(0, |c| c.pid);
         response.version = env!("CARGO_PKG_VERSION").to_owned();
         Ok(response)
     }
@@ -1224,11 +1453,47 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let (docker, name) = {
+            let pod = self.shared.lock();
+            let docker = pod.running_docker(&req.id)?;
+            (docker, pod.get(&req.id)?.name.clone())
+        };
+        let body = docker
+            .call("GET", &format!("/containers/{name}/stats?stream=false"))
+            .map_err(ShimError::from)?;
+        let value: serde_json::Value =
+            serde_json::from_str(&body).map_err(|_| ShimError::Answer {
+                id: req.id.clone(),
+                what: "stats",
+                field: "JSON",
+            })?;
+        let metrics = stats::metrics(&value);
+        let any = stats::packed(&metrics).map_err(|_| ShimError::Answer {
+            id: req.id.clone(),
+            what: "stats",
+            field: "metrics",
+        })?;
+        let mut response = api::StatsResponse::new();
+        response.stats = MessageField::some(any);
+        Ok(response)
+    }
+
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        // containerd calls it once the task is deleted; a task still here is torn down.
-        if let Some(mut container) = self.shared.lock().take() {
-            container.tear_down();
+        // containerd calls it after every task's Delete: the shim ends with its last
+        // container (as runc's shim), tearing down a VM still there.
+        let mut pod = self.shared.lock();
+        if !pod.containers.is_empty() {
+            return Ok(api::Empty::new());
         }
+        if let Some(mut pod_vm) = pod.vm.take() {
+            pod_vm.tear_down();
+        }
+        drop(pod);
         self.exit.signal();
         Ok(api::Empty::new())
     }

@@ -1,21 +1,31 @@
 //! From containerd's bundle to crib's launch file: the process of the bundle's OCI
-//! `config.json` (args, env, cwd, user) becomes the one process of a pod whose root
-//! filesystem is the bundle's rootfs, shared with the guest over virtio-fs
-//! (docs/SHIM.md, docs/POD_SPEC.md `rootfs`). Pure functions, unit-tested.
+//! `config.json` (args, env, cwd, user) becomes a process of a pod whose root filesystem
+//! is the bundle's rootfs, bound into a directory shared with the guest over virtio-fs
+//! (docs/SHIM.md, docs/POD_SPEC.md `rootfs`). The CRI annotations say which containers
+//! share one VM (a pod sandbox). Pure functions, unit-tested.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 use thiserror::Error;
 
-/// The virtio-fs tag of the container's root filesystem.
+/// The virtio-fs tag of the directory holding the containers' root filesystems (one
+/// subdirectory each, named as the container's process).
 pub const ROOTFS_TAG: &str = "rootfs";
-/// Where cradle mounts that share (the container's root is bound from there).
+/// Where cradle mounts that share (each container's root is bound from there).
 pub const ROOTFS_GUEST_PATH: &str = "/run/rootfs";
-/// The container's process name in the pod (its hostname when the spec gives none that
-/// is a valid process name).
+/// The process name, in the pod, of the container whose Start boots the VM (a lone
+/// container, or a CRI sandbox's pause container).
 pub const PROCESS_NAME: &str = "container";
+/// The CRI plugin's annotations (containerd 1.6, `pkg/cri/annotations`): whether a
+/// container is a sandbox or a container in one, and which sandbox.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+/// The interface CNI gives a CRI sandbox's network namespace (the CRI plugin's
+/// `CNI_IFNAME`), which the VM takes over.
+pub const CNI_INTERFACE: &str = "eth0";
 /// The guest's vCPUs and memory when the spec sets no limits.
 const DEFAULT_CPUS: u32 = 1;
 const DEFAULT_MEMORY_MIB: u64 = 512;
@@ -66,6 +76,8 @@ pub struct OciSpec {
     pub root: Option<OciRoot>,
     #[serde(default)]
     pub linux: Option<OciLinux>,
+    #[serde(default)]
+    pub annotations: HashMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,6 +126,16 @@ pub struct OciRoot {
 pub struct OciLinux {
     #[serde(default)]
     pub resources: Option<OciResources>,
+    #[serde(default)]
+    pub namespaces: Vec<OciNamespace>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct OciNamespace {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub path: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +185,40 @@ impl OciSpec {
             Some(path) if !path.is_empty() => bundle.join(path),
             _ => bundle.join("rootfs"),
         }
+    }
+
+    /// The sandbox this container joins: the CRI's sandbox id for a container of type
+    /// `container`; `None` for a sandbox (whose id is its own) or a container without
+    /// the CRI's annotations (`ctr run`), which get a VM of their own.
+    pub fn sandbox(&self) -> Option<&str> {
+        let kind = self.annotations.get(CONTAINER_TYPE_ANNOTATION)?;
+        if kind != "container" {
+            return None;
+        }
+        self.annotations
+            .get(SANDBOX_ID_ANNOTATION)
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Which shim serves the container: its sandbox's, else its own.
+    pub fn grouping<'a>(&'a self, id: &'a str) -> &'a str {
+        self.annotations
+            .get(SANDBOX_ID_ANNOTATION)
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or(id)
+    }
+
+    /// The network namespace the spec joins by path (the CNI-made namespace of a CRI
+    /// sandbox); `None` for a new, empty one.
+    pub fn network_namespace(&self) -> Option<PathBuf> {
+        self.linux
+            .as_ref()?
+            .namespaces
+            .iter()
+            .find(|n| n.kind == "network" && !n.path.is_empty())
+            .map(|n| PathBuf::from(&n.path))
     }
 
     /// The container's process, checked.
@@ -271,20 +327,13 @@ pub fn pod_name(namespace: &str, id: &str) -> String {
     format!("c-{hash:016x}")
 }
 
-/// crib's launch file (README, "crib pod run") for the container: one process with the
-/// virtio-fs share `rootfs` as its root, no network yet, the VM kept up after the
-/// process exits (`until-shutdown`) so the shim can read its logs and exit code, then
-/// shut it down.
-pub fn launch_file(
-    pod: &str,
-    process: &ContainerProcess,
-    rootfs: &Path,
-    readonly: bool,
-    run_dir: &Path,
-) -> Value {
+/// The pod spec's process (docs/POD_SPEC.md) that runs `process` as `name`, its root the
+/// subdirectory `name` of the rootfs share: a process of the launch file, or the body
+/// of cradle's `POST /crib/v1/containers` for a container added to a running pod.
+pub fn pod_process(name: &str, process: &ContainerProcess) -> Value {
     let mut proc_json = json!({
-        "name": PROCESS_NAME,
-        "rootfs": ROOTFS_TAG,
+        "name": name,
+        "rootfs": format!("{ROOTFS_TAG}/{name}"),
         "argv": process.argv,
         "cwd": process.cwd,
         "user": process.user,
@@ -292,23 +341,45 @@ pub fn launch_file(
     if !process.env.is_empty() {
         proc_json["env"] = json!(process.env);
     }
-    let mut memory_mib = DEFAULT_MEMORY_MIB;
     if let Some(limit) = process.memory_bytes {
         proc_json["memory"] = json!(limit);
+    }
+    proc_json
+}
+
+/// crib's launch file (README, "crib pod run") for the VM of a container or a sandbox:
+/// its process (named [`PROCESS_NAME`]) with the virtio-fs share `share` (which holds
+/// every container's root) as its root's parent, the VM kept up after the process exits
+/// (`until-shutdown`) so the shim can read its logs and exit code, then shut it down.
+/// With `netns` (a CRI sandbox's), the VM takes over the namespace's CNI interface
+/// (docs/NETWORK.md, attach mode): crib is started inside that namespace.
+pub fn launch_file(
+    pod: &str,
+    process: &ContainerProcess,
+    share: &Path,
+    netns: Option<&Path>,
+    run_dir: &Path,
+) -> Value {
+    let mut memory_mib = DEFAULT_MEMORY_MIB;
+    if let Some(limit) = process.memory_bytes {
         memory_mib = memory_mib.max((limit >> 20) + GUEST_OVERHEAD_MIB);
     }
+    let network = match netns {
+        Some(_) => json!({"attach": CNI_INTERFACE}),
+        None => json!("none"),
+    };
     json!({
         "pod": {
             "name": pod,
-            "filesystems": [{"tag": ROOTFS_TAG, "path": ROOTFS_GUEST_PATH, "readonly": readonly}],
-            "processes": [proc_json],
+            "filesystems": [{"tag": ROOTFS_TAG, "path": ROOTFS_GUEST_PATH}],
+            "processes": [pod_process(PROCESS_NAME, process)],
             "lifetime": "until-shutdown",
         },
         "cpus": DEFAULT_CPUS,
         "memory": format!("{memory_mib}M"),
-        "shares": {ROOTFS_TAG: {"dir": rootfs}},
+        "shares": {ROOTFS_TAG: {"dir": share}},
         "run_dir": run_dir,
-        "network": "none",
+        "network": network,
     })
 }
 
@@ -455,7 +526,7 @@ mod tests {
     }
 
     #[test]
-    fn launch_file_shares_the_rootfs_and_runs_the_process_in_it() {
+    fn launch_file_shares_the_roots_and_runs_the_process_in_its_own() {
         let process = ContainerProcess {
             argv: vec!["uname".into(), "-r".into()],
             env: vec!["PATH=/bin".into()],
@@ -466,16 +537,65 @@ mod tests {
         let launch = launch_file(
             "c-1",
             &process,
-            Path::new("/bundle/rootfs"),
-            false,
+            Path::new("/state/share"),
+            None,
             Path::new("/run/x"),
         );
-        assert_eq!(launch["shares"]["rootfs"]["dir"], "/bundle/rootfs");
+        assert_eq!(launch["shares"]["rootfs"]["dir"], "/state/share");
         assert_eq!(launch["pod"]["filesystems"][0]["path"], ROOTFS_GUEST_PATH);
-        assert_eq!(launch["pod"]["processes"][0]["rootfs"], ROOTFS_TAG);
+        assert_eq!(launch["pod"]["processes"][0]["rootfs"], "rootfs/container");
         assert_eq!(launch["pod"]["processes"][0]["argv"][1], "-r");
+        assert_eq!(launch["pod"]["processes"][0]["memory"], 1u64 << 30);
         assert_eq!(launch["pod"]["lifetime"], "until-shutdown");
         assert_eq!(launch["memory"], "1152M");
         assert_eq!(launch["network"], "none");
+        let launch = launch_file(
+            "c-1",
+            &process,
+            Path::new("/s"),
+            Some(Path::new("/var/run/netns/cni-1")),
+            Path::new("/r"),
+        );
+        assert_eq!(launch["network"]["attach"], CNI_INTERFACE);
+    }
+
+    #[test]
+    fn cri_annotations_group_a_sandbox_and_its_containers() {
+        let sandbox = spec(
+            r#"{"annotations": {"io.kubernetes.cri.container-type": "sandbox",
+                "io.kubernetes.cri.sandbox-id": "s1"},
+                "linux": {"namespaces": [{"type": "pid"},
+                  {"type": "network", "path": "/var/run/netns/cni-x"}]}}"#,
+        );
+        assert_eq!(sandbox.sandbox(), None);
+        assert_eq!(sandbox.grouping("s1"), "s1");
+        assert_eq!(
+            sandbox.network_namespace(),
+            Some(PathBuf::from("/var/run/netns/cni-x"))
+        );
+        let member = spec(
+            r#"{"annotations": {"io.kubernetes.cri.container-type": "container",
+                "io.kubernetes.cri.sandbox-id": "s1"}}"#,
+        );
+        assert_eq!(member.sandbox(), Some("s1"));
+        assert_eq!(member.grouping("c1"), "s1");
+        let lone = spec(r#"{"linux": {"namespaces": [{"type": "network"}]}}"#);
+        assert_eq!((lone.sandbox(), lone.grouping("c2")), (None, "c2"));
+        assert_eq!(lone.network_namespace(), None);
+    }
+
+    #[test]
+    fn pod_process_roots_the_container_in_its_subdirectory() {
+        let process = ContainerProcess {
+            argv: vec!["sh".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: "0:0".into(),
+            memory_bytes: None,
+        };
+        let json = pod_process("c-abc", &process);
+        assert_eq!(json["rootfs"], "rootfs/c-abc");
+        assert_eq!(json["name"], "c-abc");
+        assert!(json.get("env").is_none() && json.get("memory").is_none());
     }
 }

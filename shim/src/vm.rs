@@ -4,6 +4,8 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -48,6 +50,12 @@ pub enum VmError {
     },
     #[error("cannot wait for crib")]
     Wait(#[source] std::io::Error),
+    #[error("cannot open the sandbox's network namespace {}: has CNI's namespace been removed?", path.display())]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The crib binary: `$CRIB_BIN`, else `crib` next to this executable, else `crib` on PATH.
@@ -70,11 +78,13 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Starts `crib pod run launch` (its output to `log`) and waits until the pod's
-    /// Docker API in `run_dir` answers, at most `timeout`.
+    /// Starts `crib pod run launch` (its output to `log`), inside the network namespace
+    /// `netns` if given, and waits until the pod's Docker API in `run_dir` answers, at
+    /// most `timeout`.
     pub fn launch(
         crib: &Path,
         launch: &Path,
+        netns: Option<&Path>,
         run_dir: &Path,
         log: &Path,
         timeout: Duration,
@@ -87,18 +97,40 @@ impl Vm {
             path: log.to_path_buf(),
             source,
         })?;
-        let child = Command::new(crib)
+        let mut command = Command::new(crib);
+        command
             .arg("pod")
             .arg("run")
             .arg(launch)
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|source| VmError::Spawn {
-                crib: crib.to_path_buf(),
+            .stderr(err);
+        // Open (close-on-exec) until the child has joined it.
+        let mut _namespace = None;
+        if let Some(path) = netns {
+            let namespace = File::open(path).map_err(|source| VmError::Netns {
+                path: path.to_path_buf(),
                 source,
             })?;
+            let fd = namespace.as_raw_fd();
+            // SAFETY: the closure runs in the forked child before exec and only makes
+            // the setns system call (async-signal-safe) on a descriptor this frame keeps
+            // open across the spawn.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+            _namespace = Some(namespace);
+        }
+        let child = command.spawn().map_err(|source| VmError::Spawn {
+            crib: crib.to_path_buf(),
+            source,
+        })?;
         let mut vm = Self {
             child,
             run_dir: run_dir.to_path_buf(),
