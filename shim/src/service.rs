@@ -578,18 +578,13 @@ fn mount_rootfs(req: &api::CreateTaskRequest, rootfs: &Path) -> Result<bool, Shi
 }
 
 /// Binds the container's root into the pod's share as `share/name`.
-fn share_root(
-    share: &Path,
-    name: &str,
-    rootfs: &Path,
-    readonly: bool,
-) -> Result<PathBuf, ShimError> {
+fn share_root(share: &Path, name: &str, rootfs: &Path) -> Result<PathBuf, ShimError> {
     let target = share.join(name);
     std::fs::create_dir_all(&target).map_err(|source| ShimError::Write {
         path: target.clone(),
         source,
     })?;
-    mount::bind(rootfs, &target, readonly).map_err(|source| ShimError::Mount {
+    mount::bind(rootfs, &target, false).map_err(|source| ShimError::Mount {
         kind: "bind".to_owned(),
         source_path: rootfs.display().to_string(),
         target: target.clone(),
@@ -703,7 +698,14 @@ impl Service {
             spec::pod_name(&self.namespace, &req.id)
         };
         let share = pod.vm.as_ref().map(PodVm::share).unwrap_or_default();
-        let shared_root = match share_root(&share, &name, &rootfs, oci.root_readonly()) {
+        // Writable even when `root.readonly` asks otherwise (CRI asks it of every
+        // sandbox): cradle writes the container's /etc/hostname, hosts and resolv.conf
+        // and its mount points into the root before the process starts, as runc does
+        // before its read-only remount, which crib does not make yet (docs/SHIM.md).
+        if oci.root_readonly() {
+            log::info!("container {}: root.readonly is not enforced yet", req.id);
+        }
+        let shared_root = match share_root(&share, &name, &rootfs) {
             Ok(path) => path,
             Err(error) => {
                 if owns_vm {
