@@ -98,6 +98,7 @@ impl Harness {
         let options = RegistryOptions {
             echo: false,
             log_cap_bytes: LOG_CAP_BYTES,
+            cgroups: false,
         };
         let registry = Registry::new(&specs, Reaper::new(ReapMode::Own), options);
         registry.start_all();
