@@ -1897,7 +1897,7 @@ mod tests {
     #[test]
     fn rootfs_with_nul_is_refused() {
         let err = share_pod()
-            .validate_process(0, &rootfs_process("share/c\01"))
+            .validate_process(0, &rootfs_process("share/c\0x"))
             .unwrap_err();
 
         assert!(

@@ -81,10 +81,10 @@ pub fn stats_json(
 ) -> Value {
     let zero = CgroupStats::default();
     let numbers = cgroup.unwrap_or(&zero);
-    let mut pids = json!({ "current": numbers.pids_current });
-    if let Some(limit) = numbers.pids_max {
-        pids["limit"] = json!(limit);
-    }
+    let pids = match numbers.pids_max {
+        Some(limit) => json!({ "current": numbers.pids_current, "limit": limit }),
+        None => json!({ "current": numbers.pids_current }),
+    };
     let io: Vec<Value> = numbers
         .io_stat
         .iter()
@@ -160,7 +160,7 @@ pub fn respond(container: Arc<Container>, query: &Query) -> Response<ResponseBod
         loop {
             let now = SystemTime::now();
             let value = sample(&container, pre.take());
-            pre = Some((now, value["cpu_stats"].clone()));
+            pre = value.get("cpu_stats").map(|cpu| (now, cpu.clone()));
             let mut line = value.to_string();
             line.push('\n');
             if tx.send(Bytes::from(line)).await.is_err() {
