@@ -24,7 +24,7 @@ pub enum VdockerError {
         path: String,
         allowed: &'static str,
     },
-    #[error("{what} is not implemented by cradle: a pod's containers are the processes of its spec, with exec, logs, attach, cp, wait, kill, stop, start and restart")]
+    #[error("{what} is not implemented by cradle: a pod's containers are the processes of its spec and those added with POST /crib/v1/containers, with exec, logs, attach, cp, wait, kill, stop, start, restart, stats and rm")]
     NotImplemented { what: String },
     #[error("No such container: {0}")]
     NoSuchContainer(String),
