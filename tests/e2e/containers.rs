@@ -2,8 +2,10 @@
 //! fixtures (busybox-static), imported with `crib image import` into a store in a temp
 //! dir, and run by `crib pod run`; what each container sees is read from the console.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use crib_tests::{run_crib, run_crib_while, GuestArtifacts, RunOutput};
@@ -46,6 +48,10 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
         (
             "linux_containers_docker_ps_inspect_and_exec",
             docker_ps_inspect_and_exec,
+        ),
+        (
+            "linux_containers_added_to_a_running_pod_with_a_rootfs_subdirectory",
+            added_to_a_running_pod,
         ),
     ];
     if std::env::var_os(BENCH_ENV).is_some() {
@@ -961,4 +967,238 @@ fn ten_pods_memory(store: &Store) -> Result<String> {
         layer_bytes >> 20,
         cached >> 20
     ))
+}
+
+/// A busybox-static tree at `root` (what a containerd snapshot of a busybox image holds):
+/// `/bin/busybox` with a symlink per applet, `/etc/passwd`, `/etc/group`, `/tmp`.
+fn busybox_tree(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = root.join("bin");
+    for dir in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(root.join(dir))?;
+    }
+    std::fs::copy(fixtures::BUSYBOX_PATH, bin.join("busybox"))
+        .context("copying busybox-static (scripts/install-deps.sh installs it)")?;
+    std::fs::set_permissions(bin.join("busybox"), std::fs::Permissions::from_mode(0o755))?;
+    let list = std::process::Command::new(fixtures::BUSYBOX_PATH)
+        .arg("--list")
+        .output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
+        if applet != "busybox" && !applet.contains('/') {
+            std::os::unix::fs::symlink("busybox", bin.join(applet))?;
+        }
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
+    Ok(())
+}
+
+/// One HTTP/1.1 request on the pod's Docker socket; (status, body). Bodies cradle
+/// answers with a length (not chunked) are read whole.
+fn http(socket: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    stream.set_read_timeout(Some(CALL_TIMEOUT))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `docker logs NAME` until it holds `needle`.
+fn logs_until(socket: &Path, config: &Path, name: &str, needle: &str) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        let logs = docker(socket, config, &["logs", name])?;
+        if logs.contains(needle) {
+            return Ok(logs);
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "{name}'s logs never showed {needle:?}: {logs}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// CRI sandboxes share one VM (issue 19): a pod boots with one process and a virtio-fs
+/// share; a container whose rootfs is a subdirectory of the share is added over the
+/// Docker socket (`POST /crib/v1/containers`), started, read, exec'ed into, measured,
+/// killed, removed (`docker rm`) and created again under its name. The host's tree is
+/// left as it was.
+fn added_to_a_running_pod() -> Result<()> {
+    GuestArtifacts::pod()?;
+    let store = Store::new("added")?;
+    let name = "added";
+    let share = store.dir.join("share");
+    let rootfs = share.join("c1/rootfs");
+    busybox_tree(&rootfs)?;
+    std::fs::write(rootfs.join("marker"), "IN-C1-ROOT\n")?;
+    let run_dir = store.dir.join("run").join(name);
+    let config = store.dir.join("docker-config");
+    std::fs::create_dir_all(&config)?;
+    let launch = store.dir.join("added.json");
+    std::fs::write(
+        &launch,
+        format!(
+            r#"{{"pod": {{"name": "{name}", "lifetime": "until-shutdown",
+                   "filesystems": [{{"tag": "share", "path": "/run/share"}}],
+                   "processes": [{{"name": "pause", "argv": ["sh", "-c", "echo PAUSE-UP; exec sleep 1000"]}}]}},
+                 "cpus": 2, "memory": "512M", "run_dir": "{}",
+                 "shares": {{"share": {{"dir": "{}"}}}}}}"#,
+            run_dir.display(),
+            share.display()
+        ),
+    )?;
+    let socket = run_dir.join("docker.sock");
+    let body = r#"{"name":"c1","rootfs":"share/c1/rootfs","argv":["sh","-c","echo C1-UP $(cat /marker) A=$A; exec sleep 1000"],"env":["A=1"],"cwd":"/","user":"0:0","memory":"64M"}"#;
+    let mut seen = String::new();
+    let out = run_crib_while(
+        &["pod", "run", &launch.display().to_string()],
+        DEADLINE,
+        || {
+            let start = Instant::now();
+            while !std::fs::read_to_string(run_dir.join("console.log"))
+                .unwrap_or_default()
+                .contains("PAUSE-UP")
+            {
+                anyhow::ensure!(
+                    start.elapsed() < Duration::from_secs(150),
+                    "the pod did not start"
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let controllers = docker(
+                &socket,
+                &config,
+                &[
+                    "exec",
+                    "pause",
+                    "cat",
+                    "/sys/fs/cgroup/cgroup.subtree_control",
+                ],
+            )?;
+            seen.push_str(&format!("subtree_control: {controllers}"));
+            let (created, created_body) = http(&socket, "POST", "/crib/v1/containers", body)?;
+            seen.push_str(&format!("create: {created} {created_body}"));
+            anyhow::ensure!(
+                created == 201 && created_body.contains("\"Id\":"),
+                "create: {seen}"
+            );
+            let (again, again_body) = http(&socket, "POST", "/crib/v1/containers", body)?;
+            anyhow::ensure!(
+                again == 409,
+                "a second create is a conflict: {again} {again_body}"
+            );
+            docker(&socket, &config, &["start", "c1"])?;
+            let logs = logs_until(&socket, &config, "c1", "C1-UP")?;
+            seen.push_str(&format!("logs: {logs}"));
+            let exec = docker(
+                &socket,
+                &config,
+                &["exec", "c1", "sh", "-c", "echo EXEC $(cat /marker) host=$(hostname) share=$(test -e /run/share && echo visible || echo hidden) cg=$(cat /sys/fs/cgroup/memory.max)"],
+            )?;
+            seen.push_str(&format!("exec: {exec}"));
+            let (stats_status, stats) = http(
+                &socket,
+                "GET",
+                "/v1.47/containers/c1/stats?stream=false",
+                "",
+            )?;
+            seen.push_str(&format!("stats: {stats_status} {stats}\n"));
+            let stats: serde_json::Value =
+                serde_json::from_str(stats.trim()).context("stats JSON")?;
+            let refused = http(&socket, "DELETE", "/v1.47/containers/c1", "")?;
+            seen.push_str(&format!("rm while running: {refused:?}\n"));
+            docker(&socket, &config, &["kill", "c1"])?;
+            let state = docker(
+                &socket,
+                &config,
+                &[
+                    "inspect",
+                    "-f",
+                    "{{.State.Status}} {{.State.ExitCode}}",
+                    "c1",
+                ],
+            )?;
+            seen.push_str(&format!("after kill: {state}"));
+            let (removed, removed_body) = http(&socket, "DELETE", "/v1.47/containers/c1", "")?;
+            seen.push_str(&format!("rm: {removed} {removed_body}\n"));
+            let ps = docker(&socket, &config, &["ps", "-a", "--format", "{{.Names}}"])?;
+            seen.push_str(&format!("ps -a after rm: {ps}"));
+            let (recreated, recreated_body) = http(&socket, "POST", "/crib/v1/containers", body)?;
+            seen.push_str(&format!("create again: {recreated} {recreated_body}"));
+            docker(&socket, &config, &["start", "c1"])?;
+            logs_until(&socket, &config, "c1", "C1-UP")?;
+            docker(&socket, &config, &["rm", "-f", "c1"])?;
+
+            anyhow::ensure!(
+                logs.contains("C1-UP IN-C1-ROOT A=1"),
+                "the container runs in the share's subdirectory: {seen}"
+            );
+            anyhow::ensure!(
+                exec.contains("EXEC IN-C1-ROOT host=c1 share=hidden cg=67108864"),
+                "docker exec runs in the added container's root and cgroup: {seen}"
+            );
+            let cgroup2 = &stats["cgroup2"];
+            anyhow::ensure!(
+                stats_status == 200
+                    && stats["cpu_stats"]["cpu_usage"]["total_usage"].as_u64() > Some(0)
+                    && stats["memory_stats"]["limit"] == 67_108_864
+                    && cgroup2["cpu.stat"]["usage_usec"].as_u64() > Some(0)
+                    && cgroup2["memory.current"].as_u64() > Some(0)
+                    && cgroup2["memory.max"] == 67_108_864
+                    && cgroup2["pids.current"].as_u64() >= Some(1)
+                    && cgroup2["memory.stat"]["anon"].is_u64()
+                    && cgroup2["io.stat"].is_array(),
+                "stats come from the container's cgroup: {seen}"
+            );
+            anyhow::ensure!(
+                refused.0 == 409 && refused.1.contains("You cannot remove a running container"),
+                "rm of a running container is refused: {seen}"
+            );
+            anyhow::ensure!(
+                state.starts_with("exited 137"),
+                "docker kill ends it: {seen}"
+            );
+            anyhow::ensure!(
+                removed == 204 && !ps.contains("c1") && recreated == 201,
+                "rm removes it and the name can be used again: {seen}"
+            );
+            let stop = run_crib(
+                &["pod", "stop", &run_dir.display().to_string()],
+                CALL_TIMEOUT,
+            )?;
+            stop.check(stop.code == Some(0), "crib pod stop")?;
+            Ok(())
+        },
+    )?;
+    out.check(
+        out.code == Some(0),
+        &format!("the pod stops cleanly; {seen}"),
+    )?;
+    out.check(
+        std::fs::read_to_string(rootfs.join("marker"))
+            .ok()
+            .as_deref()
+            == Some("IN-C1-ROOT\n")
+            && rootfs.join("bin/busybox").exists(),
+        "removing the container leaves the host's rootfs as it was",
+    )?;
+    println!("{seen}");
+    Ok(())
 }

@@ -222,7 +222,7 @@ fn boot(
     let reaper = Reaper::for_this_process();
     let command_running = Arc::new(AtomicBool::new(false));
     if let Some(spec) = &spec {
-        let registry = Registry::new(&spec.processes, reaper.clone(), RegistryOptions::guest());
+        let registry = Registry::for_pod(spec.clone(), reaper.clone(), RegistryOptions::guest());
         registry.start_all();
         // After the processes: the server never delays them.
         vdocker::spawn_on_vsock(registry.clone());

@@ -151,6 +151,8 @@ pub enum PodSpecError {
     ImageAndRootfs { field: String },
     #[error("{field}: {value:?} is not the tag of one of the pod's filesystems; add a filesystem with that tag (and a share for it)")]
     UnknownRootfs { field: String, value: String },
+    #[error("{field}: {value:?} is not TAG or TAG/DIR with DIR a plain relative path (no empty, '.' or '..' component, no leading or trailing '/'); write it like \"rootfs\" or \"share/c1/rootfs\"")]
+    InvalidRootfsDir { field: String, value: String },
     #[error("{field}: {value:?} is not an image reference; write it like \"busybox:1.36\" or \"ghcr.io/org/app@sha256:...\"")]
     InvalidImage { field: String, value: String },
     #[error("{field}: {value:?} is not a user; write a name or uid, optionally :group or :gid, like \"app\" or \"1000:1000\"")]
@@ -508,6 +510,33 @@ impl PodSpec {
         Ok(spec)
     }
 
+    /// Parses one process object (an entry of `processes`, as cradle's `POST
+    /// /crib/v1/containers` takes it), naming fields as `{at}.field`. Not validated: see
+    /// [`Self::validate_process`].
+    pub fn process_from_json(bytes: &[u8], at: &str) -> Result<ProcessSpec, PodSpecError> {
+        if bytes.len() > MAX_SPEC_BYTES {
+            return Err(PodSpecError::TooLarge { bytes: bytes.len() });
+        }
+        let mut json = serde_json::Deserializer::from_slice(bytes);
+        let process: ProcessSpec =
+            serde_path_to_error::deserialize(&mut json).map_err(|error| {
+                let path = error.path().to_string();
+                PodSpecError::Json {
+                    field: if path == "." {
+                        at.to_owned()
+                    } else {
+                        format!("{at}.{path}")
+                    },
+                    source: error.into_inner(),
+                }
+            })?;
+        json.end().map_err(|source| PodSpecError::Json {
+            field: at.to_owned(),
+            source,
+        })?;
+        Ok(process)
+    }
+
     /// Checks everything the JSON types cannot express; the first problem
     /// found is returned.
     pub fn validate(&self) -> Result<(), PodSpecError> {
@@ -571,17 +600,7 @@ impl PodSpec {
             let field = format!("{at}.name");
             check_name(&field, &process.name, MAX_NAME_BYTES)?;
             check_unique(&mut names, &process.name, field)?;
-            check_process(&at, process)?;
-            check_image_process(&at, process, &self.resolved)?;
-            if let Some(tag) = &process.rootfs {
-                if !tags.contains_key(tag.as_str()) {
-                    return Err(PodSpecError::UnknownRootfs {
-                        field: format!("{at}.rootfs"),
-                        value: tag.clone(),
-                    });
-                }
-            }
-            self.check_mounts(&at, process)?;
+            self.check_one_process(&at, process)?;
         }
         if !self.resolved.is_empty() {
             self.resolved.validate("resolved")?;
@@ -591,6 +610,85 @@ impl PodSpec {
 }
 
 impl PodSpec {
+    /// Validates `process` as process `index` of this pod, added while it runs (cradle's
+    /// `POST /crib/v1/containers`): every check [`Self::validate`] makes of one process,
+    /// against this pod's volumes, filesystems and resolved images. Whether its name is
+    /// free is the caller's to check (the pod's processes change as it runs).
+    pub fn validate_process(
+        &self,
+        index: usize,
+        process: &ProcessSpec,
+    ) -> Result<(), PodSpecError> {
+        let at = format!("processes[{index}]");
+        check_name(&format!("{at}.name"), &process.name, MAX_NAME_BYTES)?;
+        self.check_one_process(&at, process)
+    }
+
+    /// The checks of one process that do not involve the other processes.
+    fn check_one_process(&self, at: &str, process: &ProcessSpec) -> Result<(), PodSpecError> {
+        check_process(at, process)?;
+        check_image_process(at, process, &self.resolved)?;
+        if let Some(rootfs) = &process.rootfs {
+            self.check_rootfs(&format!("{at}.rootfs"), rootfs)?;
+        }
+        self.check_mounts(at, process)
+    }
+
+    /// A `rootfs`: a filesystem's tag, or TAG/DIR with DIR a plain relative path.
+    fn check_rootfs(&self, field: &str, rootfs: &str) -> Result<(), PodSpecError> {
+        if rootfs.contains('\0') {
+            return Err(PodSpecError::NulCharacter {
+                field: field.to_owned(),
+            });
+        }
+        let (tag, dir) = self.split_rootfs(rootfs);
+        if tag.is_empty() {
+            // "/x": an absolute path, not a tag.
+            return Err(PodSpecError::InvalidRootfsDir {
+                field: field.to_owned(),
+                value: rootfs.to_owned(),
+            });
+        }
+        if !self.filesystems.iter().any(|fs| fs.tag == tag) {
+            return Err(PodSpecError::UnknownRootfs {
+                field: field.to_owned(),
+                value: tag.to_owned(),
+            });
+        }
+        let plain = dir.is_none_or(|dir| {
+            dir.split('/')
+                .all(|part| !part.is_empty() && part != "." && part != "..")
+        });
+        if !plain {
+            return Err(PodSpecError::InvalidRootfsDir {
+                field: field.to_owned(),
+                value: rootfs.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A `rootfs` as (filesystem tag, directory inside it): the whole value when it is
+    /// one of the pod's tags (a tag may hold '/'), else split at its first '/'.
+    pub fn split_rootfs<'a>(&self, rootfs: &'a str) -> (&'a str, Option<&'a str>) {
+        if self.filesystems.iter().any(|fs| fs.tag == rootfs) {
+            return (rootfs, None);
+        }
+        match rootfs.split_once('/') {
+            Some((tag, dir)) => (tag, Some(dir)),
+            None => (rootfs, None),
+        }
+    }
+
+    /// Where a validated `rootfs` is in cradle: its filesystem's mount point, joined
+    /// with the directory if it names one.
+    pub fn rootfs_path(&self, rootfs: &str) -> Option<std::path::PathBuf> {
+        let (tag, dir) = self.split_rootfs(rootfs);
+        let fs = self.filesystems.iter().find(|fs| fs.tag == tag)?;
+        let mount = std::path::Path::new(&fs.path);
+        Some(dir.map_or_else(|| mount.to_path_buf(), |dir| mount.join(dir)))
+    }
+
     /// A process's `mounts`: each source a mounted volume or a filesystem, each path a
     /// clean absolute path the container does not mount itself, no path twice.
     fn check_mounts(&self, at: &str, process: &ProcessSpec) -> Result<(), PodSpecError> {
@@ -1729,6 +1827,165 @@ mod tests {
             r#"{{"name": "p", "filesystems": [{{"tag": "root", "path": "/run/crib-root"}}],
                "processes": [{{"name": "m", {process}}}]}}"#
         )
+    }
+
+    /// A pod with the filesystem `share` and no processes.
+    fn share_pod() -> PodSpec {
+        parse(r#"{"name": "p", "filesystems": [{"tag": "share", "path": "/run/share"}]}"#).unwrap()
+    }
+
+    fn rootfs_process(rootfs: &str) -> ProcessSpec {
+        ProcessSpec {
+            name: "c1".into(),
+            rootfs: Some(rootfs.into()),
+            argv: vec!["sh".into()],
+            ..ProcessSpec::default()
+        }
+    }
+
+    #[test]
+    fn rootfs_subdirectory_of_a_filesystem_is_valid_and_joined_to_its_mount() {
+        let pod = share_pod();
+
+        pod.validate_process(1, &rootfs_process("share/c1/rootfs"))
+            .unwrap();
+
+        assert_eq!(
+            pod.rootfs_path("share/c1/rootfs").unwrap(),
+            std::path::Path::new("/run/share/c1/rootfs")
+        );
+        assert_eq!(
+            pod.rootfs_path("share").unwrap(),
+            std::path::Path::new("/run/share")
+        );
+    }
+
+    #[test]
+    fn rootfs_unclean_subdirectories_are_refused_naming_the_field() {
+        let pod = share_pod();
+        for bad in [
+            "share/../etc",
+            "share/c1/..",
+            "share/./c1",
+            "share/",
+            "share//c1",
+            "share/c1/",
+            "share/c1//rootfs",
+        ] {
+            let err = pod.validate_process(2, &rootfs_process(bad)).unwrap_err();
+
+            assert!(
+                matches!(&err, PodSpecError::InvalidRootfsDir { field, .. } if field == "processes[2].rootfs"),
+                "{bad}: {err}"
+            );
+            assert!(err.to_string().contains("share/c1/rootfs"), "{err}");
+        }
+    }
+
+    #[test]
+    fn rootfs_absolute_path_is_refused() {
+        let err = share_pod()
+            .validate_process(0, &rootfs_process("/run/share/c1"))
+            .unwrap_err();
+
+        assert!(
+            matches!(&err, PodSpecError::InvalidRootfsDir { field, .. } if field == "processes[0].rootfs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rootfs_with_nul_is_refused() {
+        let err = share_pod()
+            .validate_process(0, &rootfs_process("share/c\0x"))
+            .unwrap_err();
+
+        assert!(
+            matches!(&err, PodSpecError::NulCharacter { field } if field == "processes[0].rootfs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rootfs_subdirectory_of_an_unknown_tag_names_the_tag() {
+        let err = share_pod()
+            .validate_process(0, &rootfs_process("gfs/c1"))
+            .unwrap_err();
+
+        assert_eq!(
+            err.to_string(),
+            "processes[0].rootfs: \"gfs\" is not the tag of one of the pod's filesystems; add a filesystem with that tag (and a share for it)"
+        );
+    }
+
+    #[test]
+    fn rootfs_tag_holding_a_slash_is_used_whole() {
+        let pod =
+            parse(r#"{"name": "p", "filesystems": [{"tag": "a/b", "path": "/run/ab"}]}"#).unwrap();
+
+        pod.validate_process(0, &rootfs_process("a/b")).unwrap();
+
+        assert_eq!(pod.split_rootfs("a/b"), ("a/b", None));
+    }
+
+    #[test]
+    fn validate_process_checks_mounts_against_the_pod() {
+        let process = ProcessSpec {
+            mounts: vec![MountSpec {
+                source: "nope".into(),
+                path: "/data".into(),
+                readonly: false,
+            }],
+            ..rootfs_process("share/c1")
+        };
+
+        let err = share_pod().validate_process(3, &process).unwrap_err();
+
+        assert!(
+            matches!(&err, PodSpecError::UnknownMountSource { field, .. } if field == "processes[3].mounts[0].source"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn validate_process_checks_the_name() {
+        let process = ProcessSpec {
+            name: "C1".into(),
+            ..rootfs_process("share")
+        };
+
+        let err = share_pod().validate_process(0, &process).unwrap_err();
+
+        assert!(
+            matches!(&err, PodSpecError::InvalidName { field, .. } if field == "processes[0].name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn process_from_json_names_an_unknown_field_under_its_prefix() {
+        let err = PodSpec::process_from_json(
+            br#"{"name": "c", "argv": ["sh"], "rootfs": "share", "tty": true}"#,
+            "processes[1]",
+        )
+        .unwrap_err();
+
+        assert!(
+            matches!(&err, PodSpecError::Json { field, .. } if field == "processes[1].tty"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn process_from_json_reads_a_process_object() {
+        let process = PodSpec::process_from_json(
+            br#"{"name":"c1","rootfs":"share/c1/rootfs","argv":["sh","-c","x"],"env":["A=1"],"cwd":"/","user":"0:0","memory":"64M"}"#,
+            "processes[0]",
+        )
+        .unwrap();
+
+        assert_eq!(process.rootfs.as_deref(), Some("share/c1/rootfs"));
+        assert!(process.memory.is_some());
     }
 
     #[test]

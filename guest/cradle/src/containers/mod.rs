@@ -11,21 +11,26 @@
 //!   /sys, /dev, pivot_root, user, exec) and stay as its shim, forwarding signals and
 //!   exiting as it does.
 //! - [`user`]: the image's /etc/passwd and /etc/group.
-//! - [`cgroup`]: a cgroup v2 per container with `cpus` or `memory`.
+//! - [`cgroup`]: a cgroup v2 per container, with the limits of `cpus` and `memory`;
+//!   [`stats`] reads its counters.
 //!
 //! The core is not tied to boot: [`Containers::create`] makes a container from a process
-//! spec and the pod's resolved images at any time, and [`command`] gives the command that
-//! starts it, which the registry (vdocker) spawns, restarts and signals like any process.
+//! spec and the pod's resolved images at any time (vdocker's `POST /crib/v1/containers`
+//! does, for a running pod), [`Containers::remove`] undoes it, and [`command`] gives the
+//! command that starts it, which the registry (vdocker) spawns, restarts and signals like
+//! any process.
 
 pub mod cgroup;
 pub mod layers;
 pub mod loopdev;
 pub mod plan;
 pub mod stage;
+pub mod stats;
 pub mod user;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
@@ -90,6 +95,20 @@ pub enum ContainerError {
     Unresolved { index: usize, image: String },
     #[error("processes[{index}]: rootfs {tag:?} is not one of the pod's filesystems")]
     UnknownRootfs { index: usize, tag: String },
+    #[error("processes[{index}].rootfs: {} is not a directory cradle can use as the container's root; create it in the shared directory first", path.display())]
+    RootfsDir {
+        index: usize,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("processes[{index}].rootfs: {} resolves to {}, outside the filesystem's mount {}; name a directory of the share, not a symlink out of it", path.display(), resolved.display(), mount.display())]
+    RootfsOutside {
+        index: usize,
+        path: PathBuf,
+        resolved: PathBuf,
+        mount: PathBuf,
+    },
 }
 
 /// The pod's containers by process name: what the registry and vdocker look up.
@@ -104,9 +123,11 @@ static CONTAINERS: OnceLock<Containers> = OnceLock::new();
 impl Containers {
     /// Mounts the pod's layers and makes a container for each process with an image.
     /// Nothing to do (and no layer disk wanted) for a pod without images.
+    /// Without any, it still installs an empty set: containers can be added later.
     pub fn set_up(spec: &PodSpec) -> Result<(), ContainerError> {
         let any_rootfs = spec.processes.iter().any(|p| p.rootfs.is_some());
         if spec.resolved.layers.is_empty() && !any_rootfs {
+            let _ = CONTAINERS.set(Containers::default());
             return Ok(());
         }
         let layers = if spec.resolved.layers.is_empty() {
@@ -138,20 +159,14 @@ impl Containers {
         spec: &PodSpec,
     ) -> Result<(), ContainerError> {
         let mut plan = match process.rootfs.as_deref() {
-            Some(tag) => {
-                // Validated: the tag is one of the pod's filesystems, mounted by now.
-                let root = spec
-                    .mount_source(tag)
-                    .ok_or(ContainerError::UnknownRootfs {
-                        index,
-                        tag: tag.to_owned(),
-                    })?;
-                ContainerPlan::with_root_dir(process, std::path::Path::new(root))
+            Some(rootfs) => {
+                let root = rootfs_dir(index, spec, rootfs)?;
+                ContainerPlan::with_root_dir(process, &root)
             }
             None => ContainerPlan::new(index, process, &spec.resolved, &self.layers)?,
         };
         plan.make_dirs()?;
-        plan.cgroup = cgroup::create(&process.name, process.cpus, process.memory)?;
+        plan.cgroup = Some(cgroup::create(&process.name, process.cpus, process.memory)?);
         // Validated: every source is a volume with a path or a filesystem.
         plan.mounts = process
             .mounts
@@ -168,6 +183,36 @@ impl Containers {
         Ok(())
     }
 
+    /// Undoes [`Self::create`] for the container `name`, whose processes have all
+    /// exited: forgets its plan, removes its cgroup and its directory (the writable
+    /// layer of an image container). Never follows a mount: a rootfs share is mounted
+    /// in the container's own mount namespace only, and anything found mounted in
+    /// cradle's is left alone. Best effort: what cannot be removed is a warning.
+    pub fn remove(&self, name: &str) {
+        let plan = self
+            .plans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        let Some(plan) = plan else {
+            return;
+        };
+        if let Some(dir) = &plan.cgroup {
+            if let Err(error) = cgroup::remove(dir) {
+                say!(
+                    "warning: container {name}: cannot remove its cgroup {}: {error}",
+                    dir.display()
+                );
+            }
+        }
+        if let Err(error) = remove_dir(&plan) {
+            say!(
+                "warning: container {name}: cannot remove {}: {error}",
+                plan.dir.display()
+            );
+        }
+    }
+
     /// The container of process `name`.
     pub fn plan(&self, name: &str) -> Option<ContainerPlan> {
         self.plans
@@ -176,6 +221,68 @@ impl Containers {
             .get(name)
             .cloned()
     }
+}
+
+/// The directory of a validated `rootfs` in cradle: it must be a directory inside its
+/// filesystem's mount once symlinks are resolved (the share's content is the host's, and
+/// a container writing into a share could plant a symlink out of it).
+fn rootfs_dir(index: usize, spec: &PodSpec, rootfs: &str) -> Result<PathBuf, ContainerError> {
+    let (tag, _) = spec.split_rootfs(rootfs);
+    let unknown = || ContainerError::UnknownRootfs {
+        index,
+        tag: tag.to_owned(),
+    };
+    let mount = PathBuf::from(spec.mount_source(tag).ok_or_else(unknown)?);
+    let path = spec.rootfs_path(rootfs).ok_or_else(unknown)?;
+    if path == mount {
+        return Ok(path);
+    }
+    let dir_error = |source| ContainerError::RootfsDir {
+        index,
+        path: path.clone(),
+        source,
+    };
+    let resolved = std::fs::canonicalize(&path).map_err(dir_error)?;
+    let mount_resolved = std::fs::canonicalize(&mount).unwrap_or_else(|_| mount.clone());
+    if !resolved.starts_with(&mount_resolved) {
+        return Err(ContainerError::RootfsOutside {
+            index,
+            path,
+            resolved,
+            mount,
+        });
+    }
+    if !resolved.is_dir() {
+        return Err(dir_error(std::io::ErrorKind::NotADirectory.into()));
+    }
+    Ok(resolved)
+}
+
+/// Removes the container directory of `plan` (`upper/`, `work/`, `root/`, `pid`) without
+/// crossing into anything mounted there.
+fn remove_dir(plan: &ContainerPlan) -> std::io::Result<()> {
+    let dev = match std::fs::symlink_metadata(&plan.dir) {
+        Ok(meta) => meta.dev(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    let same_fs = |path: &Path| {
+        std::fs::symlink_metadata(path)
+            .map(|meta| meta.dev() == dev)
+            .unwrap_or(false)
+    };
+    let _ = std::fs::remove_file(plan.pid_file());
+    for dir in [plan.upper(), plan.work()] {
+        if same_fs(&dir) {
+            std::fs::remove_dir_all(&dir)?;
+        }
+    }
+    // The mount point of the root: empty in cradle's mount namespace, removed only so.
+    let root = plan.root();
+    if same_fs(&root) {
+        std::fs::remove_dir(&root)?;
+    }
+    std::fs::remove_dir(&plan.dir)
 }
 
 /// The pod's containers, once [`Containers::set_up`] made them.

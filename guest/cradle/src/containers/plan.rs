@@ -33,7 +33,7 @@ pub struct ContainerPlan {
     pub env: Vec<String>,
     pub cwd: String,
     pub user: String,
-    /// The container's cgroup, if it has limits.
+    /// The container's cgroup (`Containers::create` always makes one).
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
     /// Bind mounts: cradle's directory, the path in the container, read-only.

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, PRAGMA, SERVER};
 use hyper::{Method, Request, Response, StatusCode};
+use initramfs::podspec::PodSpec;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -19,6 +20,7 @@ use super::logs::{self, LogQuery};
 use super::registry::Registry;
 use super::routing::{route, Query, Route};
 use super::server::{self, ResponseBody, BODY_CHANNEL_CHUNKS, MULTIPLEXED_STREAM};
+use super::stats;
 use super::time::{human_duration, parse_unix_timestamp, rfc3339_nanos, unix_seconds, ZERO_TIME};
 use super::top;
 
@@ -30,6 +32,8 @@ const MIN_API_VERSION: &str = "1.24";
 const ENGINE_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "-cradle");
 /// Largest JSON request body.
 const MAX_JSON_BYTES: usize = 1024 * 1024;
+/// How long a forced removal waits for the container to die of SIGKILL.
+const REMOVE_KILL_WAIT_SECONDS: u64 = 10;
 /// Seconds `stop`, `restart` and the shutdown call wait before SIGKILL.
 const DEFAULT_STOP_SECONDS: u64 = 10;
 /// The image every container reports.
@@ -189,6 +193,23 @@ impl Api {
                 exec.signal(signal)?;
                 Ok(server::empty(StatusCode::NO_CONTENT))
             }
+            Route::CreateContainer => {
+                let bytes = server::read_body(request.body_mut(), MAX_JSON_BYTES).await?;
+                let at = format!("processes[{}]", registry.next_index());
+                let process = PodSpec::process_from_json(&bytes, &at)
+                    .map_err(|source| VdockerError::InvalidProcess { source })?;
+                let container = registry.create(process)?;
+                Ok(server::json(
+                    StatusCode::CREATED,
+                    &json!({ "Id": container.id, "Warnings": [] }),
+                ))
+            }
+            Route::Remove(key) => {
+                let container = registry.find(&key)?;
+                remove(registry, container, query.flag("force")).await?;
+                Ok(server::empty(StatusCode::NO_CONTENT))
+            }
+            Route::Stats(key) => Ok(stats::respond(registry.find(&key)?, &query)),
             Route::Shutdown => {
                 let grace = stop_timeout(&query)?;
                 registry.request_shutdown(grace);
@@ -204,6 +225,40 @@ impl Api {
             }
         }
     }
+}
+
+/// `DELETE /containers/{id}`: with `force`, a running container is killed (SIGKILL to
+/// its process group, no restart) and waited for; without, it is a conflict. The
+/// removal itself waits for the cgroup to empty, so it runs off the API's thread.
+async fn remove(
+    registry: &Registry,
+    container: std::sync::Arc<Container>,
+    force: bool,
+) -> Result<(), VdockerError> {
+    if container.is_active() {
+        if !force {
+            return Err(VdockerError::RemoveRunning(container.id.clone()));
+        }
+        container.hold();
+        if let Some(number) = container.running_run() {
+            let _ = container.signal_group(libc::SIGKILL);
+            let wait = Duration::from_secs(REMOVE_KILL_WAIT_SECONDS);
+            if tokio::time::timeout(wait, container.wait_run_exit(number))
+                .await
+                .is_err()
+            {
+                return Err(VdockerError::KillTimeout(
+                    container.name.clone(),
+                    REMOVE_KILL_WAIT_SECONDS,
+                ));
+            }
+        }
+    }
+    let registry = registry.clone();
+    let name = container.name.clone();
+    tokio::task::spawn_blocking(move || registry.remove(&container))
+        .await
+        .map_err(|_| VdockerError::RemoveFailed(name))?
 }
 
 /// `/_ping`: "OK" and the negotiation headers.

@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -34,6 +35,7 @@ use super::logs::{LineSplitter, LogStore};
 use super::registry::{container_id, Lifecycle, RegistryOptions};
 use crate::command::Outcome;
 use crate::console;
+use crate::containers::cgroup;
 use crate::processes::{self, ProcessError};
 use crate::reaper::Reaper;
 
@@ -69,6 +71,8 @@ pub struct Container {
     pub spec: ProcessSpec,
     pub created: SystemTime,
     pub logs: LogStore,
+    /// Its cgroup (v2), where its stats come from; `None` if it has none.
+    pub cgroup: Option<PathBuf>,
     output: broadcast::Sender<OutputChunk>,
     state: Mutex<ContainerState>,
     /// Bumped whenever the state changes (start, exit, output drained).
@@ -89,6 +93,8 @@ struct ContainerState {
     restarts: u32,
     /// A restart is waiting for its delay.
     restart_pending: bool,
+    /// Removed from the registry (`docker rm`): never started again.
+    removed: bool,
 }
 
 /// One spawn of a container's process.
@@ -167,6 +173,7 @@ impl Container {
         options: RegistryOptions,
         reaper: Reaper,
         lifecycle: Arc<Lifecycle>,
+        cgroup: Option<PathBuf>,
     ) -> Self {
         let (output, _) = broadcast::channel(OUTPUT_CHANNEL_CHUNKS);
         Self {
@@ -175,6 +182,7 @@ impl Container {
             spec,
             created: SystemTime::now(),
             logs: LogStore::new(options.log_cap_bytes),
+            cgroup,
             output,
             state: Mutex::new(ContainerState::default()),
             changes: watch::Sender::new(()),
@@ -243,6 +251,9 @@ impl Container {
     /// ended with 127 (not found) or 126, as Docker reports it.
     pub fn start(self: &Arc<Self>) -> Result<(), VdockerError> {
         let mut state = self.lock();
+        if state.removed {
+            return Err(VdockerError::NoSuchContainer(self.name.clone()));
+        }
         if state.run.as_ref().is_some_and(Run::is_running) {
             return Err(VdockerError::NotModified(self.name.clone()));
         }
@@ -312,6 +323,17 @@ impl Container {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if let Some(dir) = &self.cgroup {
+            // Into its cgroup before exec, so the program is counted from its first
+            // instruction (a container's stage then finds itself there already).
+            let procs = cgroup::open_procs(dir).map_err(spawn_error)?;
+            // SAFETY: the hook runs in the forked child before exec and only calls
+            // join_in_child, which makes one write(2) from a static buffer to a
+            // descriptor the closure owns: async-signal-safe, no allocation, no lock.
+            unsafe {
+                command.pre_exec(move || cgroup::join_in_child(&procs));
+            }
+        }
         let container = Arc::clone(self);
         let mut child = self
             .reaper
@@ -385,6 +407,20 @@ impl Container {
         if spawned.is_err() {
             self.lock().restart_pending = false;
         }
+    }
+
+    /// Marks the container removed (it can never start again); `RemoveRunning` if it
+    /// is running or about to restart.
+    pub fn mark_removed(&self) -> Result<(), VdockerError> {
+        let mut state = self.lock();
+        if state.restart_pending || state.run.as_ref().is_some_and(Run::is_running) {
+            return Err(VdockerError::RemoveRunning(self.id.clone()));
+        }
+        state.removed = true;
+        state.held = true;
+        drop(state);
+        self.changes.send_replace(());
+        Ok(())
     }
 
     /// No restart from now until the next start (Docker's "manually stopped").
@@ -613,7 +649,6 @@ pub fn exec_command(
     processes::build_command(&spec)
 }
 
-#[cfg(test)]
 #[cfg(test)]
 mod tests {
     use super::*;

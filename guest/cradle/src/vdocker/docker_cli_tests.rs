@@ -98,6 +98,7 @@ impl Harness {
         let options = RegistryOptions {
             echo: false,
             log_cap_bytes: LOG_CAP_BYTES,
+            cgroups: false,
         };
         let registry = Registry::new(&specs, Reaper::new(ReapMode::Own), options);
         registry.start_all();
@@ -604,4 +605,104 @@ fn shutdown_call_ends_the_pod_with_its_grace() {
         harness.registry.wait_for_end(PodLifetime::UntilShutdown),
         PodEnd::Shutdown(Duration::from_secs(1))
     );
+}
+
+/// `POST /crib/v1/containers` with `body`; (status, body).
+fn create(harness: &Harness, body: &str) -> (u16, String) {
+    harness.http(&format!(
+        "POST /crib/v1/containers HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+}
+
+#[test]
+fn added_container_starts_logs_execs_stats_and_is_removed() {
+    let harness = Harness::start("vd-added");
+    let body = r#"{"name":"late","argv":["sh","-c","echo LATE-$A; exec sleep 300"],"env":["A=1"]}"#;
+
+    let (status, created) = create(&harness, body);
+    assert_eq!(status, 201, "{created}");
+    let id = super::registry::container_id("late");
+    assert!(created.contains(&format!("\"Id\":\"{id}\"")), "{created}");
+    assert!(created.contains("\"Warnings\":[]"), "{created}");
+    let listed = harness.docker_ok(&["ps", "-a", "--format", "{{.Names}} {{.State}}"]);
+    assert!(
+        listed.stdout.contains("late created"),
+        "{}",
+        listed.describe()
+    );
+
+    harness.docker_ok(&["start", "late"]);
+    let start = Instant::now();
+    let logs = loop {
+        let logs = harness.docker_ok(&["logs", "late"]);
+        if logs.stdout.contains("LATE-1") || start.elapsed() > CLI_TIMEOUT {
+            break logs;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(logs.stdout.contains("LATE-1"), "{}", logs.describe());
+    let exec = harness.docker_ok(&["exec", "late", "sh", "-c", "echo in-$A"]);
+    assert_eq!(exec.stdout.trim(), "in-1");
+    let stats = harness.docker_ok(&["stats", "--no-stream", "--format", "{{.Name}}", "late"]);
+    assert_eq!(stats.stdout.trim(), "late", "{}", stats.describe());
+
+    let refused = harness.docker(&["rm", "late"]);
+    assert_ne!(refused.code, Some(0));
+    assert!(
+        refused
+            .stderr
+            .contains("You cannot remove a running container"),
+        "{}",
+        refused.describe()
+    );
+    harness.docker_ok(&["rm", "-f", "late"]);
+    let gone = harness.docker(&["inspect", "late"]);
+    assert_ne!(gone.code, Some(0));
+
+    let (again, again_body) = create(&harness, body);
+    assert_eq!(again, 201, "{again_body}");
+}
+
+#[test]
+fn create_refuses_a_name_in_use_bad_json_and_an_image() {
+    let harness = Harness::start("vd-create-errors");
+
+    let (taken, taken_body) = create(&harness, r#"{"name":"app","argv":["true"]}"#);
+    let (unknown, unknown_body) = create(&harness, r#"{"name":"x","argv":["true"],"tty":true}"#);
+    let (image, image_body) = create(&harness, r#"{"name":"x","image":"busybox"}"#);
+    let (rootfs, rootfs_body) = create(
+        &harness,
+        r#"{"name":"x","argv":["true"],"rootfs":"share/../x"}"#,
+    );
+
+    assert_eq!(taken, 409, "{taken_body}");
+    assert!(taken_body.contains("already in use"), "{taken_body}");
+    assert_eq!(unknown, 400, "{unknown_body}");
+    assert!(unknown_body.contains("processes[4].tty"), "{unknown_body}");
+    assert_eq!(image, 400, "{image_body}");
+    assert!(image_body.contains("processes[4].image"), "{image_body}");
+    assert_eq!(rootfs, 400, "{rootfs_body}");
+    assert!(rootfs_body.contains("processes[4].rootfs"), "{rootfs_body}");
+}
+
+#[test]
+fn stats_one_shot_has_docker_and_cgroup2_fields() {
+    let harness = Harness::start("vd-stats");
+
+    let (status, body) = harness.http(
+        "GET /v1.47/containers/app/stats?stream=false HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n",
+    );
+
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(value["name"], "/app");
+    assert!(
+        value["cpu_stats"]["cpu_usage"]["total_usage"].is_u64(),
+        "{value}"
+    );
+    assert!(value["memory_stats"]["limit"].is_u64(), "{value}");
+    // The tests' registry makes no cgroups (they would be the host's).
+    assert!(value["cgroup2"].is_null(), "{value}");
 }

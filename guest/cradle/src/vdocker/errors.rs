@@ -8,7 +8,10 @@ use std::io;
 use hyper::StatusCode;
 use thiserror::Error;
 
+use initramfs::podspec::PodSpecError;
+
 use super::archive::ArchiveError;
+use crate::containers::ContainerError;
 
 /// Errors of an API request.
 #[derive(Debug, Error)]
@@ -21,7 +24,7 @@ pub enum VdockerError {
         path: String,
         allowed: &'static str,
     },
-    #[error("{what} is not implemented by cradle: a pod's containers are the processes of its spec, with exec, logs, attach, cp, wait, kill, stop, start and restart")]
+    #[error("{what} is not implemented by cradle: a pod's containers are the processes of its spec and those added with POST /crib/v1/containers, with exec, logs, attach, cp, wait, kill, stop, start, restart, stats and rm")]
     NotImplemented { what: String },
     #[error("No such container: {0}")]
     NoSuchContainer(String),
@@ -83,6 +86,29 @@ pub enum VdockerError {
         #[source]
         source: io::Error,
     },
+    #[error("{field}: a container with an image cannot be added to a running pod (its layers are resolved by the host before boot); give a rootfs (TAG or TAG/DIR of one of the pod's filesystems) or neither")]
+    ImageProcess { field: String },
+    #[error("the container is not a valid process of the pod spec (docs/POD_SPEC.md)")]
+    InvalidProcess {
+        #[source]
+        source: PodSpecError,
+    },
+    #[error("Conflict. The container name \"/{name}\" is already in use by container \"{id}\". You have to remove (or rename) that container to be able to reuse that name.")]
+    NameInUse { name: String, id: String },
+    #[error("cannot create the container {name}")]
+    CreateContainer {
+        name: String,
+        #[source]
+        source: ContainerError,
+    },
+    #[error("this pod cannot run containers: cradle did not set up its container support")]
+    NoContainerSupport,
+    #[error("You cannot remove a running container {0}. Stop the container before attempting removal or force remove")]
+    RemoveRunning(String),
+    #[error("container {0} did not exit within {1} s of SIGKILL; it is not removed")]
+    KillTimeout(String, u64),
+    #[error("cannot remove the container {0}: the removal did not finish")]
+    RemoveFailed(String),
 }
 
 impl VdockerError {
@@ -104,6 +130,17 @@ impl VdockerError {
                 StatusCode::CONFLICT
             }
             Self::NotModified(_) => StatusCode::NOT_MODIFIED,
+            Self::ImageProcess { .. } | Self::InvalidProcess { .. } => StatusCode::BAD_REQUEST,
+            Self::NameInUse { .. } | Self::RemoveRunning(_) => StatusCode::CONFLICT,
+            Self::CreateContainer { source, .. } => match source {
+                ContainerError::RootfsDir { .. }
+                | ContainerError::RootfsOutside { .. }
+                | ContainerError::UnknownRootfs { .. } => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            Self::NoContainerSupport | Self::KillTimeout(..) | Self::RemoveFailed(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             Self::Archive(error) => error.status(),
             Self::Signal { .. }
             | Self::ExecSignal { .. }

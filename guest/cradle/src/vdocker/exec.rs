@@ -159,6 +159,21 @@ impl ExecTable {
         self.lock().iter().any(|e| e.is_running())
     }
 
+    /// For a removed container: SIGKILL to its running execs' groups, and its execs
+    /// out of the table (a running one's session still ends as usual).
+    pub fn forget(&self, container: &Arc<Container>) {
+        let mut execs = self.lock();
+        for exec in execs
+            .iter()
+            .filter(|e| Arc::ptr_eq(&e.container, container))
+        {
+            if let Some(pid) = exec.running_pid() {
+                let _ = signal_group(pid, libc::SIGKILL);
+            }
+        }
+        execs.retain(|e| !Arc::ptr_eq(&e.container, container));
+    }
+
     /// Signals every running exec's process group.
     pub fn signal_all(&self, signal: i32) {
         let pids: Vec<libc::pid_t> = self.lock().iter().filter_map(|e| e.running_pid()).collect();

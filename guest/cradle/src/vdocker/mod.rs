@@ -5,8 +5,10 @@
 //! Each process of the pod spec is a container ([`containers`]): `docker
 //! ps`, `inspect`, `logs` (with `-f`, `--tail`, `-t`, `--since`),
 //! `attach`, `exec` (`-i`, `-t`), `cp` both ways, `wait`, `kill`, `stop`,
-//! `start`, `restart`, `top`. `POST /crib/v1/shutdown` ends the pod (SIGTERM,
-//! SIGKILL after `t` seconds, unmount, power off: the main thread does it).
+//! `start`, `restart`, `top`, `stats`, `rm`. `POST /crib/v1/containers` adds a
+//! container (a pod-spec process) to the running pod, `DELETE /containers/{id}` removes
+//! one. `POST /crib/v1/shutdown` ends the pod (SIGTERM, SIGKILL after `t` seconds,
+//! unmount, power off: the main thread does it).
 //!
 //! The server runs on a current-thread tokio runtime on a thread of its
 //! own, started after the pod's processes are spawned so it never delays
@@ -14,7 +16,7 @@
 //! and the pod runs without it.
 //!
 //! Modules: [`server`] (HTTP glue, listener, bodies), [`routing`] (paths),
-//! [`api`] (handlers and JSON), [`registry`] (the pod's containers and
+//! [`api`] (handlers and JSON), [`stats`] (stats JSON), [`registry`] (the pod's containers and
 //! lifecycle), [`containers`] (one process's supervision),
 //! [`logs`] (bounded log store), [`exec`], [`attach`], [`archive`] (`docker
 //! cp`), [`frames`] (multiplexed stream format), [`errors`], [`fdio`] and
@@ -34,6 +36,7 @@ pub mod logs;
 mod registry;
 mod routing;
 mod server;
+mod stats;
 mod time;
 mod top;
 mod vsock;

@@ -1,19 +1,27 @@
-//! The pod's registry: its containers (one per process of the spec, see
-//! [`super::containers`]) and exec sessions, looked up by id, id prefix or
-//! name, and the pod's lifecycle: [`Registry::wait_for_end`] blocks the main
-//! thread until the processes have all exited or the shutdown call came,
-//! and [`Registry::stop_all`] stops everything at the end.
+//! The pod's registry: its containers (one per process of the spec, plus those added
+//! while it runs with `POST /crib/v1/containers`, see [`super::containers`]) and exec
+//! sessions, looked up by id, id prefix or name, and the pod's lifecycle:
+//! [`Registry::wait_for_end`] blocks the main thread until the processes have all exited
+//! or the shutdown call came, and [`Registry::stop_all`] stops everything at the end.
+//!
+//! The set of containers changes at run time ([`Registry::create`],
+//! [`Registry::remove`]): it is a list of `Arc`s under a lock, and every reader takes a
+//! snapshot (or one lookup) and lets the lock go before it touches a container. Lock
+//! order: the lifecycle's state, then the list, then a container's state; the list's lock
+//! is never held while the lifecycle is notified.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use initramfs::podspec::{PodLifetime, ProcessSpec};
+use initramfs::podspec::{PodLifetime, PodSpec, ProcessSpec};
 
 use super::containers::{Container, LOG_CAP_BYTES};
 use super::errors::VdockerError;
 use super::exec::ExecTable;
-use crate::console::say;
+use crate::console::{self, say};
+use crate::containers::cgroup;
 use crate::reaper::Reaper;
 
 /// After SIGKILL, how long stop_all waits for the processes to go.
@@ -26,6 +34,9 @@ pub struct RegistryOptions {
     pub echo: bool,
     /// Log store cap per container.
     pub log_cap_bytes: usize,
+    /// Give every container a cgroup of its own under /sys/fs/cgroup (the guest; never
+    /// in unit tests, which must not touch the host's cgroups).
+    pub cgroups: bool,
 }
 
 impl RegistryOptions {
@@ -34,6 +45,7 @@ impl RegistryOptions {
         Self {
             echo: true,
             log_cap_bytes: LOG_CAP_BYTES,
+            cgroups: true,
         }
     }
 }
@@ -54,7 +66,12 @@ pub struct Registry {
 }
 
 struct RegistryInner {
-    containers: Vec<Arc<Container>>,
+    /// The pod's spec as it booted: what an added container is validated against.
+    pod: Arc<PodSpec>,
+    containers: Mutex<Vec<Arc<Container>>>,
+    /// Held across a create or a remove: a name is checked and taken in one step.
+    changing: Mutex<()>,
+    options: RegistryOptions,
     /// The init processes are running: the others have not started yet.
     starting: AtomicBool,
     execs: ExecTable,
@@ -124,10 +141,27 @@ impl Lifecycle {
 }
 
 impl Registry {
-    /// A container per process; none is started yet.
+    /// A container per process; none is started yet. A pod with nothing but these
+    /// processes (no volumes or filesystems): for tests.
+    #[cfg(test)]
     pub fn new(specs: &[ProcessSpec], reaper: Reaper, options: RegistryOptions) -> Self {
+        let pod = PodSpec {
+            name: "pod".to_owned(),
+            volumes: Vec::new(),
+            filesystems: Vec::new(),
+            processes: specs.to_vec(),
+            lifetime: PodLifetime::default(),
+            resolved: Default::default(),
+            network: None,
+        };
+        Self::for_pod(pod, reaper, options)
+    }
+
+    /// A container per process of `pod`; none is started yet.
+    pub fn for_pod(pod: PodSpec, reaper: Reaper, options: RegistryOptions) -> Self {
         let lifecycle = Arc::new(Lifecycle::default());
-        let containers = specs
+        let containers = pod
+            .processes
             .iter()
             .map(|spec| {
                 Arc::new(Container::new(
@@ -135,12 +169,16 @@ impl Registry {
                     options,
                     reaper.clone(),
                     Arc::clone(&lifecycle),
+                    container_cgroup(spec, options),
                 ))
             })
             .collect();
         Self {
             inner: Arc::new(RegistryInner {
-                containers,
+                pod: Arc::new(pod),
+                containers: Mutex::new(containers),
+                changing: Mutex::new(()),
+                options,
                 starting: AtomicBool::new(false),
                 execs: ExecTable::default(),
                 lifecycle,
@@ -149,17 +187,105 @@ impl Registry {
         }
     }
 
+    fn list(&self) -> MutexGuard<'_, Vec<Arc<Container>>> {
+        self.inner
+            .containers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The index an added container gets in error messages (`processes[N]`).
+    pub fn next_index(&self) -> usize {
+        self.list().len()
+    }
+
+    /// Adds a container for `process` (cradle's `POST /crib/v1/containers`), not started:
+    /// validated as at boot against the pod's spec; a name in use is a conflict; an
+    /// image process is refused (its layers are resolved by the host before boot).
+    pub fn create(&self, process: ProcessSpec) -> Result<Arc<Container>, VdockerError> {
+        let _changing = self
+            .inner
+            .changing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let index = self.next_index();
+        if process.image.is_some() {
+            return Err(VdockerError::ImageProcess {
+                field: format!("processes[{index}].image"),
+            });
+        }
+        self.inner
+            .pod
+            .validate_process(index, &process)
+            .map_err(|source| VdockerError::InvalidProcess { source })?;
+        if let Ok(existing) = self.find_name(&process.name) {
+            return Err(VdockerError::NameInUse {
+                name: process.name.clone(),
+                id: existing.id.clone(),
+            });
+        }
+        let cgroup = if process.rootfs.is_some() {
+            let containers = crate::containers::get().ok_or(VdockerError::NoContainerSupport)?;
+            containers
+                .create(index, &process, &self.inner.pod)
+                .map_err(|source| VdockerError::CreateContainer {
+                    name: process.name.clone(),
+                    source,
+                })?;
+            containers.plan(&process.name).and_then(|plan| plan.cgroup)
+        } else {
+            container_cgroup(&process, self.inner.options)
+        };
+        let container = Arc::new(Container::new(
+            process,
+            self.inner.options,
+            self.inner.reaper.clone(),
+            Arc::clone(&self.inner.lifecycle),
+            cgroup,
+        ));
+        self.list().push(Arc::clone(&container));
+        Ok(container)
+    }
+
+    /// Removes `container`, which must not be running (Docker's `docker rm`; the caller
+    /// kills it first for `force`): out of the list, its exec sessions killed and
+    /// forgotten, its cgroup and what `Containers::create` made removed. Blocking (it
+    /// waits for the cgroup to empty): not on the API's thread.
+    pub fn remove(&self, container: &Arc<Container>) -> Result<(), VdockerError> {
+        let _changing = self
+            .inner
+            .changing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        container.mark_removed()?;
+        self.list().retain(|c| !Arc::ptr_eq(c, container));
+        self.inner.execs.forget(container);
+        let has_plan =
+            crate::containers::get().is_some_and(|all| all.plan(&container.name).is_some());
+        if has_plan {
+            if let Some(all) = crate::containers::get() {
+                all.remove(&container.name);
+            }
+        } else if let Some(dir) = &container.cgroup {
+            if let Err(error) = cgroup::remove(dir) {
+                say!(
+                    "warning: container {}: cannot remove its cgroup {}: {error}",
+                    container.name,
+                    dir.display()
+                );
+            }
+        }
+        self.inner.lifecycle.notify();
+        Ok(())
+    }
+
     /// Starts every container; one that cannot start is a warning. With init processes
     /// (`init` in the spec), a thread runs them one after the other, each to a zero exit
     /// (restarts included), then starts the others; an init process that fails, or a
     /// shutdown meanwhile, starts nothing more (the pod then ends as its lifetime says).
     pub fn start_all(&self) {
-        let (init, rest): (Vec<_>, Vec<_>) = self
-            .inner
-            .containers
-            .iter()
-            .cloned()
-            .partition(|c| c.spec.init);
+        let (init, rest): (Vec<_>, Vec<_>) =
+            self.containers().into_iter().partition(|c| c.spec.init);
         if init.is_empty() {
             for container in &rest {
                 // Only "already running" can fail here, which none is.
@@ -210,8 +336,9 @@ impl Registry {
         true
     }
 
-    pub fn containers(&self) -> &[Arc<Container>] {
-        &self.inner.containers
+    /// The containers now, in the order they were made.
+    pub fn containers(&self) -> Vec<Arc<Container>> {
+        self.list().clone()
     }
 
     pub fn execs(&self) -> &ExecTable {
@@ -229,21 +356,25 @@ impl Registry {
     /// The container `key` names: its id, its name (with or without `/`),
     /// or a prefix of exactly one id.
     pub fn find(&self, key: &str) -> Result<Arc<Container>, VdockerError> {
-        let entries = self
-            .inner
-            .containers
-            .iter()
-            .map(|c| (c.id.as_str(), c.name.as_str()));
+        let list = self.list();
+        let entries = list.iter().map(|c| (c.id.as_str(), c.name.as_str()));
         match lookup(entries, key) {
-            Lookup::Found(index) => self
-                .inner
-                .containers
+            Lookup::Found(index) => list
                 .get(index)
                 .cloned()
                 .ok_or_else(|| VdockerError::NoSuchContainer(key.to_owned())),
             Lookup::Missing => Err(VdockerError::NoSuchContainer(key.to_owned())),
             Lookup::Ambiguous => Err(VdockerError::AmbiguousContainer(key.to_owned())),
         }
+    }
+
+    /// The container named exactly `name`.
+    fn find_name(&self, name: &str) -> Result<Arc<Container>, VdockerError> {
+        self.list()
+            .iter()
+            .find(|c| c.name == name)
+            .cloned()
+            .ok_or_else(|| VdockerError::NoSuchContainer(name.to_owned()))
     }
 
     /// Asks the main thread to end the pod; the first request's grace wins.
@@ -283,7 +414,7 @@ impl Registry {
     }
 
     fn any_container_running(&self) -> bool {
-        self.inner.containers.iter().any(|c| c.is_active())
+        self.list().iter().any(|c| c.is_active())
     }
 
     fn anything_running(&self) -> bool {
@@ -314,10 +445,29 @@ impl Registry {
     }
 
     fn signal_all(&self, signal: i32) {
-        for container in &self.inner.containers {
+        for container in self.containers() {
             let _ = container.signal_group(signal);
         }
         self.inner.execs.signal_all(signal);
+    }
+}
+
+/// The cgroup of the container of `spec`: its container plan's (image and rootfs
+/// processes, made by `Containers::create`), else one of its own when `options` say so.
+/// One that cannot be made is a warning: the process runs, without stats.
+fn container_cgroup(spec: &ProcessSpec, options: RegistryOptions) -> Option<PathBuf> {
+    if let Some(plan) = crate::containers::get().and_then(|all| all.plan(&spec.name)) {
+        return plan.cgroup;
+    }
+    if !options.cgroups {
+        return None;
+    }
+    match cgroup::create(&spec.name, None, None) {
+        Ok(dir) => Some(dir),
+        Err(error) => {
+            console::log_warning(&error);
+            None
+        }
     }
 }
 
@@ -402,6 +552,7 @@ pub mod testing {
         let options = RegistryOptions {
             echo: false,
             log_cap_bytes: LOG_CAP_BYTES,
+            cgroups: false,
         };
         Registry::new(specs, Reaper::new(ReapMode::Own), options)
     }
@@ -461,6 +612,145 @@ mod tests {
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(id, container_id("web"));
         assert_ne!(id, container_id("db"));
+    }
+
+    #[test]
+    fn create_adds_a_container_that_is_not_started() {
+        let registry = registry(&[spec("a", "exit 0")]);
+
+        let added = registry.create(spec("b", "exit 0")).unwrap();
+
+        assert_eq!(registry.containers().len(), 2);
+        assert!(Arc::ptr_eq(&registry.find("b").unwrap(), &added));
+        assert!(added.snapshot().is_none());
+    }
+
+    #[test]
+    fn create_with_a_name_in_use_is_409() {
+        let registry = registry(&[spec("a", "exit 0")]);
+
+        let error = registry.create(spec("a", "exit 1")).err().unwrap();
+
+        assert_eq!(error.status(), hyper::StatusCode::CONFLICT);
+        assert!(
+            error.to_string().contains("\"/a\" is already in use"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn create_of_an_invalid_process_is_400_naming_the_field() {
+        let registry = registry(&[spec("a", "exit 0")]);
+        let bad = ProcessSpec {
+            cwd: Some("relative".into()),
+            ..spec("b", "exit 0")
+        };
+
+        let error = registry.create(bad).err().unwrap();
+
+        assert_eq!(error.status(), hyper::StatusCode::BAD_REQUEST);
+        assert!(
+            console::error_chain(&error).contains("processes[1].cwd"),
+            "{}",
+            console::error_chain(&error)
+        );
+    }
+
+    #[test]
+    fn create_of_an_image_process_is_refused() {
+        let registry = registry(&[]);
+        let image = ProcessSpec {
+            image: Some("busybox".into()),
+            ..spec("b", "exit 0")
+        };
+
+        let error = registry.create(image).err().unwrap();
+
+        assert_eq!(error.status(), hyper::StatusCode::BAD_REQUEST);
+        assert!(error.to_string().contains("processes[0].image"), "{error}");
+    }
+
+    #[test]
+    fn create_of_a_rootfs_on_an_unknown_filesystem_is_400() {
+        let registry = registry(&[]);
+        let rootfs = ProcessSpec {
+            rootfs: Some("share/c1".into()),
+            ..spec("c1", "exit 0")
+        };
+
+        let error = registry.create(rootfs).err().unwrap();
+
+        assert_eq!(error.status(), hyper::StatusCode::BAD_REQUEST);
+        assert!(
+            console::error_chain(&error).contains("processes[0].rootfs"),
+            "{}",
+            console::error_chain(&error)
+        );
+    }
+
+    #[test]
+    fn remove_of_a_running_container_is_refused_then_works_once_it_exited() {
+        let registry = registry(&[spec("a", "exec sleep 30")]);
+        registry.start_all();
+        let container = registry.find("a").unwrap();
+
+        let error = registry.remove(&container).unwrap_err();
+        assert_eq!(error.status(), hyper::StatusCode::CONFLICT);
+        assert!(error
+            .to_string()
+            .starts_with("You cannot remove a running container "));
+
+        container.signal_group(libc::SIGKILL).unwrap();
+        testing::block_on(container.wait_not_running());
+        registry.remove(&container).unwrap();
+
+        assert!(registry.find("a").is_err());
+        assert!(registry.containers().is_empty());
+        assert!(matches!(
+            container.start(),
+            Err(VdockerError::NoSuchContainer(_))
+        ));
+    }
+
+    #[test]
+    fn a_removed_name_can_be_created_again() {
+        let registry = registry(&[spec("a", "exit 0")]);
+        let first = registry.find("a").unwrap();
+        registry.remove(&first).unwrap();
+
+        let again = registry.create(spec("a", "exit 3")).unwrap();
+        again.start().unwrap();
+
+        assert_eq!(testing::block_on(again.wait_not_running()), 3);
+        assert!(!Arc::ptr_eq(&first, &again));
+    }
+
+    #[test]
+    fn wait_for_end_counts_an_added_container() {
+        let registry = registry(&[spec("a", "exit 0")]);
+        registry.start_all();
+        let added = registry.create(spec("late", "sleep 0.3")).unwrap();
+        added.start().unwrap();
+
+        assert_eq!(
+            registry.wait_for_end(PodLifetime::Processes),
+            PodEnd::AllExited
+        );
+
+        assert!(added.snapshot().is_some_and(|run| !run.is_running()));
+    }
+
+    #[test]
+    fn stop_all_stops_an_added_container() {
+        let registry = registry(&[]);
+        let added = registry
+            .create(spec("late", "trap '' TERM; sleep 30"))
+            .unwrap();
+        added.start().unwrap();
+
+        registry.stop_all(Duration::from_millis(200));
+
+        assert!(added.running_run().is_none());
     }
 
     #[test]

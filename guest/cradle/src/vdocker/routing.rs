@@ -33,6 +33,12 @@ pub enum Route {
     /// crib's: `POST /exec/{id}/kill?signal=N` (Docker has no way to signal an exec).
     ExecKill(String),
     Shutdown,
+    /// crib's: `POST /crib/v1/containers` with a pod-spec process as the body.
+    CreateContainer,
+    /// `DELETE /containers/{id}` (`docker rm`).
+    Remove(String),
+    /// `GET /containers/{id}/stats`.
+    Stats(String),
 }
 
 /// Routes `method` on `path` (no query string).
@@ -68,6 +74,10 @@ pub fn route(method: &Method, path: &str) -> Result<Route, VdockerError> {
         ["containers", c, "restart"] if !c.is_empty() => post(Route::Restart(id(c))),
         ["containers", c, "exec"] if !c.is_empty() => post(Route::ExecCreate(id(c))),
         ["containers", c, "top"] if !c.is_empty() => get(Route::Top(id(c))),
+        ["containers", c, "stats"] if !c.is_empty() => get(Route::Stats(id(c))),
+        ["containers", c] if !c.is_empty() && *c != "json" && *c != "create" => {
+            check(&[Method::DELETE], "DELETE", Route::Remove(id(c)))
+        }
         ["containers", c, "archive"] if !c.is_empty() => check(
             &[Method::GET, Method::HEAD, Method::PUT],
             "GET, HEAD or PUT",
@@ -78,6 +88,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, VdockerError> {
         ["exec", e, "resize"] if !e.is_empty() => post(Route::ExecResize(id(e))),
         ["exec", e, "kill"] if !e.is_empty() => post(Route::ExecKill(id(e))),
         ["crib", "v1", "shutdown"] if bare.len() == path.len() => post(Route::Shutdown),
+        ["crib", "v1", "containers"] if bare.len() == path.len() => post(Route::CreateContainer),
         ["containers", "", ..] | ["exec", "", ..] => Err(VdockerError::NotFound {
             method: method.to_string(),
             path: path.to_owned(),
@@ -281,6 +292,46 @@ mod tests {
             Route::Shutdown
         );
         assert!(route(&Method::POST, "/v1.47/crib/v1/shutdown").is_err());
+    }
+
+    #[test]
+    fn route_crib_create_container_is_an_unversioned_post() {
+        assert_eq!(
+            route(&Method::POST, "/crib/v1/containers").unwrap(),
+            Route::CreateContainer
+        );
+        assert!(route(&Method::POST, "/v1.47/crib/v1/containers").is_err());
+        let error = route(&Method::GET, "/crib/v1/containers").unwrap_err();
+        assert_eq!(error.status(), hyper::StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn route_delete_container_is_remove() {
+        assert_eq!(
+            route(&Method::DELETE, "/v1.47/containers/c1").unwrap(),
+            Route::Remove("c1".into())
+        );
+        let error = route(&Method::GET, "/containers/c1").unwrap_err();
+        assert_eq!(error.status(), hyper::StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn route_container_list_and_create_are_not_a_remove() {
+        assert_eq!(
+            route(&Method::GET, "/containers/json").unwrap(),
+            Route::ListContainers
+        );
+        let error = route(&Method::DELETE, "/containers/create").unwrap_err();
+        assert_eq!(error.status(), hyper::StatusCode::NOT_IMPLEMENTED);
+    }
+
+    #[test]
+    fn route_stats_is_a_get() {
+        assert_eq!(
+            route(&Method::GET, "/v1.47/containers/c1/stats").unwrap(),
+            Route::Stats("c1".into())
+        );
+        assert!(route(&Method::POST, "/containers/c1/stats").is_err());
     }
 
     #[test]

@@ -281,12 +281,8 @@ async fn forward_to_body(mut from: tokio::io::DuplexStream, tx: mpsc::Sender<Byt
     }
 }
 
-/// Reads a JSON request body of at most `limit` bytes; an empty body reads
-/// as `{}`.
-pub async fn read_json<T: serde::de::DeserializeOwned>(
-    body: &mut Incoming,
-    limit: usize,
-) -> Result<T, VdockerError> {
+/// Reads a request body of at most `limit` bytes.
+pub async fn read_body(body: &mut Incoming, limit: usize) -> Result<Vec<u8>, VdockerError> {
     use http_body_util::BodyExt;
 
     let mut bytes = Vec::new();
@@ -299,6 +295,16 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
             bytes.extend_from_slice(&data);
         }
     }
+    Ok(bytes)
+}
+
+/// Reads a JSON request body of at most `limit` bytes; an empty body reads
+/// as `{}`.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    body: &mut Incoming,
+    limit: usize,
+) -> Result<T, VdockerError> {
+    let bytes = read_body(body, limit).await?;
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
