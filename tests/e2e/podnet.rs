@@ -19,12 +19,20 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
         ("linux_net_pod_end_to_end", end_to_end),
         ("linux_net_pod_host_side", host_side),
         ("linux_net_attach_host_side", attach_host_side),
+        ("linux_net_attach_end_to_end", attach_end_to_end),
     ]
 }
 
 fn end_to_end() -> Result<()> {
     GuestArtifacts::pod()?;
     run_script("tests/e2e/scripts/podnet.sh", &[])
+}
+
+/// Attach mode with a real pod in a namespace playing CNI's (`ip netns exec cni-test crib
+/// pod run` with `"network": {"attach": "eth0"}`): tests/e2e/scripts/podnet-attach.sh.
+fn attach_end_to_end() -> Result<()> {
+    GuestArtifacts::pod()?;
+    run_script("tests/e2e/scripts/podnet-attach.sh", &[])
 }
 
 /// The host side alone, a network namespace standing in for the pod (root):
