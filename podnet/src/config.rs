@@ -1,6 +1,7 @@
 //! The launch file's `network` field (docs/POD_SPEC.md, "Network"): `"none"`, or an
-//! object whose every key has a default. [`NetPlan::from_json`] checks it all before
-//! anything on the host is touched.
+//! object whose every key has a default (bridge mode), or `{"attach": "eth0"}` (attach
+//! mode, docs/NETWORK.md). [`NetworkPlan::from_json`] checks it all before anything on
+//! the host is touched.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -64,6 +65,113 @@ pub struct NetPlan {
     /// Serve the address over DHCP on the bridge ([`crate::dhcp`]): a marketplace VM
     /// configures itself, where cradle is told its address. Never from a launch file.
     pub dhcp: bool,
+}
+
+/// The launch file's `network` as checked: what kind of network the pod gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetworkPlan {
+    /// A tap on crib's bridge with leased addresses ([`crate::setup::up`]).
+    Bridge(NetPlan),
+    /// The identity of an interface that is already in crib's network namespace
+    /// (CNI's eth0), taken over through tc redirection ([`crate::attach::up`]).
+    Attach(AttachPlan),
+}
+
+/// `{"attach": "eth0", "dns": [...], "search": [...]}`: the VM takes over interface
+/// `interface` (its MAC, MTU, addresses and default routes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachPlan {
+    pub interface: String,
+    /// `None`: the nameservers of crib's resolv.conf that a pod can reach.
+    pub dns: Option<Vec<IpAddr>>,
+    pub search: Vec<String>,
+}
+
+/// The launch file's `network` object in attach mode as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachField {
+    attach: String,
+    dns: Option<Vec<String>>,
+    #[serde(default)]
+    search: Vec<String>,
+}
+
+/// The keys of bridge mode, which attach mode takes from the interface or has no use for.
+const BRIDGE_ONLY_FIELDS: [&str; 7] = [
+    "bridge", "subnet", "subnet6", "address", "address6", "ports", "mtu",
+];
+
+impl NetworkPlan {
+    /// `None` for `"none"`; attach mode for an object with `attach`; bridge mode
+    /// otherwise ([`NetPlan::from_json`]).
+    pub fn from_json(value: Option<&Value>) -> Result<Option<Self>, PodNetError> {
+        match value {
+            Some(Value::Object(map)) if map.contains_key("attach") => {
+                AttachPlan::from_object(map).map(|p| Some(Self::Attach(p)))
+            }
+            _ => Ok(NetPlan::from_json(value)?.map(Self::Bridge)),
+        }
+    }
+}
+
+impl AttachPlan {
+    fn from_object(map: &serde_json::Map<String, Value>) -> Result<Self, PodNetError> {
+        if let Some(name) = BRIDGE_ONLY_FIELDS.iter().find(|k| map.contains_key(**k)) {
+            return Err(PodNetError::AttachConflict {
+                field: format!("network.{name}"),
+            });
+        }
+        let written: AttachField = serde_json::from_value(Value::Object(map.clone()))
+            .map_err(|e| PodNetError::Json { source: e })?;
+        if !valid_ifname(&written.attach) {
+            return Err(field(
+                "attach",
+                &written.attach,
+                "name the interface CNI made in crib's network namespace, like \"eth0\" (1 to 15 characters without '/', ':' or spaces)",
+            ));
+        }
+        Ok(Self {
+            interface: written.attach,
+            dns: written.dns.as_deref().map(parse_dns).transpose()?,
+            search: check_search(written.search)?,
+        })
+    }
+}
+
+/// The `dns` list: nameservers' IP addresses.
+fn parse_dns(list: &[String]) -> Result<Vec<IpAddr>, PodNetError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, text)| {
+            text.parse::<IpAddr>().map_err(|_| {
+                field(
+                    &format!("dns[{i}]"),
+                    text,
+                    "write a nameserver's IP address like 192.0.2.53",
+                )
+            })
+        })
+        .collect()
+}
+
+/// The `search` list: domain names.
+fn check_search(search: Vec<String>) -> Result<Vec<String>, PodNetError> {
+    for (i, domain) in search.iter().enumerate() {
+        let ok = !domain.is_empty()
+            && domain.len() <= 253
+            && domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !ok {
+            return Err(field(
+                &format!("search[{i}]"),
+                domain,
+                "write a domain like example.com",
+            ));
+        }
+    }
+    Ok(search)
 }
 
 fn field(field: &str, value: impl ToString, fix: impl ToString) -> PodNetError {
@@ -194,36 +302,8 @@ impl NetPlan {
         if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
             return Err(field("mtu", mtu, format!("use {MIN_MTU} to {MAX_MTU}")));
         }
-        let dns = match written.dns {
-            None => None,
-            Some(list) => {
-                let mut out = Vec::new();
-                for (i, text) in list.iter().enumerate() {
-                    out.push(text.parse::<IpAddr>().map_err(|_| {
-                        field(
-                            &format!("dns[{i}]"),
-                            text,
-                            "write a nameserver's IP address like 192.0.2.53",
-                        )
-                    })?);
-                }
-                Some(out)
-            }
-        };
-        for (i, domain) in written.search.iter().enumerate() {
-            let ok = !domain.is_empty()
-                && domain.len() <= 253
-                && domain
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-            if !ok {
-                return Err(field(
-                    &format!("search[{i}]"),
-                    domain,
-                    "write a domain like example.com",
-                ));
-            }
-        }
+        let dns = written.dns.as_deref().map(parse_dns).transpose()?;
+        let search = check_search(written.search)?;
         Ok(Some(Self {
             bridge,
             subnet,
@@ -233,7 +313,7 @@ impl NetPlan {
             ports,
             mtu,
             dns,
-            search: written.search,
+            search,
             dhcp: false,
         }))
     }
@@ -373,6 +453,70 @@ mod tests {
             .to_string()
             .contains("network.dns[0]"));
         let err = plan(json!({"speed": 1})).unwrap_err();
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("speed"), "{cause}");
+    }
+
+    fn network(v: Value) -> Result<Option<NetworkPlan>, PodNetError> {
+        NetworkPlan::from_json(Some(&v))
+    }
+
+    #[test]
+    fn attach_names_the_interface_with_dns_and_search() {
+        let p = network(
+            json!({"attach": "eth0", "dns": ["10.96.0.10"], "search": ["svc.cluster.local"]}),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            p,
+            NetworkPlan::Attach(AttachPlan {
+                interface: "eth0".into(),
+                dns: Some(vec!["10.96.0.10".parse().unwrap()]),
+                search: vec!["svc.cluster.local".into()],
+            })
+        );
+    }
+
+    #[test]
+    fn object_without_attach_is_bridge_mode() {
+        let p = network(json!({"mtu": 1400})).unwrap().unwrap();
+        assert!(
+            matches!(p, NetworkPlan::Bridge(NetPlan { mtu: 1400, .. })),
+            "{p:?}"
+        );
+        assert_eq!(network(json!("none")).unwrap(), None);
+    }
+
+    #[test]
+    fn attach_with_bridge_fields_names_the_field() {
+        for name in BRIDGE_ONLY_FIELDS {
+            let mut v = json!({"attach": "eth0"});
+            v[name] = json!(null);
+            let err = network(v).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "network.{name} cannot be combined with network.attach"
+                )),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn attach_with_a_bad_name_dns_or_unknown_field_is_refused() {
+        let err = network(json!({"attach": "a/b"})).unwrap_err().to_string();
+        assert!(
+            err.contains("network.attach") && err.contains("eth0"),
+            "{err}"
+        );
+        assert!(network(json!({"attach": ""})).is_err());
+        assert!(network(json!({"attach": 3})).is_err());
+        let err = network(json!({"attach": "eth0", "dns": ["x"]})).unwrap_err();
+        assert!(err.to_string().contains("network.dns[0]"), "{err}");
+        let err = network(json!({"attach": "eth0", "search": ["a b"]})).unwrap_err();
+        assert!(err.to_string().contains("network.search[0]"), "{err}");
+        let err = network(json!({"attach": "eth0", "speed": 1})).unwrap_err();
         let cause = std::error::Error::source(&err).unwrap().to_string();
         assert!(cause.contains("speed"), "{cause}");
     }

@@ -5,7 +5,12 @@
 //!
 //! [`setup::up`] builds a pod's network in one go (undone if any step fails),
 //! [`setup::down`] removes it, and both sweep what pods killed with `kill -9` left.
+//!
+//! Attach mode ([`attach`]) instead gives the VM the identity of an interface that is
+//! already in crib's network namespace (CNI's eth0 under Kubernetes) through tc
+//! redirection: no bridge, lease or nft there.
 
+pub mod attach;
 pub mod cidr;
 pub mod config;
 pub mod dhcp;
@@ -21,7 +26,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use config::NetPlan;
+pub use attach::AttachState;
+pub use config::{AttachPlan, NetPlan, NetworkPlan};
 pub use ports::{PortMap, Protocol};
 
 /// Errors of pod networking, each naming the field or object and the fix.
@@ -68,6 +74,28 @@ pub enum PodNetError {
     },
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
+    #[error("{field} cannot be combined with network.attach: an attached pod takes the interface's addresses, MTU and routes as CNI set them, and has no bridge, lease or published ports; remove {field}")]
+    AttachConflict { field: String },
+    #[error("network.attach: there is no interface {interface} in crib's network namespace: run crib in the namespace that holds it (`ip netns exec NS crib pod run ...`) or name another interface")]
+    AttachMissing { interface: String },
+    #[error("network.attach: {interface} is a {link_type} interface, not an Ethernet one: name the veth CNI made, like eth0")]
+    AttachNotEthernet {
+        interface: String,
+        link_type: String,
+    },
+    #[error("network.attach: {interface} has no IPv4 address: let CNI configure it before the pod starts (the VM takes the address the interface has); see `ip addr show dev {interface}`")]
+    AttachNoIpv4 { interface: String },
+    #[error("network.attach: {interface} has MTU {mtu}, outside the {min} to {max} pods support: set the CNI network's mtu within it")]
+    AttachMtu {
+        interface: String,
+        mtu: u64,
+        min: u16,
+        max: u16,
+    },
+    #[error("network.attach: {interface} already has tc ingress filters that crib did not add ({found}): remove them (`tc qdisc del dev {interface} ingress`) or attach another interface")]
+    AttachForeignFilters { interface: String, found: String },
+    #[error("cannot understand the output of `{command}`: {problem}")]
+    ToolOutput { command: String, problem: String },
     #[error("cannot write {path}: crib needs root or CAP_NET_ADMIN for pod networking, or set \"network\": \"none\"")]
     Sysctl {
         path: PathBuf,

@@ -1,15 +1,25 @@
 //! The pod network's links: the bridge (created on first use, with the gateway
 //! addresses) and each pod's tap, through the `ip` tool (iproute2), plus the sysctls
-//! that let the host route for the pods.
+//! that let the host route for the pods. Attach mode's `tc` runs through here too.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use crate::{PodNetError, PodNetState};
 
-fn ip(args: &[&str]) -> Result<String, PodNetError> {
-    let command = format!("ip {}", args.join(" "));
-    let out = Command::new("ip")
+/// Runs iproute2's `ip` with `args`; its stdout, or its stderr as the error.
+pub(crate) fn ip(args: &[&str]) -> Result<String, PodNetError> {
+    run_tool("ip", args)
+}
+
+/// Runs iproute2's `tc` with `args`; its stdout, or its stderr as the error.
+pub(crate) fn tc(args: &[&str]) -> Result<String, PodNetError> {
+    run_tool("tc", args)
+}
+
+fn run_tool(program: &str, args: &[&str]) -> Result<String, PodNetError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
         .args(args)
         .output()
         .map_err(|source| PodNetError::Spawn {

@@ -115,6 +115,15 @@ enum PodCommand {
         #[arg(value_name = "NET_DIR")]
         net_dir: PathBuf,
     },
+    /// Internal: spawned by `crib pod run` for `"network": {"attach": ...}`, removes the
+    /// pod's tap and tc redirect once crib ends.
+    #[command(hide = true)]
+    NetAttachKeeper {
+        #[arg(value_name = "INTERFACE")]
+        interface: String,
+        #[arg(value_name = "TAP")]
+        tap: String,
+    },
 }
 
 #[derive(Args)]
@@ -512,16 +521,7 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
         print_stdout(&format!("{line}\n"));
     }
     if let Some(net) = &network {
-        let s = &net.state;
-        let v6 = s.address6.map(|a| format!(" {a}")).unwrap_or_default();
-        let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
-        print_stdout(&format!(
-            "network: {}{v6} on {} (tap {}, ports [{}])\n",
-            s.address,
-            s.bridge,
-            s.tap,
-            ports.join(", ")
-        ));
+        print_stdout(&format!("network: {}\n", net.state.summary()));
     }
     let (recorder, code) = match jail {
         None => {
@@ -606,6 +606,9 @@ fn pod_command(command: PodCommand, start: Instant) -> u8 {
                 source,
             }),
         PodCommand::NetKeeper { lease, net_dir } => vmm::pod_net::keep(&net_dir, &lease),
+        PodCommand::NetAttachKeeper { interface, tap } => {
+            vmm::pod_net::keep_attached(&interface, &tap)
+        }
         PodCommand::Ls { root } => pod::list(&pod::run_root(root.run_root.as_deref()))
             .map(|pods| print_stdout(&pod::format_list(&pods))),
         PodCommand::Stop {

@@ -148,7 +148,8 @@ pub struct LaunchFile {
     #[serde(default)]
     pub run_dir: Option<PathBuf>,
     /// The pod's network (docs/NETWORK.md): `"none"`, or bridge, subnets, addresses,
-    /// ports, MTU, DNS; absent: every default.
+    /// ports, MTU, DNS; absent: every default; or `{"attach": "eth0"}`: the VM takes
+    /// over an interface in crib's network namespace (CNI's).
     #[serde(default)]
     pub network: Option<Value>,
     /// The image store processes' `image` references are resolved in; default: crib's
@@ -182,7 +183,7 @@ pub struct Launch {
     pub spec_json: Value,
     pub launch: LaunchFile,
     /// The checked `network`; `None` for `"none"`.
-    pub network: Option<podnet::NetPlan>,
+    pub network: Option<podnet::NetworkPlan>,
     /// The checked `jail`.
     pub jail: Option<crate::jail::Jail>,
 }
@@ -509,12 +510,13 @@ impl LaunchFile {
             }
         }
 
-        let network = podnet::NetPlan::from_json(launch.network.as_ref()).map_err(|source| {
-            PodError::NetworkField {
-                path: file.clone(),
-                source,
-            }
-        })?;
+        let network =
+            podnet::NetworkPlan::from_json(launch.network.as_ref()).map_err(|source| {
+                PodError::NetworkField {
+                    path: file.clone(),
+                    source,
+                }
+            })?;
         if network.is_some() && launch.pod.get("network").is_some() {
             return Err(PodError::SpecNetwork { path: file.clone() });
         }
@@ -1583,7 +1585,9 @@ mod tests {
     #[test]
     fn network_defaults_on_and_none_turns_it_off() {
         let launch = parse(r#"{"pod": {"name": "p"}}"#).unwrap();
-        let plan = launch.network.unwrap();
+        let Some(podnet::NetworkPlan::Bridge(plan)) = launch.network else {
+            panic!("not bridge mode: {:?}", launch.network);
+        };
         assert_eq!((plan.bridge.as_str(), plan.mtu), ("crib0", 1500));
         let launch = parse(r#"{"pod": {"name": "p"}, "network": "none"}"#).unwrap();
         assert_eq!(launch.network, None);
@@ -1596,6 +1600,24 @@ mod tests {
         assert!(err.to_string().contains("network.subnet"), "{err}");
         let err = parse(r#"{"pod": {"name": "p"}, "network": {"ports": ["http"]}}"#).unwrap_err();
         assert!(err.to_string().contains("network.ports[0]"), "{err}");
+    }
+
+    #[test]
+    fn network_attach_is_parsed_and_bridge_fields_with_it_refused() {
+        let launch = parse(r#"{"pod": {"name": "p"}, "network": {"attach": "eth0"}}"#).unwrap();
+        assert!(
+            matches!(&launch.network, Some(podnet::NetworkPlan::Attach(a)) if a.interface == "eth0"),
+            "{:?}",
+            launch.network
+        );
+        let err =
+            parse(r#"{"pod": {"name": "p"}, "network": {"attach": "eth0", "ports": ["80"]}}"#)
+                .unwrap_err();
+        assert!(
+            chain(&err).contains("network.ports cannot be combined with network.attach"),
+            "{}",
+            chain(&err)
+        );
     }
 
     #[test]

@@ -9,7 +9,14 @@
 //! removes the pod's chain, tap and lease. It holds the run directory's lock meanwhile
 //! (it inherits the descriptor), so the pod cannot start again half torn down; if the
 //! keeper dies too, the next `crib pod run` on the host sweeps the lease.
+//!
+//! In attach mode (`"network": {"attach": "eth0"}`, [`podnet::attach`]) the VM takes
+//! over an interface of crib's network namespace; its keeper (`crib pod
+//! net-attach-keeper`, in the same namespace) removes the tap and the tc redirect and
+//! leaves the interface to CNI. A keeper killed too leaves them until the next run of
+//! the pod in that namespace replaces them (or the namespace goes).
 
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -17,7 +24,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use podnet::PodNetState;
+use podnet::{AttachState, NetworkPlan, PodNetState};
 use serde_json::{json, Value};
 
 use crate::config::{NetConfig, VmConfig};
@@ -26,27 +33,141 @@ use crate::pod::{Launch, PodError, PreparedPod, INFO_FILE, SPEC_FILE};
 /// A pod's built network and the keeper that removes it when crib ends.
 #[derive(Debug)]
 pub struct PodNetwork {
-    pub state: PodNetState,
+    pub state: NetworkState,
     /// Never waited for: its stdin closes when crib exits.
     _keeper: Child,
 }
 
+/// A pod's network as built, of either mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetworkState {
+    /// A tap on crib's bridge, a lease, an nft chain.
+    Bridge(PodNetState),
+    /// An interface of crib's network namespace taken over through tc redirection.
+    Attach(AttachState),
+}
+
+impl NetworkState {
+    /// What `crib pod run` prints after `network: `.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Bridge(s) => {
+                let v6 = s.address6.map(|a| format!(" {a}")).unwrap_or_default();
+                let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
+                format!(
+                    "{}{v6} on {} (tap {}, ports [{}])",
+                    s.address,
+                    s.bridge,
+                    s.tap,
+                    ports.join(", ")
+                )
+            }
+            Self::Attach(s) => {
+                let v6 = s.address6.map(|a| format!(" {a}")).unwrap_or_default();
+                let gw = s
+                    .gateway
+                    .map(|g| format!(", gateway {g}"))
+                    .unwrap_or_default();
+                format!(
+                    "{}{v6} attached to {} (tap {}, MAC {}, MTU {}{gw})",
+                    s.address, s.attach, s.tap, s.mac, s.mtu
+                )
+            }
+        }
+    }
+}
+
+/// The guest eth0's addresses, routes and resolver, for the pod spec and the NIC.
+struct GuestNetwork<'a> {
+    address: (std::net::Ipv4Addr, u8),
+    gateway: Option<std::net::Ipv4Addr>,
+    address6: Option<(std::net::Ipv6Addr, u8)>,
+    gateway6: Option<std::net::Ipv6Addr>,
+    mtu: u16,
+    nameservers: &'a [std::net::IpAddr],
+    search: &'a [String],
+}
+
+impl GuestNetwork<'_> {
+    /// The pod spec's `network` for cradle (guest/initramfs/src/podspec.rs `NetworkSpec`).
+    fn to_spec(&self) -> Value {
+        let mut net = json!({
+            "address": format!("{}/{}", self.address.0, self.address.1),
+            "mtu": self.mtu,
+            "nameservers": self.nameservers.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            "search": self.search,
+        });
+        if let Some(gw) = self.gateway {
+            net["gateway"] = json!(gw.to_string());
+        }
+        if let Some((a6, len)) = self.address6 {
+            net["address6"] = json!(format!("{a6}/{len}"));
+        }
+        if let Some(gw6) = self.gateway6 {
+            net["gateway6"] = json!(gw6.to_string());
+        }
+        net
+    }
+
+    /// The NIC's `addresses` (shown by `GET /api/v1/vm`).
+    fn addresses(&self) -> Vec<String> {
+        let v4 = format!("{}/{}", self.address.0, self.address.1);
+        let v6 = self.address6.map(|(a, l)| format!("{a}/{l}"));
+        std::iter::once(v4).chain(v6).collect()
+    }
+}
+
+impl NetworkState {
+    fn guest(&self) -> GuestNetwork<'_> {
+        match self {
+            Self::Bridge(s) => GuestNetwork {
+                address: (s.address, s.prefix_len),
+                gateway: Some(s.gateway),
+                address6: s.address6.zip(s.prefix6_len),
+                gateway6: s.gateway6,
+                mtu: s.mtu,
+                nameservers: &s.nameservers,
+                search: &s.search,
+            },
+            Self::Attach(s) => GuestNetwork {
+                address: (s.address, s.prefix_len),
+                gateway: s.gateway,
+                address6: s.address6.zip(s.prefix6_len),
+                gateway6: s.gateway6,
+                mtu: s.mtu,
+                nameservers: &s.nameservers,
+                search: &s.search,
+            },
+        }
+    }
+
+    fn tap(&self) -> &str {
+        match self {
+            Self::Bridge(s) => &s.tap,
+            Self::Attach(s) => &s.tap,
+        }
+    }
+
+    fn mac(&self) -> &str {
+        match self {
+            Self::Bridge(s) => &s.mac,
+            Self::Attach(s) => &s.mac,
+        }
+    }
+
+    /// `info.json`'s `network`: the lease, or the attached interface's identity.
+    fn to_info(&self) -> Value {
+        match self {
+            Self::Bridge(s) => serde_json::to_value(s),
+            Self::Attach(s) => serde_json::to_value(s),
+        }
+        .unwrap_or(Value::Null)
+    }
+}
+
 /// The pod spec's `network` for cradle (guest/initramfs/src/podspec.rs `NetworkSpec`).
-pub fn guest_network(state: &PodNetState) -> Value {
-    let mut net = json!({
-        "address": format!("{}/{}", state.address, state.prefix_len),
-        "gateway": state.gateway.to_string(),
-        "mtu": state.mtu,
-        "nameservers": state.nameservers.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-        "search": state.search,
-    });
-    if let (Some(a6), Some(len)) = (state.address6, state.prefix6_len) {
-        net["address6"] = json!(format!("{a6}/{len}"));
-    }
-    if let Some(gw6) = state.gateway6 {
-        net["gateway6"] = json!(gw6.to_string());
-    }
-    net
+pub fn guest_network(state: &NetworkState) -> Value {
+    state.guest().to_spec()
 }
 
 /// Builds the pod's network if its launch file wants one: the VM gets the tap, the
@@ -60,43 +181,48 @@ pub fn attach(
     let Some(plan) = &launch.network else {
         return Ok(None);
     };
-    let net_dir = podnet::setup::net_dir();
-    let root = net_dir.as_path(); // the IPAM's directory
-    let state =
-        podnet::setup::up(root, &prepared.name, &prepared.run_dir, plan).map_err(|source| {
-            PodError::Network {
-                name: prepared.name.clone(),
-                source,
-            }
-        })?;
-    let undo = |e: PodError| {
-        podnet::setup::down(root, &state);
-        e
+    let network_err = |source| PodError::Network {
+        name: prepared.name.clone(),
+        source,
     };
-    let keeper = spawn_keeper(root, &podnet::setup::ipam(root).lease_path(&state), lock_fd)
-        .map_err(|source| {
-            undo(PodError::WriteFile {
-                path: PathBuf::from("crib pod net-keeper"),
-                source,
-            })
-        })?;
+    let keeper_err = |source| PodError::WriteFile {
+        path: PathBuf::from("crib pod net-keeper"),
+        source,
+    };
+    let (state, keeper) = match plan {
+        NetworkPlan::Bridge(plan) => {
+            let net_dir = podnet::setup::net_dir();
+            let root = net_dir.as_path(); // the IPAM's directory
+            let state = podnet::setup::up(root, &prepared.name, &prepared.run_dir, plan)
+                .map_err(network_err)?;
+            let lease = podnet::setup::ipam(root).lease_path(&state);
+            let keeper = spawn_keeper(&[lease.as_os_str(), root.as_os_str()], false, lock_fd)
+                .map_err(|e| {
+                    podnet::setup::down(root, &state);
+                    keeper_err(e)
+                })?;
+            (NetworkState::Bridge(state), keeper)
+        }
+        NetworkPlan::Attach(plan) => {
+            let state =
+                podnet::attach::up(&prepared.name, &prepared.run_dir, plan).map_err(network_err)?;
+            let args = [state.attach.as_ref(), state.tap.as_ref()];
+            let keeper = spawn_keeper(&args, true, lock_fd).map_err(|e| {
+                podnet::attach::down(&state.attach, &state.tap);
+                keeper_err(e)
+            })?;
+            (NetworkState::Attach(state), keeper)
+        }
+    };
+    // From here on the keeper undoes the network if crib fails: it ends with crib.
     prepared.config.net = vec![NetConfig {
-        tap: Some(state.tap.clone()),
+        tap: Some(state.tap().to_string()),
         ifname: None,
-        mac: Some(state.mac.clone()),
+        mac: Some(state.mac().to_string()),
         queues: 1,
         bandwidth: None,
         ops: None,
-        addresses: [
-            Some(format!("{}/{}", state.address, state.prefix_len)),
-            state
-                .address6
-                .zip(state.prefix6_len)
-                .map(|(a, l)| format!("{a}/{l}")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect(),
+        addresses: state.guest().addresses(),
         pod: None,
     }];
     let write = |path: PathBuf, value: &Value| {
@@ -116,7 +242,7 @@ pub fn attach(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_else(|| json!({}));
-    info["network"] = serde_json::to_value(&state).unwrap_or(Value::Null);
+    info["network"] = state.to_info();
     info["config"] = serde_json::to_value(&prepared.config).unwrap_or(Value::Null);
     write(info_path, &info)?;
     Ok(Some(PodNetwork {
@@ -208,7 +334,8 @@ pub fn attach_vm(config: &mut VmConfig) -> Result<Option<VmNetwork>, VmNetError>
         network_err(e)
     })?;
     let lease = podnet::setup::ipam(&net_dir).lease_path(&state);
-    let keeper = spawn_keeper(&net_dir, &lease, lock.as_raw_fd()).map_err(|source| {
+    let args = [lease.as_os_str(), net_dir.as_os_str()];
+    let keeper = spawn_keeper(&args, false, lock.as_raw_fd()).map_err(|source| {
         podnet::setup::down(&net_dir, &state);
         remove_vm_run_dir(&state);
         VmNetError::Keeper { source }
@@ -232,14 +359,19 @@ fn remove_vm_run_dir(state: &PodNetState) {
     }
 }
 
-fn spawn_keeper(root: &Path, lease: &Path, lock_fd: RawFd) -> std::io::Result<Child> {
+/// Spawns `crib pod net-keeper LEASE NET_DIR` (bridge mode) or `crib pod
+/// net-attach-keeper INTERFACE TAP` (`attach`), holding `lock_fd`.
+fn spawn_keeper(args: &[&OsStr], attach: bool, lock_fd: RawFd) -> std::io::Result<Child> {
     let exe = std::env::current_exe()?;
     let mut command = Command::new(exe);
     command
         .arg("pod")
-        .arg("net-keeper")
-        .arg(lease)
-        .arg(root)
+        .arg(if attach {
+            "net-attach-keeper"
+        } else {
+            "net-keeper"
+        })
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .process_group(0);
@@ -270,6 +402,23 @@ pub fn keep(root: &Path, lease: &Path) -> Result<(), PodError> {
         field: String::new(),
         source,
     })?;
+    wait_for_crib();
+    podnet::setup::down(root, &state);
+    remove_vm_run_dir(&state);
+    Ok(())
+}
+
+/// `crib pod net-attach-keeper INTERFACE TAP`: waits until standard input closes (crib
+/// ended), then removes the tap and the tc redirect on the interface (in the network
+/// namespace the keeper inherited from crib).
+pub fn keep_attached(interface: &str, tap: &str) -> Result<(), PodError> {
+    wait_for_crib();
+    podnet::attach::down(interface, tap);
+    Ok(())
+}
+
+/// Returns once standard input, a pipe from crib, reaches its end: crib has exited.
+fn wait_for_crib() {
     let mut sink = [0u8; 64];
     let mut stdin = std::io::stdin().lock();
     loop {
@@ -280,9 +429,6 @@ pub fn keep(root: &Path, lease: &Path) -> Result<(), PodError> {
             Err(_) => break,
         }
     }
-    podnet::setup::down(root, &state);
-    remove_vm_run_dir(&state);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -317,12 +463,56 @@ mod tests {
     #[test]
     fn guest_network_is_a_valid_spec_network() {
         let mut spec = json!({"name": "web"});
-        spec["network"] = guest_network(&state());
+        spec["network"] = guest_network(&NetworkState::Bridge(state()));
         let spec = PodSpec::from_json(spec.to_string().as_bytes()).unwrap();
         let net = spec.network.unwrap();
         assert_eq!(net.address, "10.88.0.2/16");
         assert_eq!(net.address6.as_deref(), Some("fd63:7269:6200::2/64"));
         assert_eq!(net.gateway6.as_deref(), Some("fd63:7269:6200::1"));
         assert_eq!((net.mtu, net.nameservers.len()), (Some(1400), 1));
+    }
+
+    fn attached() -> AttachState {
+        AttachState {
+            pod: "web".into(),
+            run_dir: "/run/crib/web".into(),
+            attach: "eth0".into(),
+            tap: "crib00000001".into(),
+            mac: "0a:58:0a:63:00:02".into(),
+            mtu: 1450,
+            address: "10.99.0.2".parse().unwrap(),
+            prefix_len: 24,
+            gateway: None,
+            address6: None,
+            prefix6_len: None,
+            gateway6: None,
+            nameservers: vec![],
+            search: vec!["svc.cluster.local".into()],
+        }
+    }
+
+    #[test]
+    fn attached_guest_network_is_the_interfaces_without_a_missing_gateway() {
+        let state = NetworkState::Attach(attached());
+        let mut spec = json!({"name": "web"});
+        spec["network"] = guest_network(&state);
+        let net = PodSpec::from_json(spec.to_string().as_bytes())
+            .unwrap()
+            .network
+            .unwrap();
+        assert_eq!((net.address.as_str(), net.gateway), ("10.99.0.2/24", None));
+        assert_eq!((net.mtu, net.search.len()), (Some(1450), 1));
+        assert_eq!(state.guest().addresses(), vec!["10.99.0.2/24".to_string()]);
+    }
+
+    #[test]
+    fn attached_info_has_the_addresses_pod_ls_reads() {
+        let mut state = attached();
+        state.address6 = Some("fd00:99::2".parse().unwrap());
+        state.prefix6_len = Some(64);
+        let info = NetworkState::Attach(state).to_info();
+        assert_eq!(info["address"], "10.99.0.2");
+        assert_eq!(info["address6"], "fd00:99::2");
+        assert_eq!(info["attach"], "eth0");
     }
 }
