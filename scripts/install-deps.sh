@@ -26,6 +26,8 @@ packages=(
   containerd        # linux_shim_*: containerd (and ctr) drive containerd-shim-crib-v2
   runc              # benches/shim.sh: io.containerd.runc.v2, the baseline of the shim bench
   bsdutils          # script(1): linux_shim_* gives `ctr task exec -t` a terminal
+  protobuf-compiler # protoc: k8s-cri's build.rs (the CRI client of linux_shim_cri_*, a dev-dependency of crib-tests)
+  containernetworking-plugins  # /usr/lib/cni: bridge, host-local, loopback for linux_shim_cri_*'s CNI network
   ca-certificates
 )
 missing=()

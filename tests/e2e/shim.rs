@@ -19,10 +19,10 @@ use crate::TestFn;
 
 /// The image the test imports: a full reference, so `ctr image import` keeps the name.
 const IMAGE: &str = "docker.io/library/crib-shim-busybox:1";
-const RUNTIME: &str = "io.containerd.crib.v2";
+pub(crate) const RUNTIME: &str = "io.containerd.crib.v2";
 /// One `ctr run` (a VM boot under the lab's nested KVM, then its shutdown).
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn tests() -> Vec<(&'static str, TestFn)> {
     vec![(
@@ -40,7 +40,7 @@ fn shim_dir() -> PathBuf {
 }
 
 /// Runs `command` with no stdin, killing it after `deadline` (then `code` is `None`).
-fn run(command: &mut Command, deadline: Duration) -> Result<RunOutput> {
+pub(crate) fn run(command: &mut Command, deadline: Duration) -> Result<RunOutput> {
     let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -115,44 +115,98 @@ fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::Join
 }
 
 /// A containerd of the test's own, killed (and its directories removed) on drop.
-struct Containerd {
-    dir: PathBuf,
+pub(crate) struct Containerd {
+    pub(crate) dir: PathBuf,
     child: Child,
 }
 
 impl Containerd {
+    /// containerd with the CRI plugin off: ctr names the runtime itself.
     fn start(dir: &Path) -> Result<Self> {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir)?;
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"version = 2
-root = "{dir}/root"
-state = "{dir}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
-
-[grpc]
-  address = "{dir}/containerd.sock"
-
+        let config = format!(
+            r#"{base}
 # What a host that serves Kubernetes adds (docs/SHIM.md); the CRI plugin is off here, ctr
 # names the runtime itself.
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.crib]
   runtime_type = "{RUNTIME}"
 "#,
-                dir = dir.display()
-            ),
-        )?;
+            base = Self::base_config(dir, &["io.containerd.grpc.v1.cri"]),
+        );
+        Self::launch(dir, &config, &[], false)
+    }
+
+    /// The top of a config: the root, state and socket in `dir`; `disabled` plugins and the
+    /// snapshotters that need what the lab lacks (a btrfs or zfs root, a thin pool) off.
+    pub(crate) fn base_config(dir: &Path, disabled: &[&str]) -> String {
+        let snapshotters = ["btrfs", "zfs", "devmapper", "aufs"]
+            .map(|s| format!("io.containerd.snapshotter.v1.{s}"));
+        let plugins: Vec<String> = disabled
+            .iter()
+            .map(|p| (*p).to_owned())
+            .chain(snapshotters)
+            .map(|p| format!("\"{p}\""))
+            .collect();
+        format!(
+            r#"version = 2
+root = "{dir}/root"
+state = "{dir}/state"
+disabled_plugins = [{plugins}]
+
+[grpc]
+  address = "{dir}/containerd.sock"
+"#,
+            dir = dir.display(),
+            plugins = plugins.join(", "),
+        )
+    }
+
+    /// Starts containerd with `config` (written to `dir/config.toml`, next to `files`,
+    /// paths relative to `dir`; `dir` is emptied first) and waits until it answers. With
+    /// `own_netns`, containerd runs in a network
+    /// namespace of its own (only `lo`, up): the CNI bridge, the pods' host-side veths and
+    /// their routes are made there, never in the caller's namespace.
+    pub(crate) fn launch(
+        dir: &Path,
+        config: &str,
+        files: &[(&str, String)],
+        own_netns: bool,
+    ) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config)?;
+        for (path, content) in files {
+            let path = dir.join(path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, content)?;
+        }
         let log = std::fs::File::create(dir.join("containerd.log"))?;
         let path = format!(
             "{}:{}",
             shim_dir().display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let child = Command::new("containerd")
+        let mut command = if own_netns {
+            // unshare and sh exec: the child's pid is containerd's.
+            let mut command = Command::new("unshare");
+            command.args([
+                "--net",
+                "--",
+                "sh",
+                "-c",
+                r#"ip link set lo up && exec "$@""#,
+                "sh",
+                "containerd",
+            ]);
+            command
+        } else {
+            Command::new("containerd")
+        };
+        let child = command
             .arg("--config")
-            .arg(&config)
+            .arg(&config_path)
             .env("PATH", path)
             .env("CRIB_BIN", crib_bin())
             .env("CRIB_SHIM_STATE_DIR", dir.join("shim"))
@@ -163,7 +217,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             .context(
                 "cannot start containerd (apt-get install containerd: scripts/install-deps.sh)",
             )?;
-        let containerd = Self {
+        let mut containerd = Self {
             dir: dir.to_path_buf(),
             child,
         };
@@ -173,19 +227,25 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             if out.code == Some(0) {
                 return Ok(containerd);
             }
-            if started.elapsed() > CALL_TIMEOUT {
+            if started.elapsed() > CALL_TIMEOUT || containerd.child.try_wait()?.is_some() {
                 bail!("containerd did not answer:\n{}", containerd.log());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
-    fn ctr(&self, args: &[&str]) -> Box<Command> {
+    /// containerd's pid (its network namespace is `/proc/<pid>/ns/net`).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    pub(crate) fn ctr(&self, args: &[&str]) -> Box<Command> {
         let mut command = Command::new("ctr");
-        command
-            .arg("--address")
-            .arg(self.dir.join("containerd.sock"))
-            .args(args);
+        command.arg("--address").arg(self.socket()).args(args);
         Box::new(command)
     }
 
@@ -193,13 +253,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }
 
-    fn shim_state(&self) -> PathBuf {
+    pub(crate) fn shim_state(&self) -> PathBuf {
         self.dir.join("shim")
     }
 
     /// containerd's log, then crib's log and the guest console of every container the
     /// shim still has state for.
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut text = format!("--- containerd's log:\n{}", self.log());
         for entry in std::fs::read_dir(self.shim_state())
             .into_iter()
@@ -237,7 +297,7 @@ impl Drop for Containerd {
 }
 
 /// Processes whose command line mentions `needle`, as `pid: cmdline`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
+pub(crate) fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     let me = std::process::id().to_string();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -256,7 +316,7 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 }
 
 /// Polls `done` for up to `limit`.
-fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+pub(crate) fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let started = Instant::now();
     while started.elapsed() < limit {
         if done() {
@@ -268,7 +328,7 @@ fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 }
 
 /// The pod kernel's release prefix (`6.1.192` from `linux-source-6.1 6.1.192-3 ...`).
-fn pod_kernel_release() -> Result<String> {
+pub(crate) fn pod_kernel_release() -> Result<String> {
     let guest = std::env::var_os("CRIB_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| target_dir().join("guest"));
