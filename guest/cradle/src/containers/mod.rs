@@ -330,3 +330,81 @@ pub fn exec_command(
     command.arg(EXEC_ARG).arg(json).env_clear();
     Some(command)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TempDir;
+
+    fn plan_in(dir: &Path) -> ContainerPlan {
+        let process = ProcessSpec {
+            name: "c1".into(),
+            rootfs: Some("share/c1".into()),
+            argv: vec!["sh".into()],
+            ..ProcessSpec::default()
+        };
+        ContainerPlan {
+            dir: dir.join("c1"),
+            ..ContainerPlan::with_root_dir(&process, Path::new("/run/share/c1"))
+        }
+    }
+
+    #[test]
+    fn remove_dir_removes_the_writable_layer_and_the_empty_root() {
+        let temp = TempDir::new("containers-remove");
+        let plan = plan_in(temp.path());
+        plan.make_dirs().unwrap();
+        std::fs::write(plan.upper().join("file"), "x").unwrap();
+        std::fs::write(plan.pid_file(), "42").unwrap();
+
+        remove_dir(&plan).unwrap();
+
+        assert!(!plan.dir.exists());
+    }
+
+    #[test]
+    fn remove_dir_never_empties_a_root_that_holds_files() {
+        // What a root still bound to a host share would look like: its files stay.
+        let temp = TempDir::new("containers-remove-root");
+        let plan = plan_in(temp.path());
+        plan.make_dirs().unwrap();
+        std::fs::write(plan.root().join("host-file"), "keep").unwrap();
+
+        assert!(remove_dir(&plan).is_err());
+
+        assert_eq!(
+            std::fs::read_to_string(plan.root().join("host-file")).unwrap(),
+            "keep"
+        );
+    }
+
+    #[test]
+    fn rootfs_dir_refuses_a_symlink_out_of_the_share() {
+        let temp = TempDir::new("containers-rootfs-escape");
+        let share = temp.path().join("share");
+        std::fs::create_dir_all(share.join("c1")).unwrap();
+        std::os::unix::fs::symlink(temp.path(), share.join("out")).unwrap();
+        let spec = PodSpec::from_json(
+            format!(
+                r#"{{"name": "p", "filesystems": [{{"tag": "share", "path": "{}"}}]}}"#,
+                share.display()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+
+        let inside = rootfs_dir(0, &spec, "share/c1").unwrap();
+        let outside = rootfs_dir(0, &spec, "share/out").unwrap_err();
+        let missing = rootfs_dir(0, &spec, "share/none").unwrap_err();
+
+        assert_eq!(inside, std::fs::canonicalize(share.join("c1")).unwrap());
+        assert!(
+            matches!(outside, ContainerError::RootfsOutside { .. }),
+            "{outside}"
+        );
+        assert!(
+            matches!(missing, ContainerError::RootfsDir { .. }),
+            "{missing}"
+        );
+    }
+}
