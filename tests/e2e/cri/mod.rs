@@ -442,11 +442,12 @@ fn pod_end_to_end(handler: Handler) -> Result<()> {
         std::process::id()
     ));
     let (containerd, mut cri) = start(&dir)?;
-    let result = drive_pod(handler, &dir, &containerd, &mut cri);
-    if result.is_err() {
+    drive_pod(handler, &dir, &containerd, &mut cri).map_err(|e| {
+        // The logs first: removing the pods removes the shim's state (crib's log).
+        let logs = containerd.logs();
         remove_pods(&mut cri);
-    }
-    result.with_context(|| containerd.logs())
+        e.context(logs)
+    })
 }
 
 fn drive_pod(
