@@ -37,6 +37,8 @@ use client::CriClient;
 
 /// Set to 1 to run the `crib` handler's test (see the module docs).
 pub const CRIB_ENV: &str = "CRIB_CRI_CRIB";
+/// Set to 1 for containerd's (and the shims') debug log in a failure's report.
+const DEBUG_ENV: &str = "CRIB_CRI_DEBUG";
 const CRIB_TEST: &str = "linux_shim_cri_crib_pod_two_containers_exec_logs_network_and_cleanup";
 
 /// The image of both containers, and the sandbox ("pause") image: busybox's layer with
@@ -110,8 +112,16 @@ impl Handler {
 /// `runc` and `crib` runtime handlers, and a CNI network of its own.
 fn containerd_config(dir: &Path) -> String {
     let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+    let level = match std::env::var(DEBUG_ENV).as_deref() {
+        Ok("1") => "debug",
+        _ => "info",
+    };
     format!(
         r#"{base}
+# Shims get -debug with containerd's debug level.
+[debug]
+  level = "{level}"
+
 # Not /opt/containerd.
 [plugins."io.containerd.internal.v1.opt"]
   path = "{dir}/opt"
@@ -442,11 +452,12 @@ fn pod_end_to_end(handler: Handler) -> Result<()> {
         std::process::id()
     ));
     let (containerd, mut cri) = start(&dir)?;
-    let result = drive_pod(handler, &dir, &containerd, &mut cri);
-    if result.is_err() {
+    drive_pod(handler, &dir, &containerd, &mut cri).map_err(|e| {
+        // The logs first: removing the pods removes the shim's state (crib's log).
+        let logs = containerd.logs();
         remove_pods(&mut cri);
-    }
-    result.with_context(|| containerd.logs())
+        e.context(logs)
+    })
 }
 
 fn drive_pod(
