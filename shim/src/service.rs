@@ -679,6 +679,14 @@ impl Service {
                 })
             }
         };
+        log::info!(
+            "create {}: {}",
+            req.id,
+            match oci.sandbox() {
+                Some(sandbox) => format!("a container of sandbox {sandbox}, added to its VM"),
+                None => "boots a VM of its own".to_owned(),
+            }
+        );
         let rootfs = oci.root_dir(&bundle);
         let mounted = mount_rootfs(req, &rootfs)?;
         let undo_rootfs = |error: ShimError| {
@@ -806,8 +814,9 @@ impl Service {
         };
         let shared = Arc::clone(&self.shared);
         let task_id = id.to_owned();
+        let console = vm.as_ref().map(|p| p.run_dir().join("console.log"));
         spawn("io-wait", move || {
-            follow(&shared, &docker, &task_id, &name, pid, &io)
+            follow(&shared, &docker, &task_id, &name, pid, &io, console)
         })?;
         drop(pod);
         let mut event = TaskStart::new();
@@ -884,6 +893,7 @@ impl Service {
     }
 
     fn delete_container(&self, id: &str) -> Result<api::DeleteResponse, ShimError> {
+        log::info!("delete {id}");
         let mut pod = self.shared.lock();
         if pod.get(id)?.phase == Phase::Running {
             return Err(ShimError::State {
@@ -1238,7 +1248,15 @@ fn exec_exited(shared: &Shared, id: &str, exec_id: &str, pid: u32, status: u32) 
 
 /// The container's output into containerd's FIFOs, then its exit: runs on its own thread
 /// from Start until the process has exited.
-fn follow(shared: &Shared, docker: &DockerClient, id: &str, name: &str, pid: u32, io: &Io) {
+fn follow(
+    shared: &Shared,
+    docker: &DockerClient,
+    id: &str,
+    name: &str,
+    pid: u32,
+    io: &Io,
+    console: Option<PathBuf>,
+) {
     let status = match stream_and_wait(docker, name, io) {
         Ok(code) => u32::try_from(code).unwrap_or(255),
         Err(error) => {
@@ -1246,6 +1264,14 @@ fn follow(shared: &Shared, docker: &DockerClient, id: &str, name: &str, pid: u32
             255
         }
     };
+    log::info!("container {id} ({name} in the VM) exited with status {status}");
+    if let (true, Some(console)) = (status != 0, console) {
+        // What cradle said about it (a process that could not start says why there).
+        log::warn!(
+            "container {id} failed; the guest's console ends with:\n{}",
+            vm::log_tail(&console)
+        );
+    }
     shared.exited(id, pid, status);
 }
 

@@ -5,8 +5,6 @@
 //! - `linux_*`: Debian's cloud kernel booting cradle. They need a KVM that runs guests at
 //!   speed: on a host without VT-x/AMD-V this binary re-runs itself inside the lab
 //!   (tests/lab/lab.sh), in a few groups of a few minutes each (see [`LAB_GROUPS`]).
-//! - `linux_shim_cri_crib_*` waits for the shim's CRI sandboxes: ignored unless
-//!   `CRIB_CRI_CRIB=1` (cri.rs).
 //! - `linux_vfio_*`: NVMe passthrough; a second lab boot, with an emulated NVMe behind an
 //!   emulated IOMMU (`lab.sh --nvme`), runs only these.
 
@@ -258,7 +256,7 @@ fn main() {
         .chain(soak::tests())
         .chain(shim::tests())
         .chain(cri::tests())
-        .map(|(n, f)| trial(n, f).with_ignored_flag(cri::ignored(n)))
+        .map(|(n, f)| trial(n, f))
         .collect();
     let linux_selected = linux
         .iter()

@@ -7,8 +7,8 @@
 //!   harness and is the baseline of the CRI benchmark (it prints the time from
 //!   RunPodSandbox to both containers started).
 //! - `linux_shim_cri_crib_*`: `io.containerd.crib.v2` (docs/SHIM.md), which must also show
-//!   the pod kernel to both containers. **Off until the shim runs a sandbox's containers in
-//!   one VM**: it runs only with `CRIB_CRI_CRIB=1` (else it is listed as ignored).
+//!   the pod kernel to both containers, run both in one VM (one crib process while they
+//!   run) and prints the same timing.
 //!
 //! The pod: a sandbox with its own network (CNI `bridge` + `host-local`), container A
 //! serving HTTP on the pod's port 8080, container B fetching it from 127.0.0.1 and
@@ -35,11 +35,8 @@ use crate::shim::{self, Containerd, CALL_TIMEOUT};
 use crate::TestFn;
 use client::CriClient;
 
-/// Set to 1 to run the `crib` handler's test (see the module docs).
-pub const CRIB_ENV: &str = "CRIB_CRI_CRIB";
 /// Set to 1 for containerd's (and the shims') debug log in a failure's report.
 const DEBUG_ENV: &str = "CRIB_CRI_DEBUG";
-const CRIB_TEST: &str = "linux_shim_cri_crib_pod_two_containers_exec_logs_network_and_cleanup";
 
 /// The image of both containers, and the sandbox ("pause") image: busybox's layer with
 /// a command that sleeps forever.
@@ -61,13 +58,11 @@ pub fn tests() -> Vec<(&'static str, TestFn)> {
             "linux_shim_cri_runc_pod_two_containers_exec_logs_network_and_cleanup",
             || pod_end_to_end(Handler::Runc),
         ),
-        (CRIB_TEST, || pod_end_to_end(Handler::Crib)),
+        (
+            "linux_shim_cri_crib_pod_two_containers_exec_logs_network_and_cleanup",
+            || pod_end_to_end(Handler::Crib),
+        ),
     ]
-}
-
-/// Whether the test `name` is off (the crib handler's, without `CRIB_CRI_CRIB=1`).
-pub fn ignored(name: &str) -> bool {
-    name == CRIB_TEST && std::env::var_os(CRIB_ENV).is_none_or(|v| v != "1")
 }
 
 /// The CRI runtime handler under test (a `runtimes.<name>` table of the config).
@@ -569,6 +564,17 @@ fn drive_pod(
         status.state() == cri::ContainerState::ContainerExited && status.exit_code == 4,
         "ContainerStatus b: wanted exited with B's code 4: {status:?}"
     );
+    if let Handler::Crib = handler {
+        // One VM for the pod: a single crib, started by the sandbox's shim.
+        let cribs: Vec<String> = shim::processes_mentioning(" pod run ")
+            .into_iter()
+            .filter(|p| p.contains(&dir.display().to_string()))
+            .collect();
+        ensure!(
+            cribs.len() == 1,
+            "wanted one crib VM for the pod's sandbox and both containers: {cribs:#?}"
+        );
+    }
     let b_log = read_cri_log(&logs.join("b/0.log"))?;
     ensure!(
         b_log.len() == 2 && b_log[0] == full_line("stdout", "hi"),
