@@ -92,6 +92,7 @@ impl CriClient {
         runtime.remove_container(RemoveContainerRequest) -> RemoveContainerResponse;
         runtime.list_containers(ListContainersRequest) -> ListContainersResponse;
         runtime.exec_sync(ExecSyncRequest) -> ExecSyncResponse;
+        runtime.container_stats(ContainerStatsRequest) -> ContainerStatsResponse;
         images.image_status(ImageStatusRequest) -> ImageStatusResponse;
     }
 }

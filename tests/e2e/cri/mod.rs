@@ -592,6 +592,28 @@ fn drive_pod(
     ensure!(out.exit_code == 0, "ExecSync uname -r: {out:?}");
     handler.check_kernel(String::from_utf8_lossy(&out.stdout).trim(), "container a")?;
 
+    // ContainerStats: the container's cgroup numbers (for crib, the shim's Stats reads
+    // them in the guest and sends containerd's cgroup v2 metrics).
+    let stats = cri
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: a.clone(),
+        })?
+        .stats
+        .context("ContainerStats without stats")?;
+    let memory = stats.memory.as_ref().map_or(0, |m| {
+        let value = |v: &Option<cri::UInt64Value>| v.as_ref().map_or(0, |v| v.value);
+        value(&m.usage_bytes).max(value(&m.working_set_bytes))
+    });
+    let cpu = stats
+        .cpu
+        .as_ref()
+        .and_then(|c| c.usage_core_nano_seconds.as_ref())
+        .map_or(0, |v| v.value);
+    ensure!(
+        memory > 0 && cpu > 0,
+        "ContainerStats a: wanted memory in use and CPU time: {stats:?}"
+    );
+
     // The pod's address from the host side: containerd's namespace, where the bridge is.
     let url = format!("http://{ip}:{HTTP_PORT}/");
     // No `-T`: Debian 12's busybox 1.35 wget segfaults with it (and hung in the lab);
