@@ -600,6 +600,51 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
         )?;
     }
 
+    // Bad input: a root filesystem that is empty (`--rootfs` of an empty directory: no
+    // snapshot, nothing mounted) is refused with the shim's message.
+    let empty_root = dir.join("empty-rootfs");
+    std::fs::create_dir_all(&empty_root)?;
+    let out = run(
+        containerd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                "--rootfs",
+                &empty_root.display().to_string(),
+                "shim-no-rootfs",
+                "true",
+            ])
+            .as_mut(),
+        RUN_TIMEOUT,
+    )?;
+    if out.code == Some(0) || !out.stderr.contains("is missing or empty") {
+        fail("ctr run --rootfs EMPTY: wanted the shim's missing rootfs error", &out)?;
+    }
+
+    // A VM that cannot start (a memory limit far beyond the host's RAM, so the guest's
+    // memory is too): ctr gets the shim's error quoting crib's log, the task ends.
+    let out = run(
+        containerd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                "--memory-limit",
+                "1125899906842624",
+                IMAGE,
+                "shim-no-boot",
+                "true",
+            ])
+            .as_mut(),
+        RUN_TIMEOUT,
+    )?;
+    if out.code == Some(0) || !out.stderr.contains("ended before it was ready") {
+        fail("ctr run --memory-limit 1P: wanted the shim's VM start error", &out)?;
+    }
+
     // Nothing left: no crib, virtiofsd or shim process, no mount, no state directory.
     let dir_text = dir.display().to_string();
     let gone = eventually(Duration::from_secs(20), || {
