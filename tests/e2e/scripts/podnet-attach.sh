@@ -97,9 +97,15 @@ run() { ip netns exec $ns "$CRIB" pod run "$work/cni.json" --run-root "$root" > 
 
 say "launching pod cni in $ns"
 run
-if wait_listed cni 180; then pass "the pod runs in $ns"; else fail "the pod runs in $ns" "$(cat "$work/cni.out")"; fi
+if wait_listed cni 180; then pass "the pod runs in $ns"; else
+  fail "the pod runs in $ns" "$(cat "$work/cni.out")"
+  ip netns del $ns
+  exit 1
+fi
 check "crib pod run prints the attached network" "network: 10.99.0.2 fd00:99::2 attached to eth0" cat "$work/cni.out"
 check "crib pod ls shows the addresses" "10.99.0.2 fd00:99::2" "$CRIB" pod ls --run-root "$root"
+# Debian's kernel has cls_matchall: the u32 fallback is for kernels without it.
+check "eth0's redirect is a matchall filter" "matchall" ip netns exec $ns tc filter show dev eth0 ingress
 wait_console "$root/cni/console.log" 240 CLIENT-DONE || fail "the pod's client finished" "no CLIENT-DONE"
 console=$(tr -d '\r' < "$root/cni/console.log")
 con() { printf '%s\n' "$console"; }
