@@ -620,7 +620,10 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
         RUN_TIMEOUT,
     )?;
     if out.code == Some(0) || !out.stderr.contains("is missing or empty") {
-        fail("ctr run --rootfs EMPTY: wanted the shim's missing rootfs error", &out)?;
+        fail(
+            "ctr run --rootfs EMPTY: wanted the shim's missing rootfs error",
+            &out,
+        )?;
     }
 
     // A VM that cannot start (a memory limit far beyond the host's RAM, so the guest's
@@ -642,7 +645,10 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
         RUN_TIMEOUT,
     )?;
     if out.code == Some(0) || !out.stderr.contains("ended before it was ready") {
-        fail("ctr run --memory-limit 1P: wanted the shim's VM start error", &out)?;
+        fail(
+            "ctr run --memory-limit 1P: wanted the shim's VM start error",
+            &out,
+        )?;
     }
 
     // Nothing left: no crib, virtiofsd or shim process, no mount, no state directory.
