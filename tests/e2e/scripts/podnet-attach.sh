@@ -71,13 +71,14 @@ ip -n $ns route add default via 10.99.0.1
 ip -n $ns -6 route add default via fd00:99::1
 mkdir -p "$work/www-peer"
 echo hello-from-peer > "$work/www-peer/index.html"
-busybox httpd -f -p 9000 -h "$work/www-peer" &
+# A port no other network test serves on, so a leftover of one cannot answer instead.
+busybox httpd -f -p 9137 -h "$work/www-peer" &
 httpd=$!
 
 client='exec >/dev/console 2>&1
 try() { n=0; while [ $n -lt 60 ]; do r=$(timeout 10 wget -q -O - "$2" 2>/dev/null) && { echo "$1 $r"; return; }; n=$((n+1)); sleep 1; done; echo "$1 FAILED"; }
-try POD-TO-PEER http://10.99.0.1:9000/
-try POD6-TO-PEER http://[fd00:99::1]:9000/
+try POD-TO-PEER http://10.99.0.1:9137/
+try POD6-TO-PEER http://[fd00:99::1]:9137/
 echo "MAC $(cat /sys/class/net/eth0/address)"
 echo "MTU $(cat /sys/class/net/eth0/mtu)"
 echo "ADDR $(ip addr show dev eth0 2>&1 | tr -s " " | tr "\n" " ")"

@@ -57,7 +57,9 @@ ip link set lo up
 mkdir -p "$work/www-host" "$work/www-remote"
 echo hello-from-host > "$work/www-host/index.html"
 echo hello-from-remote > "$work/www-remote/index.html"
-busybox httpd -p 9000 -h "$work/www-host"
+# In the foreground of a background job, so the end of the script can stop it (a
+# daemonized httpd outlived the script and answered on :9000 for the next test in L1).
+busybox httpd -f -p 9000 -h "$work/www-host" & host_httpd=$!
 # "remote": reachable from L1 only, no route back to the pods: answers only NATed traffic.
 ip netns add remote
 ip link add vr0 type veth peer name vr1
@@ -65,7 +67,7 @@ ip link set vr1 netns remote
 ip addr add 10.200.0.1/24 dev vr0 && ip link set vr0 up
 ip -n remote addr add 10.200.0.2/24 dev vr1
 ip -n remote link set vr1 up && ip -n remote link set lo up
-ip netns exec remote busybox httpd -p 10.200.0.2:9000 -h "$work/www-remote"
+ip netns exec remote busybox httpd -f -p 10.200.0.2:9000 -h "$work/www-remote" & remote_httpd=$!
 # "other": plays another host that reaches the pod through L1's published port.
 ip netns add other
 ip link add vo0 type veth peer name vo1
@@ -196,5 +198,5 @@ if [[ $failed != 0 ]]; then
   echo "--- web console"; tail -40 "$root/web/console.log"
   echo "--- web out"; cat "$work/web.out"
 fi
-kill "$(cat "$work/dnsmasq.pid")" 2>/dev/null
+kill "$(cat "$work/dnsmasq.pid")" "$host_httpd" "$remote_httpd" 2>/dev/null
 exit $failed
