@@ -161,7 +161,9 @@ pub enum PodSpecError {
     UnknownMountSource { field: String, value: String },
     #[error("{field}: an init process must end before the others start; use \"on-failure\" or \"no\", not \"always\"")]
     InitAlways { field: String },
-    #[error("{field} applies only to a process with a terminal; add \"tty\": true or remove {field}")]
+    #[error(
+        "{field} applies only to a process with a terminal; add \"tty\": true or remove {field}"
+    )]
     NeedsTty { field: String },
     #[error("{field}: [{rows}, {columns}] has a zero; give [rows, columns], each 1 or more, like [24, 80]")]
     InvalidConsoleSize {

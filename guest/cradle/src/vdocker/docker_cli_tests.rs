@@ -33,7 +33,11 @@ const SCRIPTS: &[(&str, &str)] = &[
         r#"while read l; do echo "got $l"; [ "$l" = quit ] && exit 7; done; sleep 300"#,
     ),
     ("victim", "exec sleep 300"),
+    // With a TTY (TTY_NAME).
+    ("term", "echo out; echo err >&2; exec sleep 300"),
 ];
+/// The process of [`SCRIPTS`] that has a TTY.
+const TTY_NAME: &str = "term";
 
 /// The docker CLI: `docker` on PATH, else /usr/local/bin/docker. Panics
 /// (fails the test) if there is none.
@@ -92,6 +96,7 @@ impl Harness {
                 argv: vec!["sh".to_owned(), "-c".to_owned(), (*script).to_owned()],
                 env: vec!["GREETING=hello".to_owned()],
                 cwd: None,
+                tty: *name == TTY_NAME,
                 ..ProcessSpec::default()
             })
             .collect();
@@ -311,6 +316,20 @@ fn docker_logs_separates_stdout_and_stderr() {
 
     assert_eq!(run.stdout, "out\n", "{}", run.describe());
     assert_eq!(run.stderr, "err\n", "{}", run.describe());
+}
+
+#[test]
+fn docker_logs_of_a_tty_process_are_raw() {
+    let harness = Harness::start("vd-logs-tty");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let run = harness.docker_ok(&["logs", TTY_NAME]);
+    let inspect = harness.docker_ok(&["inspect", "--format", "{{.Config.Tty}}", TTY_NAME]);
+
+    // One stream, no frame headers; the pty turns \n into \r\n.
+    assert_eq!(run.stdout, "out\r\nerr\r\n", "{}", run.describe());
+    assert_eq!(run.stderr, "", "{}", run.describe());
+    assert_eq!(inspect.stdout.trim(), "true");
 }
 
 #[test]
@@ -670,7 +689,10 @@ fn create_refuses_a_name_in_use_bad_json_and_an_image() {
     let harness = Harness::start("vd-create-errors");
 
     let (taken, taken_body) = create(&harness, r#"{"name":"app","argv":["true"]}"#);
-    let (unknown, unknown_body) = create(&harness, r#"{"name":"x","argv":["true"],"tty":true}"#);
+    let (unknown, unknown_body) = create(
+        &harness,
+        r#"{"name":"x","argv":["true"],"privileged":true}"#,
+    );
     let (image, image_body) = create(&harness, r#"{"name":"x","image":"busybox"}"#);
     let (rootfs, rootfs_body) = create(
         &harness,
@@ -680,11 +702,14 @@ fn create_refuses_a_name_in_use_bad_json_and_an_image() {
     assert_eq!(taken, 409, "{taken_body}");
     assert!(taken_body.contains("already in use"), "{taken_body}");
     assert_eq!(unknown, 400, "{unknown_body}");
-    assert!(unknown_body.contains("processes[4].tty"), "{unknown_body}");
+    assert!(
+        unknown_body.contains("processes[5].privileged"),
+        "{unknown_body}"
+    );
     assert_eq!(image, 400, "{image_body}");
-    assert!(image_body.contains("processes[4].image"), "{image_body}");
+    assert!(image_body.contains("processes[5].image"), "{image_body}");
     assert_eq!(rootfs, 400, "{rootfs_body}");
-    assert!(rootfs_body.contains("processes[4].rootfs"), "{rootfs_body}");
+    assert!(rootfs_body.contains("processes[5].rootfs"), "{rootfs_body}");
 }
 
 #[test]
