@@ -573,6 +573,39 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
         fail("ctr run cat with stdin: wanted piped back, exit 0", &out)?;
     }
 
+    // A TTY for the main process (ctr -t wants one of its own: script gives it a pty):
+    // the container's controlling terminal is in its /dev/pts, on stdin and stdout, with
+    // a size; the exit code comes through as before.
+    let address = containerd.dir.join("containerd.sock");
+    let tty_command = format!(
+        "ctr --address {} run --rm -t --runtime {RUNTIME} {IMAGE} shim-tty sh -c 'tty; [ -t 0 ] && [ -t 1 ] && echo both; stty size; exit 6'",
+        address.display()
+    );
+    let out = run_with_input(
+        Command::new("script").args(["-qec", &tty_command, "/dev/null"]),
+        b"",
+        true,
+        RUN_TIMEOUT,
+    )?;
+    let sized = out.stdout.lines().any(|line| {
+        let mut numbers = line.trim().split(' ');
+        matches!(
+            (numbers.next(), numbers.next(), numbers.next()),
+            (Some(rows), Some(columns), None)
+                if rows.parse::<u16>().is_ok() && columns.parse::<u16>().is_ok()
+        )
+    });
+    if out.code != Some(6)
+        || !out.stdout.contains("/dev/pts/")
+        || !out.stdout.contains("both")
+        || !sized
+    {
+        fail(
+            "ctr run -t sh -c 'tty; ...; exit 6': wanted /dev/pts/N, both, a size, exit 6",
+            &out,
+        )?;
+    }
+
     exec_and_kill(&containerd, &fail)?;
 
     // Bad input: runtime options crib does not know (ctr sends runtimeoptions.v1.Options
@@ -620,7 +653,10 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
         RUN_TIMEOUT,
     )?;
     if out.code == Some(0) || !out.stderr.contains("is missing or empty") {
-        fail("ctr run --rootfs EMPTY: wanted the shim's missing rootfs error", &out)?;
+        fail(
+            "ctr run --rootfs EMPTY: wanted the shim's missing rootfs error",
+            &out,
+        )?;
     }
 
     // A VM that cannot start (a memory limit far beyond the host's RAM, so the guest's
@@ -642,7 +678,10 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
         RUN_TIMEOUT,
     )?;
     if out.code == Some(0) || !out.stderr.contains("ended before it was ready") {
-        fail("ctr run --memory-limit 1P: wanted the shim's VM start error", &out)?;
+        fail(
+            "ctr run --memory-limit 1P: wanted the shim's VM start error",
+            &out,
+        )?;
     }
 
     // Nothing left: no crib, virtiofsd or shim process, no mount, no state directory.
