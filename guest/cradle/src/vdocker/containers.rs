@@ -18,7 +18,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -512,6 +512,14 @@ impl Container {
                 Ok(0) => break,
                 Ok(read) => read,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                // A pty master shares its file status flags with the duplicate an
+                // attach makes non-blocking for its input: wait for data instead.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    if wait_readable(pipe.as_fd()).is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 Err(_) => break,
             };
             let Some(chunk) = buffer.get(..read) else {
@@ -699,6 +707,27 @@ impl Container {
     }
 }
 
+/// Blocks until `fd` is readable or hung up (a read then says which).
+fn wait_readable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut poll_fd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: poll reads and writes the one pollfd behind the pointer, a live
+        // local, for the count of 1 given; fd is open (borrowed).
+        let rc = unsafe { libc::poll(&mut poll_fd, 1, -1) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
 /// The command to exec `argv` in `container` with extra `env` and `cwd`:
 /// the container's environment and directory unless overridden. `user`
 /// applies to containers of images only (others run as root).
@@ -874,5 +903,25 @@ mod tests {
         let err = registry.find("t").unwrap().resize(40, 120).unwrap_err();
 
         assert!(matches!(err, VdockerError::NotRunning(_)), "{err}");
+    }
+
+    #[test]
+    fn tty_output_is_read_after_an_attach_made_the_master_non_blocking() {
+        let registry = registry(&[tty_spec("sleep 0.3; echo late", 30, 100)]);
+        registry.start_all();
+        let container = registry.find("t").unwrap();
+        // As an attach's input does: a duplicate of the master, made non-blocking.
+        let master = container.stdin().unwrap().try_clone().unwrap();
+        crate::vdocker::fdio::set_nonblocking(master.as_fd()).unwrap();
+
+        block_on(async {
+            container.wait_not_running().await;
+            container.wait_output_done(1).await;
+        });
+
+        assert_eq!(
+            all_logs(&container),
+            [(StreamKind::Stdout, b"late\r\n".to_vec())]
+        );
     }
 }
