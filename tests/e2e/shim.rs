@@ -573,12 +573,13 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
         fail("ctr run cat with stdin: wanted piped back, exit 0", &out)?;
     }
 
-    // A TTY for the main process (ctr -t wants one of its own: script gives it a pty):
-    // the container's controlling terminal is in its /dev/pts, on stdin and stdout, with
-    // a size; the exit code comes through as before.
+    // A TTY for the main process (ctr -t wants one of its own: script gives it a pty, of
+    // 30x100): the container's controlling terminal is in its /dev/pts, on stdin and
+    // stdout; ctr's resize (ResizePty, sent after Start, as with runc) reaches it, so the
+    // process waits for it; the exit code comes through as before.
     let address = containerd.dir.join("containerd.sock");
     let tty_command = format!(
-        "ctr --address {} run --rm -t --runtime {RUNTIME} {IMAGE} shim-tty sh -c 'tty; [ -t 0 ] && [ -t 1 ] && echo both; stty size; exit 6'",
+        "stty rows 30 cols 100; ctr --address {} run --rm -t --runtime {RUNTIME} {IMAGE} shim-tty sh -c 'tty; [ -t 0 ] && [ -t 1 ] && echo both; i=0; until stty size 2>/dev/null; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done; exit 6'",
         address.display()
     );
     let out = run_with_input(
@@ -587,21 +588,13 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
         true,
         RUN_TIMEOUT,
     )?;
-    let sized = out.stdout.lines().any(|line| {
-        let mut numbers = line.trim().split(' ');
-        matches!(
-            (numbers.next(), numbers.next(), numbers.next()),
-            (Some(rows), Some(columns), None)
-                if rows.parse::<u16>().is_ok() && columns.parse::<u16>().is_ok()
-        )
-    });
     if out.code != Some(6)
         || !out.stdout.contains("/dev/pts/")
         || !out.stdout.contains("both")
-        || !sized
+        || !out.stdout.contains("30 100")
     {
         fail(
-            "ctr run -t sh -c 'tty; ...; exit 6': wanted /dev/pts/N, both, a size, exit 6",
+            "ctr run -t sh -c 'tty; ...; stty size; exit 6': wanted /dev/pts/N, both, 30 100, exit 6",
             &out,
         )?;
     }
