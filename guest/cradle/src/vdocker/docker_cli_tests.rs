@@ -685,6 +685,41 @@ fn added_container_starts_logs_execs_stats_and_is_removed() {
 }
 
 #[test]
+fn added_tty_container_logs_raw_and_resizes() {
+    let harness = Harness::start("vd-added-tty");
+    let body = r#"{"name":"late-tty","argv":["sh","-c","stty size; exec sleep 300"],"tty":true,"console_size":[30,100]}"#;
+
+    let (status, created) = create(&harness, body);
+    assert_eq!(status, 201, "{created}");
+    harness.docker_ok(&["start", "late-tty"]);
+    let start = Instant::now();
+    let logs = loop {
+        let logs = harness.docker_ok(&["logs", "late-tty"]);
+        if !logs.stdout.is_empty() || start.elapsed() > CLI_TIMEOUT {
+            break logs;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (resized, resized_body) = harness.http(
+        "POST /containers/late-tty/resize?h=40&w=120 HTTP/1.1\r\nHost: docker\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    );
+    // The terminal the process has (its stdin), seen from here.
+    let pid = harness.docker_ok(&["inspect", "--format", "{{.State.Pid}}", "late-tty"]);
+    let size = Command::new("sh")
+        .args([
+            "-c",
+            &format!("stty size </proc/{}/fd/0", pid.stdout.trim()),
+        ])
+        .output()
+        .unwrap();
+    harness.docker_ok(&["rm", "-f", "late-tty"]);
+
+    assert_eq!(logs.stdout, "30 100\r\n", "{}", logs.describe());
+    assert_eq!(resized, 200, "{resized_body}");
+    assert_eq!(String::from_utf8_lossy(&size.stdout), "40 120\n");
+}
+
+#[test]
 fn create_refuses_a_name_in_use_bad_json_and_an_image() {
     let harness = Harness::start("vd-create-errors");
 
