@@ -811,6 +811,7 @@ impl Service {
             stdout: container.stdout.clone(),
             stderr: container.stderr.clone(),
             stdin_closed: Arc::clone(&container.stdin_closed),
+            tty: container.process.terminal,
         };
         let shared = Arc::clone(&self.shared);
         let task_id = id.to_owned();
@@ -1044,6 +1045,7 @@ impl Service {
             stdout: exec.stdout.clone(),
             stderr: exec.stderr.clone(),
             stdin_closed: Arc::clone(&exec.stdin_closed),
+            tty,
         };
         let exec = container.exec_mut(exec_id)?;
         exec.phase = Phase::Running;
@@ -1148,16 +1150,40 @@ impl Service {
         let mut pod = self.shared.lock();
         let docker = pod.vm_docker();
         let container = pod.get_mut(&req.id)?;
-        // The main process has no TTY (Create refuses one): nothing to resize, as runc's
-        // shim does for a process without a console.
-        if req.exec_id.is_empty() {
-            return Ok(());
-        }
-        let exec = container.exec_mut(&req.exec_id)?;
         let size = [
             u16::try_from(req.height).unwrap_or(u16::MAX),
             u16::try_from(req.width).unwrap_or(u16::MAX),
         ];
+        if req.exec_id.is_empty() {
+            // Without a TTY there is nothing to resize, as runc's shim does for a
+            // process without a console.
+            if !container.process.terminal || size.contains(&0) {
+                return Ok(());
+            }
+            if container.phase == Phase::Created {
+                // Before the start: the size the terminal starts with.
+                container.process.console_size = Some(size);
+                if container.owns_vm {
+                    if let Some(pod_vm) = pod.vm.as_ref() {
+                        set_launch_console_size(&pod_vm.launch, size)?;
+                    }
+                }
+                return Ok(());
+            }
+            if let (Phase::Running, Some(docker)) = (container.phase, docker) {
+                let path = format!(
+                    "/containers/{}/resize?h={}&w={}",
+                    container.name, size[0], size[1]
+                );
+                match docker.call("POST", &path) {
+                    // It has just exited: nothing left to resize.
+                    Ok(_) | Err(DockerError::Status { status: 409, .. }) => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            return Ok(());
+        }
+        let exec = container.exec_mut(&req.exec_id)?;
         exec.size = Some(size);
         if let (Phase::Running, true, Some(docker_id), Some(docker)) = (
             exec.phase,
@@ -1175,12 +1201,31 @@ impl Service {
     }
 }
 
+/// Sets the size the VM's process's terminal starts with in the launch file `launch`
+/// (written at Create, read at Start).
+fn set_launch_console_size(launch: &Path, size: [u16; 2]) -> Result<(), ShimError> {
+    let write_error = |source| ShimError::Write {
+        path: launch.to_path_buf(),
+        source,
+    };
+    let bytes = std::fs::read(launch).map_err(write_error)?;
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| write_error(e.into()))?;
+    if let Some(process) = json.pointer_mut("/pod/processes/0") {
+        process["console_size"] = serde_json::json!(size);
+    }
+    let bytes = serde_json::to_vec_pretty(&json).map_err(|e| write_error(e.into()))?;
+    std::fs::write(launch, bytes).map_err(write_error)
+}
+
 /// A process's FIFOs and its CloseIO flag.
 struct Io {
     stdin: String,
     stdout: String,
     stderr: String,
     stdin_closed: Arc<AtomicBool>,
+    /// A TTY's output is one raw stream (no multiplexed frames), all to stdout.
+    tty: bool,
 }
 
 /// Starts a named thread.
@@ -1307,7 +1352,7 @@ fn stream_and_wait(docker: &DockerClient, name: &str, io: &Io) -> Result<i64, Sh
         &format!("/containers/{name}/logs?follow=1&stdout=1&stderr=1"),
     )?;
     if response.status == 200 {
-        stdio::copy_output(response.body, false, &io.stdout, &io.stderr);
+        stdio::copy_output(response.body, io.tty, &io.stdout, &io.stderr);
     }
     let body = docker.call("POST", &format!("/containers/{name}/wait"))?;
     Ok(docker::wait_status(&body).unwrap_or(255))

@@ -53,8 +53,6 @@ pub enum SpecError {
     NoProcess,
     #[error("the OCI spec's process.args is empty: give the command to run")]
     NoArgs,
-    #[error("process.terminal is true: crib's shim does not give containers a TTY yet; run without -t (--tty)")]
-    Terminal,
     #[error(
         "the exec's process spec is not JSON of an OCI process (args, env, cwd, user, terminal)"
     )]
@@ -160,6 +158,11 @@ pub struct ContainerProcess {
     pub user: String,
     /// The container's memory limit in bytes, if the spec sets one.
     pub memory_bytes: Option<u64>,
+    /// `process.terminal`: a TTY (cradle's `tty`), its output one raw stream.
+    pub terminal: bool,
+    /// `[height, width]` of the terminal at start (`process.consoleSize`, or a resize
+    /// before the start).
+    pub console_size: Option<[u16; 2]>,
 }
 
 impl OciSpec {
@@ -224,9 +227,6 @@ impl OciSpec {
     /// The container's process, checked.
     pub fn container_process(&self) -> Result<ContainerProcess, SpecError> {
         let process = self.process.as_ref().ok_or(SpecError::NoProcess)?;
-        if process.terminal {
-            return Err(SpecError::Terminal);
-        }
         let (argv, env, cwd, user) = checked(process)?;
         let memory_bytes = self
             .linux
@@ -242,6 +242,8 @@ impl OciSpec {
             cwd,
             user,
             memory_bytes,
+            terminal: process.terminal,
+            console_size: process.terminal.then(|| console_size(process)).flatten(),
         })
     }
 }
@@ -265,10 +267,7 @@ pub fn exec_process(json: &[u8]) -> Result<ExecProcess, SpecError> {
     let process: OciProcess =
         serde_json::from_slice(json).map_err(|source| SpecError::ExecParse { source })?;
     let (argv, env, cwd, user) = checked(&process)?;
-    let console_size = process
-        .console_size
-        .and_then(|b| Some([u16::try_from(b.height).ok()?, u16::try_from(b.width).ok()?]))
-        .filter(|[h, w]| *h > 0 && *w > 0);
+    let console_size = console_size(&process);
     Ok(ExecProcess {
         argv,
         env,
@@ -277,6 +276,14 @@ pub fn exec_process(json: &[u8]) -> Result<ExecProcess, SpecError> {
         terminal: process.terminal,
         console_size,
     })
+}
+
+/// A process's `consoleSize` as `[height, width]`, if it gives a usable one.
+fn console_size(process: &OciProcess) -> Option<[u16; 2]> {
+    process
+        .console_size
+        .and_then(|b| Some([u16::try_from(b.height).ok()?, u16::try_from(b.width).ok()?]))
+        .filter(|[h, w]| *h > 0 && *w > 0)
 }
 
 /// A process's args (not empty), env (NAME=VALUE entries only), cwd (absolute, else /)
@@ -344,6 +351,12 @@ pub fn pod_process(name: &str, process: &ContainerProcess) -> Value {
     if let Some(limit) = process.memory_bytes {
         proc_json["memory"] = json!(limit);
     }
+    if process.terminal {
+        proc_json["tty"] = json!(true);
+        if let Some(size) = process.console_size {
+            proc_json["console_size"] = json!(size);
+        }
+    }
     proc_json
 }
 
@@ -407,6 +420,8 @@ mod tests {
                 cwd: "/srv".into(),
                 user: "1000:100".into(),
                 memory_bytes: None,
+                terminal: false,
+                console_size: None,
             }
         );
     }
@@ -469,11 +484,44 @@ mod tests {
     }
 
     #[test]
-    fn terminal_is_refused_with_the_fix() {
-        let err = spec(r#"{"process": {"terminal": true, "args": ["sh"]}}"#)
-            .container_process()
-            .unwrap_err();
-        assert!(err.to_string().contains("without -t"), "{err}");
+    fn terminal_process_takes_the_console_size() {
+        let process = spec(
+            r#"{"process": {"terminal": true, "consoleSize": {"height": 40, "width": 120},
+                "args": ["sh"]}}"#,
+        )
+        .container_process()
+        .unwrap();
+
+        assert!(process.terminal);
+        assert_eq!(process.console_size, Some([40, 120]));
+    }
+
+    #[test]
+    fn console_size_without_terminal_is_ignored() {
+        let process =
+            spec(r#"{"process": {"consoleSize": {"height": 40, "width": 120}, "args": ["sh"]}}"#)
+                .container_process()
+                .unwrap();
+
+        assert_eq!((process.terminal, process.console_size), (false, None));
+    }
+
+    #[test]
+    fn pod_process_of_a_terminal_has_tty_and_console_size() {
+        let process = ContainerProcess {
+            argv: vec!["sh".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: "0:0".into(),
+            memory_bytes: None,
+            terminal: true,
+            console_size: Some([40, 120]),
+        };
+
+        let json = pod_process("c-abc", &process);
+
+        assert_eq!(json["tty"], true);
+        assert_eq!(json["console_size"], json!([40, 120]));
     }
 
     #[test]
@@ -533,6 +581,8 @@ mod tests {
             cwd: "/".into(),
             user: "0:0".into(),
             memory_bytes: Some(1 << 30),
+            terminal: false,
+            console_size: None,
         };
         let launch = launch_file(
             "c-1",
@@ -592,10 +642,13 @@ mod tests {
             cwd: "/".into(),
             user: "0:0".into(),
             memory_bytes: None,
+            terminal: false,
+            console_size: None,
         };
         let json = pod_process("c-abc", &process);
         assert_eq!(json["rootfs"], "rootfs/c-abc");
         assert_eq!(json["name"], "c-abc");
         assert!(json.get("env").is_none() && json.get("memory").is_none());
+        assert!(json.get("tty").is_none() && json.get("console_size").is_none());
     }
 }

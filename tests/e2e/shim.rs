@@ -573,6 +573,32 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
         fail("ctr run cat with stdin: wanted piped back, exit 0", &out)?;
     }
 
+    // A TTY for the main process (ctr -t wants one of its own: script gives it a pty, of
+    // 30x100): the container's controlling terminal is in its /dev/pts, on stdin and
+    // stdout; ctr's resize (ResizePty, sent after Start, as with runc) reaches it, so the
+    // process waits for it; the exit code comes through as before.
+    let address = containerd.dir.join("containerd.sock");
+    let tty_command = format!(
+        "stty rows 30 cols 100; ctr --address {} run --rm -t --runtime {RUNTIME} {IMAGE} shim-tty sh -c 'tty; [ -t 0 ] && [ -t 1 ] && echo both; i=0; until stty size 2>/dev/null; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done; exit 6'",
+        address.display()
+    );
+    let out = run_with_input(
+        Command::new("script").args(["-qec", &tty_command, "/dev/null"]),
+        b"",
+        true,
+        RUN_TIMEOUT,
+    )?;
+    if out.code != Some(6)
+        || !out.stdout.contains("/dev/pts/")
+        || !out.stdout.contains("both")
+        || !out.stdout.contains("30 100")
+    {
+        fail(
+            "ctr run -t sh -c 'tty; ...; stty size; exit 6': wanted /dev/pts/N, both, 30 100, exit 6",
+            &out,
+        )?;
+    }
+
     exec_and_kill(&containerd, &fail)?;
 
     // Bad input: runtime options crib does not know (ctr sends runtimeoptions.v1.Options

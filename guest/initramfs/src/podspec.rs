@@ -161,6 +161,16 @@ pub enum PodSpecError {
     UnknownMountSource { field: String, value: String },
     #[error("{field}: an init process must end before the others start; use \"on-failure\" or \"no\", not \"always\"")]
     InitAlways { field: String },
+    #[error(
+        "{field} applies only to a process with a terminal; add \"tty\": true or remove {field}"
+    )]
+    NeedsTty { field: String },
+    #[error("{field}: [{rows}, {columns}] has a zero; give [rows, columns], each 1 or more, like [24, 80]")]
+    InvalidConsoleSize {
+        field: String,
+        rows: u16,
+        columns: u16,
+    },
     #[error(transparent)]
     Resolved(#[from] ContainerSpecError),
 }
@@ -431,6 +441,14 @@ pub struct ProcessSpec {
     /// to a zero exit, before the other processes start.
     #[serde(default, skip_serializing_if = "is_false")]
     pub init: bool,
+    /// A terminal (`docker run -t`): a fresh pty is the process's stdin, stdout, stderr
+    /// and controlling terminal; its output is one raw stream (no stderr of its own).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tty: bool,
+    /// `[rows, columns]` of the terminal when the process starts, each 1 or more. Only
+    /// with `tty`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_size: Option<[u16; 2]>,
 }
 
 fn is_default_restart(policy: &RestartPolicy) -> bool {
@@ -1018,6 +1036,19 @@ fn check_process(at: &str, process: &ProcessSpec) -> Result<(), PodSpecError> {
     }
     if let Some(cwd) = &process.cwd {
         check_absolute(&format!("{at}.cwd"), cwd)?;
+    }
+    if let Some([rows, columns]) = process.console_size {
+        let field = format!("{at}.console_size");
+        if !process.tty {
+            return Err(PodSpecError::NeedsTty { field });
+        }
+        if rows == 0 || columns == 0 {
+            return Err(PodSpecError::InvalidConsoleSize {
+                field,
+                rows,
+                columns,
+            });
+        }
     }
     Ok(())
 }
@@ -1965,15 +1996,69 @@ mod tests {
     #[test]
     fn process_from_json_names_an_unknown_field_under_its_prefix() {
         let err = PodSpec::process_from_json(
-            br#"{"name": "c", "argv": ["sh"], "rootfs": "share", "tty": true}"#,
+            br#"{"name": "c", "argv": ["sh"], "rootfs": "share", "privileged": true}"#,
             "processes[1]",
         )
         .unwrap_err();
 
         assert!(
-            matches!(&err, PodSpecError::Json { field, .. } if field == "processes[1].tty"),
+            matches!(&err, PodSpecError::Json { field, .. } if field == "processes[1].privileged"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn process_from_json_reads_tty_and_console_size() {
+        let process = PodSpec::process_from_json(
+            br#"{"name": "c", "argv": ["sh"], "rootfs": "share", "tty": true, "console_size": [24, 80]}"#,
+            "processes[1]",
+        )
+        .unwrap();
+
+        assert!(process.tty);
+        assert_eq!(process.console_size, Some([24, 80]));
+    }
+
+    #[test]
+    fn validate_process_refuses_console_size_without_tty() {
+        let process = ProcessSpec {
+            console_size: Some([24, 80]),
+            ..rootfs_process("share")
+        };
+
+        let err = share_pod().validate_process(2, &process).unwrap_err();
+
+        assert!(
+            matches!(&err, PodSpecError::NeedsTty { field } if field == "processes[2].console_size"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn validate_process_refuses_a_zero_console_size() {
+        let process = ProcessSpec {
+            tty: true,
+            console_size: Some([0, 80]),
+            ..rootfs_process("share")
+        };
+
+        let err = share_pod().validate_process(2, &process).unwrap_err();
+
+        assert!(
+            matches!(&err, PodSpecError::InvalidConsoleSize { field, rows: 0, columns: 80 } if field == "processes[2].console_size"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn validate_process_accepts_a_tty_process() {
+        let process = ProcessSpec {
+            tty: true,
+            console_size: Some([24, 80]),
+            ..rootfs_process("share")
+        };
+
+        assert!(share_pod().validate_process(2, &process).is_ok());
     }
 
     #[test]

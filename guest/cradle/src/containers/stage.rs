@@ -19,7 +19,7 @@
 use std::ffi::CString;
 use std::fmt::Display;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -236,6 +236,14 @@ fn set_up_and_exec(
         )?;
         sources.push((dir, path.as_str(), *readonly));
     }
+    // A process with a TTY (the registry's pty on stdin): its /dev/pts is cradle's, bound
+    // like the mounts, so the terminal it has is in its /dev/pts (`tty` prints
+    // /dev/pts/N), not in a new instance.
+    let host_pts = if io::stdin().is_terminal() {
+        Some(context("cannot open /dev/pts", fs::File::open("/dev/pts"))?)
+    } else {
+        None
+    };
     // cradle runs from the initramfs (rootfs), where pivot_root is refused (EINVAL): the
     // overlay is moved over / in this mount namespace and becomes the root by chroot,
     // as runc's no-pivot mode does. CAP_SYS_CHROOT leaves the bounding set before exec,
@@ -246,7 +254,8 @@ fn set_up_and_exec(
     context("cannot enter /", std::env::set_current_dir("/"))?;
     // From here on every path, symlinks in the image included, resolves inside the
     // container's root.
-    mount_system(Path::new("/"))?;
+    mount_system(Path::new("/"), host_pts.as_ref())?;
+    drop(host_pts);
     if plan.cgroup.is_some() {
         // Its own cgroup as the root (cgroup namespace), read-only: limits visible.
         rustix_context(
@@ -341,8 +350,9 @@ fn become_user_and_exec(
     ))
 }
 
-/// /proc, /sys (read-only), /dev with its nodes, /dev/pts, /dev/shm.
-fn mount_system(root: &Path) -> io::Result<()> {
+/// /proc, /sys (read-only), /dev with its nodes, /dev/pts (a new instance, or
+/// `host_pts` bound), /dev/shm.
+fn mount_system(root: &Path, host_pts: Option<&fs::File>) -> io::Result<()> {
     let dir = |name: &str| -> io::Result<PathBuf> {
         let path = root.join(name);
         context(format!("cannot create /{name}"), fs::create_dir_all(&path))?;
@@ -395,17 +405,25 @@ fn mount_system(root: &Path) -> io::Result<()> {
     }
     let pts = dev.join("pts");
     context("cannot create /dev/pts", fs::create_dir_all(&pts))?;
-    let pts_options = c"newinstance,ptmxmode=0666,mode=0620";
-    rustix_context(
-        "cannot mount /dev/pts",
-        mount(
-            "devpts",
-            &pts,
-            "devpts",
-            MountFlags::NOSUID | MountFlags::NOEXEC,
-            Some(pts_options),
-        ),
-    )?;
+    match host_pts {
+        Some(dir) => {
+            let fd = format!("/proc/self/fd/{}", dir.as_raw_fd());
+            rustix_context("cannot bind-mount /dev/pts", mount_bind(&fd, &pts))?;
+        }
+        None => {
+            let pts_options = c"newinstance,ptmxmode=0666,mode=0620";
+            rustix_context(
+                "cannot mount /dev/pts",
+                mount(
+                    "devpts",
+                    &pts,
+                    "devpts",
+                    MountFlags::NOSUID | MountFlags::NOEXEC,
+                    Some(pts_options),
+                ),
+            )?;
+        }
+    }
     let shm = dev.join("shm");
     context("cannot create /dev/shm", fs::create_dir_all(&shm))?;
     let shm_options = c"mode=1777";

@@ -19,7 +19,7 @@ use super::exec::{self, ExecCreateBody, ExecStartBody};
 use super::logs::{self, LogQuery};
 use super::registry::Registry;
 use super::routing::{route, Query, Route};
-use super::server::{self, ResponseBody, BODY_CHANNEL_CHUNKS, MULTIPLEXED_STREAM};
+use super::server::{self, ResponseBody, BODY_CHANNEL_CHUNKS, MULTIPLEXED_STREAM, RAW_STREAM};
 use super::stats;
 use super::time::{human_duration, parse_unix_timestamp, rfc3339_nanos, unix_seconds, ZERO_TIME};
 use super::top;
@@ -98,9 +98,15 @@ impl Api {
             Route::Logs(key) => {
                 let container = registry.find(&key)?;
                 let query = log_query(&query)?;
+                // A TTY's logs are raw, as Docker sends them.
+                let content_type = if container.spec.tty {
+                    RAW_STREAM
+                } else {
+                    MULTIPLEXED_STREAM
+                };
                 let (tx, rx) = mpsc::channel(BODY_CHANNEL_CHUNKS);
                 tokio::spawn(async move { logs::stream(&container, query, tx).await });
-                Ok(server::streaming(StatusCode::OK, MULTIPLEXED_STREAM, rx))
+                Ok(server::streaming(StatusCode::OK, content_type, rx))
             }
             Route::Attach(key) => {
                 let container = registry.find(&key)?;
@@ -112,8 +118,10 @@ impl Api {
                 ))
             }
             Route::Resize(key) => {
-                // Pod processes have no TTY: nothing to resize.
-                registry.find(&key)?;
+                let container = registry.find(&key)?;
+                let height = query.number::<u16>("h")?.unwrap_or(0);
+                let width = query.number::<u16>("w")?.unwrap_or(0);
+                container.resize(height, width)?;
                 Ok(server::empty(StatusCode::OK))
             }
             Route::Archive(key) => {
@@ -447,7 +455,7 @@ fn inspect(container: &Container) -> Value {
             "AttachStdin": false,
             "AttachStdout": false,
             "AttachStderr": false,
-            "Tty": false,
+            "Tty": container.spec.tty,
             "OpenStdin": true,
             "StdinOnce": false,
             "Env": image.as_ref().map_or(&container.spec.env, |i| &i.env),

@@ -1,7 +1,7 @@
 //! `POST /containers/{id}/attach`: the container's live output as
-//! multiplexed frames (its processes have no TTY), optionally after a
-//! replay of its logs (`logs=1`), and the client's bytes into its stdin
-//! (`stdin=1`). The client's end of input does not close the process's
+//! multiplexed frames (raw bytes for a process with a TTY, as Docker sends
+//! them), optionally after a replay of its logs (`logs=1`), and the
+//! client's bytes into its stdin (`stdin=1`; with a TTY, the terminal). The client's end of input does not close the process's
 //! stdin: that pipe stays open for the next attach, as with Docker's
 //! `OpenStdin` without `StdinOnce`. The stream ends when the run the
 //! client attached to has exited and its output is drained.
@@ -19,7 +19,7 @@ use super::fdio::FdStream;
 use super::frames::{self, StreamKind};
 use super::logs::{self, LogQuery};
 use super::routing::Query;
-use super::server::{self, BoxIo, ResponseBody, MULTIPLEXED_STREAM};
+use super::server::{self, BoxIo, ResponseBody, MULTIPLEXED_STREAM, RAW_STREAM};
 
 /// What an attach request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,8 @@ pub struct AttachOptions {
     pub logs: bool,
     /// crib's: close the process's stdin at the client's end of input.
     pub close_stdin: bool,
+    /// The process has a TTY: output goes out raw, not framed.
+    pub raw: bool,
 }
 
 impl AttachOptions {
@@ -44,6 +46,7 @@ impl AttachOptions {
             stderr: query.flag("stderr"),
             logs: query.flag("logs"),
             close_stdin: query.flag("closeStdin"),
+            raw: false,
         }
     }
 
@@ -61,10 +64,19 @@ pub fn attach(
     options: AttachOptions,
     upgrade: Option<OnUpgrade>,
 ) -> Response<ResponseBody> {
+    let options = AttachOptions {
+        raw: container.spec.tty,
+        ..options
+    };
     // Subscribe before answering: output from here on is not missed.
     let output = container.subscribe_output();
     let run = container.running_run().filter(|_| options.stream);
-    let (response, hijack) = server::hijack(upgrade, MULTIPLEXED_STREAM);
+    let content_type = if options.raw {
+        RAW_STREAM
+    } else {
+        MULTIPLEXED_STREAM
+    };
+    let (response, hijack) = server::hijack(upgrade, content_type);
     tokio::spawn(async move {
         if let Some(io) = hijack.into_io().await {
             session(io, container, options, output, run).await;
@@ -152,9 +164,13 @@ async fn send<W: AsyncWrite + Unpin>(
     if !options.wants(chunk.stream) {
         return true;
     }
-    out.write_all(&frames::encode(chunk.stream, &chunk.bytes))
-        .await
-        .is_ok()
+    let written = if options.raw {
+        out.write_all(&chunk.bytes).await
+    } else {
+        out.write_all(&frames::encode(chunk.stream, &chunk.bytes))
+            .await
+    };
+    written.is_ok()
 }
 
 /// Sends the stored output; false once the client has gone.
@@ -200,8 +216,32 @@ mod tests {
                 stderr: false,
                 logs: true,
                 close_stdin: false,
+                raw: false,
             }
         );
         assert!(!options.wants(StreamKind::Stderr));
+    }
+
+    #[test]
+    fn send_with_a_tty_writes_the_raw_bytes() {
+        let options = AttachOptions {
+            stream: true,
+            stdin: false,
+            stdout: true,
+            stderr: true,
+            logs: false,
+            close_stdin: false,
+            raw: true,
+        };
+        let chunk = OutputChunk {
+            stream: StreamKind::Stdout,
+            bytes: Bytes::from_static(b"hi\r\n"),
+        };
+        let mut out = Vec::new();
+
+        let sent = crate::vdocker::registry::testing::block_on(send(&mut out, options, &chunk));
+
+        assert!(sent);
+        assert_eq!(out, b"hi\r\n");
     }
 }

@@ -18,7 +18,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -30,6 +30,7 @@ use initramfs::podspec::ProcessSpec;
 use tokio::sync::{broadcast, watch};
 
 use super::errors::VdockerError;
+use super::exec;
 use super::frames::StreamKind;
 use super::logs::{LineSplitter, LogStore};
 use super::registry::{container_id, Lifecycle, RegistryOptions};
@@ -111,8 +112,19 @@ pub struct Run {
     pub error: Option<String>,
     /// Output pipes not at end of file yet.
     open_outputs: u8,
-    /// The write end of the process's stdin, while it runs.
+    /// The write end of the process's stdin, while it runs (with a TTY: the
+    /// pty master).
     stdin: Option<Arc<OwnedFd>>,
+    /// With a TTY: the pty master, for resize, while it runs.
+    pty: Option<Arc<OwnedFd>>,
+}
+
+/// The container's side of a run's stdio.
+enum Stdio3 {
+    /// stdin (write end), stdout and stderr (read ends).
+    Pipes(OwnedFd, OwnedFd, OwnedFd),
+    /// The pty master: input and the one output stream.
+    Pty(OwnedFd),
 }
 
 impl Run {
@@ -263,8 +275,8 @@ impl Container {
         let number = state.runs;
         let started_at = SystemTime::now();
         let spawned = self.spawn(number);
-        let (run, pipes) = match spawned {
-            Ok((pid, stdin, stdout, stderr)) => {
+        let (run, outputs) = match spawned {
+            Ok((pid, Stdio3::Pipes(stdin, stdout, stderr))) => {
                 let run = Run {
                     number,
                     pid: Some(pid),
@@ -274,8 +286,37 @@ impl Container {
                     error: None,
                     open_outputs: 2,
                     stdin: Some(Arc::new(stdin)),
+                    pty: None,
                 };
-                (run, Some((stdout, stderr)))
+                (
+                    run,
+                    vec![(StreamKind::Stdout, stdout), (StreamKind::Stderr, stderr)],
+                )
+            }
+            Ok((pid, Stdio3::Pty(master))) => {
+                let master = Arc::new(master);
+                let output = match master.try_clone() {
+                    Ok(output) => vec![(StreamKind::Stdout, output)],
+                    Err(error) => {
+                        console::say!(
+                            "warning: process {}: cannot read its terminal: {error}",
+                            self.name
+                        );
+                        Vec::new()
+                    }
+                };
+                let run = Run {
+                    number,
+                    pid: Some(pid),
+                    started_at,
+                    finished_at: None,
+                    outcome: None,
+                    error: None,
+                    open_outputs: u8::try_from(output.len()).unwrap_or(1),
+                    stdin: Some(Arc::clone(&master)),
+                    pty: Some(master),
+                };
+                (run, output)
             }
             Err(error) => {
                 console::log_warning(&error);
@@ -291,26 +332,23 @@ impl Container {
                     error: Some(console::error_chain(&error)),
                     open_outputs: 0,
                     stdin: None,
+                    pty: None,
                 };
-                (run, None)
+                (run, Vec::new())
             }
         };
         state.run = Some(run);
         drop(state);
-        if let Some((stdout, stderr)) = pipes {
-            self.start_pump(number, StreamKind::Stdout, stdout);
-            self.start_pump(number, StreamKind::Stderr, stderr);
+        for (stream, output) in outputs {
+            self.start_pump(number, stream, output);
         }
         self.changes.send_replace(());
         self.lifecycle.notify();
         Ok(())
     }
 
-    /// Spawns run `number`: (pid, stdin, stdout, stderr).
-    fn spawn(
-        self: &Arc<Self>,
-        number: u64,
-    ) -> Result<(libc::pid_t, OwnedFd, OwnedFd, OwnedFd), ProcessError> {
+    /// Spawns run `number`: its pid and its stdio (pipes, or with `tty` a pty).
+    fn spawn(self: &Arc<Self>, number: u64) -> Result<(libc::pid_t, Stdio3), ProcessError> {
         let spawn_error = |source| ProcessError::Spawn {
             name: self.name.clone(),
             program: self.spec.argv.first().cloned().unwrap_or_default(),
@@ -318,11 +356,22 @@ impl Container {
         };
         let mut command = processes::build_command(&self.spec)
             .ok_or_else(|| spawn_error(io::ErrorKind::InvalidInput.into()))?;
-        command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+        let master = if self.spec.tty {
+            // A session of its own (so a group of its own too), the pty its terminal.
+            let (master, slave) = exec::open_pty().map_err(spawn_error)?;
+            if let Some([rows, columns]) = self.spec.console_size {
+                exec::set_window_size(master.as_fd(), rows, columns).map_err(spawn_error)?;
+            }
+            exec::use_as_terminal(&mut command, slave).map_err(spawn_error)?;
+            Some(master)
+        } else {
+            command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+            None
+        };
         if let Some(dir) = &self.cgroup {
             // Into its cgroup before exec, so the program is counted from its first
             // instruction (a container's stage then finds itself there already).
@@ -339,12 +388,19 @@ impl Container {
             .reaper
             .spawn(&mut command, move |status| container.exited(number, status))
             .map_err(spawn_error)?;
+        // The parent's copies of the pty slave close here: the master reads the end
+        // once the process (and its children) are done with the terminal.
+        drop(command);
         let pid = libc::pid_t::try_from(child.id())
             .map_err(|_| spawn_error(io::ErrorKind::InvalidData.into()))?;
+        if let Some(master) = master {
+            return Ok((pid, Stdio3::Pty(master)));
+        }
         match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
-            (Some(stdin), Some(stdout), Some(stderr)) => {
-                Ok((pid, stdin.into(), stdout.into(), stderr.into()))
-            }
+            (Some(stdin), Some(stdout), Some(stderr)) => Ok((
+                pid,
+                Stdio3::Pipes(stdin.into(), stdout.into(), stderr.into()),
+            )),
             // Stdio::piped() always gives the three; kill rather than leak.
             _ => {
                 let _ = signal_group(pid, libc::SIGKILL);
@@ -363,6 +419,7 @@ impl Container {
                 run.outcome = Some(outcome);
                 run.finished_at = Some(SystemTime::now());
                 run.stdin = None;
+                run.pty = None;
             }
             let restart = !state.held
                 && self
@@ -455,6 +512,14 @@ impl Container {
                 Ok(0) => break,
                 Ok(read) => read,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                // A pty master shares its file status flags with the duplicate an
+                // attach makes non-blocking for its input: wait for data instead.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    if wait_readable(pipe.as_fd()).is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 Err(_) => break,
             };
             let Some(chunk) = buffer.get(..read) else {
@@ -491,6 +556,26 @@ impl Container {
             }
         }
         self.changes.send_replace(());
+    }
+
+    /// `POST /containers/{id}/resize?h=&w=`: sets the terminal's size. Without a TTY
+    /// there is nothing to resize and it succeeds, as Docker's (runc's) does; with one,
+    /// `NotRunning` unless a run is in progress.
+    pub fn resize(&self, height: u16, width: u16) -> Result<(), VdockerError> {
+        if !self.spec.tty {
+            return Ok(());
+        }
+        let pty = self
+            .lock()
+            .run
+            .as_ref()
+            .filter(|run| run.is_running())
+            .and_then(|run| run.pty.clone())
+            .ok_or_else(|| VdockerError::NotRunning(self.name.clone()))?;
+        exec::set_window_size(pty.as_fd(), height, width).map_err(|source| VdockerError::Resize {
+            name: self.name.clone(),
+            source,
+        })
     }
 
     /// Sends `signal` to the running process (SIGKILL: to its group).
@@ -622,6 +707,27 @@ impl Container {
     }
 }
 
+/// Blocks until `fd` is readable or hung up (a read then says which).
+fn wait_readable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut poll_fd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: poll reads and writes the one pollfd behind the pointer, a live
+        // local, for the count of 1 given; fd is open (borrowed).
+        let rc = unsafe { libc::poll(&mut poll_fd, 1, -1) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
 /// The command to exec `argv` in `container` with extra `env` and `cwd`:
 /// the container's environment and directory unless overridden. `user`
 /// applies to containers of images only (others run as root).
@@ -708,5 +814,114 @@ mod tests {
         let run = registry.find("ghost").unwrap().snapshot().unwrap();
         assert!(!run.is_running());
         assert_eq!(run.exit_code(), 127);
+    }
+
+    /// A registry's container of `script` with a TTY of `rows` x `columns`.
+    fn tty_spec(script: &str, rows: u16, columns: u16) -> ProcessSpec {
+        ProcessSpec {
+            tty: true,
+            console_size: Some([rows, columns]),
+            ..spec("t", script)
+        }
+    }
+
+    fn all_logs(container: &Container) -> Vec<(StreamKind, Vec<u8>)> {
+        let (lines, _) = container.logs.select(&crate::vdocker::logs::LogQuery {
+            stdout: true,
+            stderr: true,
+            since: None,
+            until: None,
+            tail: None,
+            timestamps: false,
+            follow: false,
+        });
+        lines.into_iter().map(|l| (l.stream, l.bytes)).collect()
+    }
+
+    #[test]
+    fn tty_process_has_the_pty_as_controlling_terminal_on_stdout() {
+        // /dev/tty opens only for a process with a controlling terminal.
+        let registry = registry(&[tty_spec(
+            "[ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo both; stty size; \
+             : </dev/tty && echo ctty; echo err >&2; exit 6",
+            30,
+            100,
+        )]);
+        registry.start_all();
+        let container = registry.find("t").unwrap();
+
+        let code = block_on(async {
+            let code = container.wait_not_running().await;
+            container.wait_output_done(1).await;
+            code
+        });
+
+        assert_eq!(code, 6);
+        assert_eq!(
+            all_logs(&container),
+            [
+                (StreamKind::Stdout, b"both\r\n".to_vec()),
+                (StreamKind::Stdout, b"30 100\r\n".to_vec()),
+                (StreamKind::Stdout, b"ctty\r\n".to_vec()),
+                (StreamKind::Stdout, b"err\r\n".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn resize_sets_the_size_of_a_running_tty_process() {
+        let registry = registry(&[tty_spec("read line; stty size", 30, 100)]);
+        registry.start_all();
+        let container = registry.find("t").unwrap();
+
+        container.resize(40, 120).unwrap();
+        let stdin = container.stdin().unwrap();
+        rustix::io::write(&*stdin, b"go\n").unwrap();
+        block_on(async {
+            container.wait_not_running().await;
+            container.wait_output_done(1).await;
+        });
+
+        let logs = all_logs(&container);
+        assert_eq!(
+            logs.last(),
+            Some(&(StreamKind::Stdout, b"40 120\r\n".to_vec()))
+        );
+    }
+
+    #[test]
+    fn resize_of_a_process_without_tty_does_nothing() {
+        let registry = registry(&[spec("p", "exit 0")]);
+
+        assert!(registry.find("p").unwrap().resize(40, 120).is_ok());
+    }
+
+    #[test]
+    fn resize_of_a_stopped_tty_process_is_not_running() {
+        let registry = registry(&[tty_spec("exit 0", 30, 100)]);
+
+        let err = registry.find("t").unwrap().resize(40, 120).unwrap_err();
+
+        assert!(matches!(err, VdockerError::NotRunning(_)), "{err}");
+    }
+
+    #[test]
+    fn tty_output_is_read_after_an_attach_made_the_master_non_blocking() {
+        let registry = registry(&[tty_spec("sleep 0.3; echo late", 30, 100)]);
+        registry.start_all();
+        let container = registry.find("t").unwrap();
+        // As an attach's input does: a duplicate of the master, made non-blocking.
+        let master = container.stdin().unwrap().try_clone().unwrap();
+        crate::vdocker::fdio::set_nonblocking(master.as_fd()).unwrap();
+
+        block_on(async {
+            container.wait_not_running().await;
+            container.wait_output_done(1).await;
+        });
+
+        assert_eq!(
+            all_logs(&container),
+            [(StreamKind::Stdout, b"late\r\n".to_vec())]
+        );
     }
 }

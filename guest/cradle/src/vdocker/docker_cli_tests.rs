@@ -33,7 +33,11 @@ const SCRIPTS: &[(&str, &str)] = &[
         r#"while read l; do echo "got $l"; [ "$l" = quit ] && exit 7; done; sleep 300"#,
     ),
     ("victim", "exec sleep 300"),
+    // With a TTY (TTY_NAME).
+    ("term", "echo out; echo err >&2; exec sleep 300"),
 ];
+/// The process of [`SCRIPTS`] that has a TTY.
+const TTY_NAME: &str = "term";
 
 /// The docker CLI: `docker` on PATH, else /usr/local/bin/docker. Panics
 /// (fails the test) if there is none.
@@ -92,6 +96,7 @@ impl Harness {
                 argv: vec!["sh".to_owned(), "-c".to_owned(), (*script).to_owned()],
                 env: vec!["GREETING=hello".to_owned()],
                 cwd: None,
+                tty: *name == TTY_NAME,
                 ..ProcessSpec::default()
             })
             .collect();
@@ -311,6 +316,20 @@ fn docker_logs_separates_stdout_and_stderr() {
 
     assert_eq!(run.stdout, "out\n", "{}", run.describe());
     assert_eq!(run.stderr, "err\n", "{}", run.describe());
+}
+
+#[test]
+fn docker_logs_of_a_tty_process_are_raw() {
+    let harness = Harness::start("vd-logs-tty");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let run = harness.docker_ok(&["logs", TTY_NAME]);
+    let inspect = harness.docker_ok(&["inspect", "--format", "{{.Config.Tty}}", TTY_NAME]);
+
+    // One stream, no frame headers; the pty turns \n into \r\n.
+    assert_eq!(run.stdout, "out\r\nerr\r\n", "{}", run.describe());
+    assert_eq!(run.stderr, "", "{}", run.describe());
+    assert_eq!(inspect.stdout.trim(), "true");
 }
 
 #[test]
@@ -666,11 +685,49 @@ fn added_container_starts_logs_execs_stats_and_is_removed() {
 }
 
 #[test]
+fn added_tty_container_logs_raw_and_resizes() {
+    let harness = Harness::start("vd-added-tty");
+    let body = r#"{"name":"late-tty","argv":["sh","-c","stty size; exec sleep 300"],"tty":true,"console_size":[30,100]}"#;
+
+    let (status, created) = create(&harness, body);
+    assert_eq!(status, 201, "{created}");
+    harness.docker_ok(&["start", "late-tty"]);
+    let start = Instant::now();
+    let logs = loop {
+        let logs = harness.docker_ok(&["logs", "late-tty"]);
+        if !logs.stdout.is_empty() || start.elapsed() > CLI_TIMEOUT {
+            break logs;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (resized, resized_body) = harness.http(
+        "POST /containers/late-tty/resize?h=40&w=120 HTTP/1.1\r\nHost: docker\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    );
+    // The terminal the process has (its stdin), seen from here.
+    let pid = harness.docker_ok(&["inspect", "--format", "{{.State.Pid}}", "late-tty"]);
+    let size = Command::new("sh")
+        .args([
+            "-c",
+            &format!("stty size </proc/{}/fd/0", pid.stdout.trim()),
+        ])
+        .output()
+        .unwrap();
+    harness.docker_ok(&["rm", "-f", "late-tty"]);
+
+    assert_eq!(logs.stdout, "30 100\r\n", "{}", logs.describe());
+    assert_eq!(resized, 200, "{resized_body}");
+    assert_eq!(String::from_utf8_lossy(&size.stdout), "40 120\n");
+}
+
+#[test]
 fn create_refuses_a_name_in_use_bad_json_and_an_image() {
     let harness = Harness::start("vd-create-errors");
 
     let (taken, taken_body) = create(&harness, r#"{"name":"app","argv":["true"]}"#);
-    let (unknown, unknown_body) = create(&harness, r#"{"name":"x","argv":["true"],"tty":true}"#);
+    let (unknown, unknown_body) = create(
+        &harness,
+        r#"{"name":"x","argv":["true"],"privileged":true}"#,
+    );
     let (image, image_body) = create(&harness, r#"{"name":"x","image":"busybox"}"#);
     let (rootfs, rootfs_body) = create(
         &harness,
@@ -680,11 +737,14 @@ fn create_refuses_a_name_in_use_bad_json_and_an_image() {
     assert_eq!(taken, 409, "{taken_body}");
     assert!(taken_body.contains("already in use"), "{taken_body}");
     assert_eq!(unknown, 400, "{unknown_body}");
-    assert!(unknown_body.contains("processes[4].tty"), "{unknown_body}");
+    assert!(
+        unknown_body.contains("processes[5].privileged"),
+        "{unknown_body}"
+    );
     assert_eq!(image, 400, "{image_body}");
-    assert!(image_body.contains("processes[4].image"), "{image_body}");
+    assert!(image_body.contains("processes[5].image"), "{image_body}");
     assert_eq!(rootfs, 400, "{rootfs_body}");
-    assert!(rootfs_body.contains("processes[4].rootfs"), "{rootfs_body}");
+    assert!(rootfs_body.contains("processes[5].rootfs"), "{rootfs_body}");
 }
 
 #[test]

@@ -86,6 +86,12 @@ pub enum VdockerError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot resize the terminal of container {name}")]
+    Resize {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("{field}: a container with an image cannot be added to a running pod (its layers are resolved by the host before boot); give a rootfs (TAG or TAG/DIR of one of the pod's filesystems) or neither")]
     ImageProcess { field: String },
     #[error("the container is not a valid process of the pod spec (docs/POD_SPEC.md)")]
@@ -145,7 +151,8 @@ impl VdockerError {
             Self::Signal { .. }
             | Self::ExecSignal { .. }
             | Self::ExecSpawn { .. }
-            | Self::ExecSetup { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            | Self::ExecSetup { .. }
+            | Self::Resize { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

@@ -424,26 +424,7 @@ fn set_up_pty(
     if let Some([height, width]) = size {
         set_window_size(master.as_fd(), height, width)?;
     }
-    command
-        .stdin(Stdio::from(slave.try_clone()?))
-        .stdout(Stdio::from(slave.try_clone()?))
-        .stderr(Stdio::from(slave));
-    // SAFETY: the closure runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: setsid and ioctl are, and
-    // last_os_error only reads errno. Stdio is already on fds 0-2 then, so
-    // fd 0 is the pty slave, which becomes the controlling terminal of the
-    // new session.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    use_as_terminal(command, slave)?;
     let master = Arc::new(master);
     exec.lock().pty = Some(Arc::clone(&master));
     exec.spawn(registry, command)?;
@@ -565,8 +546,35 @@ async fn read_some<R: AsyncRead + Unpin>(
     }
 }
 
+/// Makes `slave` (a pty's) the stdin, stdout and stderr of `command` and the
+/// controlling terminal of the new session it starts (setsid; so no
+/// `process_group` on the command: a group leader cannot start a session).
+pub(super) fn use_as_terminal(command: &mut Command, slave: OwnedFd) -> io::Result<()> {
+    command
+        .stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave));
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: setsid and ioctl are, and
+    // last_os_error only reads errno. Stdio is already on fds 0-2 then, so
+    // fd 0 is the pty slave, which becomes the controlling terminal of the
+    // new session.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// A new pty: (master, slave), both close-on-exec.
-fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(super) fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: posix_openpt takes flags and returns a new fd or -1.
     let raw = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
     if raw < 0 {
@@ -603,7 +611,7 @@ fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// `TIOCSWINSZ`: the terminal's rows and columns.
-fn set_window_size(fd: BorrowedFd<'_>, height: u16, width: u16) -> io::Result<()> {
+pub(super) fn set_window_size(fd: BorrowedFd<'_>, height: u16, width: u16) -> io::Result<()> {
     let size = libc::winsize {
         ws_row: height,
         ws_col: width,

@@ -215,14 +215,19 @@ pub fn render(line: &LogLine, timestamps: bool) -> Vec<u8> {
     out
 }
 
-/// `lines` as multiplexed frames, in chunks for the response body.
-fn frame_chunks(lines: &[LogLine], timestamps: bool) -> Vec<Bytes> {
+/// `lines` as multiplexed frames (`raw`, for a TTY's: as they are), in chunks for the
+/// response body.
+fn frame_chunks(lines: &[LogLine], timestamps: bool, raw: bool) -> Vec<Bytes> {
     lines
         .chunks(LINES_PER_CHUNK)
         .map(|chunk| {
             let mut out = Vec::new();
             for line in chunk {
-                frames::append(&mut out, line.stream, &render(line, timestamps));
+                if raw {
+                    out.extend_from_slice(&render(line, timestamps));
+                } else {
+                    frames::append(&mut out, line.stream, &render(line, timestamps));
+                }
             }
             Bytes::from(out)
         })
@@ -230,8 +235,13 @@ fn frame_chunks(lines: &[LogLine], timestamps: bool) -> Vec<Bytes> {
 }
 
 /// Sends `lines` to the client; false once it has gone away.
-async fn send_lines(tx: &mpsc::Sender<Bytes>, lines: &[LogLine], timestamps: bool) -> bool {
-    for chunk in frame_chunks(lines, timestamps) {
+async fn send_lines(
+    tx: &mpsc::Sender<Bytes>,
+    lines: &[LogLine],
+    timestamps: bool,
+    raw: bool,
+) -> bool {
+    for chunk in frame_chunks(lines, timestamps, raw) {
         if tx.send(chunk).await.is_err() {
             return false;
         }
@@ -247,7 +257,9 @@ pub async fn stream(container: &Container, query: LogQuery, tx: mpsc::Sender<Byt
     // Subscribe first: a line stored after select() then wakes us.
     let mut appended = container.logs.subscribe();
     let (lines, mut next) = container.logs.select(&query);
-    if !send_lines(&tx, &lines, query.timestamps).await || !query.follow {
+    // A TTY's output is one stream, sent raw as Docker does.
+    let raw = container.spec.tty;
+    if !send_lines(&tx, &lines, query.timestamps, raw).await || !query.follow {
         return;
     }
     let Some(run) = container.running_run() else {
@@ -262,7 +274,7 @@ pub async fn stream(container: &Container, query: LogQuery, tx: mpsc::Sender<Byt
         };
         let (lines, after) = container.logs.after(next, &query);
         next = after;
-        if !send_lines(&tx, &lines, query.timestamps).await || finished {
+        if !send_lines(&tx, &lines, query.timestamps, raw).await || finished {
             return;
         }
     }
@@ -449,11 +461,20 @@ mod tests {
     fn frame_chunks_frames_each_line_on_its_stream() {
         let (lines, _) = three_lines().select(&all());
 
-        let chunks = frame_chunks(&lines, false);
+        let chunks = frame_chunks(&lines, false, false);
 
         let mut expected = frames::encode(StreamKind::Stdout, b"a\n");
         expected.extend(frames::encode(StreamKind::Stderr, b"b\n"));
         expected.extend(frames::encode(StreamKind::Stdout, b"c\n"));
         assert_eq!(chunks, [Bytes::from(expected)]);
+    }
+
+    #[test]
+    fn frame_chunks_of_a_tty_are_the_raw_bytes() {
+        let (lines, _) = three_lines().select(&all());
+
+        let chunks = frame_chunks(&lines, false, true);
+
+        assert_eq!(chunks, [Bytes::from_static(b"a\nb\nc\n")]);
     }
 }
