@@ -601,80 +601,47 @@ fn ctr_run_output_exit_code_and_cleanup() -> Result<()> {
 
     exec_and_kill(&containerd, &fail)?;
 
-    // Bad input: runtime options crib does not know (ctr sends runtimeoptions.v1.Options
-    // for --runtime-config-path) are refused with the shim's message.
-    let out = run(
-        containerd
-            .ctr(&[
-                "run",
-                "--rm",
-                "--runtime",
-                RUNTIME,
+    let empty_root = dir.join("empty-rootfs");
+    std::fs::create_dir_all(&empty_root)?;
+    let empty_root = empty_root.display().to_string();
+    // Bad input, each refused with the shim's message, the task gone: runtime options
+    // crib does not know (ctr sends runtimeoptions.v1.Options for
+    // --runtime-config-path); a root filesystem that is empty (`--rootfs` of an empty
+    // directory: no snapshot, nothing mounted); a VM that cannot start (a memory limit
+    // far beyond the host's RAM, so the guest's memory is too: crib's log is quoted).
+    let refusals: [(&[&str], &str); 3] = [
+        (
+            &[
                 "--runtime-config-path",
                 "/etc/crib-shim.toml",
                 IMAGE,
                 "shim-options",
-                "true",
-            ])
-            .as_mut(),
-        RUN_TIMEOUT,
-    )?;
-    if out.code == Some(0) || !out.stderr.contains("not supported by crib") {
-        fail(
-            "ctr run --runtime-config-path: wanted the shim's runtime options error",
-            &out,
-        )?;
-    }
-
-    // Bad input: a root filesystem that is empty (`--rootfs` of an empty directory: no
-    // snapshot, nothing mounted) is refused with the shim's message.
-    let empty_root = dir.join("empty-rootfs");
-    std::fs::create_dir_all(&empty_root)?;
-    let out = run(
-        containerd
-            .ctr(&[
-                "run",
-                "--rm",
-                "--runtime",
-                RUNTIME,
-                "--rootfs",
-                &empty_root.display().to_string(),
-                "shim-no-rootfs",
-                "true",
-            ])
-            .as_mut(),
-        RUN_TIMEOUT,
-    )?;
-    if out.code == Some(0) || !out.stderr.contains("is missing or empty") {
-        fail(
-            "ctr run --rootfs EMPTY: wanted the shim's missing rootfs error",
-            &out,
-        )?;
-    }
-
-    // A VM that cannot start (a memory limit far beyond the host's RAM, so the guest's
-    // memory is too): ctr gets the shim's error quoting crib's log, the task ends.
-    let out = run(
-        containerd
-            .ctr(&[
-                "run",
-                "--rm",
-                "--runtime",
-                RUNTIME,
-                "--memory-limit",
-                "1125899906842624",
-                IMAGE,
-                "shim-no-boot",
-                "true",
-            ])
-            .as_mut(),
-        RUN_TIMEOUT,
-    )?;
-    if out.code == Some(0) || !out.stderr.contains("ended before it was ready") {
-        fail(
-            "ctr run --memory-limit 1P: wanted the shim's VM start error",
-            &out,
-        )?;
+            ],
+            "not supported by crib",
+        ),
+        (
+            &["--rootfs", &empty_root, "shim-no-rootfs"],
+            "is missing or empty",
+        ),
+        (
+            &["--memory-limit", "1125899906842624", IMAGE, "shim-no-boot"],
+            "ended before it was ready",
+        ),
+    ];
+    for (args, wanted) in refusals {
+        let mut command = vec!["run", "--rm", "--runtime", RUNTIME];
+        command.extend_from_slice(args);
+        command.push("true");
+        let out = run(containerd.ctr(&command).as_mut(), RUN_TIMEOUT)?;
+        if out.code == Some(0) || !out.stderr.contains(wanted) {
+            fail(
+                &format!(
+                    "ctr {}: wanted the shim's error {wanted:?}",
+                    command.join(" ")
+                ),
+                &out,
+            )?;
+        }
     }
 
     // Nothing left: no crib, virtiofsd or shim process, no mount, no state directory.
