@@ -28,7 +28,8 @@ silence=${LAB_SILENCE_SECS:-90}
 # L1's KVM gives L2 shadow page tables unless asked for nested paging: see --npt in
 # tests/lab/README.md for why that is the default.
 npt=${LAB_NPT:-off}
-max_reruns=2
+# Three reruns: a full CI run once saw the same group's L1 freeze three times in a row.
+max_reruns=3
 env_names=()
 
 # Modules packed into the initramfs (their dependencies are resolved at pack
