@@ -28,6 +28,9 @@ silence=${LAB_SILENCE_SECS:-90}
 # L1's KVM gives L2 shadow page tables unless asked for nested paging: see --npt in
 # tests/lab/README.md for why that is the default.
 npt=${LAB_NPT:-off}
+# QEMU's TCG threading for L1's vCPUs: multi (one host thread per vCPU, the default) or
+# single (both on one thread: slower, for telling MTTCG races apart from other freezes).
+tcg_thread=${LAB_TCG_THREAD:-multi}
 # Three reruns: a full CI run once saw the same group's L1 freeze three times in a row.
 max_reruns=3
 env_names=()
@@ -75,6 +78,10 @@ case $npt in
   on) npt_param=1 ;;
   off) npt_param=0 ;;
   *) die "--npt (or LAB_NPT) takes on or off, not '$npt'" ;;
+esac
+case $tcg_thread in
+  multi | single) ;;
+  *) die "LAB_TCG_THREAD takes multi or single, not '$tcg_thread'" ;;
 esac
 
 # --- host prerequisites: say exactly what to install ---------------------------
@@ -293,7 +300,7 @@ cwd=$(pwd -P)
 # --- QEMU ----------------------------------------------------------------------
 append="console=ttyS0 quiet panic=-1 lab.dir=$priv lab.nonce=$nonce lab.npt=$npt_param"
 qargs=(
-  -accel tcg,thread=multi -cpu EPYC,+svm,+npt -M q35 -m "$mem" -smp 2
+  -accel "tcg,thread=$tcg_thread" -cpu EPYC,+svm,+npt -M q35 -m "$mem" -smp 2
   -nographic -nodefaults -serial stdio -no-reboot
   # "Triple fault" (and the CPU state at resets) goes here: how an L1 that died ended.
   -d cpu_reset -D "$priv/qemu-reset.log"
