@@ -6,18 +6,25 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
+# Each stage's time on one line, so a slow CI run shows where its minutes went.
+t0=$(date +%s)
+stage() { echo "test: $1 done at $(($(date +%s) - t0)) s"; }
 scripts/prepare.sh
+stage prepare
 cargo fmt --all -- --check
 cargo clippy --quiet --workspace --all-targets -- -D warnings
+stage "fmt and clippy"
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace 2>&1 | tee "$log" || status=$?
+stage "cargo test (unit and lab)"
 # Every fuzz target from its seed corpus; its libtest-style result line (one test per
 # target) is summed below, a crash fails the script. 12 s each here (run-ci.sh's own default
 # is 15): with 11 targets that keeps the stage, build included, under 4 minutes on 2 cores.
 FUZZ_SECONDS=${FUZZ_SECONDS:-12} fuzz/run-ci.sh 2>&1 | tee -a "$log" || status=$?
+stage fuzz
 # Sum every test binary's result line (the lab run's included), so the last line counts
 # all tests rather than the last binary's.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

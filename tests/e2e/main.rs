@@ -142,6 +142,7 @@ fn run_in_lab(args: &Arguments, lab_kind: Lab) -> i32 {
             format!("{}=1", vfio::LAB_NVME_ENV),
         ]);
     }
+    let start = std::time::Instant::now();
     let status = Command::new("bash")
         .arg(lab)
         .args(lab_args)
@@ -150,6 +151,11 @@ fn run_in_lab(args: &Arguments, lab_kind: Lab) -> i32 {
         .args(inner)
         .env("CRIB_IN_LAB", "1")
         .status();
+    // Where CI's minutes go: each lab boot's wall time, its L1 boot and reruns included.
+    println!(
+        "e2e: the {which} lab boot took {} s",
+        start.elapsed().as_secs()
+    );
     match status {
         Ok(status) => status.code().unwrap_or(1),
         Err(e) => {
