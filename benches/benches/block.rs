@@ -6,7 +6,9 @@
 //! A simulated driver plays the guest on each queue: it keeps 32 read requests in a split
 //! queue in plain memory, kicks through the queue's eventfd only when the device's
 //! `avail_event` asks for it, and sleeps on the queue's interrupt eventfd (one vector per
-//! queue, as with MSI-X) with `used_event` set, as Linux's virtio-blk does. With several
+//! queue, as with MSI-X) with `used_event` set, as Linux's virtio-blk does. Before it
+//! sleeps it polls the used ring for 200 us, as KVM polls a halted vCPU (`halt_poll_ns`)
+//! before its thread sleeps (`CRIB_BENCH_HALT_POLL_US=0`: sleep at once). With several
 //! queues, each driver runs on its own thread, like one submitting CPU per queue. The device
 //! runs exactly as in a VM: a worker thread per queue, epoll, io_uring. Criterion reports the
 //! throughput in elements per second, i.e. IOPS over all queues.
@@ -186,6 +188,20 @@ struct QueueDriver {
     /// Notifications sent to the device, and interrupts waited for.
     kicks: u64,
     waits: u64,
+    /// How long the driver polls the used ring before it sleeps on the interrupt
+    /// ([`halt_poll_window`]).
+    halt_poll: Duration,
+}
+
+/// KVM's default `halt_poll_ns` on x86 (200 us): a guest vCPU that halts waiting for an
+/// interrupt is polled that long before its thread sleeps. `CRIB_BENCH_HALT_POLL_US`
+/// overrides it; 0 makes the driver sleep at once, as a vCPU without halt polling.
+fn halt_poll_window() -> Duration {
+    let micros = std::env::var("CRIB_BENCH_HALT_POLL_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    Duration::from_micros(micros)
 }
 
 impl QueueDriver {
@@ -203,6 +219,7 @@ impl QueueDriver {
             sectors: [0; DEPTH as usize],
             kicks: 0,
             waits: 0,
+            halt_poll: halt_poll_window(),
         };
         // Each slot owns descriptors 3s (header), 3s+1 (data), 3s+2 (status).
         for slot in 0..DEPTH {
@@ -321,6 +338,11 @@ impl QueueDriver {
         while done < count {
             let used = self.used_idx();
             if used == self.last_used {
+                // A halted vCPU is not put to sleep at once: KVM polls for an interrupt
+                // first (halt_poll_ns), so a completion within that window wakes no one.
+                if self.halt_poll(used) {
+                    continue;
+                }
                 // Ask for an interrupt at the next completion, then check once more.
                 self.mem
                     .store(
@@ -354,6 +376,23 @@ impl QueueDriver {
             }
             self.publish();
         }
+    }
+
+    /// Spins for up to the driver's halt-polling window while the used index stays `used`,
+    /// as KVM's halt polling does for a vCPU that halted waiting for an interrupt; returns
+    /// whether a completion came within it.
+    fn halt_poll(&mut self, used: u16) -> bool {
+        if self.halt_poll.is_zero() {
+            return false;
+        }
+        let start = Instant::now();
+        while start.elapsed() < self.halt_poll {
+            if self.used_idx() != used {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
     }
 
     fn check(&self, slot: u16) {
@@ -394,11 +433,12 @@ fn randread_4k_qd32(c: &mut Criterion) {
         let elapsed = bench.run(per_queue, false);
         let (kicks_after, waits_after) = bench.notifications();
         println!(
-            "virtio-blk randread 4k qd32 {queues}q io_uring: {:.0} IOPS ({n} reads in {:.2?}; {:.1} reads per kick, {:.1} per interrupt wait)",
+            "virtio-blk randread 4k qd32 {queues}q io_uring: {:.0} IOPS ({n} reads in {:.2?}; {:.1} reads per kick, {:.1} per interrupt wait; driver halt-polls {} us)",
             n as f64 / elapsed.as_secs_f64(),
             elapsed,
             n as f64 / (kicks_after - kicks).max(1) as f64,
             n as f64 / (waits_after - waits).max(1) as f64,
+            halt_poll_window().as_micros(),
         );
     }
     group.finish();
