@@ -7,8 +7,8 @@
 //! queue in plain memory, kicks through the queue's eventfd only when the device's
 //! `avail_event` asks for it, and sleeps on the queue's interrupt eventfd (one vector per
 //! queue, as with MSI-X) with `used_event` set, as Linux's virtio-blk does. Before it
-//! sleeps it polls the used ring for 200 us, as KVM polls a halted vCPU (`halt_poll_ns`)
-//! before its thread sleeps (`CRIB_BENCH_HALT_POLL_US=0`: sleep at once). With several
+//! sleeps it polls the used ring as KVM polls a halted vCPU (adaptive, up to `halt_poll_ns`
+//! = 200 us; `CRIB_BENCH_HALT_POLL_US=0`: sleep at once). With several
 //! queues, each driver runs on its own thread, like one submitting CPU per queue. The device
 //! runs exactly as in a VM: a worker thread per queue, epoll, io_uring. Criterion reports the
 //! throughput in elements per second, i.e. IOPS over all queues.
@@ -188,20 +188,56 @@ struct QueueDriver {
     /// Notifications sent to the device, and interrupts waited for.
     kicks: u64,
     waits: u64,
-    /// How long the driver polls the used ring before it sleeps on the interrupt
-    /// ([`halt_poll_window`]).
-    halt_poll: Duration,
+    /// The driver's halt polling, as KVM's for a vCPU.
+    halt_poll: HaltPoll,
 }
 
-/// KVM's default `halt_poll_ns` on x86 (200 us): a guest vCPU that halts waiting for an
-/// interrupt is polled that long before its thread sleeps. `CRIB_BENCH_HALT_POLL_US`
-/// overrides it; 0 makes the driver sleep at once, as a vCPU without halt polling.
-fn halt_poll_window() -> Duration {
-    let micros = std::env::var("CRIB_BENCH_HALT_POLL_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    Duration::from_micros(micros)
+/// KVM's adaptive halt polling (virt/kvm/kvm_main.c, x86 defaults of Linux 6.1): a vCPU
+/// that halts is first polled for `window`; the window starts at 0, grows (to 10 us, then
+/// doubling, up to `halt_poll_ns` = 200 us) after a halt that ended within the maximum, and
+/// drops to 0 after one that outlasted it. `CRIB_BENCH_HALT_POLL_US` sets the maximum; 0
+/// turns polling off (a vCPU that sleeps at once).
+struct HaltPoll {
+    max: Duration,
+    window: Duration,
+}
+
+impl HaltPoll {
+    const GROW_START: Duration = Duration::from_micros(10);
+
+    fn from_env() -> Self {
+        let micros = std::env::var("CRIB_BENCH_HALT_POLL_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200);
+        Self {
+            max: Duration::from_micros(micros),
+            window: Duration::ZERO,
+        }
+    }
+
+    /// Spins for up to the window until `done`; returns whether it came.
+    fn poll(&self, done: impl Fn() -> bool) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < self.window {
+            if done() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
+    }
+
+    /// Adjusts the window after a halt that lasted `halted` (polling and sleeping).
+    fn adapt(&mut self, halted: Duration) {
+        if halted <= self.window {
+            // Ended while polling: keep the window.
+        } else if !self.window.is_zero() && halted > self.max {
+            self.window = Duration::ZERO;
+        } else if self.window < self.max && halted < self.max {
+            self.window = (self.window * 2).max(Self::GROW_START).min(self.max);
+        }
+    }
 }
 
 impl QueueDriver {
@@ -219,7 +255,7 @@ impl QueueDriver {
             sectors: [0; DEPTH as usize],
             kicks: 0,
             waits: 0,
-            halt_poll: halt_poll_window(),
+            halt_poll: HaltPoll::from_env(),
         };
         // Each slot owns descriptors 3s (header), 3s+1 (data), 3s+2 (status).
         for slot in 0..DEPTH {
@@ -338,24 +374,26 @@ impl QueueDriver {
         while done < count {
             let used = self.used_idx();
             if used == self.last_used {
-                // A halted vCPU is not put to sleep at once: KVM polls for an interrupt
-                // first (halt_poll_ns), so a completion within that window wakes no one.
-                if self.halt_poll(used) {
-                    continue;
+                // The guest's vCPU halts until the interrupt. KVM does not put it to sleep
+                // at once: it polls first (halt polling), so a completion within the
+                // window wakes no one.
+                let halted = Instant::now();
+                if !self.halt_poll.poll(|| self.used_idx() != used) {
+                    // Ask for an interrupt at the next completion, then check once more.
+                    self.mem
+                        .store(
+                            self.last_used,
+                            self.at(AVAIL_RING + 4 + 2 * u64::from(QUEUE_SIZE)),
+                            Ordering::Release,
+                        )
+                        .unwrap();
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    if self.used_idx() == self.last_used {
+                        self.irq.read().unwrap();
+                        self.waits += 1;
+                    }
                 }
-                // Ask for an interrupt at the next completion, then check once more.
-                self.mem
-                    .store(
-                        self.last_used,
-                        self.at(AVAIL_RING + 4 + 2 * u64::from(QUEUE_SIZE)),
-                        Ordering::Release,
-                    )
-                    .unwrap();
-                std::sync::atomic::fence(Ordering::SeqCst);
-                if self.used_idx() == self.last_used {
-                    self.irq.read().unwrap();
-                    self.waits += 1;
-                }
+                self.halt_poll.adapt(halted.elapsed());
                 continue;
             }
             while self.last_used != used {
@@ -376,23 +414,6 @@ impl QueueDriver {
             }
             self.publish();
         }
-    }
-
-    /// Spins for up to the driver's halt-polling window while the used index stays `used`,
-    /// as KVM's halt polling does for a vCPU that halted waiting for an interrupt; returns
-    /// whether a completion came within it.
-    fn halt_poll(&mut self, used: u16) -> bool {
-        if self.halt_poll.is_zero() {
-            return false;
-        }
-        let start = Instant::now();
-        while start.elapsed() < self.halt_poll {
-            if self.used_idx() != used {
-                return true;
-            }
-            std::hint::spin_loop();
-        }
-        false
     }
 
     fn check(&self, slot: u16) {
@@ -433,12 +454,12 @@ fn randread_4k_qd32(c: &mut Criterion) {
         let elapsed = bench.run(per_queue, false);
         let (kicks_after, waits_after) = bench.notifications();
         println!(
-            "virtio-blk randread 4k qd32 {queues}q io_uring: {:.0} IOPS ({n} reads in {:.2?}; {:.1} reads per kick, {:.1} per interrupt wait; driver halt-polls {} us)",
+            "virtio-blk randread 4k qd32 {queues}q io_uring: {:.0} IOPS ({n} reads in {:.2?}; {:.1} reads per kick, {:.1} per interrupt wait; driver halt-polls up to {} us)",
             n as f64 / elapsed.as_secs_f64(),
             elapsed,
             n as f64 / (kicks_after - kicks).max(1) as f64,
             n as f64 / (waits_after - waits).max(1) as f64,
-            halt_poll_window().as_micros(),
+            HaltPoll::from_env().max.as_micros(),
         );
     }
     group.finish();
