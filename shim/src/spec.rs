@@ -173,7 +173,15 @@ impl OciSpec {
             path: path.clone(),
             source,
         })?;
-        serde_json::from_slice(&text).map_err(|source| SpecError::Parse { path, source })
+        Self::parse(&text, &path)
+    }
+
+    /// Parses the contents of a `config.json` (`path` names it in errors).
+    pub fn parse(json: &[u8], path: &Path) -> Result<Self, SpecError> {
+        serde_json::from_slice(json).map_err(|source| SpecError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Whether `root.readonly` asks for a read-only root.
