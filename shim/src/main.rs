@@ -3,13 +3,7 @@
 //! own, whose guest init (cradle) runs the container's process chrooted into the rootfs
 //! containerd prepared, shared over virtio-fs.
 
-mod docker;
-mod mount;
-mod service;
-mod spec;
-mod stats;
-mod stdio;
-mod vm;
+use crib_shim::service;
 
 /// The runtime's name as containerd knows it.
 const RUNTIME_ID: &str = "io.containerd.crib.v2";

@@ -4,10 +4,10 @@
 //! forks and waits for the child through the library's reaper, which this shim does not
 //! run (it waits for crib itself), so the shim mounts in-process.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsString};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
@@ -186,13 +186,15 @@ pub fn unmount(path: &Path) -> io::Result<()> {
     }
 }
 
-/// The mount points at or below `dir` in a mountinfo text, deepest first (the order
-/// to unmount them in).
-pub fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut found: Vec<std::path::PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|point| std::path::PathBuf::from(unescape_octal(point)))
+/// The mount points at or below `dir` in mountinfo's contents, deepest first (the order
+/// to unmount them in). Bytes, not text: a mount point is any bytes but NUL and `/`
+/// (anyone who can mount in this namespace names it), and one that is not UTF-8 must
+/// neither hide the others nor come back changed.
+pub fn mounts_under(mountinfo: &[u8], dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = mountinfo
+        .split(|b| *b == b'\n')
+        .filter_map(|line| line.split(|b| *b == b' ').nth(4))
+        .map(|point| PathBuf::from(OsString::from_vec(unescape_octal(point))))
         .filter(|point| point.starts_with(dir))
         .collect();
     // Stacked mounts on one point appear once each: each is unmounted in turn.
@@ -201,32 +203,31 @@ pub fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape_octal(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+fn unescape_octal(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
+    while i < field.len() {
+        let octal = field
             .get(i + 1..i + 4)
             .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
-        if let (b'\\', Some(digits)) = (bytes[i], octal) {
+        if let (b'\\', Some(digits)) = (field[i], octal) {
             let value = digits
                 .iter()
                 .fold(0u8, |v, d| v.wrapping_mul(8).wrapping_add(d - b'0'));
             out.push(value);
             i += 4;
         } else {
-            out.push(bytes[i]);
+            out.push(field[i]);
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// Unmounts everything mounted at or below `dir` (this process's mount namespace);
 /// returns the mount points that stayed.
-pub fn unmount_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+pub fn unmount_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(mountinfo) = std::fs::read("/proc/self/mountinfo") else {
         return Vec::new();
     };
     mounts_under(&mountinfo, dir)
@@ -237,6 +238,8 @@ pub fn unmount_under(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    use std::ffi::OsStr;
+
     use super::*;
 
     fn words(list: &[&str]) -> Vec<String> {
@@ -252,13 +255,34 @@ mod tests {
 42 40 0:32 / /run/crib-shim/c-1/share/c\\0402 rw - overlay overlay rw
 43 22 0:33 / /run/crib-shim/c-10 rw - tmpfs tmpfs rw
 ";
-        let found = mounts_under(info, Path::new("/run/crib-shim/c-1"));
+        let found = mounts_under(info.as_bytes(), Path::new("/run/crib-shim/c-1"));
         assert_eq!(
             found,
             [
                 Path::new("/run/crib-shim/c-1/share/container"),
                 Path::new("/run/crib-shim/c-1/share/c 2"),
                 Path::new("/run/crib-shim/c-1/share"),
+            ]
+        );
+    }
+
+    /// Found by the mountinfo fuzz target: the file was read as UTF-8, so one mount
+    /// point that is not (anywhere in the namespace) made the shim unmount nothing.
+    #[test]
+    fn mount_points_that_are_not_utf8_are_found_and_hide_nothing() {
+        let info = b"\
+40 22 0:30 / /run/crib-shim/c-1/share rw shared:5 - none none rw
+41 22 0:31 / /mnt/\xff\xfe rw - tmpfs tmpfs rw
+42 40 0:32 / /run/crib-shim/c-1/share/c\xe9\\0402 rw - overlay overlay rw
+";
+
+        let found = mounts_under(info, Path::new("/run/crib-shim/c-1"));
+
+        assert_eq!(
+            found,
+            [
+                PathBuf::from(OsStr::from_bytes(b"/run/crib-shim/c-1/share/c\xe9 2")),
+                PathBuf::from("/run/crib-shim/c-1/share"),
             ]
         );
     }

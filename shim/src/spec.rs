@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use initramfs::containers::MIN_MEMORY_BYTES;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use thiserror::Error;
@@ -62,6 +63,8 @@ pub enum SpecError {
     },
     #[error("process.{field}: {value:?} contains a NUL byte")]
     Nul { field: &'static str, value: String },
+    #[error("linux.resources.memory.limit: {limit} bytes is less than the {MIN_MEMORY_BYTES} (4 MiB) cradle takes as a container's memory limit; give at least 4 MiB, or no limit")]
+    MemoryLimit { limit: u64 },
 }
 
 /// The subset of the OCI runtime spec (config.json) the shim reads; other fields are
@@ -173,7 +176,15 @@ impl OciSpec {
             path: path.clone(),
             source,
         })?;
-        serde_json::from_slice(&text).map_err(|source| SpecError::Parse { path, source })
+        Self::parse(&text, &path)
+    }
+
+    /// Parses the contents of a `config.json` (`path` names it in errors).
+    pub fn parse(json: &[u8], path: &Path) -> Result<Self, SpecError> {
+        serde_json::from_slice(json).map_err(|source| SpecError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Whether `root.readonly` asks for a read-only root.
@@ -236,6 +247,10 @@ impl OciSpec {
             .and_then(|m| m.limit)
             .and_then(|limit| u64::try_from(limit).ok())
             .filter(|limit| *limit > 0);
+        // cradle refuses a smaller one in the pod spec: the VM would not start.
+        if let Some(limit) = memory_bytes.filter(|limit| *limit < MIN_MEMORY_BYTES) {
+            return Err(SpecError::MemoryLimit { limit });
+        }
         Ok(ContainerProcess {
             argv,
             env,
@@ -286,8 +301,8 @@ fn console_size(process: &OciProcess) -> Option<[u16; 2]> {
         .filter(|[h, w]| *h > 0 && *w > 0)
 }
 
-/// A process's args (not empty), env (NAME=VALUE entries only), cwd (absolute, else /)
-/// and `uid:gid`; no NUL bytes.
+/// A process's args (not empty), env (NAME=VALUE entries only), cwd (absolute and
+/// clean, else /) and `uid:gid`; no NUL bytes.
 fn checked(process: &OciProcess) -> Result<(Vec<String>, Vec<String>, String, String), SpecError> {
     if process.args.first().is_none_or(String::is_empty) {
         return Err(SpecError::NoArgs);
@@ -301,7 +316,7 @@ fn checked(process: &OciProcess) -> Result<(Vec<String>, Vec<String>, String, St
         }
     }
     let cwd = if process.cwd.starts_with('/') {
-        process.cwd.clone()
+        clean_path(&process.cwd)
     } else {
         "/".to_owned()
     };
@@ -320,6 +335,24 @@ fn checked(process: &OciProcess) -> Result<(Vec<String>, Vec<String>, String, St
         .collect();
     let user = format!("{}:{}", process.user.uid, process.user.gid);
     Ok((process.args.clone(), env, cwd, user))
+}
+
+/// An absolute path without empty, `.` or `..` components (the pod spec refuses them),
+/// resolved lexically as Go's `filepath.Clean` does: `/app/` is `/app`, `/a/../b` is `/b`
+/// (which differs from the kernel's resolution only when `a` is a symlink), and `..`
+/// stops at `/`.
+fn clean_path(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            part => parts.push(part),
+        }
+    }
+    format!("/{}", parts.join("/"))
 }
 
 /// A pod name (1 to 63 of `a-z0-9-`) for the container `id` of namespace `namespace`:
@@ -464,6 +497,51 @@ mod tests {
         assert_eq!(
             spec.container_process().unwrap().memory_bytes,
             Some(64 << 20)
+        );
+    }
+
+    /// Found by the shim_bundle fuzz target: cradle refuses a container memory limit
+    /// under 4 MiB in the VM's pod spec, so the shim refuses it at Create.
+    #[test]
+    fn memory_limit_below_crib_minimum_is_an_error() {
+        let spec = spec(
+            r#"{"process": {"args": ["sh"]}, "linux": {"resources": {"memory": {"limit": 1048576}}}}"#,
+        );
+
+        let err = spec.container_process().unwrap_err();
+
+        assert!(
+            matches!(err, SpecError::MemoryLimit { limit: 1048576 }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn memory_limit_of_minus_one_is_no_limit() {
+        let spec = spec(
+            r#"{"process": {"args": ["sh"]}, "linux": {"resources": {"memory": {"limit": -1}}}}"#,
+        );
+
+        assert_eq!(spec.container_process().unwrap().memory_bytes, None);
+    }
+
+    /// Found by the shim_bundle fuzz target: the pod spec refuses a cwd with an empty,
+    /// `.` or `..` component (`/app/`, which Kubernetes' workingDir allows).
+    #[test]
+    fn unclean_cwd_is_cleaned() {
+        let cwd = |path: &str| {
+            let json = format!(r#"{{"process": {{"args": ["sh"], "cwd": {path:?}}}}}"#);
+            spec(&json).container_process().unwrap().cwd
+        };
+
+        assert_eq!(
+            [
+                cwd("/app/"),
+                cwd("//srv//www/."),
+                cwd("/a/../b"),
+                cwd("/../..")
+            ],
+            ["/app", "/srv/www", "/b", "/"]
         );
     }
 

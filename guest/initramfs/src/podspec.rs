@@ -698,12 +698,21 @@ impl PodSpec {
         }
     }
 
+    /// The mount point in cradle of a validated `rootfs`'s filesystem: the filesystem's
+    /// even when a volume has the tag as its name (which [`Self::mount_source`] prefers).
+    pub fn rootfs_mount(&self, rootfs: &str) -> Option<&str> {
+        let (tag, _) = self.split_rootfs(rootfs);
+        self.filesystems
+            .iter()
+            .find(|fs| fs.tag == tag)
+            .map(|fs| fs.path.as_str())
+    }
+
     /// Where a validated `rootfs` is in cradle: its filesystem's mount point, joined
     /// with the directory if it names one.
     pub fn rootfs_path(&self, rootfs: &str) -> Option<std::path::PathBuf> {
-        let (tag, dir) = self.split_rootfs(rootfs);
-        let fs = self.filesystems.iter().find(|fs| fs.tag == tag)?;
-        let mount = std::path::Path::new(&fs.path);
+        let (_, dir) = self.split_rootfs(rootfs);
+        let mount = std::path::Path::new(self.rootfs_mount(rootfs)?);
         Some(dir.map_or_else(|| mount.to_path_buf(), |dir| mount.join(dir)))
     }
 
@@ -1946,6 +1955,25 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "processes[0].rootfs: \"gfs\" is not the tag of one of the pod's filesystems; add a filesystem with that tag (and a share for it)"
+        );
+    }
+
+    /// Found by the container_create fuzz target: cradle checked a rootfs against
+    /// `mount_source` of its tag, which is a volume's mount when a volume has that name.
+    #[test]
+    fn rootfs_mount_is_the_filesystems_when_a_volume_has_its_tag_as_name() {
+        let pod = parse(
+            r#"{"name": "p", "volumes": [{"name": "data", "path": "/data"}],
+                "filesystems": [{"tag": "data", "path": "/data/share"}]}"#,
+        )
+        .unwrap();
+
+        pod.validate_process(0, &rootfs_process("data/c1")).unwrap();
+
+        assert_eq!(pod.rootfs_mount("data/c1"), Some("/data/share"));
+        assert_eq!(
+            pod.rootfs_path("data/c1").unwrap(),
+            std::path::Path::new("/data/share/c1")
         );
     }
 

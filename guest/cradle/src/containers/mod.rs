@@ -232,7 +232,7 @@ fn rootfs_dir(index: usize, spec: &PodSpec, rootfs: &str) -> Result<PathBuf, Con
         index,
         tag: tag.to_owned(),
     };
-    let mount = PathBuf::from(spec.mount_source(tag).ok_or_else(unknown)?);
+    let mount = PathBuf::from(spec.rootfs_mount(rootfs).ok_or_else(unknown)?);
     let path = spec.rootfs_path(rootfs).ok_or_else(unknown)?;
     if path == mount {
         return Ok(path);
@@ -405,6 +405,38 @@ mod tests {
         assert!(
             matches!(missing, ContainerError::RootfsDir { .. }),
             "{missing}"
+        );
+    }
+
+    /// Found by the container_create fuzz target: a volume named as the share's tag made
+    /// the volume's mount the bound, so a symlink from the share into the rest of the
+    /// volume was taken.
+    #[test]
+    fn rootfs_dir_is_bound_by_the_share_when_a_volume_has_its_tag_as_name() {
+        let temp = TempDir::new("containers-rootfs-volume");
+        let volume = temp.path().join("data");
+        let share = volume.join("share");
+        std::fs::create_dir_all(share.join("c1")).unwrap();
+        std::fs::create_dir_all(volume.join("secret")).unwrap();
+        std::os::unix::fs::symlink(volume.join("secret"), share.join("out")).unwrap();
+        let spec = PodSpec::from_json(
+            format!(
+                r#"{{"name": "p", "volumes": [{{"name": "data", "path": "{}"}}],
+                    "filesystems": [{{"tag": "data", "path": "{}"}}]}}"#,
+                volume.display(),
+                share.display()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+
+        let inside = rootfs_dir(0, &spec, "data/c1").unwrap();
+        let outside = rootfs_dir(0, &spec, "data/out").unwrap_err();
+
+        assert_eq!(inside, std::fs::canonicalize(share.join("c1")).unwrap());
+        assert!(
+            matches!(outside, ContainerError::RootfsOutside { .. }),
+            "{outside}"
         );
     }
 }
