@@ -216,14 +216,16 @@ impl HaltPoll {
         }
     }
 
-    /// Spins for up to the window until `done`; returns whether it came.
+    /// Polls for up to the window until `done`; returns whether it came. KVM stops polling
+    /// as soon as another task wants the CPU (`single_task_running()`, `need_resched()`);
+    /// user space cannot ask that, so each check yields the CPU to any such task.
     fn poll(&self, done: impl Fn() -> bool) -> bool {
         let start = Instant::now();
         while start.elapsed() < self.window {
             if done() {
                 return true;
             }
-            std::hint::spin_loop();
+            std::thread::yield_now();
         }
         false
     }
