@@ -14,6 +14,7 @@ pub mod docker_proxy;
 pub mod fs;
 pub mod interrupts;
 pub mod jail;
+pub mod jail_ids;
 pub mod memory;
 pub mod net;
 pub mod pod;

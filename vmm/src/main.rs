@@ -506,11 +506,16 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
             }
         }
         let lock = prepared.create_run_dir(&root, &launch, &guest_dir)?;
+        let ids = launch
+            .jail
+            .map(|request| lease_jail_ids(&prepared, request))
+            .transpose()?;
         let mut prepared = prepared;
         let network = vmm::pod_net::attach(&mut prepared, &launch, lock.raw_fd())?;
-        Ok((prepared, lock, network, launch.jail))
+        Ok((prepared, lock, network, ids))
     });
-    let (prepared, _lock, network, jail) = match prepared {
+    // The lease of the jail's ids is held (by this process only) until the pod has ended.
+    let (prepared, _lock, network, ids) = match prepared {
         Ok(prepared) => prepared,
         Err(e) => {
             report(&e);
@@ -523,7 +528,7 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
     if let Some(net) = &network {
         print_stdout(&format!("network: {}\n", net.state.summary()));
     }
-    let (recorder, code) = match jail {
+    let (recorder, code) = match ids.as_ref().map(|lease| lease.jail) {
         None => {
             let recorder = prepared.exit_recorder();
             (recorder, run_vm(prepared.config.clone(), start, None))
@@ -541,12 +546,42 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
     code
 }
 
+/// Takes the jail's ids (docs/JAIL.md, "Ids") and records them in `info.json`.
+fn lease_jail_ids(
+    prepared: &pod::PreparedPod,
+    request: vmm::jail::JailRequest,
+) -> Result<vmm::jail_ids::IdLease, pod::PodError> {
+    use vmm::jail_ids::{lease_ids, HostIds, AUTO_IDS, ID_LOCK_DIR};
+    let jail_error = |source| pod::PodError::Jail {
+        name: prepared.name.clone(),
+        source,
+    };
+    let host = HostIds::read();
+    let lease = lease_ids(
+        request,
+        Path::new(ID_LOCK_DIR),
+        AUTO_IDS,
+        &host,
+        &prepared.name,
+    )
+    .map_err(|e| jail_error(e.into()))?;
+    let vmm::jail::Jail { uid, gid } = lease.jail;
+    let how = if lease.auto { "automatic" } else { "fixed" };
+    tracing::info!("jail ids: uid {uid}, gid {gid} ({how}, held in {ID_LOCK_DIR})");
+    prepared.add_to_info(
+        "jail",
+        serde_json::json!({"uid": uid, "gid": gid, "auto": lease.auto}),
+    )?;
+    Ok(lease)
+}
+
 /// A jailed pod (docs/JAIL.md): its cgroup, then a child that is PID 1 of a new PID
 /// namespace runs the VM and is confined once it is set up; this process (root) waits for
 /// it, forwards SIGTERM/SIGINT, returns its exit code and removes the cgroup.
 fn run_jailed(prepared: &pod::PreparedPod, jail: vmm::jail::Jail, start: Instant) -> u8 {
     let config = &prepared.config;
-    let cgroup = match vmm::jail::Cgroup::create(&prepared.name, config.cpus, config.memory_bytes) {
+    let limits = vmm::jail::CgroupLimits::for_vm(config);
+    let cgroup = match vmm::jail::Cgroup::create(&prepared.name, &limits) {
         Ok(cgroup) => cgroup,
         Err(source) => {
             report(&pod::PodError::Jail {
