@@ -505,11 +505,18 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
                 });
             }
         }
-        let lock = prepared.create_run_dir(&root, &launch, &guest_dir)?;
+        // Leased before the run directory is touched: ids held by another pod leave it as
+        // it was.
         let ids = launch
             .jail
             .map(|request| lease_jail_ids(&prepared, request))
             .transpose()?;
+        let lock = prepared.create_run_dir(&root, &launch, &guest_dir)?;
+        if let Some(lease) = &ids {
+            let vmm::jail::Jail { uid, gid } = lease.jail;
+            let ids = serde_json::json!({"uid": uid, "gid": gid, "auto": lease.auto});
+            prepared.add_to_info("jail", ids)?;
+        }
         let mut prepared = prepared;
         let network = vmm::pod_net::attach(&mut prepared, &launch, lock.raw_fd())?;
         Ok((prepared, lock, network, ids))
@@ -546,7 +553,7 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
     code
 }
 
-/// Takes the jail's ids (docs/JAIL.md, "Ids") and records them in `info.json`.
+/// Takes the jail's ids (docs/JAIL.md, "Ids").
 fn lease_jail_ids(
     prepared: &pod::PreparedPod,
     request: vmm::jail::JailRequest,
@@ -568,10 +575,6 @@ fn lease_jail_ids(
     let vmm::jail::Jail { uid, gid } = lease.jail;
     let how = if lease.auto { "automatic" } else { "fixed" };
     tracing::info!("jail ids: uid {uid}, gid {gid} ({how}, held in {ID_LOCK_DIR})");
-    prepared.add_to_info(
-        "jail",
-        serde_json::json!({"uid": uid, "gid": gid, "auto": lease.auto}),
-    )?;
     Ok(lease)
 }
 
