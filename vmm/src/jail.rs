@@ -246,14 +246,14 @@ pub fn memory_max(memory_bytes: u64) -> u64 {
 }
 
 /// `pids.max` for `config`: every thread the VMM may start (vCPUs, a worker per disk queue
-/// with its io-wq workers, per net queue pair, vsock, rng, two per virtio-fs share for
-/// its monitor and failover, [`PIDS_FIXED`]). Generous on purpose: it stops a thread or
-/// fork bomb from an escaped guest, not a VMM at work.
+/// with its io-wq workers, per net queue pair, vsock, rng, [`PIDS_FIXED`]) and those of
+/// each share's virtiofsd, which runs in the pod's cgroup ([`pids_per_share`]). Generous
+/// on purpose: it stops a thread or fork bomb from an escaped guest, not a VMM at work.
 pub fn pids_max(config: &VmConfig) -> u64 {
     let disk_queues: u64 = config.disks.iter().map(|d| u64::from(d.queues)).sum();
     let net_pairs: u64 = config.net.iter().map(|n| u64::from(n.queues)).sum();
     let singles = u64::from(config.vsock.is_some()) + u64::from(config.rng.is_some());
-    let shares = 2 * config.fs.len() as u64;
+    let shares: u64 = config.fs.iter().map(|f| pids_per_share(f.queues)).sum();
     PIDS_FIXED
         + u64::from(config.cpus)
         + disk_queues * (1 + IO_WQ_WORKERS_PER_QUEUE)
@@ -261,6 +261,19 @@ pub fn pids_max(config: &VmConfig) -> u64 {
         + singles
         + shares
 }
+
+/// Threads and processes of a virtio-fs share with `request_queues`: crib's log
+/// forwarder, waiter, monitor and failover threads, virtiofsd's two processes (its
+/// namespace sandbox forks) and 2 spare; per queue (the request queues and the
+/// high-priority one) crib's call forwarder and virtiofsd's queue thread (its thread
+/// pool is off by default).
+pub fn pids_per_share(request_queues: u16) -> u64 {
+    8 + 2 * (u64::from(request_queues) + 1)
+}
+
+/// What each share's virtiofsd adds to `memory.max`: its heap, stacks and file handles
+/// (guest RAM, which it maps too, is already counted).
+pub const VIRTIOFSD_OVERHEAD_BYTES: u64 = 64 << 20;
 
 /// The limits of a VM's cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -277,7 +290,8 @@ impl CgroupLimits {
     pub fn for_vm(config: &VmConfig) -> Self {
         Self {
             cpu_max: cpu_max(config.cpus),
-            memory_max: memory_max(config.memory_bytes),
+            memory_max: memory_max(config.memory_bytes)
+                .saturating_add(VIRTIOFSD_OVERHEAD_BYTES * config.fs.len() as u64),
             pids_max: pids_max(config),
         }
     }
@@ -400,12 +414,7 @@ fn remove_cgroup(path: &Path) -> std::io::Result<()> {
 /// Refuses what the jail cannot hold yet, a crib that is not root and a host without
 /// cgroup v2 or one of its controllers: before the pod's run directory, network or ids
 /// are set up, so a refused start leaves nothing behind.
-pub fn check_supported(has_shares: bool, has_vfio: bool) -> Result<(), JailError> {
-    if has_shares {
-        return Err(JailError::Unsupported {
-            what: "shares (virtiofsd)",
-        });
-    }
+pub fn check_supported(has_vfio: bool) -> Result<(), JailError> {
     if has_vfio {
         return Err(JailError::Unsupported { what: "vfio" });
     }
@@ -727,6 +736,16 @@ pub fn confine(c: &Confinement) -> Result<(), JailError> {
 /// the jail's mount point gone.
 pub fn restore_run_dir(run_dir: &Path) {
     let _ = std::fs::remove_dir(run_dir.join(JAIL_DIR));
+    // virtiofsd's sockets and pid files: the jailed VMM could not remove them.
+    for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(crate::fs::is_run_dir_socket_name)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     let _ = std::os::unix::fs::chown(run_dir, Some(0), Some(0));
     let _ = std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700));
 }
@@ -880,6 +899,29 @@ mod tests {
     fn pids_fixed_is_the_value_docs_jail_md_quotes() {
         // main 1 + API 1 + 2 × 32 + docker 1 + 2 × 32 + shutdown 1 + spare 16.
         assert_eq!(PIDS_FIXED, 148);
+    }
+
+    #[test]
+    fn pids_max_counts_each_share_with_its_virtiofsd() {
+        let mut config = bare_vm(1);
+        config.fs = vec![crate::config::parse_fs("tag=gfs,dir=/s,queues=2").unwrap()];
+
+        // 8 + 2 × (2 request queues + the high-priority one).
+        assert_eq!(pids_max(&config), PIDS_FIXED + 1 + 14);
+    }
+
+    #[test]
+    fn memory_max_adds_each_virtiofsd() {
+        let mut config = bare_vm(1);
+        config.memory_bytes = 256 << 20;
+        config.fs = vec![crate::config::parse_fs("tag=gfs,dir=/s").unwrap()];
+
+        let limits = CgroupLimits::for_vm(&config);
+
+        assert_eq!(
+            limits.memory_max,
+            (256 << 20) + VMM_OVERHEAD_BYTES + VIRTIOFSD_OVERHEAD_BYTES
+        );
     }
 
     #[test]

@@ -473,13 +473,11 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
         if launch.jail.is_some() {
             // Its log lines (a stale cgroup removed) come before the VM's.
             init_logging(&prepared.name);
-            vmm::jail::check_supported(
-                !prepared.config.fs.is_empty(),
-                !prepared.config.vfio.is_empty(),
-            )
-            .map_err(|source| pod::PodError::Jail {
-                name: prepared.name.clone(),
-                source,
+            vmm::jail::check_supported(!prepared.config.vfio.is_empty()).map_err(|source| {
+                pod::PodError::Jail {
+                    name: prepared.name.clone(),
+                    source,
+                }
             })?;
         }
         for (what, field, default, path) in [

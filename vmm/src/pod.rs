@@ -496,18 +496,11 @@ impl LaunchFile {
             .map(crate::jail::JailSpec::check)
             .transpose()
             .map_err(|(field, problem)| field_err(field.into(), problem))?;
-        if jail.is_some() {
-            for (present, what) in [
-                (!launch.shares.is_empty(), "shares"),
-                (!launch.vfio.is_empty(), "vfio"),
-            ] {
-                if present {
-                    return Err(field_err(
-                        "jail".into(),
-                        format!("cannot hold {what} yet (virtiofsd and VFIO run outside it): remove \"jail\" or \"{what}\" (docs/JAIL.md)"),
-                    ));
-                }
-            }
+        if jail.is_some() && !launch.vfio.is_empty() {
+            return Err(field_err(
+                "jail".into(),
+                "cannot hold vfio yet (it needs /dev/vfio and sysfs at run time): remove \"jail\" or \"vfio\" (docs/JAIL.md)".into(),
+            ));
         }
 
         let network =
@@ -1417,6 +1410,23 @@ mod tests {
             text.contains("field jail") && text.contains("\"vfio\""),
             "{text}"
         );
+    }
+
+    #[test]
+    fn jail_with_a_share_is_accepted() {
+        let launch = parse(
+            &format!(
+                r#"{{"pod": {POD}, "jail": "auto", "shares": {{"src": {{"dir": "/s"}}}},
+                    "disks": {{"data": {{"path": "/d"}}}}}}"#
+            )
+            .replace(
+                r#""lifetime""#,
+                r#""filesystems": [{"tag": "src", "path": "/src"}], "lifetime""#,
+            ),
+        )
+        .unwrap();
+
+        assert_eq!(launch.jail, Some(crate::jail::JailRequest::Auto));
     }
 
     #[test]
