@@ -12,6 +12,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use devices::virtio::fs::{Fs, FsConfig as DeviceConfig, FsError};
@@ -30,10 +31,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum FsSetupError {
     #[error(
-        "cannot find virtiofsd: set {VIRTIOFSD_ENV}, run scripts/install-virtiofsd.sh (installs \
-         target/tools/bin/virtiofsd), or put it on PATH"
+        "cannot find virtiofsd (looked for {looked}, and on PATH): set {VIRTIOFSD_ENV}, run \
+         scripts/install-virtiofsd.sh (installs target/tools/bin/virtiofsd), or put it on PATH"
     )]
-    NoVirtiofsd,
+    NoVirtiofsd { looked: String },
     #[error("--fs tag={tag}: dir={dir} is not a directory")]
     NotADirectory { tag: String, dir: PathBuf },
     #[error("--fs tag={tag}: cannot start {binary}")]
@@ -63,9 +64,20 @@ pub enum FsSetupError {
 
 /// The virtiofsd binary: `$CRIB_VIRTIOFSD`, `target/tools/bin/virtiofsd` (next to crib's
 /// own target directory, or under the current directory), else `virtiofsd` on PATH.
+/// Looked up once per process: a jailed pod's supervisor looks before its child enters a
+/// mount namespace of its own, where `/proc/self/exe` may name crib by a path of the old
+/// namespace (a chrooted crib's then starts with the chroot's directory).
 pub fn find_virtiofsd() -> Option<PathBuf> {
+    static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| virtiofsd_candidates().into_iter().find(|p| p.is_file()))
+        .clone()
+}
+
+/// Where [`find_virtiofsd`] looks, in order.
+fn virtiofsd_candidates() -> Vec<PathBuf> {
     if let Some(path) = std::env::var_os(VIRTIOFSD_ENV) {
-        return Some(PathBuf::from(path));
+        return vec![PathBuf::from(path)];
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
@@ -81,7 +93,26 @@ pub fn find_virtiofsd() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("virtiofsd")));
     }
-    candidates.into_iter().find(|p| p.is_file())
+    candidates
+}
+
+/// The places [`virtiofsd_candidates`] names before PATH's, for an error.
+fn virtiofsd_places() -> String {
+    let path_entries = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).count())
+        .unwrap_or(0);
+    let candidates = virtiofsd_candidates();
+    let own = candidates.len().saturating_sub(path_entries).max(1);
+    let exe = match std::env::current_exe() {
+        Ok(exe) => format!("crib is {}", exe.display()),
+        Err(e) => format!("crib's own path is unknown: {e}"),
+    };
+    let places: Vec<String> = candidates
+        .iter()
+        .take(own)
+        .map(|p| p.display().to_string())
+        .collect();
+    format!("{} ({exe})", places.join(", "))
 }
 
 /// A virtiofsd crib started. Closing the device's vhost-user connection ends the daemon,
@@ -195,7 +226,9 @@ fn start_virtiofsd(tag: &str, dir: &Path, socket: &Path) -> Result<Daemon, FsSet
             dir: dir.into(),
         });
     }
-    let binary = find_virtiofsd().ok_or(FsSetupError::NoVirtiofsd)?;
+    let binary = find_virtiofsd().ok_or_else(|| FsSetupError::NoVirtiofsd {
+        looked: virtiofsd_places(),
+    })?;
     let sandbox = std::env::var(SANDBOX_ENV).unwrap_or_else(|_| {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let root = unsafe { libc::geteuid() } == 0;

@@ -581,6 +581,10 @@ fn lease_jail_ids(
 /// it, forwards SIGTERM/SIGINT, returns its exit code and removes the cgroup.
 fn run_jailed(prepared: &pod::PreparedPod, jail: vmm::jail::Jail, start: Instant) -> u8 {
     let config = &prepared.config;
+    if !config.fs.is_empty() {
+        // Found here, in the host's mount namespace; the child inherits the answer.
+        let _ = vmm::fs::find_virtiofsd();
+    }
     let limits = vmm::jail::CgroupLimits::for_vm(config);
     let cgroup = match vmm::jail::Cgroup::create(&prepared.name, &limits) {
         Ok(cgroup) => cgroup,
