@@ -288,8 +288,132 @@ fn sigterm_shuts_the_pod_down() -> Result<()> {
     Ok(())
 }
 
-/// The jail's uid and gid in [`jail_confines_the_vmm`].
+/// The jail's uid and gid in [`jail_confines_the_vmm`]'s first run.
 const JAIL_ID: u32 = 100_000;
+/// The range `"jail": "auto"` takes ids from (`vmm::jail_ids::AUTO_IDS`).
+const AUTO_IDS: std::ops::RangeInclusive<u32> = 200_000..=265_535;
+/// Where the jail's id leases are (`vmm::jail_ids::ID_LOCK_DIR`).
+const ID_LOCK_DIR: &str = "/run/crib/jail-ids";
+
+/// The jailed pod: a ticking process that first copies a file of its virtio-fs share, and
+/// an HTTP server, to reach through the pod network.
+fn jail_pod_spec(name: &str) -> String {
+    format!(
+        r#"{{"name": "{name}", "lifetime": "until-shutdown",
+            "filesystems": [{{"tag": "share", "path": "/run/share"}}],
+            "processes": [
+            {{"name": "app", "argv": ["/bin/sh", "-c", "cp /run/share/from-host /run/share/from-guest; echo started; while true; do sleep 1; done"]}},
+            {{"name": "web", "argv": ["/bin/sh", "-c", "mkdir -p /www && echo hello-from-jail > /www/index.html && exec httpd -f -p 80 -h /www"]}}]}}"#
+    )
+}
+
+/// The `jail` ids (uid, whether automatic) `crib pod run` recorded in info.json.
+fn recorded_jail(run_dir: &Path) -> Result<(u32, bool)> {
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("info.json"))?)?;
+    let jail = &info["jail"];
+    let uid = jail["uid"].as_u64().context("info.json has no jail.uid")?;
+    anyhow::ensure!(
+        jail["gid"].as_u64() == Some(uid),
+        "info.json's jail: gid differs from uid: {jail}"
+    );
+    Ok((u32::try_from(uid)?, jail["auto"] == true))
+}
+
+/// The jailed pod's share works both ways: the guest copied the host's file back. Returns
+/// the pids of virtiofsd, which with the VMM and KVM's thread for the VM
+/// (`kvm-nx-lpage-recovery-<vmm>`) is all the pod's cgroup holds.
+fn check_share(share: &Path, cgroup: &Path, vmm: u32) -> Result<Vec<u32>> {
+    let copied = share.join("from-guest");
+    let start = Instant::now();
+    while std::fs::read_to_string(&copied).unwrap_or_default() != "hello-from-host\n" {
+        anyhow::ensure!(
+            start.elapsed() < BOOT_WAIT,
+            "the jailed pod did not copy from-host to from-guest on its virtio-fs share"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
+    let kvm_thread = format!("kvm-nx-lpage-recovery-{vmm}");
+    let mut virtiofsd = Vec::new();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        match comm.trim() {
+            "virtiofsd" => virtiofsd.push(pid),
+            _ if pid == vmm => {}
+            name if name == kvm_thread => {}
+            name => {
+                bail!("pid {pid} ({name}) in the pod's cgroup is not the VMM, KVM's or virtiofsd")
+            }
+        }
+    }
+    anyhow::ensure!(
+        !virtiofsd.is_empty(),
+        "no virtiofsd in the pod's cgroup: {procs}"
+    );
+    eprintln!(
+        "jail test: the share works both ways; virtiofsd {virtiofsd:?} is in the pod's cgroup"
+    );
+    Ok(virtiofsd)
+}
+
+/// Waits until none of `pids` exists.
+fn wait_gone(pids: &[u32], what: &str) -> Result<()> {
+    let start = Instant::now();
+    while let Some(pid) = pids
+        .iter()
+        .find(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what} {pid} outlived the pod"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Whether some process holds the lease file of uid `id` (`flock -n` fails).
+fn id_leased(id: u32) -> Result<bool> {
+    let file = format!("{ID_LOCK_DIR}/uid-{id}");
+    if !Path::new(&file).exists() {
+        return Ok(false);
+    }
+    let status = Command::new("flock")
+        .args(["-n", "-E", "75", &file, "true"])
+        .status()
+        .context("cannot run flock")?;
+    Ok(status.code() == Some(75))
+}
+
+/// The pod answers HTTP at its address on the pod network, from the host's namespace.
+fn check_pod_network(run_dir: &Path) -> Result<()> {
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("info.json"))?)?;
+    let address = info["network"]["address"]
+        .as_str()
+        .context("info.json has no network.address")?
+        .to_string();
+    let url = format!("http://{address}/");
+    let start = Instant::now();
+    loop {
+        let out = run_with_timeout(
+            Command::new("busybox").args(["wget", "-q", "-O", "-", &url]),
+            CALL_TIMEOUT,
+        )?;
+        let body = String::from_utf8_lossy(&out.stdout);
+        if body.contains("hello-from-jail") {
+            eprintln!("jail test: {url} answers through the jailed VMM's tap");
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < BOOT_WAIT,
+            "the jailed pod does not answer {url}: {body}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
 
 /// The pid of `parent`'s child in a PID namespace of its own (the jailed VMM under `crib
 /// pod run`; its other child, the network keeper, is in the host's).
@@ -349,11 +473,11 @@ fn walk(dir: &Path, base: &Path, skip: &Path, out: &mut Vec<PathBuf>) -> Result<
 
 /// The jailed VMM's checks from the host while it runs: ids and capabilities of every
 /// thread, namespaces, the root's contents, the cgroup.
-fn check_jailed(run_dir: &Path, cgroup: &Path) -> Result<u32> {
+fn check_jailed(run_dir: &Path, cgroup: &Path, id: u32) -> Result<u32> {
     let supervisor = pod_pid(run_dir)?;
     let vmm = jailed_child_of(supervisor)?;
-    let ids = format!("{JAIL_ID} {JAIL_ID} {JAIL_ID} {JAIL_ID}");
-    let mut threads = 0;
+    let ids = format!("{id} {id} {id} {id}");
+    let mut threads: u64 = 0;
     for task in std::fs::read_dir(format!("/proc/{vmm}/task"))? {
         let task = task?.path();
         let status = std::fs::read_to_string(task.join("status"))?;
@@ -386,7 +510,7 @@ fn check_jailed(run_dir: &Path, cgroup: &Path) -> Result<u32> {
         nspid == format!("{vmm} 1"),
         "the VMM is PID 1 of its own PID namespace: NSpid {nspid:?}"
     );
-    for ns in ["mnt", "pid", "ipc"] {
+    for ns in ["mnt", "pid", "ipc", "net"] {
         let own = std::fs::read_link(format!("/proc/self/ns/{ns}"))?;
         let its = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}"))?;
         anyhow::ensure!(own != its, "the VMM shares the {ns} namespace {own:?}");
@@ -419,10 +543,11 @@ fn check_jailed(run_dir: &Path, cgroup: &Path) -> Result<u32> {
         "cpu.max is {:?}",
         read("cpu.max")
     );
-    let memory_max = (256u64 << 20) + (192 << 20);
+    // Guest RAM + crib's 192 MiB + 64 MiB for the share's virtiofsd.
+    let memory_max = (256u64 << 20) + (192 << 20) + (64 << 20);
     anyhow::ensure!(
         read("memory.max").trim() == memory_max.to_string(),
-        "memory.max is {:?}, not guest RAM + 192 MiB",
+        "memory.max is {:?}, not guest RAM + 192 MiB + 64 MiB",
         read("memory.max")
     );
     anyhow::ensure!(
@@ -431,6 +556,20 @@ fn check_jailed(run_dir: &Path, cgroup: &Path) -> Result<u32> {
             .any(|l| l.trim() == vmm.to_string()),
         "the cgroup's procs {:?} lack the VMM {vmm}",
         read("cgroup.procs")
+    );
+    // pids.max: its value is unit-tested (vmm::jail::pids_max); here it must be set and
+    // leave the VMM's threads room.
+    let pids_max: u64 = read("pids.max").trim().parse().unwrap_or(0);
+    let pids_current: u64 = read("pids.current").trim().parse().unwrap_or(u64::MAX);
+    // (Threads come and go, io-wq workers among them: no count is compared with another.)
+    anyhow::ensure!(
+        pids_max > pids_current && pids_max > threads,
+        "pids.max {:?}, pids.current {:?}, the VMM's threads {threads}",
+        read("pids.max"),
+        read("pids.current")
+    );
+    eprintln!(
+        "jail test: VMM {vmm}: {threads} threads, pids.current {pids_current}, pids.max {pids_max}, own net namespace"
     );
     Ok(vmm)
 }
@@ -444,10 +583,16 @@ fn check_jailed(run_dir: &Path, cgroup: &Path) -> Result<u32> {
 fn jail_confines_the_vmm() -> Result<()> {
     GuestArtifacts::pod()?;
     let name = "jw";
+    let share = std::env::temp_dir().join(format!("crib-pod-{}-jail-share", std::process::id()));
+    let _ = std::fs::remove_dir_all(&share);
+    std::fs::create_dir_all(&share)?;
+    std::fs::write(share.join("from-host"), "hello-from-host\n")?;
     let launch = |jail: &str| {
         format!(
-            r#"{{"pod": {}, "cpus": 2, "memory": "256M", "jail": {jail}}}"#,
-            pod_spec(name)
+            r#"{{"pod": {}, "cpus": 2, "memory": "256M", "jail": {jail},
+                "shares": {{"share": {{"dir": "{}"}}}}}}"#,
+            jail_pod_spec(name),
+            share.display()
         )
     };
     // Refused: uid 0, and a crib that is not root.
@@ -477,6 +622,44 @@ fn jail_confines_the_vmm() -> Result<()> {
         not_root.status
     );
     std::fs::remove_dir_all(&refused.dir)?;
+    // Refused: no cgroup v2 (a tmpfs over /sys/fs/cgroup in a mount namespace of crib's
+    // own), before anything of the pod is made.
+    let hidden = Scratch::new("jail-no-cgroup", &launch(r#""auto""#))?;
+    let no_cgroup = run_with_timeout(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount -t tmpfs none /sys/fs/cgroup && exec "$0" "$@""#)
+            .arg(crib_bin())
+            .args(hidden.run_args()),
+        CALL_TIMEOUT,
+    )?;
+    let stderr = String::from_utf8_lossy(&no_cgroup.stderr);
+    anyhow::ensure!(
+        no_cgroup.status.code() == Some(1)
+            && stderr.contains("the jail needs cgroup v2 at /sys/fs/cgroup")
+            && stderr.contains("mount -t cgroup2 none /sys/fs/cgroup"),
+        "a jailed pod without cgroup v2 is refused naming /sys/fs/cgroup and the fix: {:?}\n{stderr}",
+        no_cgroup.status
+    );
+    let left = [
+        (hidden.root.join(name).exists(), "its run directory"),
+        (
+            Path::new("/sys/fs/cgroup/crib").join(name).exists(),
+            "its cgroup",
+        ),
+        (id_leased(*AUTO_IDS.start())?, "a held id"),
+    ];
+    for (present, what) in left {
+        anyhow::ensure!(
+            !present,
+            "a start refused for want of cgroup v2 left {what}\n{stderr}"
+        );
+    }
+    eprintln!(
+        "jail test: without cgroup v2: {}",
+        stderr.lines().next().unwrap_or("")
+    );
+    std::fs::remove_dir_all(&hidden.dir)?;
     eprintln!("jail test: the refused configurations are refused");
 
     let scratch = Scratch::new("jail", &launch(r#"{"uid": 100000, "gid": 100000}"#))?;
@@ -505,7 +688,17 @@ fn jail_confines_the_vmm() -> Result<()> {
         scratch.wait_listed(name)?;
         scratch.wait_docker_ps(name)?;
         eprintln!("jail test: the jailed pod answers docker ps");
-        vmm = check_jailed(&run_dir, &cgroup)?;
+        vmm = check_jailed(&run_dir, &cgroup, JAIL_ID)?;
+        check_pod_network(&run_dir)?;
+        anyhow::ensure!(
+            recorded_jail(&run_dir)? == (JAIL_ID, false),
+            "info.json records the fixed ids"
+        );
+        anyhow::ensure!(
+            id_leased(JAIL_ID)?,
+            "crib pod run holds uid {JAIL_ID}'s lease"
+        );
+        let virtiofsd = check_share(&share, &cgroup, vmm)?;
         eprintln!("jail test: the VMM (pid {vmm}) is jailed as expected; kill -9 crib pod run");
         let supervisor = pod_pid(&run_dir)?;
         let status = Command::new("kill")
@@ -520,7 +713,7 @@ fn jail_confines_the_vmm() -> Result<()> {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(())
+        wait_gone(&virtiofsd, "virtiofsd")
     })?;
     let stale_status = stale.0.try_wait()?;
     killed.check(
@@ -535,13 +728,37 @@ fn jail_confines_the_vmm() -> Result<()> {
         cgroup.exists(),
         "a crib killed with -9 leaves its cgroup (the next run removes it)",
     )?;
-    eprintln!("jail test: the VMM died with its supervisor; run 2");
+    killed.check(
+        killed
+            .stderr
+            .contains("jail ids: uid 100000, gid 100000 (fixed"),
+        "crib logs the fixed ids",
+    )?;
+    killed.check(
+        !id_leased(JAIL_ID)?,
+        "the lease of uid 100000 ended with crib pod run killed with -9",
+    )?;
+    eprintln!("jail test: the VMM died with its supervisor, its ids are free; run 2 with \"auto\"");
 
-    // Run 2: the cgroup run 1 left goes, the pod runs and stops gracefully, nothing is left.
+    // Run 2, with automatic ids: the cgroup run 1 left goes, the pod runs and stops
+    // gracefully, nothing is left.
+    std::fs::write(&scratch.launch, launch(r#""auto""#))?;
+    let mut auto_id = 0;
+    let mut virtiofsd = Vec::new();
+    std::fs::remove_file(share.join("from-guest"))?;
     let out = run_crib_while(&scratch.run_args(), DEADLINE, || {
         scratch.wait_listed(name)?;
         scratch.wait_docker_ps(name)?;
-        vmm = check_jailed(&run_dir, &cgroup)?;
+        let (id, auto) = recorded_jail(&run_dir)?;
+        auto_id = id;
+        anyhow::ensure!(
+            auto && AUTO_IDS.contains(&id),
+            "info.json records an automatic id from {AUTO_IDS:?}: {id}, auto {auto}"
+        );
+        anyhow::ensure!(id_leased(id)?, "crib pod run holds uid {id}'s lease");
+        vmm = check_jailed(&run_dir, &cgroup, id)?;
+        check_pod_network(&run_dir)?;
+        virtiofsd = check_share(&share, &cgroup, vmm)?;
         eprintln!("jail test: run 2 is jailed (VMM pid {vmm}); crib pod stop");
         let stop = run_crib(
             &["pod", "stop", name, "--timeout", "30", "--run-root", &root],
@@ -562,12 +779,33 @@ fn jail_confines_the_vmm() -> Result<()> {
         &format!("the jailed pod's process ran:\n{console}"),
     )?;
     check_graceful(&out, &console)?;
-    // Nothing left: the cgroup, the jail's mount point and its mounts, the VMM, the
-    // sockets; the run directory is root's alone again.
+    out.check(
+        out.stderr.contains(&format!(
+            "jail ids: uid {auto_id}, gid {auto_id} (automatic"
+        )),
+        "crib logs the automatic ids",
+    )?;
+    // Nothing left: the ids' lease, the cgroup, the jail's mount point and its mounts, the
+    // VMM, the sockets; the run directory is root's alone again.
+    out.check(!id_leased(auto_id)?, "the lease of the automatic id ended")?;
     out.check(!cgroup.exists(), "the pod's cgroup is removed")?;
     out.check(
         !Path::new(&format!("/proc/{vmm}")).exists(),
         "the jailed VMM has ended",
+    )?;
+    out.check(
+        virtiofsd
+            .iter()
+            .all(|pid| !Path::new(&format!("/proc/{pid}")).exists()),
+        &format!("virtiofsd {virtiofsd:?} has ended"),
+    )?;
+    let fs_files: Vec<_> = std::fs::read_dir(&run_dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("fs") && n.contains(".sock"))
+        .collect();
+    out.check(
+        fs_files.is_empty(),
+        &format!("virtiofsd's socket files are removed: {fs_files:?}"),
     )?;
     out.check(
         !run_dir.join(".jail").exists(),
@@ -591,5 +829,6 @@ fn jail_confines_the_vmm() -> Result<()> {
         "the run directory is root's alone again (0700)",
     )?;
     std::fs::remove_dir_all(&scratch.dir)?;
+    std::fs::remove_dir_all(&share)?;
     Ok(())
 }

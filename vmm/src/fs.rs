@@ -2,12 +2,17 @@
 //! backend; `dir=` starts a virtiofsd for the directory first and supervises it: its
 //! stderr goes to crib's log, and its exit is logged (the device then answers the guest
 //! with errors, see `devices::virtio::fs::failover`), never the VM's exit.
+//!
+//! Starting one starts no thread of crib's: the supervision ([`Daemon::supervise`]) comes
+//! later, once a jailed pod's VMM has confined itself, which it must do single-threaded
+//! (docs/JAIL.md).
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use devices::virtio::fs::{Fs, FsConfig as DeviceConfig, FsError};
@@ -26,10 +31,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum FsSetupError {
     #[error(
-        "cannot find virtiofsd: set {VIRTIOFSD_ENV}, run scripts/install-virtiofsd.sh (installs \
-         target/tools/bin/virtiofsd), or put it on PATH"
+        "cannot find virtiofsd (looked for {looked}, and on PATH): set {VIRTIOFSD_ENV}, run \
+         scripts/install-virtiofsd.sh (installs target/tools/bin/virtiofsd), or put it on PATH"
     )]
-    NoVirtiofsd,
+    NoVirtiofsd { looked: String },
     #[error("--fs tag={tag}: dir={dir} is not a directory")]
     NotADirectory { tag: String, dir: PathBuf },
     #[error("--fs tag={tag}: cannot start {binary}")]
@@ -59,9 +64,20 @@ pub enum FsSetupError {
 
 /// The virtiofsd binary: `$CRIB_VIRTIOFSD`, `target/tools/bin/virtiofsd` (next to crib's
 /// own target directory, or under the current directory), else `virtiofsd` on PATH.
+/// Looked up once per process: a jailed pod's supervisor looks before its child enters a
+/// mount namespace of its own, where `/proc/self/exe` may name crib by a path of the old
+/// namespace (a chrooted crib's then starts with the chroot's directory).
 pub fn find_virtiofsd() -> Option<PathBuf> {
+    static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| virtiofsd_candidates().into_iter().find(|p| p.is_file()))
+        .clone()
+}
+
+/// Where [`find_virtiofsd`] looks, in order.
+fn virtiofsd_candidates() -> Vec<PathBuf> {
     if let Some(path) = std::env::var_os(VIRTIOFSD_ENV) {
-        return Some(PathBuf::from(path));
+        return vec![PathBuf::from(path)];
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
@@ -77,15 +93,80 @@ pub fn find_virtiofsd() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("virtiofsd")));
     }
-    candidates.into_iter().find(|p| p.is_file())
+    candidates
 }
 
-/// A virtiofsd crib started. Nothing to do on drop: closing the device's vhost-user
-/// connection ends the daemon, and it gets SIGTERM if crib dies first.
+/// The places [`virtiofsd_candidates`] names before PATH's, for an error.
+fn virtiofsd_places() -> String {
+    let path_entries = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).count())
+        .unwrap_or(0);
+    let candidates = virtiofsd_candidates();
+    let own = candidates.len().saturating_sub(path_entries).max(1);
+    let exe = match std::env::current_exe() {
+        Ok(exe) => format!("crib is {}", exe.display()),
+        Err(e) => format!("crib's own path is unknown: {e}"),
+    };
+    let places: Vec<String> = candidates
+        .iter()
+        .take(own)
+        .map(|p| p.display().to_string())
+        .collect();
+    format!("{} ({exe})", places.join(", "))
+}
+
+/// A virtiofsd crib started. Closing the device's vhost-user connection ends the daemon,
+/// and it gets SIGTERM if crib dies first.
 pub struct Daemon {
     pub tag: String,
     pub pid: u32,
     pub socket: PathBuf,
+    /// Until [`Daemon::supervise`] hands it to its threads.
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Forwards virtiofsd's stderr to crib's log and logs its exit, on two threads of
+    /// crib's. Until then its log lines wait in the pipe.
+    pub fn supervise(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let tag = self.tag.as_str();
+        let pid = self.pid;
+        if let Some(stderr) = child.stderr.take() {
+            let log_tag = tag.to_string();
+            let spawned = std::thread::Builder::new()
+                .name(format!("virtiofsd-{tag}-log"))
+                .spawn(move || {
+                    for line in BufReader::new(stderr).lines() {
+                        match line {
+                            Ok(line) => tracing::info!("virtiofsd[{log_tag}]: {line}"),
+                            Err(_) => break,
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("virtiofsd[{tag}]: cannot forward its log: {e}");
+            }
+        }
+        let supervised_tag = tag.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!("virtiofsd-{tag}"))
+            .spawn(move || match child.wait() {
+                Ok(status) if status.success() => {
+                    tracing::info!("virtiofsd[{supervised_tag}] (pid {pid}) exited")
+                }
+                Ok(status) => tracing::error!(
+                    "virtiofsd[{supervised_tag}] (pid {pid}) ended: {status}; the guest's mount \
+                     of '{supervised_tag}' now fails, the VM keeps running"
+                ),
+                Err(e) => tracing::error!("virtiofsd[{supervised_tag}]: cannot wait for it: {e}"),
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("virtiofsd[{tag}]: cannot supervise it: {e}");
+        }
+    }
 }
 
 impl Drop for Daemon {
@@ -145,7 +226,9 @@ fn start_virtiofsd(tag: &str, dir: &Path, socket: &Path) -> Result<Daemon, FsSet
             dir: dir.into(),
         });
     }
-    let binary = find_virtiofsd().ok_or(FsSetupError::NoVirtiofsd)?;
+    let binary = find_virtiofsd().ok_or_else(|| FsSetupError::NoVirtiofsd {
+        looked: virtiofsd_places(),
+    })?;
     let sandbox = std::env::var(SANDBOX_ENV).unwrap_or_else(|_| {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
@@ -177,25 +260,10 @@ fn start_virtiofsd(tag: &str, dir: &Path, socket: &Path) -> Result<Daemon, FsSet
         source,
     })?;
     let pid = child.id();
-    if let Some(stderr) = child.stderr.take() {
-        let log_tag = tag.to_string();
-        let spawned = std::thread::Builder::new()
-            .name(format!("virtiofsd-{tag}-log"))
-            .spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    match line {
-                        Ok(line) => tracing::info!("virtiofsd[{log_tag}]: {line}"),
-                        Err(_) => break,
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("virtiofsd[{tag}]: cannot forward its log: {e}");
-        }
-    }
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
+            log_pending_stderr(&mut child, tag);
             return Err(FsSetupError::EarlyExit {
                 tag: tag.into(),
                 socket: socket.into(),
@@ -209,6 +277,7 @@ fn start_virtiofsd(tag: &str, dir: &Path, socket: &Path) -> Result<Daemon, FsSet
             // SAFETY: pid is our child, not yet reaped (try_wait saw it running).
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             let _ = child.wait();
+            log_pending_stderr(&mut child, tag);
             return Err(FsSetupError::Timeout {
                 tag: tag.into(),
                 socket: socket.into(),
@@ -216,43 +285,74 @@ fn start_virtiofsd(tag: &str, dir: &Path, socket: &Path) -> Result<Daemon, FsSet
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let supervised_tag = tag.to_string();
-    let spawned = std::thread::Builder::new()
-        .name(format!("virtiofsd-{tag}"))
-        .spawn(move || match child.wait() {
-            Ok(status) if status.success() => {
-                tracing::info!("virtiofsd[{supervised_tag}] (pid {pid}) exited")
-            }
-            Ok(status) => tracing::error!(
-                "virtiofsd[{supervised_tag}] (pid {pid}) ended: {status}; the guest's mount \
-                 of '{supervised_tag}' now fails, the VM keeps running"
-            ),
-            Err(e) => tracing::error!("virtiofsd[{supervised_tag}]: cannot wait for it: {e}"),
-        });
-    if let Err(e) = spawned {
-        tracing::warn!("virtiofsd[{tag}]: cannot supervise it: {e}");
-    }
     Ok(Daemon {
         tag: tag.into(),
         pid,
         socket: socket.into(),
+        child: Some(child),
     })
 }
 
-/// Builds the device of share `index`, starting its virtiofsd for `dir=`.
-pub fn create(index: usize, fs: &FsConfig) -> Result<(Fs, Option<Daemon>), FsSetupError> {
+/// Logs what virtiofsd wrote to its stderr so far (it failed to start, before any
+/// [`Daemon::supervise`]), without waiting for more: a process it forked may still hold
+/// the pipe open.
+fn log_pending_stderr(child: &mut Child, tag: &str) {
+    let Some(mut stderr) = child.stderr.take() else {
+        return;
+    };
+    if rustix::io::ioctl_fionbio(&stderr, true).is_err() {
+        return;
+    }
+    let mut bytes = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stderr, &mut bytes);
+    for line in String::from_utf8_lossy(&bytes).lines() {
+        tracing::info!("virtiofsd[{tag}]: {line}");
+    }
+}
+
+/// The socket name of share `index` tagged `tag` in a run directory of a jailed pod
+/// (`fs<index>-<tag>.sock`): a crib in a PID namespace of its own has pid 1, so a pid
+/// cannot tell two pods' sockets apart, but their run directories do.
+pub fn run_dir_socket_name(index: usize, tag: &str) -> String {
+    format!("fs{index}-{}.sock", safe_tag(tag))
+}
+
+/// Whether `name` is one of [`run_dir_socket_name`]'s, or the pid file virtiofsd keeps
+/// next to it.
+pub fn is_run_dir_socket_name(name: &str) -> bool {
+    name.starts_with("fs") && (name.ends_with(".sock") || name.ends_with(".sock.pid"))
+}
+
+/// `tag` with everything but ASCII letters and digits replaced by `_`.
+fn safe_tag(tag: &str) -> String {
+    tag.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// Builds the device of share `index`, starting its virtiofsd for `dir=` with its socket
+/// in `socket_dir` (a jailed pod's run directory, [`run_dir_socket_name`]) or, by
+/// default, the temp directory (`crib-<pid>-fs<index>-<tag>.sock`). The daemon's
+/// supervision waits for [`Daemon::supervise`].
+pub fn create(
+    index: usize,
+    fs: &FsConfig,
+    socket_dir: Option<&Path>,
+) -> Result<(Fs, Option<Daemon>), FsSetupError> {
     let (socket, daemon) = match (&fs.socket, &fs.dir) {
         (Some(socket), _) => (socket.clone(), None),
         (None, Some(dir)) => {
-            sweep_stale_sockets(&std::env::temp_dir());
-            let socket = std::env::temp_dir().join(format!(
-                "crib-{}-fs{index}-{}.sock",
-                std::process::id(),
-                fs.tag
-                    .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                    .collect::<String>()
-            ));
+            let socket = match socket_dir {
+                Some(socket_dir) => socket_dir.join(run_dir_socket_name(index, &fs.tag)),
+                None => {
+                    sweep_stale_sockets(&std::env::temp_dir());
+                    std::env::temp_dir().join(format!(
+                        "crib-{}-fs{index}-{}.sock",
+                        std::process::id(),
+                        safe_tag(&fs.tag)
+                    ))
+                }
+            };
             let daemon = start_virtiofsd(&fs.tag, dir, &socket)?;
             (socket, Some(daemon))
         }
@@ -280,7 +380,7 @@ mod tests {
     #[test]
     fn a_missing_socket_is_an_error_naming_it() {
         let config = parse_fs("tag=gfs,socket=/nonexistent/crib.sock").unwrap();
-        let err = create(0, &config).err().unwrap();
+        let err = create(0, &config, None).err().unwrap();
         let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
         assert!(text.contains("/nonexistent/crib.sock"), "{text}");
     }
@@ -288,7 +388,7 @@ mod tests {
     #[test]
     fn a_dir_that_is_not_a_directory_is_refused() {
         let config = parse_fs("tag=gfs,dir=/nonexistent/share").unwrap();
-        let err = create(0, &config).err().unwrap().to_string();
+        let err = create(0, &config, None).err().unwrap().to_string();
         assert!(err.contains("is not a directory"), "{err}");
     }
 
@@ -304,7 +404,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::env::set_var(SANDBOX_ENV, "none");
         let config = parse_fs(&format!("tag=gfs,dir={},queues=1", dir.display())).unwrap();
-        let (device, daemon) = create(7, &config).unwrap();
+        let (device, daemon) = create(7, &config, None).unwrap();
         use devices::virtio::VirtioDevice;
         assert_eq!(device.device_type(), 26);
         assert_eq!(device.queue_max_sizes().len(), 2);
@@ -313,7 +413,8 @@ mod tests {
             0,
             "VERSION_1 from virtiofsd"
         );
-        let daemon = daemon.unwrap();
+        let mut daemon = daemon.unwrap();
+        daemon.supervise();
         drop(device);
         // Closing the connection ends virtiofsd.
         let gone = (0..100).any(|_| {
@@ -327,6 +428,16 @@ mod tests {
         let socket = daemon.socket.clone();
         drop(daemon);
         assert!(!socket.exists() && !pid_file(&socket).exists());
+    }
+
+    #[test]
+    fn run_dir_socket_names_are_recognized_with_their_pid_files() {
+        let name = run_dir_socket_name(0, "my/fs");
+
+        assert_eq!(name, "fs0-my_fs.sock");
+        assert!(is_run_dir_socket_name(&name));
+        assert!(is_run_dir_socket_name(&format!("{name}.pid")));
+        assert!(!is_run_dir_socket_name("api.sock"));
     }
 
     #[test]

@@ -6,14 +6,15 @@
 //!
 //! The steps, in the order `crib pod run` takes them (root throughout until the last):
 //! 1. [`Cgroup::create`] (the supervisor, outside): removes a stale cgroup of the pod,
-//!    makes `/sys/fs/cgroup/crib/<pod>` with `cpu.max` and `memory.max`.
+//!    makes `/sys/fs/cgroup/crib/<pod>` with `cpu.max`, `memory.max` and `pids.max`.
 //! 2. [`supervise`]: `unshare(CLONE_NEWPID)`, `fork`; the supervisor forwards SIGTERM and
 //!    SIGINT to the child and returns its exit code.
 //! 3. [`enter`] (the child, PID 1, single-threaded): joins the cgroup, `unshare`s the
 //!    mount and IPC namespaces, makes every mount private.
 //! 4. [`confine`] (the child, from inside `vmm::run` once the kernel, initrd, disks,
 //!    taps, `/dev/kvm` and every socket are open and before any thread starts): builds
-//!    the jail root, `pivot_root`s into it, drops capabilities and switches uid and gid.
+//!    the jail root, `pivot_root`s into it, leaves the host's network namespace, drops
+//!    capabilities and switches uid and gid.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,8 @@ use rustix::mount::{
 use rustix::thread::{CapabilitySet, CapabilitySets};
 use serde::Deserialize;
 
+use crate::config::VmConfig;
+
 /// Where cgroup v2 is expected.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The parent of every pod's cgroup, under [`CGROUP_ROOT`].
@@ -36,18 +39,87 @@ pub const CGROUP_PARENT: &str = "crib";
 pub const VMM_OVERHEAD_BYTES: u64 = 192 << 20;
 /// The `cpu.max` period, in microseconds.
 pub const CPU_PERIOD_US: u64 = 100_000;
+/// The cgroup v2 controllers a pod's cgroup needs, enabled in its parents.
+pub const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+/// `pids.max`'s part for the threads a VM has whatever its devices: the main thread (event
+/// loop), the API's listener and its blocking pool (a handler and a reply per connection,
+/// `2 × api::server::MAX_CONNECTIONS`), the docker proxy's listener and two threads per connection
+/// for [`DOCKER_CONNECTIONS`] connections, the graceful shutdown's thread, KVM's
+/// `kvm-nx-lpage-recovery-<pid>` kernel thread (KVM puts it in the cgroup of the process
+/// that made the VM), and a spare 16.
+pub const PIDS_FIXED: u64 = 1
+    + (1 + 2 * crate::api::server::MAX_CONNECTIONS as u64)
+    + (1 + 2 * DOCKER_CONNECTIONS)
+    + 1
+    + 1
+    + 16;
+/// Docker API connections open at once that [`PIDS_FIXED`] leaves room for (the proxy
+/// runs two threads per connection; a connection past the limit is closed, logged).
+pub const DOCKER_CONNECTIONS: u64 = 32;
+/// Kernel io-wq workers counted per disk queue: io_uring hands flushes and, on some file
+/// systems, buffered writes to worker threads of the submitting thread, and these count
+/// in the cgroup's `pids.current`. When the cgroup is full io-wq queues work on the
+/// workers it has; only a queue whose first worker cannot start sees I/O errors.
+pub const IO_WQ_WORKERS_PER_QUEUE: u64 = 4;
 /// The directory in the run directory the jail's tmpfs is mounted on (in the child's own
 /// mount namespace; on the host it stays an empty directory, removed when the pod ends).
 pub const JAIL_DIR: &str = ".jail";
 
-/// The launch file's `jail` field.
+/// The launch file's `jail` field: `"auto"` (ids from [`AUTO_IDS`], see [`lease_ids`]) or
+/// `{"uid": N, "gid": N}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JailSpec {
+    Auto,
+    Ids(JailIds),
+}
+
+/// `jail`'s object form.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JailSpec {
+pub struct JailIds {
     /// The uid the VMM runs as: not 0, not the overflow uid 65534, below 2^32 - 1.
     pub uid: u64,
     /// The gid the VMM runs as, under the same rules.
     pub gid: u64,
+}
+
+/// What `jail` asks for once checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JailRequest {
+    /// A uid = gid no other pod holds, from [`AUTO_IDS`].
+    Auto,
+    /// These ids.
+    Fixed(Jail),
+}
+
+impl<'de> Deserialize<'de> for JailSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(JailSpecVisitor)
+    }
+}
+
+/// Takes `"auto"` or the object. (An untagged enum would lose the field path that
+/// `jail.gid: invalid value` needs.)
+struct JailSpecVisitor;
+
+impl<'de> serde::de::Visitor<'de> for JailSpecVisitor {
+    type Value = JailSpec;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(r#""auto" or {"uid": N, "gid": N}"#)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<JailSpec, E> {
+        if value == "auto" {
+            Ok(JailSpec::Auto)
+        } else {
+            Err(E::invalid_value(serde::de::Unexpected::Str(value), &self))
+        }
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<JailSpec, A::Error> {
+        JailIds::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(JailSpec::Ids)
+    }
 }
 
 /// A checked [`JailSpec`].
@@ -64,6 +136,16 @@ const MAX_ID: u64 = u32::MAX as u64 - 1;
 const OVERFLOW_ID: u64 = 65534;
 
 impl JailSpec {
+    /// Checks the ids, if given; the error is `(field, problem)` with the fix in it.
+    pub fn check(self) -> Result<JailRequest, (&'static str, String)> {
+        match self {
+            Self::Auto => Ok(JailRequest::Auto),
+            Self::Ids(ids) => ids.check().map(JailRequest::Fixed),
+        }
+    }
+}
+
+impl JailIds {
     /// Checks both ids; the error is `(field, problem)` with the fix in the problem.
     pub fn check(self) -> Result<Jail, (&'static str, String)> {
         let id = |field: &'static str, value: u64| {
@@ -129,6 +211,8 @@ pub enum JailError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Ids(#[from] crate::jail_ids::JailIdError),
     #[error("the jail must be set up while crib has one thread, and it has {threads}")]
     Threaded { threads: usize },
     #[error("the jail does not support {what} yet: remove \"jail\" or {what} from the launch file (docs/JAIL.md)")]
@@ -164,6 +248,58 @@ pub fn memory_max(memory_bytes: u64) -> u64 {
     memory_bytes.saturating_add(VMM_OVERHEAD_BYTES)
 }
 
+/// `pids.max` for `config`: every thread the VMM may start (vCPUs, a worker per disk queue
+/// with its io-wq workers, per net queue pair, vsock, rng, [`PIDS_FIXED`]) and those of
+/// each share's virtiofsd, which runs in the pod's cgroup ([`pids_per_share`]). Generous
+/// on purpose: it stops a thread or fork bomb from an escaped guest, not a VMM at work.
+pub fn pids_max(config: &VmConfig) -> u64 {
+    let disk_queues: u64 = config.disks.iter().map(|d| u64::from(d.queues)).sum();
+    let net_pairs: u64 = config.net.iter().map(|n| u64::from(n.queues)).sum();
+    let singles = u64::from(config.vsock.is_some()) + u64::from(config.rng.is_some());
+    let shares: u64 = config.fs.iter().map(|f| pids_per_share(f.queues)).sum();
+    PIDS_FIXED
+        + u64::from(config.cpus)
+        + disk_queues * (1 + IO_WQ_WORKERS_PER_QUEUE)
+        + net_pairs
+        + singles
+        + shares
+}
+
+/// Threads and processes of a virtio-fs share with `request_queues`: crib's log
+/// forwarder, waiter, monitor and failover threads, virtiofsd's two processes (its
+/// namespace sandbox forks) and 2 spare; per queue (the request queues and the
+/// high-priority one) crib's call forwarder and virtiofsd's queue thread (its thread
+/// pool is off by default).
+pub fn pids_per_share(request_queues: u16) -> u64 {
+    8 + 2 * (u64::from(request_queues) + 1)
+}
+
+/// What each share's virtiofsd adds to `memory.max`: its heap, stacks and file handles
+/// (guest RAM, which it maps too, is already counted).
+pub const VIRTIOFSD_OVERHEAD_BYTES: u64 = 64 << 20;
+
+/// The limits of a VM's cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupLimits {
+    /// `cpu.max`: [`cpu_max`].
+    pub cpu_max: String,
+    /// `memory.max`: [`memory_max`].
+    pub memory_max: u64,
+    /// `pids.max`: [`pids_max`].
+    pub pids_max: u64,
+}
+
+impl CgroupLimits {
+    pub fn for_vm(config: &VmConfig) -> Self {
+        Self {
+            cpu_max: cpu_max(config.cpus),
+            memory_max: memory_max(config.memory_bytes)
+                .saturating_add(VIRTIOFSD_OVERHEAD_BYTES * config.fs.len() as u64),
+            pids_max: pids_max(config),
+        }
+    }
+}
+
 /// The cgroup of pod `name`.
 pub fn cgroup_path(name: &str) -> PathBuf {
     Path::new(CGROUP_ROOT).join(CGROUP_PARENT).join(name)
@@ -171,7 +307,7 @@ pub fn cgroup_path(name: &str) -> PathBuf {
 
 /// The controllers missing from a `cgroup.controllers` line.
 pub fn missing_controllers(available: &str) -> Vec<&'static str> {
-    ["cpu", "memory"]
+    CONTROLLERS
         .into_iter()
         .filter(|c| !available.split_whitespace().any(|a| a == *c))
         .collect()
@@ -184,6 +320,20 @@ fn write_file(path: &Path, value: &str) -> Result<(), JailError> {
     })
 }
 
+/// Checks that cgroup v2 is at [`CGROUP_ROOT`] with every one of [`CONTROLLERS`].
+pub fn check_cgroup() -> Result<(), JailError> {
+    let controllers = Path::new(CGROUP_ROOT).join("cgroup.controllers");
+    let available = std::fs::read_to_string(&controllers)
+        .map_err(|_| JailError::NoCgroup2 { path: controllers })?;
+    match missing_controllers(&available).first() {
+        Some(controller) => Err(JailError::MissingController {
+            controller,
+            available: available.trim().to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// A pod's cgroup; removed by [`Cgroup::remove`].
 #[derive(Debug)]
 pub struct Cgroup {
@@ -193,21 +343,14 @@ pub struct Cgroup {
 impl Cgroup {
     /// Makes the cgroup of pod `name` with its limits, removing a stale one first (a crib
     /// killed with -9 leaves it; the run directory's lock says no live pod owns it).
-    pub fn create(name: &str, cpus: u8, memory_bytes: u64) -> Result<Self, JailError> {
+    pub fn create(name: &str, limits: &CgroupLimits) -> Result<Self, JailError> {
+        check_cgroup()?;
         let root = Path::new(CGROUP_ROOT);
-        let controllers = root.join("cgroup.controllers");
-        let available = std::fs::read_to_string(&controllers)
-            .map_err(|_| JailError::NoCgroup2 { path: controllers })?;
-        if let Some(controller) = missing_controllers(&available).first() {
-            return Err(JailError::MissingController {
-                controller,
-                available: available.trim().to_string(),
-            });
-        }
         let parent = root.join(CGROUP_PARENT);
-        write_file(&root.join("cgroup.subtree_control"), "+cpu +memory")?;
+        let enable = CONTROLLERS.map(|c| format!("+{c}")).join(" ");
+        write_file(&root.join("cgroup.subtree_control"), &enable)?;
         std::fs::create_dir_all(&parent).map_err(path_error("mkdir", &parent))?;
-        write_file(&parent.join("cgroup.subtree_control"), "+cpu +memory")?;
+        write_file(&parent.join("cgroup.subtree_control"), &enable)?;
         let path = cgroup_path(name);
         if path.exists() {
             tracing::warn!("removing the stale cgroup {}", path.display());
@@ -218,11 +361,19 @@ impl Cgroup {
         }
         std::fs::create_dir(&path).map_err(path_error("mkdir", &path))?;
         let cgroup = Self { path };
-        write_file(&cgroup.path.join("cpu.max"), &cpu_max(cpus))?;
+        write_file(&cgroup.path.join("cpu.max"), &limits.cpu_max)?;
         write_file(
             &cgroup.path.join("memory.max"),
-            &memory_max(memory_bytes).to_string(),
+            &limits.memory_max.to_string(),
         )?;
+        write_file(&cgroup.path.join("pids.max"), &limits.pids_max.to_string())?;
+        tracing::info!(
+            "cgroup {}: cpu.max {}, memory.max {}, pids.max {}",
+            cgroup.path.display(),
+            limits.cpu_max,
+            limits.memory_max,
+            limits.pids_max
+        );
         Ok(cgroup)
     }
 
@@ -263,13 +414,10 @@ fn remove_cgroup(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Refuses what the jail cannot hold yet, and a crib that is not root.
-pub fn check_supported(has_shares: bool, has_vfio: bool) -> Result<(), JailError> {
-    if has_shares {
-        return Err(JailError::Unsupported {
-            what: "shares (virtiofsd)",
-        });
-    }
+/// Refuses what the jail cannot hold yet, a crib that is not root and a host without
+/// cgroup v2 or one of its controllers: before the pod's run directory, network or ids
+/// are set up, so a refused start leaves nothing behind.
+pub fn check_supported(has_vfio: bool) -> Result<(), JailError> {
     if has_vfio {
         return Err(JailError::Unsupported { what: "vfio" });
     }
@@ -277,7 +425,7 @@ pub fn check_supported(has_shares: bool, has_vfio: bool) -> Result<(), JailError
     if unsafe { libc::geteuid() } != 0 {
         return Err(JailError::NotRoot);
     }
-    Ok(())
+    check_cgroup()
 }
 
 /// How many threads this process has (from /proc).
@@ -451,6 +599,19 @@ fn clear_capabilities() -> Result<(), JailError> {
     })
 }
 
+/// Moves this process into a new, empty network namespace (only a loopback, down). What
+/// crib opened before stays usable: a tap descriptor stays bound to its interface in the
+/// host's namespace, and the Unix sockets crib binds or connects to are named by
+/// filesystem paths, which no network namespace scopes. Nothing it opens afterwards can
+/// reach a host interface, address or abstract Unix socket, or talk netlink to the host.
+fn leave_host_network() -> Result<(), JailError> {
+    // SAFETY: unshare takes no memory; the process has one thread (checked by `confine`).
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(last_os_error("unshare(CLONE_NEWNET)"));
+    }
+    Ok(())
+}
+
 /// What [`confine`] needs.
 #[derive(Clone, Debug)]
 pub struct Confinement {
@@ -462,7 +623,7 @@ pub struct Confinement {
 }
 
 /// Moves the process into its jail: a tmpfs root holding the run directory (at its host
-/// path) and `/dev/null`, then no capabilities (bounding set too), the jail's gid (no
+/// path) and `/dev/null`, a network namespace of its own, then no capabilities (bounding set too), the jail's gid (no
 /// supplementary groups) and uid, `no_new_privs`. Called with one thread, every file the
 /// VM needs already open.
 pub fn confine(c: &Confinement) -> Result<(), JailError> {
@@ -506,6 +667,7 @@ pub fn confine(c: &Confinement) -> Result<(), JailError> {
     rustix::process::pivot_root(".", ".").map_err(step("pivot_root"))?;
     unmount(".", UnmountFlags::DETACH).map_err(step("unmount the old root"))?;
     rustix::process::chdir("/").map_err(step("chdir /"))?;
+    leave_host_network()?;
 
     for cap in 0..=cap_last {
         // SAFETY: prctl with integer arguments only.
@@ -567,7 +729,7 @@ pub fn confine(c: &Confinement) -> Result<(), JailError> {
         });
     }
     tracing::info!(
-        "jailed: uid {uid}, gid {gid}, root = tmpfs with {} and /dev/null, no capabilities",
+        "jailed: uid {uid}, gid {gid}, root = tmpfs with {} and /dev/null, own network namespace, no capabilities",
         c.run_dir.display()
     );
     Ok(())
@@ -577,6 +739,16 @@ pub fn confine(c: &Confinement) -> Result<(), JailError> {
 /// the jail's mount point gone.
 pub fn restore_run_dir(run_dir: &Path) {
     let _ = std::fs::remove_dir(run_dir.join(JAIL_DIR));
+    // virtiofsd's sockets and pid files: the jailed VMM could not remove them.
+    for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(crate::fs::is_run_dir_socket_name)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     let _ = std::os::unix::fs::chown(run_dir, Some(0), Some(0));
     let _ = std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700));
 }
@@ -587,7 +759,7 @@ mod tests {
 
     #[test]
     fn check_accepts_unprivileged_ids() {
-        let spec = JailSpec {
+        let spec = JailIds {
             uid: 100_000,
             gid: 100_001,
         };
@@ -603,7 +775,7 @@ mod tests {
 
     #[test]
     fn check_refuses_uid_zero_naming_the_field() {
-        let spec = JailSpec { uid: 0, gid: 1000 };
+        let spec = JailIds { uid: 0, gid: 1000 };
 
         let (field, problem) = spec.check().unwrap_err();
 
@@ -613,14 +785,14 @@ mod tests {
 
     #[test]
     fn check_refuses_gid_zero_naming_the_field() {
-        let spec = JailSpec { uid: 1000, gid: 0 };
+        let spec = JailIds { uid: 1000, gid: 0 };
 
         assert_eq!(spec.check().unwrap_err().0, "jail.gid");
     }
 
     #[test]
     fn check_refuses_the_overflow_id() {
-        let spec = JailSpec {
+        let spec = JailIds {
             uid: 65534,
             gid: 1000,
         };
@@ -631,7 +803,7 @@ mod tests {
     #[test]
     fn check_refuses_minus_one_as_out_of_range() {
         // (uid_t)-1 tells setresuid "leave unchanged": it must never be a jail's uid.
-        let spec = JailSpec {
+        let spec = JailIds {
             uid: 1000,
             gid: u64::from(u32::MAX),
         };
@@ -663,8 +835,113 @@ mod tests {
     }
 
     #[test]
-    fn missing_controllers_is_empty_when_both_are_there() {
+    fn missing_controllers_is_empty_when_all_are_there() {
         assert!(missing_controllers("cpuset cpu io memory hugetlb pids").is_empty());
+    }
+
+    #[test]
+    fn missing_controllers_names_pids() {
+        assert_eq!(missing_controllers("cpu memory io"), ["pids"]);
+    }
+
+    #[test]
+    fn missing_controller_error_names_it_and_the_fix() {
+        let error = JailError::MissingController {
+            controller: "pids",
+            available: "cpu memory".into(),
+        };
+
+        let text = error.to_string();
+
+        assert!(text.contains("lacks the pids controller"), "{text}");
+        assert!(text.contains("enable it"), "{text}");
+    }
+
+    /// A VM with `cpus` vCPUs and nothing else.
+    fn bare_vm(cpus: u8) -> VmConfig {
+        let mut config = VmConfig::new("/k");
+        config.cpus = cpus;
+        config.vsock = None;
+        config.rng = None;
+        config
+    }
+
+    #[test]
+    fn pids_max_of_a_bare_vm_is_the_fixed_part_and_its_vcpus() {
+        assert_eq!(pids_max(&bare_vm(4)), PIDS_FIXED + 4);
+    }
+
+    #[test]
+    fn pids_max_counts_each_disk_queue_with_its_io_wq_workers() {
+        let mut config = bare_vm(1);
+        let disk: crate::config::DiskConfig =
+            serde_json::from_value(serde_json::json!({"path": "/d", "id": "d", "queues": 3}))
+                .unwrap();
+        config.disks = vec![disk];
+
+        // 3 queues × (a worker + 4 io-wq workers).
+        assert_eq!(pids_max(&config), PIDS_FIXED + 1 + 15);
+    }
+
+    #[test]
+    fn pids_max_counts_net_pairs_vsock_and_rng() {
+        let mut config = bare_vm(2);
+        let net: crate::config::NetConfig =
+            serde_json::from_value(serde_json::json!({"tap": "t0", "queues": 2})).unwrap();
+        config.net = vec![net];
+        config.vsock = Some(crate::config::VsockConfig {
+            cid: 3,
+            socket: "/v".into(),
+        });
+        config.rng = Some(Default::default());
+
+        assert_eq!(pids_max(&config), PIDS_FIXED + 2 + 2 + 1 + 1);
+    }
+
+    #[test]
+    fn pids_fixed_is_the_value_docs_jail_md_quotes() {
+        // main 1 + API 1 + 2 × 32 + docker 1 + 2 × 32 + shutdown 1 + KVM's 1 + spare 16.
+        assert_eq!(PIDS_FIXED, 149);
+    }
+
+    #[test]
+    fn pids_max_counts_each_share_with_its_virtiofsd() {
+        let mut config = bare_vm(1);
+        config.fs = vec![crate::config::parse_fs("tag=gfs,dir=/s,queues=2").unwrap()];
+
+        // 8 + 2 × (2 request queues + the high-priority one).
+        assert_eq!(pids_max(&config), PIDS_FIXED + 1 + 14);
+    }
+
+    #[test]
+    fn memory_max_adds_each_virtiofsd() {
+        let mut config = bare_vm(1);
+        config.memory_bytes = 256 << 20;
+        config.fs = vec![crate::config::parse_fs("tag=gfs,dir=/s").unwrap()];
+
+        let limits = CgroupLimits::for_vm(&config);
+
+        assert_eq!(
+            limits.memory_max,
+            (256 << 20) + VMM_OVERHEAD_BYTES + VIRTIOFSD_OVERHEAD_BYTES
+        );
+    }
+
+    #[test]
+    fn limits_for_a_vm_fill_all_three_files() {
+        let mut config = bare_vm(2);
+        config.memory_bytes = 256 << 20;
+
+        let limits = CgroupLimits::for_vm(&config);
+
+        assert_eq!(
+            limits,
+            CgroupLimits {
+                cpu_max: "200000 100000".into(),
+                memory_max: (256 << 20) + VMM_OVERHEAD_BYTES,
+                pids_max: PIDS_FIXED + 2,
+            }
+        );
     }
 
     #[test]

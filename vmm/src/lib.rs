@@ -14,6 +14,7 @@ pub mod docker_proxy;
 pub mod fs;
 pub mod interrupts;
 pub mod jail;
+pub mod jail_ids;
 pub mod memory;
 pub mod net;
 pub mod pod;
@@ -547,9 +548,11 @@ pub fn run_confined(
         _ => None,
     };
     // Started virtiofsd processes; they end with their device's connection or with crib.
+    // A jailed pod's go in its run directory, and into its namespaces and cgroup.
     let mut fs_daemons = Vec::with_capacity(config.fs.len());
+    let fs_socket_dir = jail.map(|j| j.run_dir.as_path());
     for (index, share) in config.fs.iter().enumerate() {
-        let (device, daemon) = fs::create(index, share).map_err(VmmError::Fs)?;
+        let (device, daemon) = fs::create(index, share, fs_socket_dir).map_err(VmmError::Fs)?;
         device_manager
             .add_virtio_pci(&vm, &format!("fs {}", share.tag), Box::new(device))
             .map_err(VmmError::Device)?;
@@ -650,6 +653,9 @@ pub fn run_confined(
     // with privileges.
     if let Some(jail) = jail {
         jail::confine(jail).map_err(VmmError::Jail)?;
+    }
+    for daemon in &mut fs_daemons {
+        daemon.supervise();
     }
     if let (Some(bound), Some(vsock_config)) = (docker_listener, &config.vsock) {
         docker_proxy::spawn(bound, &vsock_config.socket, filters.docker_proxy.clone())

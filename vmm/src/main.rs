@@ -473,13 +473,11 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
         if launch.jail.is_some() {
             // Its log lines (a stale cgroup removed) come before the VM's.
             init_logging(&prepared.name);
-            vmm::jail::check_supported(
-                !prepared.config.fs.is_empty(),
-                !prepared.config.vfio.is_empty(),
-            )
-            .map_err(|source| pod::PodError::Jail {
-                name: prepared.name.clone(),
-                source,
+            vmm::jail::check_supported(!prepared.config.vfio.is_empty()).map_err(|source| {
+                pod::PodError::Jail {
+                    name: prepared.name.clone(),
+                    source,
+                }
             })?;
         }
         for (what, field, default, path) in [
@@ -505,12 +503,24 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
                 });
             }
         }
+        // Leased before the run directory is touched: ids held by another pod leave it as
+        // it was.
+        let ids = launch
+            .jail
+            .map(|request| lease_jail_ids(&prepared, request))
+            .transpose()?;
         let lock = prepared.create_run_dir(&root, &launch, &guest_dir)?;
+        if let Some(lease) = &ids {
+            let vmm::jail::Jail { uid, gid } = lease.jail;
+            let ids = serde_json::json!({"uid": uid, "gid": gid, "auto": lease.auto});
+            prepared.add_to_info("jail", ids)?;
+        }
         let mut prepared = prepared;
         let network = vmm::pod_net::attach(&mut prepared, &launch, lock.raw_fd())?;
-        Ok((prepared, lock, network, launch.jail))
+        Ok((prepared, lock, network, ids))
     });
-    let (prepared, _lock, network, jail) = match prepared {
+    // The lease of the jail's ids is held (by this process only) until the pod has ended.
+    let (prepared, _lock, network, ids) = match prepared {
         Ok(prepared) => prepared,
         Err(e) => {
             report(&e);
@@ -523,7 +533,7 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
     if let Some(net) = &network {
         print_stdout(&format!("network: {}\n", net.state.summary()));
     }
-    let (recorder, code) = match jail {
+    let (recorder, code) = match ids.as_ref().map(|lease| lease.jail) {
         None => {
             let recorder = prepared.exit_recorder();
             (recorder, run_vm(prepared.config.clone(), start, None))
@@ -541,12 +551,42 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
     code
 }
 
+/// Takes the jail's ids (docs/JAIL.md, "Ids").
+fn lease_jail_ids(
+    prepared: &pod::PreparedPod,
+    request: vmm::jail::JailRequest,
+) -> Result<vmm::jail_ids::IdLease, pod::PodError> {
+    use vmm::jail_ids::{lease_ids, HostIds, AUTO_IDS, ID_LOCK_DIR};
+    let jail_error = |source| pod::PodError::Jail {
+        name: prepared.name.clone(),
+        source,
+    };
+    let host = HostIds::read();
+    let lease = lease_ids(
+        request,
+        Path::new(ID_LOCK_DIR),
+        AUTO_IDS,
+        &host,
+        &prepared.name,
+    )
+    .map_err(|e| jail_error(e.into()))?;
+    let vmm::jail::Jail { uid, gid } = lease.jail;
+    let how = if lease.auto { "automatic" } else { "fixed" };
+    tracing::info!("jail ids: uid {uid}, gid {gid} ({how}, held in {ID_LOCK_DIR})");
+    Ok(lease)
+}
+
 /// A jailed pod (docs/JAIL.md): its cgroup, then a child that is PID 1 of a new PID
 /// namespace runs the VM and is confined once it is set up; this process (root) waits for
 /// it, forwards SIGTERM/SIGINT, returns its exit code and removes the cgroup.
 fn run_jailed(prepared: &pod::PreparedPod, jail: vmm::jail::Jail, start: Instant) -> u8 {
     let config = &prepared.config;
-    let cgroup = match vmm::jail::Cgroup::create(&prepared.name, config.cpus, config.memory_bytes) {
+    if !config.fs.is_empty() {
+        // Found here, in the host's mount namespace; the child inherits the answer.
+        let _ = vmm::fs::find_virtiofsd();
+    }
+    let limits = vmm::jail::CgroupLimits::for_vm(config);
+    let cgroup = match vmm::jail::Cgroup::create(&prepared.name, &limits) {
         Ok(cgroup) => cgroup,
         Err(source) => {
             report(&pod::PodError::Jail {

@@ -163,7 +163,7 @@ pub struct LaunchFile {
     /// live; none: they are on tmpfs in guest RAM.
     #[serde(default, deserialize_with = "config::de_optional_size")]
     pub scratch: Option<u64>,
-    /// Run the VMM jailed (docs/JAIL.md): `{"uid": N, "gid": N}`; needs root.
+    /// Run the VMM jailed (docs/JAIL.md): `"auto"` or `{"uid": N, "gid": N}`; needs root.
     #[serde(default)]
     pub jail: Option<crate::jail::JailSpec>,
 }
@@ -185,7 +185,7 @@ pub struct Launch {
     /// The checked `network`; `None` for `"none"`.
     pub network: Option<podnet::NetworkPlan>,
     /// The checked `jail`.
-    pub jail: Option<crate::jail::Jail>,
+    pub jail: Option<crate::jail::JailRequest>,
 }
 
 /// What a pod run uses: the VM and the run directory's paths.
@@ -496,18 +496,11 @@ impl LaunchFile {
             .map(crate::jail::JailSpec::check)
             .transpose()
             .map_err(|(field, problem)| field_err(field.into(), problem))?;
-        if jail.is_some() {
-            for (present, what) in [
-                (!launch.shares.is_empty(), "shares"),
-                (!launch.vfio.is_empty(), "vfio"),
-            ] {
-                if present {
-                    return Err(field_err(
-                        "jail".into(),
-                        format!("cannot hold {what} yet (virtiofsd and VFIO run outside it): remove \"jail\" or \"{what}\" (docs/JAIL.md)"),
-                    ));
-                }
-            }
+        if jail.is_some() && !launch.vfio.is_empty() {
+            return Err(field_err(
+                "jail".into(),
+                "cannot hold vfio yet (it needs /dev/vfio and sysfs at run time): remove \"jail\" or \"vfio\" (docs/JAIL.md)".into(),
+            ));
         }
 
         let network =
@@ -875,6 +868,18 @@ impl PreparedPod {
         let info = self.info(launch, guest_dir_note);
         std::fs::write(&info_path, format!("{info:#}\n")).map_err(write_err(&info_path))?;
         Ok(RunLock { file: lock })
+    }
+
+    /// Adds `key` = `value` to the state file `info.json` (the jail's ids, the network).
+    pub fn add_to_info(&self, key: &str, value: Value) -> Result<(), PodError> {
+        let path = self.run_dir.join(INFO_FILE);
+        let mut info: Value = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_else(|| json!({}));
+        info[key] = value;
+        std::fs::write(&path, format!("{info:#}\n"))
+            .map_err(|source| PodError::WriteFile { path, source })
     }
 
     /// The state file's contents.
@@ -1327,11 +1332,29 @@ mod tests {
 
         assert_eq!(
             launch.jail,
-            Some(crate::jail::Jail {
+            Some(crate::jail::JailRequest::Fixed(crate::jail::Jail {
                 uid: 100_000,
                 gid: 100_001
-            })
+            }))
         );
+    }
+
+    #[test]
+    fn jail_auto_asks_for_automatic_ids() {
+        let launch =
+            parse(&with_disk("").replace(r#""disks""#, r#""jail": "auto", "disks""#)).unwrap();
+
+        assert_eq!(launch.jail, Some(crate::jail::JailRequest::Auto));
+    }
+
+    #[test]
+    fn jail_with_another_string_names_the_field_and_both_forms() {
+        let error =
+            parse(&with_disk("").replace(r#""disks""#, r#""jail": "yes", "disks""#)).unwrap_err();
+
+        let text = chain(&error);
+        assert!(text.contains("jail"), "{text}");
+        assert!(text.contains(r#""auto" or {"uid": N, "gid": N}"#), "{text}");
     }
 
     #[test]
@@ -1387,6 +1410,23 @@ mod tests {
             text.contains("field jail") && text.contains("\"vfio\""),
             "{text}"
         );
+    }
+
+    #[test]
+    fn jail_with_a_share_is_accepted() {
+        let launch = parse(
+            &format!(
+                r#"{{"pod": {POD}, "jail": "auto", "shares": {{"src": {{"dir": "/s"}}}},
+                    "disks": {{"data": {{"path": "/d"}}}}}}"#
+            )
+            .replace(
+                r#""lifetime""#,
+                r#""filesystems": [{"tag": "src", "path": "/src"}], "lifetime""#,
+            ),
+        )
+        .unwrap();
+
+        assert_eq!(launch.jail, Some(crate::jail::JailRequest::Auto));
     }
 
     #[test]

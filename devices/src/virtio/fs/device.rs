@@ -171,6 +171,8 @@ pub struct Fs {
     queue_sizes: Vec<u16>,
     config_space: [u8; CONFIG_SPACE_BYTES],
     shared: Arc<Shared>,
+    /// The connection's watch end, until the first activation starts the monitor on it.
+    watch: Option<UnixStream>,
     monitor: Option<(EventFd, JoinHandle<()>)>,
 }
 
@@ -230,10 +232,6 @@ impl Fs {
             lost: AtomicBool::new(false),
             run: Mutex::new(None),
         });
-        let monitor = spawn_monitor(shared.clone(), watch).map_err(|source| FsError::Monitor {
-            tag: config.tag.clone(),
-            source,
-        })?;
         let request_queues = (queues - 1) as u16;
         Ok(Self {
             queue_sizes: vec![config.queue_size; queues as usize],
@@ -243,8 +241,23 @@ impl Fs {
             backend_features,
             acked: 0,
             shared,
-            monitor: Some(monitor),
+            watch: Some(watch),
+            monitor: None,
         })
+    }
+
+    /// Starts the thread that watches the backend's socket, once. It starts at the first
+    /// activation rather than in [`Fs::new`]: a jailed VMM sets its devices up with one
+    /// thread and confines itself before any starts (docs/JAIL.md). A hang-up before
+    /// then still shows: the monitor polls for it level-triggered, and the set-up of
+    /// the rings fails on a closed socket anyway.
+    fn start_monitor(&mut self) -> Result<(), ActivateError> {
+        if let Some(watch) = self.watch.take() {
+            let monitor =
+                spawn_monitor(self.shared.clone(), watch).map_err(ActivateError::Worker)?;
+            self.monitor = Some(monitor);
+        }
+        Ok(())
     }
 
     /// The device's settings.
@@ -484,6 +497,7 @@ impl VirtioDevice for Fs {
         if queues.is_empty() {
             return Err(ActivateError::QueueCount { got: 0, needed: 1 });
         }
+        self.start_monitor()?;
         let mut forwarders = Vec::new();
         let mut failed = None;
         if !self.backend_lost() {

@@ -55,10 +55,4 @@ pub enum FsError {
     },
     #[error("vhost-user-fs backend at {socket} does not offer VIRTIO_F_VERSION_1")]
     NoVersion1 { socket: String },
-    #[error("cannot start the virtio-fs connection monitor for tag '{tag}'")]
-    Monitor {
-        tag: String,
-        #[source]
-        source: std::io::Error,
-    },
 }
