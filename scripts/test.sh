@@ -18,7 +18,8 @@ stage "fmt and clippy"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace 2>&1 | tee "$log" || status=$?
+# --no-fail-fast: a failing lab group must not skip the unit-test binaries after it.
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
 stage "cargo test (unit and lab)"
 # Every fuzz target from its seed corpus; its libtest-style result line (one test per
 # target) is summed below, a crash fails the script. 8 s each here (run-ci.sh's own default
