@@ -74,8 +74,21 @@ pub fn find_virtiofsd() -> Option<PathBuf> {
         .clone()
 }
 
-/// Where [`find_virtiofsd`] looks, in order.
+/// Where [`find_virtiofsd`] looks, in order: [`own_virtiofsd_candidates`], then PATH
+/// (unless `$CRIB_VIRTIOFSD` names the binary).
 fn virtiofsd_candidates() -> Vec<PathBuf> {
+    let mut candidates = own_virtiofsd_candidates();
+    if std::env::var_os(VIRTIOFSD_ENV).is_none() {
+        if let Some(path) = std::env::var_os("PATH") {
+            candidates.extend(std::env::split_paths(&path).map(|d| d.join("virtiofsd")));
+        }
+    }
+    candidates
+}
+
+/// `$CRIB_VIRTIOFSD` alone when it is set, else `target/tools/bin/virtiofsd` next to
+/// crib's own target directory and under the current directory.
+fn own_virtiofsd_candidates() -> Vec<PathBuf> {
     if let Some(path) = std::env::var_os(VIRTIOFSD_ENV) {
         return vec![PathBuf::from(path)];
     }
@@ -90,26 +103,17 @@ fn virtiofsd_candidates() -> Vec<PathBuf> {
         );
     }
     candidates.push(PathBuf::from("target/tools/bin/virtiofsd"));
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("virtiofsd")));
-    }
     candidates
 }
 
-/// The places [`virtiofsd_candidates`] names before PATH's, for an error.
+/// The places [`find_virtiofsd`] looks before PATH, for an error.
 fn virtiofsd_places() -> String {
-    let path_entries = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).count())
-        .unwrap_or(0);
-    let candidates = virtiofsd_candidates();
-    let own = candidates.len().saturating_sub(path_entries).max(1);
     let exe = match std::env::current_exe() {
         Ok(exe) => format!("crib is {}", exe.display()),
         Err(e) => format!("crib's own path is unknown: {e}"),
     };
-    let places: Vec<String> = candidates
+    let places: Vec<String> = own_virtiofsd_candidates()
         .iter()
-        .take(own)
         .map(|p| p.display().to_string())
         .collect();
     format!("{} ({exe})", places.join(", "))
