@@ -16,7 +16,6 @@
 use std::fs::File;
 use std::io::Write as _;
 use std::ops::RangeInclusive;
-use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
@@ -191,13 +190,10 @@ fn lock(dir: &Path, kind: &str, id: u32, pod: &str) -> Result<Option<File>, Jail
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(error)?;
-    // SAFETY: flock on a descriptor `file` owns; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.kind() == std::io::ErrorKind::WouldBlock {
-            return Ok(None);
-        }
-        return Err(error(err));
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+        Err(errno) => return Err(error(errno.into())),
     }
     // Who holds it, for an operator's `cat`; the lock is what counts.
     let note = format!("pod {pod}, crib pid {}\n", std::process::id());
