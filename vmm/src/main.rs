@@ -513,7 +513,7 @@ fn pod_run(file: &Path, root: Option<&Path>, start: Instant) -> u8 {
         if let Some(lease) = &ids {
             let vmm::jail::Jail { uid, gid } = lease.jail;
             let ids = serde_json::json!({"uid": uid, "gid": gid, "auto": lease.auto});
-            prepared.add_to_info("jail", ids)?;
+            prepared.add_to_info([("jail", ids)])?;
         }
         let mut prepared = prepared;
         let network = vmm::pod_net::attach(&mut prepared, &launch, lock.raw_fd())?;

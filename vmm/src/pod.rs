@@ -870,14 +870,20 @@ impl PreparedPod {
         Ok(RunLock { file: lock })
     }
 
-    /// Adds `key` = `value` to the state file `info.json` (the jail's ids, the network).
-    pub fn add_to_info(&self, key: &str, value: Value) -> Result<(), PodError> {
+    /// Adds `entries` (key, value) to the state file `info.json` (the jail's ids, the
+    /// network).
+    pub fn add_to_info<'a>(
+        &self,
+        entries: impl IntoIterator<Item = (&'a str, Value)>,
+    ) -> Result<(), PodError> {
         let path = self.run_dir.join(INFO_FILE);
         let mut info: Value = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_else(|| json!({}));
-        info[key] = value;
+        for (key, value) in entries {
+            info[key] = value;
+        }
         std::fs::write(&path, format!("{info:#}\n"))
             .map_err(|source| PodError::WriteFile { path, source })
     }

@@ -28,7 +28,7 @@ use podnet::{AttachState, NetworkPlan, PodNetState};
 use serde_json::{json, Value};
 
 use crate::config::{NetConfig, VmConfig};
-use crate::pod::{Launch, PodError, PreparedPod, INFO_FILE, SPEC_FILE};
+use crate::pod::{Launch, PodError, PreparedPod, SPEC_FILE};
 
 /// A pod's built network and the keeper that removes it when crib ends.
 #[derive(Debug)]
@@ -237,14 +237,13 @@ pub fn attach(
         .unwrap_or_else(|| launch.spec_json.clone());
     spec["network"] = guest_network(&state);
     write(spec_path, &spec)?;
-    let info_path = prepared.run_dir.join(INFO_FILE);
-    let mut info: Value = std::fs::read(&info_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_else(|| json!({}));
-    info["network"] = state.to_info();
-    info["config"] = serde_json::to_value(&prepared.config).unwrap_or(Value::Null);
-    write(info_path, &info)?;
+    prepared.add_to_info([
+        ("network", state.to_info()),
+        (
+            "config",
+            serde_json::to_value(&prepared.config).unwrap_or(Value::Null),
+        ),
+    ])?;
     Ok(Some(PodNetwork {
         state,
         _keeper: keeper,
