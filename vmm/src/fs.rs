@@ -327,6 +327,21 @@ pub fn is_run_dir_socket_name(name: &str) -> bool {
     name.starts_with("fs") && (name.ends_with(".sock") || name.ends_with(".sock.pid"))
 }
 
+/// Removes the virtiofsd sockets and pid files ([`is_run_dir_socket_name`]) in run
+/// directory `dir`: a jailed VMM cannot, so its supervisor does when the pod ends, and the
+/// next start does after a supervisor killed with -9.
+pub fn remove_run_dir_sockets(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(is_run_dir_socket_name)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// `tag` with everything but ASCII letters and digits replaced by `_`.
 fn safe_tag(tag: &str) -> String {
     tag.chars()
@@ -443,6 +458,30 @@ mod tests {
         assert!(is_run_dir_socket_name(&name));
         assert!(is_run_dir_socket_name(&format!("{name}.pid")));
         assert!(!is_run_dir_socket_name("api.sock"));
+    }
+
+    #[test]
+    fn run_dir_sockets_are_removed_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("crib-fs-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in [
+            "fs0-gfs.sock",
+            "fs0-gfs.sock.pid",
+            "api.sock",
+            "console.log",
+        ] {
+            std::fs::write(dir.join(name), "").unwrap();
+        }
+
+        remove_run_dir_sockets(&dir);
+
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(left, ["api.sock", "console.log"]);
     }
 
     #[test]

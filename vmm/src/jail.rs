@@ -740,15 +740,7 @@ pub fn confine(c: &Confinement) -> Result<(), JailError> {
 pub fn restore_run_dir(run_dir: &Path) {
     let _ = std::fs::remove_dir(run_dir.join(JAIL_DIR));
     // virtiofsd's sockets and pid files: the jailed VMM could not remove them.
-    for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
-        if entry
-            .file_name()
-            .to_str()
-            .is_some_and(crate::fs::is_run_dir_socket_name)
-        {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
+    crate::fs::remove_run_dir_sockets(run_dir);
     let _ = std::os::unix::fs::chown(run_dir, Some(0), Some(0));
     let _ = std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700));
 }

@@ -854,6 +854,8 @@ impl PreparedPod {
                 Err(e) => return Err(write_err(&path)(e)),
             }
         }
+        // A jailed pod's virtiofsd sockets, left if its supervisor was killed with -9.
+        crate::fs::remove_run_dir_sockets(&self.run_dir);
         let spec_path = self.run_dir.join(SPEC_FILE);
         let mut spec_json = launch.spec_json.clone();
         self.images.add_to_spec(&mut spec_json);
