@@ -69,6 +69,8 @@ pub enum VmmError {
         "{what} {path} is not a regular file: give a file (a FIFO or device cannot be loaded)"
     )]
     NotAFile { what: &'static str, path: PathBuf },
+    #[error("cannot start the thread that loads the kernel and initrd")]
+    GuestLoader(#[source] std::io::Error),
     #[error("memory={bytes} bytes is more than this host has ({host} bytes of RAM and swap): give a smaller --memory")]
     MemoryBeyondHost { bytes: u64, host: u64 },
     #[error("cannot load kernel {path}")]
@@ -242,30 +244,25 @@ fn host_random_seed() -> std::io::Result<[u8; boot::zero_page::RNG_SEED_BYTES]> 
 }
 
 /// Loads kernel, initrd, command line and the boot tables into `mem`.
-fn load_guest(
-    config: &VmConfig,
-    mem: &memory::GuestMemory,
-    mmio64: Option<(u64, u64)>,
-) -> Result<BootEntry, VmmError> {
-    let mut kernel_file = open("kernel", &config.kernel)?;
-    let kernel =
-        boot::kernel::load_kernel(mem, &mut kernel_file).map_err(|source| VmmError::Kernel {
-            path: config.kernel.clone(),
-            source,
-        })?;
-    tracing::debug!(
-        "kernel {:?} loaded, entry {:#x}",
-        kernel.format,
-        kernel.entry.0
-    );
+/// What the loader thread put into guest memory: the kernel, and the initrd (with the pod
+/// spec archive appended) with its address and length.
+struct LoadedImages {
+    kernel: boot::kernel::LoadedKernel,
+    initrd: Option<(GuestAddress, u64)>,
+}
 
-    let cmdline = boot::cmdline::build(
-        &config.cmdline,
-        boot::cmdline::max_len(kernel.setup_header.as_ref()),
-    )
-    .map_err(VmmError::Cmdline)?;
-    let cmdline_len = boot::cmdline::write(mem, &cmdline).map_err(VmmError::Cmdline)?;
+/// The guest's boot images, opened (and the pod spec read) before the loader thread starts,
+/// so that a missing file fails the start before any device exists.
+struct BootImages {
+    kernel: File,
+    /// The initrd, its path and its length.
+    initrd: Option<(File, PathBuf, u64)>,
+    /// The pod spec as a cpio archive, appended to the initrd.
+    pod_archive: Option<Vec<u8>>,
+}
 
+fn open_boot_images(config: &VmConfig) -> Result<BootImages, VmmError> {
+    let kernel = open("kernel", &config.kernel)?;
     let pod_archive = match &config.pod {
         Some(path) => {
             let mut spec = Vec::new();
@@ -286,7 +283,7 @@ fn load_guest(
     };
     let initrd = match &config.initrd {
         Some(path) => {
-            let mut file = open("initrd", path)?;
+            let file = open("initrd", path)?;
             let size = file
                 .metadata()
                 .map_err(|source| VmmError::Open {
@@ -295,6 +292,67 @@ fn load_guest(
                     source,
                 })?
                 .len();
+            Some((file, path.clone(), size))
+        }
+        None if pod_archive.is_some() => return Err(VmmError::PodWithoutInitrd),
+        None => None,
+    };
+    Ok(BootImages {
+        kernel,
+        initrd,
+        pod_archive,
+    })
+}
+
+/// Copies the kernel and the initrd into guest RAM on a thread of its own, so that the
+/// copies (mostly the host kernel zeroing the fresh huge pages they land in) overlap with
+/// creating the VM and its devices. The caller joins it before it writes the boot data
+/// and creates the vCPUs, and before the jail (which wants a single thread).
+fn spawn_guest_loader(
+    config: &VmConfig,
+    mem: &memory::GuestMemory,
+) -> Result<std::thread::JoinHandle<Result<LoadedImages, VmmError>>, VmmError> {
+    let images = open_boot_images(config)?;
+    let config = config.clone();
+    let mem = mem.clone();
+    std::thread::Builder::new()
+        .name("guest-loader".into())
+        .spawn(move || load_images(&config, &mem, images))
+        .map_err(VmmError::GuestLoader)
+}
+
+/// Waits for [`spawn_guest_loader`]'s thread; a panic there is a bug and goes on here.
+fn join_guest_loader(
+    loader: std::thread::JoinHandle<Result<LoadedImages, VmmError>>,
+) -> Result<LoadedImages, VmmError> {
+    loader
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Copies the kernel, then the initrd and the pod spec archive after it, into guest RAM.
+fn load_images(
+    config: &VmConfig,
+    mem: &memory::GuestMemory,
+    images: BootImages,
+) -> Result<LoadedImages, VmmError> {
+    let BootImages {
+        kernel: mut kernel_file,
+        initrd,
+        pod_archive,
+    } = images;
+    let kernel =
+        boot::kernel::load_kernel(mem, &mut kernel_file).map_err(|source| VmmError::Kernel {
+            path: config.kernel.clone(),
+            source,
+        })?;
+    tracing::debug!(
+        "kernel {:?} loaded, entry {:#x}",
+        kernel.format,
+        kernel.entry.0
+    );
+    let initrd = match initrd {
+        Some((mut file, path, size)) => {
             let len = usize::try_from(size)
                 .map_err(|_| VmmError::InitrdTooLarge { path: path.clone() })?;
             let initrd_err = |source| VmmError::Initrd {
@@ -316,9 +374,27 @@ fn load_guest(
             }
             Some((addr, total))
         }
-        None if pod_archive.is_some() => return Err(VmmError::PodWithoutInitrd),
         None => None,
     };
+    Ok(LoadedImages { kernel, initrd })
+}
+
+/// Writes what the kernel reads at entry besides itself: the command line, the ACPI
+/// tables, the boot RNG seed, the zero page, the GDT and the identity page tables.
+fn write_boot_data(
+    config: &VmConfig,
+    mem: &memory::GuestMemory,
+    mmio64: Option<(u64, u64)>,
+    images: &LoadedImages,
+) -> Result<BootEntry, VmmError> {
+    let LoadedImages { kernel, initrd } = images;
+    let cmdline = boot::cmdline::build(
+        &config.cmdline,
+        boot::cmdline::max_len(kernel.setup_header.as_ref()),
+        config.cpus,
+    )
+    .map_err(VmmError::Cmdline)?;
+    let cmdline_len = boot::cmdline::write(mem, &cmdline).map_err(VmmError::Cmdline)?;
 
     let rsdp = boot::acpi::write_tables(
         mem,
@@ -356,7 +432,7 @@ fn load_guest(
     let params = boot::zero_page::build(&boot::zero_page::ZeroPage {
         setup_header: kernel.setup_header,
         cmdline_len,
-        initrd,
+        initrd: *initrd,
         mem_bytes: config.memory_bytes,
         rsdp: Some(rsdp),
         setup_data,
@@ -497,11 +573,11 @@ pub fn run_confined(
             tracing::warn!("guest RAM gets no huge pages: {why}");
         }
     }
+    let loader = spawn_guest_loader(config, &mem)?;
     let vm = Vm::new(mem).map_err(VmmError::Vm)?;
     let cpuid = vcpu::supported_cpuid(&vm).map_err(VmmError::Vcpu)?;
     let mmio64 =
         boot::memory_map::pci_mmio64_window(config.memory_bytes, vcpu::guest_phys_bits(&cpuid));
-    let entry = load_guest(config, vm.memory(), mmio64)?;
     let exit = Arc::new(VmExit::new().map_err(VmmError::EventFd)?);
     let boot_times = Arc::new(BootTimes::default());
     let mut pio = Bus::new();
@@ -645,6 +721,8 @@ pub fn run_confined(
         Some(path) => Some(api::bind(path).map_err(VmmError::Api)?),
         None => None,
     };
+    let images = join_guest_loader(loader)?;
+    let entry = write_boot_data(config, vm.memory(), mmio64, &images)?;
     let vcpus = (0..config.cpus)
         .map(|i| Vcpu::new(&vm, &cpuid, i, config.cpus, entry.entry, entry.pml4))
         .collect::<Result<Vec<_>, _>>()
