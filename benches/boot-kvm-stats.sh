@@ -9,6 +9,11 @@
 # the port accesses in that window. crib sees only the exits that reach user space; the
 # trace shows the ones L1's KVM handles itself too (with L1's shadow paging, the guest's
 # page faults and CR3 writes). Tracing slows the guest: compare rows, not absolute times.
+# Caveat: the guest's uptime is CLOCK_MONOTONIC, kept by the jiffies clocksource until
+# the kernel's fs_initcall switches to kvm-clock; ticks lost while the guest runs with
+# interrupts off (a one-vCPU kernel patching its lock prefixes, before crib added
+# noreplace-smp) are missing from it, so "before its clock" can include guest time that
+# came after timekeeping started (docs/BENCHMARKS.md, issue 17).
 cd "$(dirname "$0")/.."
 runs=${1:-1}
 CRIB=target/release/crib
