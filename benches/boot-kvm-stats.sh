@@ -6,7 +6,8 @@
 # interleaved) with L1's kvm_exit and kvm_pio trace events on, and prints for each boot:
 # how long the guest ran before its clock started (from the VM's first exit to the boot
 # marker's port write at init, minus the guest's uptime then), and the exits by reason and
-# the port accesses in that window. crib sees only the exits that reach user space; the
+# the port accesses in that window, then the commonest exit sites of the whole boot with the
+# guest kernel symbol of each. crib sees only the exits that reach user space; the
 # trace shows the ones L1's KVM handles itself too (with L1's shadow paging, the guest's
 # page faults and CR3 writes). Tracing slows the guest: compare rows, not absolute times.
 # Caveat: the guest's uptime is CLOCK_MONOTONIC, kept by the jiffies clocksource until
@@ -55,6 +56,21 @@ traced() { # label, command...
       for (i = 1; i <= p; i++) { if (pt[i] < clock) pp[pk[i]]++ }
       for (k in pp) printf "  before clock: %s %d\n", k, pp[k]
     }'
+  top_exit_sites
+}
+
+# The guest code behind most exits of the whole boot: the 8 commonest (reason, RIP) pairs
+# with the pod kernel's symbol for each RIP (how the lock-prefix patching of a one-vCPU
+# kernel showed up: 7,098 write_cr3 exits in switch_mm_irqs_off).
+syms=$(mktemp)
+nm -n $K/vmlinux | awk '$2 ~ /^[tTwW]$/ { print $1, $3 }' > "$syms"
+top_exit_sites() {
+  grep -v '^#' $tr/trace | awk '/kvm_exit:/ { for (i = 1; i <= NF; i++) { if ($i == "reason") r = $(i+1); if ($i == "rip") p = $(i+1) } print r, p }' |
+    sort | uniq -c | sort -rn | head -8 | while read -r n reason rip; do
+      hex=$(printf '%16s' "${rip#0x}" | tr ' ' 0)
+      sym=$(awk -v a="$hex" '$1 <= a { s = $2 } $1 > a { exit } END { print s }' "$syms")
+      echo "  exits at $rip ($reason): $n${sym:+, in $sym}"
+    done
 }
 for i in $(seq "$runs"); do
   for form in vmlinux bzImage; do
