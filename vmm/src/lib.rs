@@ -243,7 +243,6 @@ fn host_random_seed() -> std::io::Result<[u8; boot::zero_page::RNG_SEED_BYTES]> 
     Ok(seed)
 }
 
-/// Loads kernel, initrd, command line and the boot tables into `mem`.
 /// What the loader thread put into guest memory: the kernel, and the initrd (with the pod
 /// spec archive appended) with its address and length.
 struct LoadedImages {
@@ -255,6 +254,9 @@ struct LoadedImages {
 /// so that a missing file fails the start before any device exists.
 struct BootImages {
     kernel: File,
+    kernel_path: PathBuf,
+    /// Guest RAM, which bounds where the initrd can go.
+    memory_bytes: u64,
     /// The initrd, its path and its length.
     initrd: Option<(File, PathBuf, u64)>,
     /// The pod spec as a cpio archive, appended to the initrd.
@@ -299,6 +301,8 @@ fn open_boot_images(config: &VmConfig) -> Result<BootImages, VmmError> {
     };
     Ok(BootImages {
         kernel,
+        kernel_path: config.kernel.clone(),
+        memory_bytes: config.memory_bytes,
         initrd,
         pod_archive,
     })
@@ -313,11 +317,10 @@ fn spawn_guest_loader(
     mem: &memory::GuestMemory,
 ) -> Result<std::thread::JoinHandle<Result<LoadedImages, VmmError>>, VmmError> {
     let images = open_boot_images(config)?;
-    let config = config.clone();
     let mem = mem.clone();
     std::thread::Builder::new()
         .name("guest-loader".into())
-        .spawn(move || load_images(&config, &mem, images))
+        .spawn(move || load_images(&mem, images))
         .map_err(VmmError::GuestLoader)
 }
 
@@ -331,19 +334,17 @@ fn join_guest_loader(
 }
 
 /// Copies the kernel, then the initrd and the pod spec archive after it, into guest RAM.
-fn load_images(
-    config: &VmConfig,
-    mem: &memory::GuestMemory,
-    images: BootImages,
-) -> Result<LoadedImages, VmmError> {
+fn load_images(mem: &memory::GuestMemory, images: BootImages) -> Result<LoadedImages, VmmError> {
     let BootImages {
         kernel: mut kernel_file,
+        kernel_path,
+        memory_bytes,
         initrd,
         pod_archive,
     } = images;
     let kernel =
         boot::kernel::load_kernel(mem, &mut kernel_file).map_err(|source| VmmError::Kernel {
-            path: config.kernel.clone(),
+            path: kernel_path,
             source,
         })?;
     tracing::debug!(
@@ -365,8 +366,8 @@ fn load_images(
             let total = pod_archive
                 .as_ref()
                 .map_or(size, |pod| pod_offset + pod.len() as u64);
-            let addr = boot::kernel::place_initrd(&kernel, config.memory_bytes, total)
-                .map_err(initrd_err)?;
+            let addr =
+                boot::kernel::place_initrd(&kernel, memory_bytes, total).map_err(initrd_err)?;
             boot::kernel::load_initrd(mem, addr, &mut file, len).map_err(initrd_err)?;
             if let Some(pod) = &pod_archive {
                 mem.write_slice(pod, GuestAddress(addr.0 + pod_offset))
