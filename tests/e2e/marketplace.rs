@@ -321,8 +321,10 @@ fn marketplace_vm(args: &[String], socket: &Path) -> Result<()> {
             || strip_ansi(&console).contains("console-42 active"),
         "systemd reached multi-user.target",
     )?;
+    // The kernel and systemd share the serial console and their lines can cut into each
+    // other ("[  OK  CPI: button: Power Button [PWRB]" in one CI run): match the end only.
     check(
-        console.contains("ACPI: button: Power Button [PWRB]"),
+        console.contains("button: Power Button [PWRB]"),
         "the kernel's button driver found the ACPI power button",
     )?;
     check(
